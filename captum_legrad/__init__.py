@@ -1,0 +1,20 @@
+"""captum_legrad: LeGrad (arXiv 2404.03214) for Vision Transformers as a Captum attribution.
+
+>>> from captum_legrad import LeGrad
+>>> attr = LeGrad(model).attribute(images, target=labels)  # doctest: +SKIP
+"""
+
+from .attribution import LeGrad
+from .errors import CaptureError, TargetError, UnsupportedModelError
+from .spec import ViTSpec, discover
+
+__all__ = [
+    "LeGrad",
+    "discover",
+    "ViTSpec",
+    "UnsupportedModelError",
+    "TargetError",
+    "CaptureError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""Per-library adapters: recognise a model and describe it as a :class:`~captum_legrad.ViTSpec`.
+
+Each adapter module exposes ``match(model) -> ViTSpec | None`` and only describes
+where things are in a model; the LeGrad computation itself lives in
+:mod:`captum_legrad.compute`. An adapter is consulted only when its library has
+already been imported by the user (a model of that library cannot exist otherwise),
+so recognising models never imports optional dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Tuple
+
+from torch import nn
+
+from ..spec import ViTSpec
+
+__all__ = ["match_model", "supported_families"]
+
+#: (adapter module, the library that must already be imported, what it recognises)
+_ADAPTERS: Tuple[Tuple[str, str, str], ...] = (
+    ("timm", "timm", "timm VisionTransformer and Eva (vit_*, deit*, DINOv2 registers, SigLIP MAP)"),
+)
+
+
+def match_model(model: nn.Module) -> Optional[ViTSpec]:
+    """The :class:`ViTSpec` of ``model`` if an adapter recognises it, else ``None``."""
+    for module_name, library, _ in _ADAPTERS:
+        if library not in sys.modules:
+            continue
+        adapter = importlib.import_module(f"{__name__}.{module_name}")
+        spec: Optional[ViTSpec] = adapter.match(model)
+        if spec is not None:
+            return spec
+    return None
+
+
+def supported_families() -> str:
+    """Human-readable list of the model families the adapters recognise."""
+    return "; ".join(description for _, _, description in _ADAPTERS)

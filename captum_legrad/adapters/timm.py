@@ -1,0 +1,70 @@
+"""timm adapter: ``VisionTransformer`` (vit_*, deit*, DINOv2 with registers, SigLIP MAP,
+avg-pool heads, dynamic image sizes) and ``Eva``.
+
+Both classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
+head``; ``forward_head`` is the model's own readout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from torch import Tensor, nn
+
+from ..spec import ViTSpec
+
+__all__ = ["match"]
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, (VisionTransformer, Eva))
+
+
+def _pair(value: object) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)  # type: ignore[call-overload]
+
+
+def match(model: nn.Module) -> Optional[ViTSpec]:
+    """Describe a timm ``VisionTransformer`` or ``Eva``; ``None`` for anything else."""
+    if not _is_timm_vit(model):
+        return None
+    vit: Any = model  # timm's module attributes are untyped
+    patch_embed = vit.patch_embed
+    patch_size = _pair(patch_embed.patch_size)
+    blocks = tuple(vit.blocks)
+    # Blocks without a separate ``attn`` module (parallel variants) compute attention
+    # inline; recording inside the whole block finds it there.
+    attentions = tuple(getattr(block, "attn", block) for block in blocks)
+    attn_pool: Optional[nn.Module] = getattr(vit, "attn_pool", None)
+
+    def grid(height: int, width: int) -> Tuple[int, int]:
+        if hasattr(patch_embed, "dynamic_feat_size"):
+            g_h, g_w = patch_embed.dynamic_feat_size((height, width))
+            return int(g_h), int(g_w)
+        return height // patch_size[0], width // patch_size[1]
+
+    def model_readout(tokens: Tensor) -> Tensor:
+        return vit.forward_head(vit.norm(tokens))
+
+    def mean_readout(tokens: Tensor) -> Tensor:
+        pooled = vit.norm(tokens.mean(dim=1))
+        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+
+    return ViTSpec(
+        family="timm",
+        root=vit,
+        blocks=blocks,
+        attentions=attentions,
+        # An attention-pool readout has no mean-pooled variant: both run the pooler.
+        readout=model_readout if attn_pool is not None else mean_readout,
+        model_readout=model_readout,
+        num_prefix_tokens=int(vit.num_prefix_tokens),
+        patch_size=patch_size,
+        grid=grid,
+        pool_attention=attn_pool,
+    )

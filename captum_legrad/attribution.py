@@ -1,0 +1,378 @@
+"""LeGrad as a Captum attribution: argument handling, targets and output shapes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+)
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from .compute import (
+    POOLINGS,
+    aggregate_layers,
+    layer_maps,
+    minmax_normalize,
+    run_forward,
+    upsample,
+)
+from .spec import ViTSpec, discover
+from .targets import Index, multi_target_index, target_index
+
+__all__ = ["LeGrad"]
+
+_OUTPUTS = ("input", "map", "grid")
+_INTERPOLATE_MODES = ("bilinear", "nearest", "nearest-exact", "bicubic", "area")
+
+
+def _resolve_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int, ...]:
+    if layers is None:
+        return tuple(range(depth))
+    if isinstance(layers, int) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"layers must be None (all blocks) or a sequence of block indices, got {layers!r}; "
+            "for one block write layers=[i]."
+        )
+    if len(layers) == 0:
+        raise ValueError("layers is empty: pass None for all blocks or at least one block index.")
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layers must hold ints, got {layer!r}.")
+        if not -depth <= layer < depth:
+            raise ValueError(
+                f"layer {layer} is out of range for a model with {depth} blocks "
+                f"(valid: {-depth}..{depth - 1})."
+            )
+        resolved.append(layer % depth)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers={list(layers)} names the same block more than once.")
+    return tuple(sorted(resolved))
+
+
+def _check_image(image: Tensor) -> None:
+    if not isinstance(image, Tensor):
+        raise ValueError(f"inputs must be tensors, got {type(image).__name__}.")
+    if image.dim() != 4:
+        raise ValueError(
+            f"LeGrad explains images: the first input must be (B, C, H, W), got shape "
+            f"{tuple(image.shape)}."
+        )
+    if not image.is_floating_point():
+        raise ValueError(
+            f"inputs must be floating point images, got dtype {image.dtype}; convert with "
+            "x.float() (and normalise as the model expects)."
+        )
+    if image.numel() and not bool(torch.isfinite(image).all()):
+        raise ValueError("inputs contain NaN or infinite values; LeGrad needs finite images.")
+
+
+class LeGrad(GradientAttribution):
+    r"""LeGrad: attention-gradient explanations for Vision Transformers.
+
+    For every selected layer ``l`` the layer's own tokens ``Z^l`` are read out through
+    the model's head, ``s^l = readout(Z^l)[target]``; the gradient of ``s^l`` with
+    respect to block ``l``'s attention probabilities ``A^l`` is passed through a ReLU,
+    averaged over heads and query rows, the prefix keys (CLS, registers) are dropped,
+    and the patch maps of all selected layers are summed, upsampled to the input and
+    min-max normalised per sample and target.
+
+    All selected layers come from one forward and one backward (per target); several
+    targets for the same images reuse the forward. Attention modules using fused
+    attention (``F.scaled_dot_product_attention``) are supported: the probabilities
+    are computed explicitly for the duration of the call only, and the model is left
+    exactly as it was.
+
+    More details about the approach can be found in the following paper:
+        https://arxiv.org/abs/2404.03214
+
+    Args:
+        forward_func (Callable): The model (a Vision Transformer, or a module
+                    containing one), returning scores ``(B, C)``.
+        layers (Sequence[int], optional): Indices of the blocks whose maps are summed;
+                    negative indices count from the end. ``[-2, -1]`` reproduces the
+                    reference code's default.
+                    Default: None (all blocks, as in the paper)
+        pooling (str, optional): How a layer's tokens are read out: ``"mean"`` (mean
+                    over all tokens, then the final norm and the head; the paper and
+                    the reference code) or ``"model"`` (the model's own pooling, so the
+                    last layer's score is the model's output). Attention-pool heads
+                    (SigLIP's MAP) always use their pooler.
+                    Default: "mean"
+        spec (ViTSpec, optional): Describes a custom ViT instead of
+                    :func:`~captum_legrad.discover`.
+                    Default: None
+
+    Examples::
+
+        >>> import timm, torch
+        >>> from captum_legrad import LeGrad
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+        >>> legrad = LeGrad(model)
+        >>> x = torch.randn(2, 3, 224, 224)
+        >>> attr = legrad.attribute(x, target=torch.tensor([3, 7]))
+        >>> attr.shape
+        torch.Size([2, 3, 224, 224])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layers: Optional[Sequence[int]] = None,
+        *,
+        pooling: str = "mean",
+        spec: Optional[ViTSpec] = None,
+    ) -> None:
+        GradientAttribution.__init__(self, forward_func)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if spec is not None and not isinstance(spec, ViTSpec):
+            raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
+        self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
+        self.layers: Tuple[int, ...] = _resolve_layers(layers, self.spec.num_layers)
+        self.pooling = pooling
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "LeGrad"
+
+    def attribute_future(self) -> None:
+        raise NotImplementedError("attribute_future is not implemented for LeGrad")
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(
+        self, inputs: Any, additional_forward_args: Any
+    ) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "LeGrad needs gradients, which cannot be taken inside torch.inference_mode(); "
+                "call attribute() outside it (an outer torch.no_grad() is fine)."
+            )
+        formatted = _format_tensor_into_tuples(inputs)
+        if not formatted:
+            raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
+        _check_image(formatted[0])
+        batch = formatted[0].shape[0]
+        for extra in formatted[1:]:
+            if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
+                raise ValueError("every input tensor must have the batch size on dimension 0.")
+        # Inference tensors cannot enter autograd; a clone made here can.
+        formatted = tuple(t.clone() if t.is_inference() else t for t in formatted)
+        args = _format_additional_forward_args(additional_forward_args) or ()
+        if self.spec.root.training:
+            warnings.warn(
+                "The model is in training mode: dropout makes LeGrad maps random. Call "
+                "model.eval() first.",
+                stacklevel=3,
+            )
+        return formatted, args
+
+    def _maps(
+        self,
+        inputs: Tuple[Tensor, ...],
+        args: Tuple[Any, ...],
+        make_index: Callable[[torch.Size, torch.device], Index],
+    ) -> Tensor:
+        """(B, K, L, g_h, g_w) per-layer maps for the targets ``make_index`` names."""
+        image = inputs[0]
+        grid = self.spec.grid_size(image.shape[-2], image.shape[-1])
+        result = run_forward(self.spec, self.forward_func, inputs, args, self.layers, self.pooling)
+        index = make_index(result.output.shape, result.output.device)
+        return layer_maps(self.spec, result, index, grid).to(image.device)
+
+    def _finish(
+        self,
+        maps: Tensor,
+        image: Tensor,
+        interpolate_mode: str,
+        normalize: bool,
+        output: str,
+    ) -> Tensor:
+        """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...)."""
+        if output != "grid":
+            maps = upsample(maps, (image.shape[-2], image.shape[-1]), interpolate_mode)
+        if normalize:
+            maps = minmax_normalize(maps)
+        return maps
+
+    def _empty_grid(self, image: Tensor, k: int) -> Tensor:
+        g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
+        return image.new_zeros((0, k, g_h, g_w))
+
+    @staticmethod
+    def _check_options(interpolate_mode: str, output: str) -> None:
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}.")
+        if interpolate_mode not in _INTERPOLATE_MODES:
+            raise ValueError(
+                f"interpolate_mode must be one of {_INTERPOLATE_MODES}, got {interpolate_mode!r}."
+            )
+
+    # ------------------------------------------------------------------ public API
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        *,
+        interpolate_mode: str = "bilinear",
+        normalize: bool = True,
+        output: str = "input",
+    ) -> TensorOrTupleOfTensorsGeneric:
+        r"""
+        Args:
+
+            inputs (Tensor or tuple[Tensor, ...]): Images ``(B, C, H, W)`` to explain. If
+                        forward_func takes several tensors, pass a tuple whose first
+                        element is the image batch; dimension 0 of every tensor is the
+                        batch.
+            target (int, tuple, Tensor, or list, optional): Output indices to explain,
+                        with Captum's meaning: an int or tuple (the same for every
+                        sample), a 0-d tensor, or a list / 1-D tensor with one entry per
+                        sample. ``None`` only for models with one score per sample.
+                        Default: None
+            additional_forward_args (Any, optional): Extra arguments passed to
+                        forward_func after the inputs, as in Captum.
+                        Default: None
+            interpolate_mode (str, optional): Upsampling mode from the patch grid to the
+                        input size (``align_corners=False``).
+                        Default: "bilinear"
+            normalize (bool, optional): Min-max normalise each map to [0, 1] (all zeros
+                        for a constant map).
+                        Default: True
+            output (str, optional): ``"input"``: the input's shape, the map repeated over
+                        channels; ``"map"``: ``(B, 1, H, W)``; ``"grid"``: ``(B, 1, g_h,
+                        g_w)``, not upsampled.
+                        Default: "input"
+
+        Returns:
+            *Tensor* or *tuple[Tensor, ...]* of **attributions**:
+            - **attributions** (*Tensor* or *tuple[Tensor, ...]*):
+                        The LeGrad maps, detached, on the input's device. A tensor input
+                        gives a tensor, a tuple input a tuple of the same length; inputs
+                        after the first (not images) get zeros of their own shape.
+
+        Examples::
+
+            >>> legrad = LeGrad(model)
+            >>> attr = legrad.attribute(images, target=labels)
+            >>> heat = legrad.attribute(images, target=3, output="map")  # (B, 1, H, W)
+        """
+        self._check_options(interpolate_mode, output)
+        is_tuple = _is_tuple(inputs)
+        formatted, args = self._prepare(inputs, additional_forward_args)
+        image = formatted[0]
+        if image.shape[0] == 0:
+            grid_maps = self._empty_grid(image, 1)
+        else:
+            maps = self._maps(
+                formatted, args, lambda shape, device: target_index(target, shape, device)
+            )
+            grid_maps = aggregate_layers(maps)
+        attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
+        if output == "input":
+            attributions = attributions.repeat(1, image.shape[1], 1, 1)
+        rest = tuple(torch.zeros_like(t) for t in formatted[1:])
+        return _format_output(is_tuple, (attributions, *rest))
+
+    @log_usage()
+    def attribute_multi(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        targets: Union[Sequence[object], Tensor],
+        additional_forward_args: Optional[object] = None,
+        *,
+        interpolate_mode: str = "bilinear",
+        normalize: bool = True,
+        output: str = "map",
+    ) -> Tensor:
+        r"""Explain ``K`` targets for every image from a single forward.
+
+        Args:
+
+            inputs (Tensor or tuple[Tensor, ...]): As in :meth:`attribute`.
+            targets (sequence or Tensor): ``K`` class indices (ints or tuples) explained
+                        for every sample, or a ``(B, K)`` long tensor of per-sample
+                        targets.
+            additional_forward_args (Any, optional): As in :meth:`attribute`.
+            interpolate_mode (str, optional): As in :meth:`attribute`.
+                        Default: "bilinear"
+            normalize (bool, optional): Min-max normalise each (sample, target) map.
+                        Default: True
+            output (str, optional): ``"map"``: ``(B, K, H, W)``; ``"grid"``: ``(B, K,
+                        g_h, g_w)``; ``"input"``: ``(B, K, C, H, W)``, each target's map
+                        in the input's shape.
+                        Default: "map"
+
+        Returns:
+            *Tensor* of **attributions**: ``maps[:, k]`` equals ``attribute(inputs,
+            target=targets[k], output=...)``.
+
+        Examples::
+
+            >>> maps = LeGrad(model).attribute_multi(images, targets=[3, 7, 9])
+            >>> maps.shape  # (B, 3, H, W)
+        """
+        self._check_options(interpolate_mode, output)
+        formatted, args = self._prepare(inputs, additional_forward_args)
+        image = formatted[0]
+        if image.shape[0] == 0:
+            k = targets.shape[-1] if isinstance(targets, Tensor) else len(targets)
+            grid_maps = self._empty_grid(image, k)
+        else:
+            maps = self._maps(
+                formatted,
+                args,
+                lambda shape, device: multi_target_index(targets, shape, device),
+            )
+            grid_maps = aggregate_layers(maps)
+        attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
+        if output == "input":
+            attributions = attributions.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
+        return attributions
+
+    def attribute_layers(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+    ) -> Tensor:
+        r"""The per-layer maps ``E^l`` before aggregation: ``(B, n_layers, g_h, g_w)``.
+
+        Unnormalised and not upsampled; layer ``i`` of the result is block
+        ``self.layers[i]``. Summing over dimension 1, upsampling and min-max
+        normalising gives :meth:`attribute` with ``output="map"``.
+
+        Args:
+
+            inputs (Tensor or tuple[Tensor, ...]): As in :meth:`attribute`.
+            target (int, tuple, Tensor, or list, optional): As in :meth:`attribute`.
+            additional_forward_args (Any, optional): As in :meth:`attribute`.
+
+        Returns:
+            *Tensor* ``(B, n_layers, g_h, g_w)``.
+
+        Examples::
+
+            >>> per_layer = LeGrad(model).attribute_layers(images, target=3)
+        """
+        formatted, args = self._prepare(inputs, additional_forward_args)
+        image = formatted[0]
+        if image.shape[0] == 0:
+            return self._empty_grid(image, len(self.layers))
+        maps = self._maps(
+            formatted, args, lambda shape, device: target_index(target, shape, device)
+        )
+        return maps[:, 0]

@@ -1,0 +1,241 @@
+"""Scoped capture of attention probabilities and residual streams.
+
+Fused attention (``F.scaled_dot_product_attention``) never materialises the attention
+probabilities, so while an attention module that LeGrad needs runs, an
+:class:`AttentionRecorder` (a ``TorchFunctionMode``) computes that one call explicitly,
+``softmax(q kᵀ · scale + mask) · v``, and keeps the probabilities: the tensor that is
+multiplied with ``v`` and therefore on the autograd path to the block output. Eager
+implementations that call ``softmax`` themselves are recorded as they are.
+
+Everything is scoped to the call: forward hooks push and pop the recorder around the
+module's own forward, and all hooks are removed in ``finally``. No flag, attribute,
+forward method or parameter of the model is changed, nothing is patched process-wide.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from .errors import CaptureError
+from .spec import ViTSpec
+
+__all__ = ["AttentionRecorder", "explicit_sdpa", "record_attention", "capture_blocks", "Captured"]
+
+_SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
+
+
+def explicit_sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """``F.scaled_dot_product_attention`` written out; returns ``(output, probabilities)``.
+
+    Same arguments and semantics as the fused function (boolean masks keep ``True``
+    positions, float masks are added, ``is_causal`` masks the upper triangle).
+    """
+    n_q, n_k = query.size(-2), key.size(-2)
+    scale_factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and key.size(-3) != query.size(-3):
+        repeats = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(repeats, dim=-3)
+        value = value.repeat_interleave(repeats, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale_factor
+    if is_causal:
+        keep = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ value, probs
+
+
+class AttentionRecorder(TorchFunctionMode):
+    """Records the attention probabilities computed while it is active.
+
+    ``F.scaled_dot_product_attention`` calls are replaced by :func:`explicit_sdpa`;
+    4-D ``softmax`` results (eager attention) are recorded unchanged.
+    """
+
+    def __init__(self, records: List[Tensor]) -> None:
+        super().__init__()
+        self.records = records
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out, probs = explicit_sdpa(*args, **kwargs)
+            self.records.append(probs)
+            return out
+        result = func(*args, **kwargs)
+        if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() == 4:
+            self.records.append(result)
+        return result
+
+
+@contextmanager
+def _mode_stack_guard() -> Iterator[None]:
+    """Pop any torch-function mode an interrupted forward left on the stack."""
+    depth = torch._C._len_torch_function_stack()
+    try:
+        yield
+    finally:
+        while torch._C._len_torch_function_stack() > depth:
+            torch._C._pop_torch_function_stack()
+
+
+@contextmanager
+def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]]]:
+    """Record the attention probabilities each of ``modules`` computes in its forward.
+
+    Yields one list per module, filled in call order while the context is open.
+    """
+    records: List[List[Tensor]] = [[] for _ in modules]
+    handles: List[RemovableHandle] = []
+
+    def enter(recorder: AttentionRecorder) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            recorder.__enter__()
+
+        return hook
+
+    def leave(recorder: AttentionRecorder) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            recorder.__exit__(None, None, None)
+
+        return hook
+
+    with _mode_stack_guard():
+        try:
+            for module, sink in zip(modules, records):
+                recorder = AttentionRecorder(sink)
+                handles.append(module.register_forward_pre_hook(enter(recorder)))
+                handles.append(module.register_forward_hook(leave(recorder), always_call=True))
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class Captured:
+    """What one forward through the model left behind for LeGrad.
+
+    ``tokens[i]`` is ``Z`` of the i-th selected block (batch-first); with
+    ``differentiable=True`` it is on the autograd graph back to that block's own
+    attention ``attentions[i]`` (and to nothing earlier: block inputs are cut).
+    """
+
+    tokens: List[Tensor] = field(default_factory=list)
+    attentions: List[List[Tensor]] = field(default_factory=list)
+
+
+def _block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any]:
+    if args:
+        return "", args[0]
+    for name in ("x", "hidden_states", "q_x", "input"):
+        if name in kwargs:
+            return name, kwargs[name]
+    raise CaptureError(
+        "A transformer block was called without a positional input and without one of the "
+        "keyword inputs x / hidden_states / q_x; describe the model with a ViTSpec whose "
+        "blocks take the residual stream as their first argument."
+    )
+
+
+@contextmanager
+def capture_blocks(
+    spec: ViTSpec, layers: Sequence[int], *, differentiable: bool
+) -> Iterator[Captured]:
+    """Hook ``spec``'s blocks for one forward and collect ``Z^l`` (and ``A^l``).
+
+    Gradients are switched on only inside the selected blocks (and only when
+    ``differentiable``); each selected block's input is cut from the graph with
+    ``detach().requires_grad_()``, so ``∂Z^l/∂A^m = 0`` for ``m ≠ l`` and earlier
+    blocks build no graph at all. Block outputs are never changed, so the model
+    computes what it always computes.
+    """
+    selected = {layer: slot for slot, layer in enumerate(layers)}
+    captured = Captured(tokens=[torch.empty(0)] * len(layers))
+    seen = [False] * len(layers)
+    handles: List[RemovableHandle] = []
+
+    def root_pre_hook(module: nn.Module, args: Any) -> None:
+        torch.set_grad_enabled(False)
+
+    def block_pre_hook(layer: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            differentiate = differentiable and layer in selected
+            torch.set_grad_enabled(differentiate)
+            if not differentiate:
+                return None
+            name, value = _block_input(args, kwargs)
+            cut = value.detach().requires_grad_()
+            if name:
+                return args, {**kwargs, name: cut}
+            return (cut, *args[1:]), kwargs
+
+        return hook
+
+    def block_hook(layer: int) -> Callable[..., None]:
+        slot = selected[layer]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            tokens = output[0] if isinstance(output, (tuple, list)) else output
+            if not spec.batch_first:
+                tokens = tokens.transpose(0, 1)
+            captured.tokens[slot] = tokens if differentiable else tokens.detach()
+            seen[slot] = True
+
+        return hook
+
+    def block_post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        torch.set_grad_enabled(False)
+
+    attention_modules = [spec.attentions[layer] for layer in layers] if differentiable else []
+    with record_attention(attention_modules) as records:
+        try:
+            handles.append(spec.root.register_forward_pre_hook(root_pre_hook))
+            for index, block in enumerate(spec.blocks):
+                handles.append(
+                    block.register_forward_pre_hook(block_pre_hook(index), with_kwargs=True)
+                )
+                if index in selected:
+                    handles.append(block.register_forward_hook(block_hook(index)))
+                handles.append(block.register_forward_hook(block_post_hook))
+            captured.attentions = records
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+    missing = [layers[slot] for slot, ok in enumerate(seen) if not ok]
+    if missing:
+        raise CaptureError(
+            f"Blocks {missing} of the {spec.family} model did not run during the forward; "
+            "check that forward_func calls the model these blocks belong to."
+        )

@@ -1,0 +1,187 @@
+"""The LeGrad computation (SPEC §1), written once for every model family.
+
+For the selected layers ``S`` and targets ``k``:
+
+* ``s^l_k = readout(Z^l)[target_k]``, the layer's own tokens read out by the head;
+* ``G^l_k = ∂s^l_k / ∂A^l``, only block ``l``'s own attention;
+* ``E^l_k = mean over heads and query rows of max(G^l_k, 0)``, prefix keys dropped,
+  reshaped to the patch grid.
+
+All layers come from one forward and one backward per target: every selected block's
+input is cut from the graph (:func:`~captum_legrad.capture.capture_blocks`), the
+``Z^l`` are stacked along the batch axis through one readout call, and one
+``autograd.grad`` of the summed scores w.r.t. all ``A^l`` gives every ``G^l`` at once
+(``∂s^l/∂A^m = 0`` for ``m ≠ l`` because the block inputs are cut). Several targets
+reuse the same graph with batched gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .capture import capture_blocks, record_attention
+from .errors import CaptureError
+from .spec import ViTSpec
+
+__all__ = [
+    "ForwardResult",
+    "run_forward",
+    "layer_maps",
+    "aggregate_layers",
+    "upsample",
+    "minmax_normalize",
+    "POOLINGS",
+]
+
+#: Readouts for the per-layer score: the paper's mean over tokens, or the model's own.
+POOLINGS = ("mean", "model")
+
+#: ``(B, K)`` index tensors, one per non-batch output dimension, naming the targets.
+TargetIndex = Tuple[Tensor, ...]
+
+
+class ForwardResult:
+    """Output of :func:`run_forward`: the model output and what LeGrad needs from it."""
+
+    def __init__(
+        self, output: Tensor, scores: Tensor, attentions: List[Tensor], per_layer_batch: bool
+    ) -> None:
+        #: What ``forward_func`` returned (used to check targets).
+        self.output = output
+        #: Per-layer scores ``(L, B, ...)``.
+        self.scores = scores
+        #: Differentiated attentions: one ``(B, H, Q, N_k)`` tensor per layer, or a single
+        #: ``(L·B, H, Q, N_k)`` tensor for attention-pool readouts.
+        self.attentions = attentions
+        self.per_layer_batch = per_layer_batch
+
+
+def _single_record(records: List[Tensor], where: str) -> Tensor:
+    if len(records) != 1:
+        what = "no" if not records else f"{len(records)}"
+        raise CaptureError(
+            f"Expected one attention computation in {where} during the forward, saw {what}. "
+            "LeGrad records F.scaled_dot_product_attention calls and 4-D softmax results; "
+            "if this module computes attention another way, describe the model with a "
+            "ViTSpec whose attention modules compute it one of these ways."
+        )
+    return records[0]
+
+
+def run_forward(
+    spec: ViTSpec,
+    forward_func: Callable[..., Any],
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    layers: Sequence[int],
+    pooling: str,
+) -> ForwardResult:
+    """One forward with capture, then the per-layer readout, ready to differentiate."""
+    pooled_attention = spec.pool_attention is not None
+    with torch.enable_grad():
+        with capture_blocks(spec, layers, differentiable=not pooled_attention) as captured:
+            output = forward_func(*inputs, *additional_forward_args)
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"forward_func returned {type(output).__name__}; LeGrad needs a tensor of scores "
+            "(B, ...) whose columns target selects."
+        )
+    readout = spec.model_readout if pooling == "model" else spec.readout
+    n_layers, batch = len(layers), output.shape[0]
+    with torch.enable_grad():
+        if pooled_attention:
+            assert spec.pool_attention is not None
+            tokens = torch.cat(captured.tokens).requires_grad_()
+            with record_attention([spec.pool_attention]) as records:
+                scores = readout(tokens)
+            attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
+            if spec.pool_query is not None:
+                attentions = [attentions[0][:, :, spec.pool_query : spec.pool_query + 1]]
+        else:
+            scores = readout(torch.cat(captured.tokens))
+            attentions = [
+                _single_record(records, f"block {layer} ({type(spec.attentions[layer]).__name__})")
+                for layer, records in zip(layers, captured.attentions)
+            ]
+        scores = scores.reshape(n_layers, batch, *scores.shape[1:])
+    return ForwardResult(output, scores, attentions, per_layer_batch=pooled_attention)
+
+
+def _select(scores: Tensor, index: TargetIndex) -> Tensor:
+    """``scores`` (L, B, ...) at ``index`` ((B, K) each) → (L, B, K)."""
+    batch, k = index[0].shape
+    rows = torch.arange(batch, device=scores.device).unsqueeze(1).expand(batch, k)
+    where: Tuple[Any, ...] = (slice(None), rows, *index)
+    return scores[where]
+
+
+def _reduce(grad: Tensor) -> Tensor:
+    """``(…, H, Q, N_k)`` gradient → ``(…, N_k)``: ReLU, then mean over heads and queries."""
+    return grad.clamp(min=0).mean(dim=(-3, -2))
+
+
+def layer_maps(
+    spec: ViTSpec,
+    result: ForwardResult,
+    index: TargetIndex,
+    grid: Tuple[int, int],
+) -> Tensor:
+    """Per-layer LeGrad maps ``E^l`` for every target: ``(B, K, L, g_h, g_w)``, unnormalised."""
+    with torch.enable_grad():
+        selected = _select(result.scores, index)  # (L, B, K)
+        n_layers, batch, k = selected.shape
+        if k == 1:
+            grads = torch.autograd.grad(selected.sum(), result.attentions)
+            reduced = [_reduce(g).unsqueeze(0) for g in grads]
+        else:
+            eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
+            grad_outputs = eye.view(k, 1, 1, k).expand(k, n_layers, batch, k)
+            grads = torch.autograd.grad(
+                selected, result.attentions, grad_outputs=grad_outputs, is_grads_batched=True
+            )
+            reduced = [_reduce(g) for g in grads]
+    if result.per_layer_batch:
+        keys = reduced[0].view(k, n_layers, batch, -1)  # (K, L·B, N_k) → (K, L, B, N_k)
+    else:
+        keys = torch.stack(reduced, dim=1)  # (K, L, B, N_k)
+    g_h, g_w = grid
+    n_patches = g_h * g_w
+    n_prefix = keys.shape[-1] - n_patches
+    if n_prefix not in (0, spec.num_prefix_tokens):
+        raise CaptureError(
+            f"The attention has {keys.shape[-1]} keys but the patch grid is {g_h}x{g_w} "
+            f"({n_patches} patches) with {spec.num_prefix_tokens} prefix tokens; check the "
+            "ViTSpec's grid rule and num_prefix_tokens."
+        )
+    maps = keys[..., n_prefix:].reshape(k, n_layers, batch, g_h, g_w)
+    return maps.permute(2, 0, 1, 3, 4).detach()
+
+
+def aggregate_layers(maps: Tensor) -> Tensor:
+    """Sum per-layer maps ``(…, L, g_h, g_w)`` over layers (SPEC §1.5)."""
+    return maps.sum(dim=-3)
+
+
+def upsample(maps: Tensor, size: Tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resize ``(B, K, g_h, g_w)`` maps to ``size`` (``align_corners=False`` for linear modes)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    align: Optional[bool] = False if mode in ("bilinear", "bicubic", "linear") else None
+    return F.interpolate(maps, size=size, mode=mode, align_corners=align)
+
+
+def minmax_normalize(maps: Tensor) -> Tensor:
+    """``(E - min) / (max - min)`` over the last two dims; all zeros where ``max == min``.
+
+    No epsilon: maps of random or LayerScale models can be 1e-7 in scale.
+    """
+    flat = maps.flatten(start_dim=-2)
+    low = flat.min(dim=-1, keepdim=True).values
+    span = flat.max(dim=-1, keepdim=True).values - low
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    out = torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat))
+    return out.view_as(maps)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-init timm models (no weights are ever downloaded)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+TINY: Dict[str, Any] = dict(
+    pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5
+)
+
+#: name -> (timm architecture, extra kwargs). Each is a family SPEC §3 lists.
+TIMM_MODELS: Dict[str, tuple] = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", {}),
+    "siglip_map": ("vit_base_patch16_siglip_224", {}),
+    "avgpool_fcnorm": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),
+    "deit3": ("deit3_small_patch16_224", {}),
+    "eva": ("eva02_tiny_patch14_224", {}),
+    "vit_dynamic": ("vit_tiny_patch16_224", {"dynamic_img_size": True}),
+}
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give all-zero weight matrices (timm zero-inits some heads) random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return model
+
+
+def make_model(key: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    arch, extra = TIMM_MODELS[key]
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, **{**TINY, **extra, **overrides})
+    return randomize(model, seed).eval()
+
+
+@pytest.fixture(params=sorted(TIMM_MODELS))
+def model_key(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def vit() -> nn.Module:
+    return make_model("vit")
+
+
+@pytest.fixture
+def images() -> Callable[..., torch.Tensor]:
+    def make(batch: int = 2, height: int = 32, width: int = 32, seed: int = 1) -> torch.Tensor:
+        return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+    return make

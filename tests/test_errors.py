@@ -1,0 +1,121 @@
+"""SPEC §5: bad input gets a clear error, and nothing is changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import make_model
+
+from captum_legrad import LeGrad, UnsupportedModelError, discover
+from captum_legrad.errors import TargetError
+
+
+def test_resnet_is_unsupported_and_names_spec() -> None:
+    resnet = torchvision.models.resnet18(weights=None)
+    with pytest.raises(UnsupportedModelError, match="spec=") as info:
+        LeGrad(resnet)
+    assert isinstance(info.value, TypeError)
+    assert "timm VisionTransformer" in str(info.value)
+
+
+def test_bare_function_is_unsupported() -> None:
+    with pytest.raises(UnsupportedModelError, match="spec="):
+        LeGrad(lambda x: x.sum(dim=(2, 3)))
+    with pytest.raises(UnsupportedModelError):
+        discover(object())
+
+
+def test_two_vits_are_ambiguous() -> None:
+    pair = torch.nn.ModuleDict({"a": make_model("vit"), "b": make_model("vit")})
+    with pytest.raises(UnsupportedModelError, match="several"):
+        discover(pair)
+
+
+@pytest.mark.parametrize(
+    "target, needle",
+    [
+        (5, "out of range"),
+        (-6, "out of range"),
+        ([1, 2, 3], "one entry per sample"),
+        (torch.tensor([1, 2, 3]), "one entry per sample"),
+        (None, "target=None"),
+        ((1, 2), "index"),
+        (torch.tensor([[1], [2]]), "0-d or 1-D"),
+        (torch.tensor(1.0), "integers"),
+        ("cat", "int"),
+    ],
+)
+def test_bad_targets(vit: torch.nn.Module, images, target: object, needle: str) -> None:
+    with pytest.raises(TargetError, match=needle) as info:
+        LeGrad(vit).attribute(images(2), target=target)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError) and isinstance(info.value, AssertionError)
+    assert "(2, 5)" in str(info.value)  # names the output shape
+
+
+def test_bad_multi_targets(vit: torch.nn.Module, images) -> None:
+    legrad = LeGrad(vit)
+    for targets in ([], [1, 9], torch.tensor([[1, 2]]), "ab"):
+        with pytest.raises(TargetError):
+            legrad.attribute_multi(images(2), targets=targets)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating point"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.long), "floating point"),
+        (torch.full((2, 3, 32, 32), float("nan")), "NaN"),
+        (torch.full((2, 3, 32, 32), float("inf")), "NaN or infinite"),
+        (torch.zeros(3, 32, 32), r"\(B, C, H, W\)"),
+        (torch.zeros(2, 1, 3, 32, 32), r"\(B, C, H, W\)"),
+    ],
+)
+def test_bad_inputs(vit: torch.nn.Module, bad: torch.Tensor, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        LeGrad(vit).attribute(bad, target=1)
+
+
+def test_inference_mode_is_refused(vit: torch.nn.Module, images) -> None:
+    with torch.inference_mode():
+        x = images(1)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            LeGrad(vit).attribute(x, target=1)
+    # an inference tensor used outside inference mode is fine
+    out = LeGrad(vit).attribute(x, target=1)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "layers, error",
+    [
+        ([3], ValueError),
+        ([-4], ValueError),
+        ([], ValueError),
+        ([0, -3], ValueError),
+        (1, TypeError),
+        (["a"], TypeError),
+    ],
+)
+def test_bad_layers(vit: torch.nn.Module, layers: object, error: type) -> None:
+    with pytest.raises(error, match="layer"):
+        LeGrad(vit, layers)  # type: ignore[arg-type]
+
+
+def test_bad_options(vit: torch.nn.Module, images) -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        LeGrad(vit, pooling="cls")
+    with pytest.raises(TypeError, match="ViTSpec"):
+        LeGrad(vit, spec="timm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="output"):
+        LeGrad(vit).attribute(images(1), target=1, output="pixels")
+    with pytest.raises(ValueError, match="interpolate_mode"):
+        LeGrad(vit).attribute(images(1), target=1, interpolate_mode="lanczos")
+
+
+def test_wrong_image_size_for_static_model(vit: torch.nn.Module) -> None:
+    # The model itself refuses a size it does not accept; LeGrad does not resize anything.
+    before = vit.pos_embed.detach().clone()
+    with pytest.raises(AssertionError):
+        LeGrad(vit).attribute(torch.randn(1, 3, 48, 48), target=1)
+    assert torch.equal(vit.pos_embed, before)
