@@ -7,11 +7,13 @@
 from .attribution import LeGrad
 from .errors import CaptureError, TargetError, UnsupportedModelError
 from .spec import ViTSpec, discover
+from .text import ImageTextSimilarity
 
 __all__ = [
     "LeGrad",
     "discover",
     "ViTSpec",
+    "ImageTextSimilarity",
     "UnsupportedModelError",
     "TargetError",
     "CaptureError",

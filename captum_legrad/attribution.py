@@ -20,6 +20,7 @@ from torch import Tensor
 from .compute import (
     POOLINGS,
     aggregate_layers,
+    empty_prompt_correction,
     layer_maps,
     minmax_normalize,
     run_forward,
@@ -187,7 +188,7 @@ class LeGrad(GradientAttribution):
         image = inputs[0]
         grid = self.spec.grid_size(image.shape[-2], image.shape[-1])
         result = run_forward(self.spec, self.forward_func, inputs, args, self.layers, self.pooling)
-        index = make_index(result.output.shape, result.output.device)
+        index = make_index(result.output_shape, result.scores.device)
         return layer_maps(self.spec, result, index, grid).to(image.device)
 
     def _finish(
@@ -205,9 +206,29 @@ class LeGrad(GradientAttribution):
             maps = minmax_normalize(maps)
         return maps
 
-    def _empty_grid(self, image: Tensor, k: int) -> Tensor:
-        g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
-        return image.new_zeros((0, k, g_h, g_w))
+    def _grid_maps(
+        self,
+        inputs: Tuple[Tensor, ...],
+        args: Tuple[Any, ...],
+        make_index: Callable[[torch.Size, torch.device], Index],
+        k: int,
+        empty_target: Optional[object],
+        empty_threshold: float,
+    ) -> Tensor:
+        """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked."""
+        image = inputs[0]
+        if image.shape[0] == 0:
+            g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
+            return image.new_zeros((0, k, g_h, g_w))
+        if empty_target is None:
+            return aggregate_layers(self._maps(inputs, args, make_index))
+
+        def with_empty(shape: torch.Size, device: torch.device) -> Index:
+            extra = target_index(empty_target, shape, device)
+            return tuple(torch.cat(pair, dim=1) for pair in zip(make_index(shape, device), extra))
+
+        maps = aggregate_layers(self._maps(inputs, args, with_empty))
+        return empty_prompt_correction(maps[:, :-1], maps[:, -1:], empty_threshold)
 
     @staticmethod
     def _check_options(interpolate_mode: str, output: str) -> None:
@@ -230,6 +251,8 @@ class LeGrad(GradientAttribution):
         interpolate_mode: str = "bilinear",
         normalize: bool = True,
         output: str = "input",
+        empty_target: Optional[object] = None,
+        empty_threshold: float = 0.8,
     ) -> TensorOrTupleOfTensorsGeneric:
         r"""
         Args:
@@ -256,6 +279,14 @@ class LeGrad(GradientAttribution):
                         channels; ``"map"``: ``(B, 1, H, W)``; ``"grid"``: ``(B, 1, g_h,
                         g_w)``, not upsampled.
                         Default: "input"
+            empty_target (int or tuple, optional): The target of an "empty" prompt
+                        (e.g. ``"a photo of a"``) for the reference code's SigLIP
+                        correction: where that prompt's min-max normalised map exceeds
+                        ``empty_threshold``, the map is set to zero before upsampling and
+                        normalisation. Off by default.
+                        Default: None
+            empty_threshold (float, optional): Threshold of the correction.
+                        Default: 0.8
 
         Returns:
             *Tensor* or *tuple[Tensor, ...]* of **attributions**:
@@ -274,13 +305,14 @@ class LeGrad(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         formatted, args = self._prepare(inputs, additional_forward_args)
         image = formatted[0]
-        if image.shape[0] == 0:
-            grid_maps = self._empty_grid(image, 1)
-        else:
-            maps = self._maps(
-                formatted, args, lambda shape, device: target_index(target, shape, device)
-            )
-            grid_maps = aggregate_layers(maps)
+        grid_maps = self._grid_maps(
+            formatted,
+            args,
+            lambda shape, device: target_index(target, shape, device),
+            1,
+            empty_target,
+            empty_threshold,
+        )
         attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
         if output == "input":
             attributions = attributions.repeat(1, image.shape[1], 1, 1)
@@ -297,6 +329,8 @@ class LeGrad(GradientAttribution):
         interpolate_mode: str = "bilinear",
         normalize: bool = True,
         output: str = "map",
+        empty_target: Optional[object] = None,
+        empty_threshold: float = 0.8,
     ) -> Tensor:
         r"""Explain ``K`` targets for every image from a single forward.
 
@@ -315,6 +349,10 @@ class LeGrad(GradientAttribution):
                         g_h, g_w)``; ``"input"``: ``(B, K, C, H, W)``, each target's map
                         in the input's shape.
                         Default: "map"
+            empty_target (int or tuple, optional): As in :meth:`attribute`.
+                        Default: None
+            empty_threshold (float, optional): As in :meth:`attribute`.
+                        Default: 0.8
 
         Returns:
             *Tensor* of **attributions**: ``maps[:, k]`` equals ``attribute(inputs,
@@ -328,16 +366,14 @@ class LeGrad(GradientAttribution):
         self._check_options(interpolate_mode, output)
         formatted, args = self._prepare(inputs, additional_forward_args)
         image = formatted[0]
-        if image.shape[0] == 0:
-            k = targets.shape[-1] if isinstance(targets, Tensor) else len(targets)
-            grid_maps = self._empty_grid(image, k)
-        else:
-            maps = self._maps(
-                formatted,
-                args,
-                lambda shape, device: multi_target_index(targets, shape, device),
-            )
-            grid_maps = aggregate_layers(maps)
+        grid_maps = self._grid_maps(
+            formatted,
+            args,
+            lambda shape, device: multi_target_index(targets, shape, device),
+            targets.shape[-1] if isinstance(targets, Tensor) else len(targets),
+            empty_target,
+            empty_threshold,
+        )
         attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
         if output == "input":
             attributions = attributions.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
@@ -371,7 +407,8 @@ class LeGrad(GradientAttribution):
         formatted, args = self._prepare(inputs, additional_forward_args)
         image = formatted[0]
         if image.shape[0] == 0:
-            return self._empty_grid(image, len(self.layers))
+            g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
+            return image.new_zeros((0, len(self.layers), g_h, g_w))
         maps = self._maps(
             formatted, args, lambda shape, device: target_index(target, shape, device)
         )

@@ -28,7 +28,14 @@ from torch.utils.hooks import RemovableHandle
 from .errors import CaptureError
 from .spec import ViTSpec
 
-__all__ = ["AttentionRecorder", "explicit_sdpa", "record_attention", "capture_blocks", "Captured"]
+__all__ = [
+    "AttentionRecorder",
+    "explicit_sdpa",
+    "explicit_mha",
+    "record_attention",
+    "capture_blocks",
+    "Captured",
+]
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
 
@@ -69,11 +76,105 @@ def explicit_sdpa(
     return probs @ value, probs
 
 
+def explicit_mha(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: Optional[Tensor],
+    in_proj_bias: Optional[Tensor],
+    bias_k: Optional[Tensor],
+    bias_v: Optional[Tensor],
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: Tensor,
+    out_proj_bias: Optional[Tensor],
+    training: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    need_weights: bool = True,
+    attn_mask: Optional[Tensor] = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Optional[Tensor] = None,
+    k_proj_weight: Optional[Tensor] = None,
+    v_proj_weight: Optional[Tensor] = None,
+    static_k: Optional[Tensor] = None,
+    static_v: Optional[Tensor] = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls) written out.
+
+    Same arguments (sequence-first ``(L, B, E)`` tensors); returns ``(output, weights,
+    probabilities)`` where ``(output, weights)`` is what the fused function returns and
+    ``probabilities`` ``(B, H, L, S)`` is the tensor multiplied with the values.
+    """
+    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None:
+        raise CaptureError(
+            "nn.MultiheadAttention with add_bias_kv, add_zero_attn or static keys is not "
+            "supported by LeGrad's attention capture."
+        )
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, batch, embed_dim = query.shape
+    src_len = key.shape[0]
+    head_dim = embed_dim // num_heads
+    if use_separate_proj_weight:
+        assert q_proj_weight is not None and k_proj_weight is not None
+        assert v_proj_weight is not None
+        weights_qkv = (q_proj_weight, k_proj_weight, v_proj_weight)
+    else:
+        assert in_proj_weight is not None
+        weights_qkv = tuple(in_proj_weight.chunk(3))  # type: ignore[assignment]
+    biases: Tuple[Optional[Tensor], ...] = (
+        tuple(in_proj_bias.chunk(3)) if in_proj_bias is not None else (None, None, None)
+    )
+    q = F.linear(query, weights_qkv[0], biases[0])
+    k = F.linear(key, weights_qkv[1], biases[1])
+    v = F.linear(value, weights_qkv[2], biases[2])
+    q = q.view(tgt_len, batch, num_heads, head_dim).permute(1, 2, 0, 3)
+    k = k.view(src_len, batch, num_heads, head_dim).permute(1, 2, 0, 3)
+    v = v.view(src_len, batch, num_heads, head_dim).permute(1, 2, 0, 3)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
+    if attn_mask is not None:
+        if attn_mask.dim() == 3:
+            attn_mask = attn_mask.view(batch, num_heads, tgt_len, src_len)
+        if attn_mask.dtype == torch.bool:  # True = not allowed (opposite of SDPA)
+            scores = scores.masked_fill(attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    elif is_causal:
+        keep = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(batch, 1, 1, src_len)
+        if padding.dtype == torch.bool:
+            scores = scores.masked_fill(padding, float("-inf"))
+        else:
+            scores = scores + padding
+    probs = scores.softmax(dim=-1)
+    if training and dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = (probs @ v).permute(2, 0, 1, 3).reshape(tgt_len, batch, embed_dim)
+    out = F.linear(out, out_proj_weight, out_proj_bias)
+    weights: Optional[Tensor] = None
+    if need_weights:
+        weights = probs.mean(dim=1) if average_attn_weights else probs
+    if unbatched:
+        out = out.squeeze(1)
+        weights = weights.squeeze(0) if weights is not None else None
+    return out, weights, probs
+
+
 class AttentionRecorder(TorchFunctionMode):
     """Records the attention probabilities computed while it is active.
 
-    ``F.scaled_dot_product_attention`` calls are replaced by :func:`explicit_sdpa`;
-    4-D ``softmax`` results (eager attention) are recorded unchanged.
+    ``F.scaled_dot_product_attention`` calls are replaced by :func:`explicit_sdpa`,
+    ``F.multi_head_attention_forward`` calls (``nn.MultiheadAttention``) by
+    :func:`explicit_mha`; 4-D ``softmax`` results (eager attention) are recorded unchanged.
     """
 
     def __init__(self, records: List[Tensor]) -> None:
@@ -92,6 +193,10 @@ class AttentionRecorder(TorchFunctionMode):
             out, probs = explicit_sdpa(*args, **kwargs)
             self.records.append(probs)
             return out
+        if func is F.multi_head_attention_forward:
+            out, weights, probs = explicit_mha(*args, **kwargs)
+            self.records.append(probs)
+            return out, weights
         result = func(*args, **kwargs)
         if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() == 4:
             self.records.append(result)

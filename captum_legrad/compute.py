@@ -34,6 +34,7 @@ __all__ = [
     "aggregate_layers",
     "upsample",
     "minmax_normalize",
+    "empty_prompt_correction",
     "POOLINGS",
 ]
 
@@ -45,19 +46,21 @@ TargetIndex = Tuple[Tensor, ...]
 
 
 class ForwardResult:
-    """Output of :func:`run_forward`: the model output and what LeGrad needs from it."""
+    """Output of :func:`run_forward`: the per-layer scores and the attentions to differentiate."""
 
-    def __init__(
-        self, output: Tensor, scores: Tensor, attentions: List[Tensor], per_layer_batch: bool
-    ) -> None:
-        #: What ``forward_func`` returned (used to check targets).
-        self.output = output
-        #: Per-layer scores ``(L, B, ...)``.
+    def __init__(self, scores: Tensor, attentions: List[Tensor], per_layer_batch: bool) -> None:
+        #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
+        #: a model output.
         self.scores = scores
         #: Differentiated attentions: one ``(B, H, Q, N_k)`` tensor per layer, or a single
         #: ``(L·B, H, Q, N_k)`` tensor for attention-pool readouts.
         self.attentions = attentions
         self.per_layer_batch = per_layer_batch
+
+    @property
+    def output_shape(self) -> torch.Size:
+        """Shape of one layer's scores, ``(B, ...)``: what ``target`` is checked against."""
+        return self.scores.shape[1:]
 
 
 def _single_record(records: List[Tensor], where: str) -> Tensor:
@@ -84,14 +87,11 @@ def run_forward(
     pooled_attention = spec.pool_attention is not None
     with torch.enable_grad():
         with capture_blocks(spec, layers, differentiable=not pooled_attention) as captured:
-            output = forward_func(*inputs, *additional_forward_args)
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"forward_func returned {type(output).__name__}; LeGrad needs a tensor of scores "
-            "(B, ...) whose columns target selects."
-        )
+            # The output itself is not needed: scores come from the readout of each layer
+            # (models returning ModelOutput objects are fine).
+            forward_func(*inputs, *additional_forward_args)
     readout = spec.model_readout if pooling == "model" else spec.readout
-    n_layers, batch = len(layers), output.shape[0]
+    n_layers, batch = len(layers), inputs[0].shape[0]
     with torch.enable_grad():
         if pooled_attention:
             assert spec.pool_attention is not None
@@ -99,8 +99,6 @@ def run_forward(
             with record_attention([spec.pool_attention]) as records:
                 scores = readout(tokens)
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
-            if spec.pool_query is not None:
-                attentions = [attentions[0][:, :, spec.pool_query : spec.pool_query + 1]]
         else:
             scores = readout(torch.cat(captured.tokens))
             attentions = [
@@ -108,7 +106,7 @@ def run_forward(
                 for layer, records in zip(layers, captured.attentions)
             ]
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    return ForwardResult(output, scores, attentions, per_layer_batch=pooled_attention)
+    return ForwardResult(scores, attentions, per_layer_batch=pooled_attention)
 
 
 def _select(scores: Tensor, index: TargetIndex) -> Tensor:
@@ -119,8 +117,13 @@ def _select(scores: Tensor, index: TargetIndex) -> Tensor:
     return scores[where]
 
 
-def _reduce(grad: Tensor) -> Tensor:
-    """``(…, H, Q, N_k)`` gradient → ``(…, N_k)``: ReLU, then mean over heads and queries."""
+def _reduce(grad: Tensor, query: Optional[int] = None) -> Tensor:
+    """``(…, H, Q, N_k)`` gradient → ``(…, N_k)``: ReLU, then mean over heads and queries.
+
+    ``query`` keeps one query row only (CoCa's first latent).
+    """
+    if query is not None:
+        grad = grad[..., query : query + 1, :]
     return grad.clamp(min=0).mean(dim=(-3, -2))
 
 
@@ -136,14 +139,14 @@ def layer_maps(
         n_layers, batch, k = selected.shape
         if k == 1:
             grads = torch.autograd.grad(selected.sum(), result.attentions)
-            reduced = [_reduce(g).unsqueeze(0) for g in grads]
+            reduced = [_reduce(g, spec.pool_query).unsqueeze(0) for g in grads]
         else:
             eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
             grad_outputs = eye.view(k, 1, 1, k).expand(k, n_layers, batch, k)
             grads = torch.autograd.grad(
                 selected, result.attentions, grad_outputs=grad_outputs, is_grads_batched=True
             )
-            reduced = [_reduce(g) for g in grads]
+            reduced = [_reduce(g, spec.pool_query) for g in grads]
     if result.per_layer_batch:
         keys = reduced[0].view(k, n_layers, batch, -1)  # (K, L·B, N_k) → (K, L, B, N_k)
     else:
@@ -185,3 +188,13 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     safe = torch.where(span > 0, span, torch.ones_like(span))
     out = torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat))
     return out.view_as(maps)
+
+
+def empty_prompt_correction(maps: Tensor, empty: Tensor, threshold: float = 0.8) -> Tensor:
+    """The reference code's SigLIP "empty prompt" correction, on grid maps.
+
+    ``maps`` (B, K, g_h, g_w) are set to zero where the min-max normalised map of the
+    empty prompt, ``empty`` (B, 1, g_h, g_w), exceeds ``threshold``: patches that light up
+    for any prompt (attention sinks) are suppressed. Off by default in LeGrad.
+    """
+    return maps.masked_fill(minmax_normalize(empty) > threshold, 0.0)

@@ -22,11 +22,22 @@ __all__ = ["match_model", "supported_families"]
 #: (adapter module, the library that must already be imported, what it recognises)
 _ADAPTERS: Tuple[Tuple[str, str, str], ...] = (
     ("timm", "timm", "timm VisionTransformer and Eva (vit_*, deit*, DINOv2 registers, SigLIP MAP)"),
+    ("open_clip", "open_clip", "OpenCLIP CLIP / CoCa / SigLIP (TimmModel) and their .visual"),
+    ("hf", "transformers", "HF transformers ViT, CLIP, DINOv2 and SigLIP vision models"),
+    ("torchvision", "torchvision", "torchvision VisionTransformer (vit_b_16 family)"),
 )
 
 
 def match_model(model: nn.Module) -> Optional[ViTSpec]:
-    """The :class:`ViTSpec` of ``model`` if an adapter recognises it, else ``None``."""
+    """The :class:`ViTSpec` of ``model`` if an adapter recognises it, else ``None``.
+
+    A module with a ``legrad_spec()`` method (such as
+    :class:`~captum_legrad.ImageTextSimilarity`) describes itself.
+    """
+    describe = getattr(model, "legrad_spec", None)
+    if callable(describe):
+        described: ViTSpec = describe()
+        return described
     for module_name, library, _ in _ADAPTERS:
         if library not in sys.modules:
             continue

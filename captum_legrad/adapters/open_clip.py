@@ -1,0 +1,122 @@
+"""OpenCLIP adapter: CLIP / CoCa ``VisionTransformer`` and SigLIP through ``TimmModel``.
+
+Works with open_clip 2.23 (blocks exchange sequence-first ``(N, B, D)`` tensors) and 3.x
+(batch-first). The whole ``CLIP`` / ``CustomTextCLIP`` / ``CoCa`` model or its ``.visual``
+is accepted; the readouts give the image embedding, so ``ImageTextSimilarity`` turns them
+into cosines with prompts.
+
+Readouts:
+
+* ``pooling="mean"`` (reference code): ``ln_post(mean over all tokens of Z) @ proj``;
+* ``pooling="model"``: the tower's own pooling (``tok`` / ``avg``, ``final_ln_after_pool``);
+* CoCa (``attn_pool``): the pooler's attention is differentiated, first latent query only;
+  the readout is the model's own ``ln_post(attn_pool(Z))[:, 0] @ proj`` for both poolings
+  (the reference skips ``ln_post``);
+* SigLIP (``TimmModel`` wrapping a timm MAP ViT): the timm trunk's spec, followed by the
+  tower's projection head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+from torch import Tensor, nn
+
+from ..spec import ViTSpec
+
+__all__ = ["match"]
+
+
+def _pair(value: Any) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def _visual(model: nn.Module) -> Optional[nn.Module]:
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+
+    for candidate in (model, getattr(model, "visual", None)):
+        if isinstance(candidate, (VisionTransformer, TimmModel)):
+            return candidate
+    return None
+
+
+def _vit_spec(visual: Any) -> ViTSpec:
+    blocks = tuple(visual.transformer.resblocks)
+    patch = _pair(visual.patch_size)
+    # open_clip 3.x records the layout; 2.23 always ran its transformer sequence-first.
+    batch_first = bool(getattr(visual.transformer, "batch_first", False))
+    attn_pool = getattr(visual, "attn_pool", None)
+    if attn_pool is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            "OpenCLIP towers with two attention poolers (attn_pool_contrastive) are not "
+            "supported; pass spec=ViTSpec(...) naming the pooler to differentiate."
+        )
+
+    def project(pooled: Tensor) -> Tensor:
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def model_readout(tokens: Tensor) -> Tensor:
+        if attn_pool is not None:
+            pooled, _ = visual._global_pool(visual.ln_post(attn_pool(tokens)))
+        elif getattr(visual, "final_ln_after_pool", False):
+            pooled, _ = visual._global_pool(tokens)
+            pooled = visual.ln_post(pooled)
+        else:
+            pooled, _ = visual._global_pool(visual.ln_post(tokens))
+        return project(pooled)
+
+    def mean_readout(tokens: Tensor) -> Tensor:
+        return project(visual.ln_post(tokens.mean(dim=1)))
+
+    def grid(height: int, width: int) -> Tuple[int, int]:
+        return height // patch[0], width // patch[1]
+
+    return ViTSpec(
+        family="open_clip",
+        root=visual,
+        blocks=blocks,
+        attentions=tuple(block.attn for block in blocks),
+        readout=model_readout if attn_pool is not None else mean_readout,
+        model_readout=model_readout,
+        num_prefix_tokens=1,
+        patch_size=patch,
+        grid=grid,
+        pool_attention=attn_pool,
+        pool_query=0 if attn_pool is not None else None,
+        batch_first=batch_first,
+    )
+
+
+def _timm_tower_spec(visual: Any) -> Optional[ViTSpec]:
+    from . import timm as timm_adapter
+
+    trunk_spec = timm_adapter.match(visual.trunk)
+    if trunk_spec is None:
+        return None
+    head = visual.head
+    trunk_readout, trunk_model_readout = trunk_spec.readout, trunk_spec.model_readout
+    return dataclasses.replace(
+        trunk_spec,
+        family="open_clip",
+        root=visual,
+        readout=lambda tokens: head(trunk_readout(tokens)),
+        model_readout=lambda tokens: head(trunk_model_readout(tokens)),
+    )
+
+
+def match(model: nn.Module) -> Optional[ViTSpec]:
+    """Describe an OpenCLIP model or vision tower; ``None`` for anything else."""
+    from open_clip.timm_model import TimmModel
+
+    visual = _visual(model)
+    if visual is None:
+        return None
+    if isinstance(visual, TimmModel):
+        return _timm_tower_spec(visual)
+    return _vit_spec(visual)

@@ -1,0 +1,48 @@
+"""torchvision adapter: ``torchvision.models.VisionTransformer`` (vit_b_16, vit_l_32, ...).
+
+Blocks are ``encoder.layers``; each block's ``self_attention`` is an
+``nn.MultiheadAttention`` called with ``need_weights=False`` (recorded through
+``F.multi_head_attention_forward``). The readout is ``heads(encoder.ln(·))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from torch import Tensor, nn
+
+from ..spec import ViTSpec
+
+__all__ = ["match"]
+
+
+def match(model: nn.Module) -> Optional[ViTSpec]:
+    """Describe a torchvision ``VisionTransformer``; ``None`` for anything else."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        return None
+    vit: Any = model
+    blocks = tuple(vit.encoder.layers)
+    patch = int(vit.patch_size)
+
+    def grid(height: int, width: int) -> Tuple[int, int]:
+        return height // patch, width // patch
+
+    def mean_readout(tokens: Tensor) -> Tensor:
+        return vit.heads(vit.encoder.ln(tokens.mean(dim=1)))
+
+    def model_readout(tokens: Tensor) -> Tensor:
+        return vit.heads(vit.encoder.ln(tokens)[:, 0])
+
+    return ViTSpec(
+        family="torchvision",
+        root=vit,
+        blocks=blocks,
+        attentions=tuple(block.self_attention for block in blocks),
+        readout=mean_readout,
+        model_readout=model_readout,
+        num_prefix_tokens=1,
+        patch_size=(patch, patch),
+        grid=grid,
+    )

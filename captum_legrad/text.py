@@ -1,0 +1,113 @@
+"""Open-vocabulary targets: explain image-text similarity, prompt ``k`` as ``target=k``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .spec import ViTSpec, discover
+
+__all__ = ["ImageTextSimilarity"]
+
+
+class ImageTextSimilarity(nn.Module):
+    r"""Cosine similarity of images with ``K`` text embeddings, as an explainable model.
+
+    ``forward(images)`` returns ``(B, K)`` cosine similarities between the model's image
+    embedding and each (L2-normalised) text embedding, so ``LeGrad(ImageTextSimilarity(
+    model, text))`` explains prompt ``k`` as ``target=k`` and
+    :meth:`~captum_legrad.LeGrad.attribute_multi` explains all prompts from one image
+    forward. Captum Insights can use it as a model whose classes are the prompts.
+
+    The per-layer score LeGrad differentiates is the cosine of the layer's readout (for
+    OpenCLIP CLIP, ``ln_post(mean Z) @ proj``, as in the reference code) with each prompt.
+
+    Args:
+        model (nn.Module): A supported image-text model or its vision tower (OpenCLIP
+                    ``CLIP`` / ``CoCa`` or ``.visual``, HF ``CLIPModel`` / ``SiglipModel``
+                    or their vision models, ...).
+        text_embeddings (Tensor): ``(K, D)`` text embeddings, one per prompt.
+        spec (ViTSpec, optional): The vision tower's spec, instead of
+                    :func:`~captum_legrad.discover`.
+
+    Examples::
+
+        >>> sim = ImageTextSimilarity(clip_model, clip_model.encode_text(tokens))
+        >>> maps = LeGrad(sim).attribute_multi(images, targets=range(len(tokens)))
+    """
+
+    def __init__(
+        self, model: nn.Module, text_embeddings: Tensor, *, spec: Optional[ViTSpec] = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(text_embeddings, Tensor) or text_embeddings.dim() != 2:
+            raise ValueError("text_embeddings must be a (K, D) tensor, one row per prompt.")
+        self.model = model
+        self.vision_spec = spec if spec is not None else discover(model)
+        self.register_buffer("text_embeddings", F.normalize(text_embeddings.detach(), dim=-1))
+
+    @classmethod
+    def from_prompts(
+        cls,
+        model: nn.Module,
+        prompts: Sequence[str],
+        tokenizer: Callable[..., Any],
+        *,
+        spec: Optional[ViTSpec] = None,
+    ) -> ImageTextSimilarity:
+        """Encode ``prompts`` with the model's text tower and ``tokenizer``.
+
+        OpenCLIP: ``tokenizer = open_clip.get_tokenizer(name)``, text through
+        ``model.encode_text``. HF: a ``transformers`` tokenizer, text through
+        ``model.get_text_features``.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tower: Any = model  # the text-tower methods are untyped
+        with torch.no_grad():
+            if hasattr(tower, "encode_text"):
+                tokens = tokenizer(list(prompts))
+                text = tower.encode_text(tokens)
+            elif hasattr(tower, "get_text_features"):
+                batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+                text = tower.get_text_features(**batch)
+                text = getattr(text, "pooler_output", text)
+            else:
+                raise TypeError(
+                    f"{type(model).__name__} has no text tower (encode_text or "
+                    "get_text_features); pass text embeddings to ImageTextSimilarity instead."
+                )
+        return cls(model, text, spec=spec)
+
+    def similarity(self, image_embeddings: Tensor) -> Tensor:
+        """Cosine similarity of ``(B, D)`` image embeddings with the prompts: ``(B, K)``."""
+        text = self.get_buffer("text_embeddings")
+        return F.normalize(image_embeddings, dim=-1) @ text.to(image_embeddings.dtype).T
+
+    def forward(self, images: Tensor) -> Tensor:
+        spec = self.vision_spec
+        last: dict = {}
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            last["tokens"] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handle = spec.blocks[-1].register_forward_hook(keep)
+        try:
+            spec.root(images)
+        finally:
+            handle.remove()
+        tokens = last["tokens"] if spec.batch_first else last["tokens"].transpose(0, 1)
+        return self.similarity(spec.model_readout(tokens))
+
+    def legrad_spec(self) -> ViTSpec:
+        """The vision tower's spec, read out as similarities with the prompts."""
+        spec = self.vision_spec
+        return dataclasses.replace(
+            spec,
+            readout=lambda tokens: self.similarity(spec.readout(tokens)),
+            model_readout=lambda tokens: self.similarity(spec.model_readout(tokens)),
+        )
