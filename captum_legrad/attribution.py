@@ -60,6 +60,18 @@ def _resolve_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int, .
     return tuple(sorted(resolved))
 
 
+def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
+    """A chunk of an additional forward argument: tensors with the batch on dim 0 are cut."""
+    if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch:
+        return arg[rows]
+    return arg
+
+
+def _check_internal_batch_size(value: Optional[int]) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"internal_batch_size must be a positive int or None, got {value!r}.")
+
+
 def _check_image(image: Tensor) -> None:
     if not isinstance(image, Tensor):
         raise ValueError(f"inputs must be tensors, got {type(image).__name__}.")
@@ -152,8 +164,9 @@ class LeGrad(GradientAttribution):
     # ------------------------------------------------------------------ internals
 
     def _prepare(
-        self, inputs: Any, additional_forward_args: Any
+        self, inputs: Any, additional_forward_args: Any, internal_batch_size: Optional[int]
     ) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
+        _check_internal_batch_size(internal_batch_size)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "LeGrad needs gradients, which cannot be taken inside torch.inference_mode(); "
@@ -183,13 +196,33 @@ class LeGrad(GradientAttribution):
         inputs: Tuple[Tensor, ...],
         args: Tuple[Any, ...],
         make_index: Callable[[torch.Size, torch.device], Index],
+        internal_batch_size: Optional[int],
     ) -> Tensor:
-        """(B, K, L, g_h, g_w) per-layer maps for the targets ``make_index`` names."""
+        """(B, K, L, g_h, g_w) per-layer maps for the targets ``make_index`` names.
+
+        With ``internal_batch_size``, at most that many samples go through one forward and
+        at most that many (sample, target) maps through one backward.
+        """
         image = inputs[0]
+        batch = image.shape[0]
         grid = self.spec.grid_size(image.shape[-2], image.shape[-1])
-        result = run_forward(self.spec, self.forward_func, inputs, args, self.layers, self.pooling)
-        index = make_index(result.output_shape, result.scores.device)
-        return layer_maps(self.spec, result, index, grid).to(image.device)
+        step = batch if internal_batch_size is None else internal_batch_size
+        parts = []
+        for start in range(0, batch, step):
+            rows = slice(start, min(batch, start + step))
+            result = run_forward(
+                self.spec,
+                self.forward_func,
+                tuple(t[rows] for t in inputs),
+                tuple(_slice_batch(arg, batch, rows) for arg in args),
+                self.layers,
+                self.pooling,
+            )
+            full_shape = torch.Size((batch, *result.output_shape[1:]))
+            index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
+            chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])
+            parts.append(layer_maps(self.spec, result, index, grid, chunk))
+        return torch.cat(parts).to(image.device)
 
     def _finish(
         self,
@@ -204,7 +237,7 @@ class LeGrad(GradientAttribution):
             maps = upsample(maps, (image.shape[-2], image.shape[-1]), interpolate_mode)
         if normalize:
             maps = minmax_normalize(maps)
-        return maps
+        return maps.to(image.dtype)
 
     def _grid_maps(
         self,
@@ -214,6 +247,7 @@ class LeGrad(GradientAttribution):
         k: int,
         empty_target: Optional[object],
         empty_threshold: float,
+        internal_batch_size: Optional[int],
     ) -> Tensor:
         """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked."""
         image = inputs[0]
@@ -221,13 +255,13 @@ class LeGrad(GradientAttribution):
             g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
             return image.new_zeros((0, k, g_h, g_w))
         if empty_target is None:
-            return aggregate_layers(self._maps(inputs, args, make_index))
+            return aggregate_layers(self._maps(inputs, args, make_index, internal_batch_size))
 
         def with_empty(shape: torch.Size, device: torch.device) -> Index:
             extra = target_index(empty_target, shape, device)
             return tuple(torch.cat(pair, dim=1) for pair in zip(make_index(shape, device), extra))
 
-        maps = aggregate_layers(self._maps(inputs, args, with_empty))
+        maps = aggregate_layers(self._maps(inputs, args, with_empty, internal_batch_size))
         return empty_prompt_correction(maps[:, :-1], maps[:, -1:], empty_threshold)
 
     @staticmethod
@@ -253,6 +287,7 @@ class LeGrad(GradientAttribution):
         output: str = "input",
         empty_target: Optional[object] = None,
         empty_threshold: float = 0.8,
+        internal_batch_size: Optional[int] = None,
     ) -> TensorOrTupleOfTensorsGeneric:
         r"""
         Args:
@@ -287,6 +322,10 @@ class LeGrad(GradientAttribution):
                         Default: None
             empty_threshold (float, optional): Threshold of the correction.
                         Default: 0.8
+            internal_batch_size (int, optional): Bounds memory: at most this many samples
+                        per forward and this many (sample, target) maps per backward.
+                        Results do not depend on it.
+                        Default: None (everything at once)
 
         Returns:
             *Tensor* or *tuple[Tensor, ...]* of **attributions**:
@@ -303,7 +342,7 @@ class LeGrad(GradientAttribution):
         """
         self._check_options(interpolate_mode, output)
         is_tuple = _is_tuple(inputs)
-        formatted, args = self._prepare(inputs, additional_forward_args)
+        formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
         grid_maps = self._grid_maps(
             formatted,
@@ -312,6 +351,7 @@ class LeGrad(GradientAttribution):
             1,
             empty_target,
             empty_threshold,
+            internal_batch_size,
         )
         attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
         if output == "input":
@@ -331,6 +371,7 @@ class LeGrad(GradientAttribution):
         output: str = "map",
         empty_target: Optional[object] = None,
         empty_threshold: float = 0.8,
+        internal_batch_size: Optional[int] = None,
     ) -> Tensor:
         r"""Explain ``K`` targets for every image from a single forward.
 
@@ -353,6 +394,9 @@ class LeGrad(GradientAttribution):
                         Default: None
             empty_threshold (float, optional): As in :meth:`attribute`.
                         Default: 0.8
+            internal_batch_size (int, optional): As in :meth:`attribute`; with ``K =
+                        1000`` classes, e.g. ``internal_batch_size=64`` keeps memory bounded.
+                        Default: None
 
         Returns:
             *Tensor* of **attributions**: ``maps[:, k]`` equals ``attribute(inputs,
@@ -364,7 +408,7 @@ class LeGrad(GradientAttribution):
             >>> maps.shape  # (B, 3, H, W)
         """
         self._check_options(interpolate_mode, output)
-        formatted, args = self._prepare(inputs, additional_forward_args)
+        formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
         grid_maps = self._grid_maps(
             formatted,
@@ -373,6 +417,7 @@ class LeGrad(GradientAttribution):
             targets.shape[-1] if isinstance(targets, Tensor) else len(targets),
             empty_target,
             empty_threshold,
+            internal_batch_size,
         )
         attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
         if output == "input":
@@ -384,11 +429,14 @@ class LeGrad(GradientAttribution):
         inputs: Union[Tensor, Tuple[Tensor, ...]],
         target: TargetType = None,
         additional_forward_args: Optional[object] = None,
+        *,
+        internal_batch_size: Optional[int] = None,
     ) -> Tensor:
         r"""The per-layer maps ``E^l`` before aggregation: ``(B, n_layers, g_h, g_w)``.
 
-        Unnormalised and not upsampled; layer ``i`` of the result is block
-        ``self.layers[i]``. Summing over dimension 1, upsampling and min-max
+        Unnormalised and not upsampled, in float32 whatever the model's precision (half
+        precision would flush 1e-7-scale maps of LayerScale models); layer ``i`` of the
+        result is block ``self.layers[i]``. Summing over dimension 1, upsampling and min-max
         normalising gives :meth:`attribute` with ``output="map"``.
 
         Args:
@@ -396,6 +444,7 @@ class LeGrad(GradientAttribution):
             inputs (Tensor or tuple[Tensor, ...]): As in :meth:`attribute`.
             target (int, tuple, Tensor, or list, optional): As in :meth:`attribute`.
             additional_forward_args (Any, optional): As in :meth:`attribute`.
+            internal_batch_size (int, optional): As in :meth:`attribute`.
 
         Returns:
             *Tensor* ``(B, n_layers, g_h, g_w)``.
@@ -404,12 +453,15 @@ class LeGrad(GradientAttribution):
 
             >>> per_layer = LeGrad(model).attribute_layers(images, target=3)
         """
-        formatted, args = self._prepare(inputs, additional_forward_args)
+        formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
         if image.shape[0] == 0:
             g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
             return image.new_zeros((0, len(self.layers), g_h, g_w))
         maps = self._maps(
-            formatted, args, lambda shape, device: target_index(target, shape, device)
+            formatted,
+            args,
+            lambda shape, device: target_index(target, shape, device),
+            internal_batch_size,
         )
         return maps[:, 0]

@@ -120,11 +120,36 @@ def _select(scores: Tensor, index: TargetIndex) -> Tensor:
 def _reduce(grad: Tensor, query: Optional[int] = None) -> Tensor:
     """``(…, H, Q, N_k)`` gradient → ``(…, N_k)``: ReLU, then mean over heads and queries.
 
-    ``query`` keeps one query row only (CoCa's first latent).
+    ``query`` keeps one query row only (CoCa's first latent). Reduced in float32, so
+    half-precision models lose nothing in the averaging.
     """
     if query is not None:
         grad = grad[..., query : query + 1, :]
-    return grad.clamp(min=0).mean(dim=(-3, -2))
+    return grad.clamp(min=0).float().mean(dim=(-3, -2))
+
+
+def _target_keys(
+    selected: Tensor, result: ForwardResult, query: Optional[int], retain: bool
+) -> Tensor:
+    """One backward for the ``k`` targets in ``selected`` (L, B, k) → ``(k, L, B, N_k)``."""
+    n_layers, batch, k = selected.shape
+    with torch.enable_grad():
+        if k == 1:
+            grads = torch.autograd.grad(selected.sum(), result.attentions, retain_graph=retain)
+            reduced = [_reduce(g, query).unsqueeze(0) for g in grads]
+        else:
+            eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
+            grads = torch.autograd.grad(
+                selected,
+                result.attentions,
+                grad_outputs=eye.view(k, 1, 1, k).expand(k, n_layers, batch, k),
+                retain_graph=retain,
+                is_grads_batched=True,
+            )
+            reduced = [_reduce(g, query) for g in grads]
+    if result.per_layer_batch:
+        return reduced[0].view(k, n_layers, batch, -1)  # (k, L·B, N_k) → (k, L, B, N_k)
+    return torch.stack(reduced, dim=1)
 
 
 def layer_maps(
@@ -132,25 +157,23 @@ def layer_maps(
     result: ForwardResult,
     index: TargetIndex,
     grid: Tuple[int, int],
+    target_chunk: Optional[int] = None,
 ) -> Tensor:
-    """Per-layer LeGrad maps ``E^l`` for every target: ``(B, K, L, g_h, g_w)``, unnormalised."""
+    """Per-layer LeGrad maps ``E^l`` for every target: ``(B, K, L, g_h, g_w)``, unnormalised.
+
+    ``target_chunk`` bounds the targets differentiated in one (batched) backward; the
+    graph of the forward is reused across chunks, so results do not depend on it.
+    """
     with torch.enable_grad():
         selected = _select(result.scores, index)  # (L, B, K)
         n_layers, batch, k = selected.shape
-        if k == 1:
-            grads = torch.autograd.grad(selected.sum(), result.attentions)
-            reduced = [_reduce(g, spec.pool_query).unsqueeze(0) for g in grads]
-        else:
-            eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
-            grad_outputs = eye.view(k, 1, 1, k).expand(k, n_layers, batch, k)
-            grads = torch.autograd.grad(
-                selected, result.attentions, grad_outputs=grad_outputs, is_grads_batched=True
-            )
-            reduced = [_reduce(g, spec.pool_query) for g in grads]
-    if result.per_layer_batch:
-        keys = reduced[0].view(k, n_layers, batch, -1)  # (K, L·B, N_k) → (K, L, B, N_k)
-    else:
-        keys = torch.stack(reduced, dim=1)  # (K, L, B, N_k)
+        step = k if target_chunk is None else max(1, int(target_chunk))
+        keys = torch.cat(
+            [
+                _target_keys(selected[..., i : i + step], result, spec.pool_query, i + step < k)
+                for i in range(0, k, step)
+            ]
+        )  # (K, L, B, N_k)
     g_h, g_w = grid
     n_patches = g_h * g_w
     n_prefix = keys.shape[-1] - n_patches
