@@ -457,7 +457,7 @@ class LeGrad(GradientAttribution):
         image = formatted[0]
         if image.shape[0] == 0:
             g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
-            return image.new_zeros((0, len(self.layers), g_h, g_w))
+            return image.new_zeros((0, len(self.layers), g_h, g_w), dtype=torch.float32)
         maps = self._maps(
             formatted,
             args,

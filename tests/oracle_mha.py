@@ -82,6 +82,23 @@ def finish(per_layer: Tensor, size: Tuple[int, int]) -> Tensor:
     return torch.where(span > 0, (up - lo) / torch.where(span > 0, span, 1), torch.zeros_like(up))
 
 
+@contextmanager
+def block_outputs(
+    blocks: Sequence[nn.Module], layers: Sequence[int]
+) -> Iterator[Dict[int, Tensor]]:
+    """Within the context, ``store[i]`` is the output of ``blocks[i]`` (last call)."""
+    store: Dict[int, Tensor] = {}
+    hooks = [
+        blocks[i].register_forward_hook(lambda m, a, o, i=i: store.__setitem__(i, o))
+        for i in layers
+    ]
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def block_attention_maps(
     run: Callable[[], object],
     blocks: Sequence[nn.Module],
@@ -92,22 +109,17 @@ def block_attention_maps(
     batch_first: bool = True,
 ) -> Tensor:
     """Per-layer maps (B, L, g_h, g_w) for self-attention LeGrad; ``score(Z) → (B,)``."""
-    outputs: Dict[int, Tensor] = {}
-    hooks = [
-        blocks[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
-        for i in layers
-    ]
-    try:
-        with torch.enable_grad(), replayed_attention([attentions[i] for i in layers]) as store:
-            run()
-            maps = []
-            for slot, i in enumerate(layers):
-                z = outputs[i] if batch_first else outputs[i].transpose(0, 1)
-                (g,) = torch.autograd.grad(score(z).sum(), store[slot][0], retain_graph=True)
-                maps.append(relevance(g, grid))
-    finally:
-        for h in hooks:
-            h.remove()
+    maps = []
+    with (
+        torch.enable_grad(),
+        block_outputs(blocks, layers) as outputs,
+        replayed_attention([attentions[i] for i in layers]) as store,
+    ):
+        run()
+        for slot, i in enumerate(layers):
+            z = outputs[i] if batch_first else outputs[i].transpose(0, 1)
+            (g,) = torch.autograd.grad(score(z).sum(), store[slot][0], retain_graph=True)
+            maps.append(relevance(g, grid))
     return torch.stack(maps, 1)
 
 
@@ -122,17 +134,8 @@ def pool_attention_maps(
     batch_first: bool = True,
 ) -> Tensor:
     """Per-layer maps for attention-pool readouts: the pooler's attention on each Z^l."""
-    outputs: Dict[int, Tensor] = {}
-    hooks = [
-        blocks[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
-        for i in layers
-    ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), block_outputs(blocks, layers) as outputs:
+        run()
     maps = []
     with torch.enable_grad(), replayed_attention([pool_mha]) as store:
         for i in layers:
