@@ -156,6 +156,7 @@ class LeGrad(GradientAttribution):
 
     @classmethod
     def get_name(cls) -> str:
+        """The method's name in Captum's tools and Insights' menu: ``"LeGrad"``."""
         return "LeGrad"
 
     def attribute_future(self) -> None:

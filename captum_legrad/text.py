@@ -89,6 +89,7 @@ class ImageTextSimilarity(nn.Module):
         return F.normalize(image_embeddings, dim=-1) @ text.to(image_embeddings.dtype).T
 
     def forward(self, images: Tensor) -> Tensor:
+        """Cosine similarities ``(B, K)`` of ``images`` with the K prompts."""
         spec = self.vision_spec
         last: dict = {}
 

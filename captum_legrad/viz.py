@@ -1,0 +1,464 @@
+"""Matplotlib figures of LeGrad maps: an overlay, K targets, the per-layer maps.
+
+Every function returns a :class:`matplotlib.figure.Figure` (built without pyplot, so it
+works headless and does not touch pyplot's global state) and saves it when ``save=`` names
+a file (PNG, or any format matplotlib knows from the suffix). Images are given
+channels-first, as the model sees them: pass the ``mean`` and ``std`` the images were
+normalised with and they are drawn un-normalised. Maps of another size than the image (the
+patch grid, per-layer maps) are upsampled with ``torch.nn.functional.interpolate``
+(bilinear, ``align_corners=False``, as LeGrad itself does); colours come from matplotlib's
+colour maps and matplotlib scales each map to its own minimum and maximum unless
+``vmin``/``vmax`` are given.
+
+matplotlib is an optional dependency (the ``viz`` extra: ``pip install
+"captum-legrad[viz]"``); it is imported when a function here runs, not when this module is
+imported.
+
+For Captum's own drawing functions (``captum.attr.visualization.visualize_image_attr``),
+move a map channels-last: ``attr[i].permute(1, 2, 0).numpy()``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["denormalize", "overlay", "plot_layers", "plot_targets"]
+
+#: A tensor or a NumPy array.
+ArrayLike = Union[Tensor, np.ndarray]
+#: Per-channel statistics: one number for all channels or one per channel.
+Stats = Optional[Union[float, Sequence[float], Tensor]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _matplotlib() -> Any:
+    """Import matplotlib's Figure, or explain how to install it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "captum_legrad.viz needs matplotlib, which is not installed. Install the 'viz' "
+            'extra: pip install "captum-legrad[viz]" (or pip install matplotlib).'
+        ) from err
+    return Figure
+
+
+def _tensor(value: ArrayLike, what: str) -> Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(value)}.")
+    return value.detach().cpu()
+
+
+def _stats(value: Stats, channels: int, what: str) -> Optional[Tensor]:
+    if value is None:
+        return None
+    stats = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if stats.numel() == 1:
+        stats = stats.expand(channels)
+    if stats.numel() != channels:
+        raise ValueError(
+            f"{what} has {stats.numel()} values but the image has {channels} channels."
+        )
+    return stats.view(channels, 1, 1)
+
+
+def denormalize(image: ArrayLike, mean: Stats = None, std: Stats = None) -> np.ndarray:
+    r"""An image as matplotlib draws it: channels-last, un-normalised, in [0, 1].
+
+    Args:
+
+        image (Tensor or numpy.ndarray): One image ``(C, H, W)`` or ``(1, C, H, W)``,
+                    channels-first; ``C`` is 1 (grey) or 3. Integer images are taken
+                    to be in 0..255.
+        mean (float, sequence or Tensor, optional): The per-channel mean the image was
+                    normalised with, e.g. ``(0.485, 0.456, 0.406)``.
+                    Default: None (no un-normalisation)
+        std (float, sequence or Tensor, optional): The per-channel standard deviation
+                    the image was normalised with.
+                    Default: None
+
+    Returns:
+        *numpy.ndarray* ``(H, W, C)`` (``(H, W)`` for a grey image), float32, clipped to
+        [0, 1]: ``image * std + mean``.
+
+    Examples::
+
+        >>> from captum_legrad.viz import denormalize
+        >>> rgb = denormalize(x[0], mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    """
+    img = _tensor(image, "image")
+    if img.dim() == 4 and img.shape[0] == 1:
+        img = img[0]
+    if img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(
+            f"image must be one channels-first image (C, H, W) with C = 1 or 3, got shape "
+            f"{tuple(img.shape)}; pick one image of a batch with x[i]."
+        )
+    img = img.float() / 255.0 if not img.is_floating_point() else img.float()
+    channels = img.shape[0]
+    std_t = _stats(std, channels, "std")
+    mean_t = _stats(mean, channels, "mean")
+    if std_t is not None:
+        img = img * std_t
+    if mean_t is not None:
+        img = img + mean_t
+    img = img.clamp(0.0, 1.0)
+    out = img.permute(1, 2, 0).numpy()
+    return out[..., 0] if channels == 1 else out
+
+
+def _map(attribution: ArrayLike, size: Tuple[int, int], what: str = "attribution") -> np.ndarray:
+    """One map as ``(H, W)`` at the image's size (upsampled by torch if needed)."""
+    amap = _tensor(attribution, what).float()
+    if amap.dim() == 4 and amap.shape[0] == 1:
+        amap = amap[0]
+    if amap.dim() == 3:
+        # (1, H, W) from output="map", or (C, H, W) from output="input" where every
+        # channel holds the same map: their mean is that map.
+        amap = amap.mean(0)
+    if amap.dim() != 2:
+        raise ValueError(
+            f"{what} must be one map (H, W), (1, H, W), (C, H, W) or (1, C, H, W), got "
+            f"shape {tuple(amap.shape)}; pick one image of a batch with attr[i]."
+        )
+    if tuple(amap.shape) != tuple(size):
+        amap = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)
+        amap = amap[0, 0]
+    return amap.numpy()
+
+
+def _draw(
+    ax: Axes,
+    rgb: np.ndarray,
+    amap: Optional[np.ndarray],
+    *,
+    alpha: float,
+    cmap: str,
+    vmin: Optional[float],
+    vmax: Optional[float],
+    title: Optional[str],
+    colorbar: bool,
+) -> None:
+    ax.imshow(rgb, cmap="gray" if rgb.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    if amap is not None:
+        image = ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+        if colorbar:
+            ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if title is not None:
+        ax.set_title(title, fontsize="small")
+    ax.set_axis_off()
+
+
+def _finish(fig: Figure, save: Optional[PathLike], dpi: int) -> Figure:
+    if save is not None:
+        fig.savefig(save, dpi=dpi, bbox_inches="tight")
+    return fig
+
+
+def overlay(
+    image: ArrayLike,
+    attribution: ArrayLike,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    title: Optional[str] = None,
+    colorbar: bool = False,
+    ax: Optional[Axes] = None,
+    figsize: Tuple[float, float] = (4.0, 4.0),
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""Draw one map over its (un-normalised) image.
+
+    Args:
+
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
+                    given to the model.
+        attribution (Tensor or numpy.ndarray): Its map: ``(H, W)``, ``(1, H, W)``
+                    (``output="map"``), ``(C, H, W)`` (``output="input"``, the default) or
+                    with a leading batch dimension of 1. A map of another size (e.g.
+                    ``output="grid"``) is upsampled bilinearly to the image.
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): Value drawn with the colour map's first colour.
+                    Default: None (the map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: None (the map's maximum)
+        title (str, optional): Title of the panel, e.g. the class name or prompt.
+                    Default: None
+        colorbar (bool, optional): Add a colour bar.
+                    Default: False
+        ax (matplotlib.axes.Axes, optional): Draw into these axes instead of a new
+                    figure; their figure is returned.
+                    Default: None
+        figsize (tuple[float, float], optional): Size of a new figure in inches.
+                    Default: (4.0, 4.0)
+        save (str or os.PathLike, optional): Save the figure there (``.png``, ...).
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure*: the figure drawn on.
+
+    Examples::
+
+        >>> from captum_legrad import LeGrad
+        >>> from captum_legrad.viz import overlay
+        >>> attr = LeGrad(model).attribute(x, target=3)
+        >>> fig = overlay(x[0], attr[0], mean=MEAN, std=STD, title="class 3",
+        ...               save="legrad.png")
+    """
+    rgb = denormalize(image, mean, std)
+    amap = _map(attribution, (rgb.shape[0], rgb.shape[1]))
+    if ax is None:
+        fig = _matplotlib()(figsize=figsize, layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        _matplotlib()
+        parent: Any = ax.figure
+        fig = parent.figure  # the root figure, also when ``ax`` lies in a subfigure
+    _draw(
+        ax,
+        rgb,
+        amap,
+        alpha=alpha,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        title=title,
+        colorbar=colorbar,
+    )
+    return _finish(fig, save, dpi)
+
+
+def _batched(value: ArrayLike, dims: int, what: str) -> Tensor:
+    tensor = _tensor(value, what)
+    return tensor.unsqueeze(0) if tensor.dim() == dims - 1 else tensor
+
+
+def plot_targets(
+    images: ArrayLike,
+    maps: ArrayLike,
+    labels: Optional[Sequence[str]] = None,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    show_image: bool = True,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    panel_size: float = 2.5,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""A grid of K targets: one row per image, one column per class name or prompt.
+
+    Args:
+
+        images (Tensor or numpy.ndarray): ``(B, C, H, W)`` or one image ``(C, H, W)``.
+        maps (Tensor or numpy.ndarray): The maps of
+                    :meth:`~captum_legrad.LeGrad.attribute_multi`: ``(B, K, H, W)``
+                    (``output="map"``, its default), ``(B, K, g_h, g_w)`` (``"grid"``,
+                    upsampled here), ``(B, K, C, H, W)`` (``"input"``); for one image
+                    ``(C, H, W)``, the same without ``B``.
+        labels (sequence of str, optional): The K column titles: class names or
+                    prompts, in the order of the targets.
+                    Default: None ("target 0", "target 1", ...)
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        show_image (bool, optional): Add a first column with the plain image.
+                    Default: True
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): As in :func:`overlay`.
+                    Default: None
+        vmax (float, optional): As in :func:`overlay`.
+                    Default: None
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: 2.5
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``B`` rows and ``K`` (+1) columns.
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_targets
+        >>> prompts = ["a cat", "a dog", "a remote"]
+        >>> maps = LeGrad(sim).attribute_multi(x, targets=[0, 1, 2])
+        >>> fig = plot_targets(x, maps, prompts, mean=MEAN, std=STD, save="prompts.png")
+    """
+    one_image = _tensor(images, "images").dim() == 3
+    imgs = _batched(images, 4, "images")
+    grid = _tensor(maps, "maps")
+    if one_image:  # (K, H, W) or (K, C, H, W) for one image
+        grid = grid.unsqueeze(0)
+    if grid.dim() == 5:
+        grid = grid.float().mean(2)
+    if grid.dim() != 4 or grid.shape[0] != imgs.shape[0]:
+        raise ValueError(
+            f"maps must be (B, K, H, W) for the {imgs.shape[0]} image(s), got shape "
+            f"{tuple(_tensor(maps, 'maps').shape)}."
+        )
+    k = grid.shape[1]
+    names: List[str] = [f"target {i}" for i in range(k)] if labels is None else list(labels)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} labels for {k} maps: give one label per target.")
+    rows, cols = imgs.shape[0], k + int(show_image)
+    fig = _matplotlib()(figsize=(panel_size * cols, panel_size * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for row in range(rows):
+        rgb = denormalize(imgs[row], mean, std)
+        size = (rgb.shape[0], rgb.shape[1])
+        if show_image:
+            _draw(
+                axes[row, 0],
+                rgb,
+                None,
+                alpha=alpha,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                title="image" if row == 0 else None,
+                colorbar=False,
+            )
+        for j in range(k):
+            _draw(
+                axes[row, j + int(show_image)],
+                rgb,
+                _map(grid[row, j], size, "maps"),
+                alpha=alpha,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                title=names[j] if row == 0 else None,
+                colorbar=False,
+            )
+    return _finish(fig, save, dpi)
+
+
+def plot_layers(
+    image: ArrayLike,
+    layer_maps: ArrayLike,
+    layers: Optional[Sequence[int]] = None,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    show_sum: bool = True,
+    ncols: Optional[int] = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    panel_size: float = 2.5,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""The per-layer maps of one image, from :meth:`~captum_legrad.LeGrad.attribute_layers`.
+
+    Each layer's map is unnormalised (their scales differ by orders of magnitude), so each
+    panel is coloured from its own minimum to its own maximum. The optional last panel is
+    their sum: LeGrad's map.
+
+    Args:
+
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``.
+        layer_maps (Tensor or numpy.ndarray): ``(n_layers, g_h, g_w)`` or ``(1,
+                    n_layers, g_h, g_w)`` (one image of ``attribute_layers``' output).
+        layers (sequence of int, optional): The block index of each map, for the titles;
+                    pass ``legrad.layers``.
+                    Default: None (0, 1, ...)
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        show_sum (bool, optional): Add a panel with the sum over the layers.
+                    Default: True
+        ncols (int, optional): Panels per row.
+                    Default: None (up to 6)
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: 2.5
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with one panel per layer (and the sum).
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_layers
+        >>> legrad = LeGrad(model)
+        >>> per_layer = legrad.attribute_layers(x, target=3)  # (B, n_layers, g_h, g_w)
+        >>> fig = plot_layers(x[0], per_layer[0], legrad.layers, save="layers.png")
+    """
+    per_layer = _tensor(layer_maps, "layer_maps").float()
+    if per_layer.dim() == 4 and per_layer.shape[0] == 1:
+        per_layer = per_layer[0]
+    if per_layer.dim() != 3:
+        raise ValueError(
+            f"layer_maps must be (n_layers, g_h, g_w) for one image, got shape "
+            f"{tuple(per_layer.shape)}; pick one image with per_layer[i]."
+        )
+    n = per_layer.shape[0]
+    blocks = list(range(n)) if layers is None else list(layers)
+    if len(blocks) != n:
+        raise ValueError(f"{len(blocks)} layer indices for {n} maps.")
+    panels = [(f"block {b}", per_layer[i]) for i, b in enumerate(blocks)]
+    if show_sum:
+        panels.append(("sum", per_layer.sum(0)))
+    cols = ncols if ncols is not None else min(len(panels), 6)
+    rows = -(-len(panels) // cols)
+    rgb = denormalize(image, mean, std)
+    size = (rgb.shape[0], rgb.shape[1])
+    fig = _matplotlib()(figsize=(panel_size * cols, panel_size * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (title, amap) in zip(axes, panels):
+        _draw(
+            ax,
+            rgb,
+            _map(amap, size, "layer_maps"),
+            alpha=alpha,
+            cmap=cmap,
+            vmin=None,
+            vmax=None,
+            title=title,
+            colorbar=False,
+        )
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    return _finish(fig, save, dpi)
