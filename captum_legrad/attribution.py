@@ -208,12 +208,16 @@ class LeGrad(GradientAttribution):
         batch = image.shape[0]
         grid = self.spec.grid_size(image.shape[-2], image.shape[-1])
         step = batch if internal_batch_size is None else internal_batch_size
+        forward = self.forward_func
+        image_forward = self.spec.image_forward
+        if image_forward is not None and getattr(image_forward, "__self__", None) is forward:
+            forward = image_forward  # e.g. HF CLIPModel, whose forward takes text first
         parts = []
         for start in range(0, batch, step):
             rows = slice(start, min(batch, start + step))
             result = run_forward(
                 self.spec,
-                self.forward_func,
+                forward,
                 tuple(t[rows] for t in inputs),
                 tuple(_slice_batch(arg, batch, rows) for arg in args),
                 self.layers,

@@ -198,7 +198,7 @@ class AttentionRecorder(TorchFunctionMode):
             self.records.append(probs)
             return out, weights
         result = func(*args, **kwargs)
-        if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() == 4:
+        if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() in (3, 4):
             self.records.append(result)
         return result
 

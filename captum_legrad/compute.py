@@ -128,15 +128,24 @@ def _reduce(grad: Tensor, query: Optional[int] = None) -> Tensor:
     return grad.clamp(min=0).float().mean(dim=(-3, -2))
 
 
+def _split_heads(grad: Tensor, rows: int, batched: bool) -> Tensor:
+    """Gradients of ``(rows·H, Q, N_k)`` records (attention computed with ``bmm`` on
+    flattened heads, as transformers < 4.52 CLIP does) → ``(rows, H, Q, N_k)``."""
+    if grad.dim() == (4 if batched else 3):
+        return grad.unflatten(-3, (rows, -1))
+    return grad
+
+
 def _target_keys(
     selected: Tensor, result: ForwardResult, query: Optional[int], retain: bool
 ) -> Tensor:
     """One backward for the ``k`` targets in ``selected`` (L, B, k) → ``(k, L, B, N_k)``."""
     n_layers, batch, k = selected.shape
+    rows = n_layers * batch if result.per_layer_batch else batch
     with torch.enable_grad():
         if k == 1:
             grads = torch.autograd.grad(selected.sum(), result.attentions, retain_graph=retain)
-            reduced = [_reduce(g, query).unsqueeze(0) for g in grads]
+            reduced = [_reduce(_split_heads(g, rows, False), query).unsqueeze(0) for g in grads]
         else:
             eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
             grads = torch.autograd.grad(
@@ -146,7 +155,7 @@ def _target_keys(
                 retain_graph=retain,
                 is_grads_batched=True,
             )
-            reduced = [_reduce(g, query) for g in grads]
+            reduced = [_reduce(_split_heads(g, rows, True), query) for g in grads]
     if result.per_layer_batch:
         return reduced[0].view(k, n_layers, batch, -1)  # (k, L·B, N_k) → (k, L, B, N_k)
     return torch.stack(reduced, dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -59,6 +59,10 @@ class ViTSpec:
             ``None`` averages all latent queries.
         batch_first: ``False`` when blocks exchange ``(N, B, D)`` tensors
             (OpenCLIP up to 2.23). Readouts always receive batch-first tokens.
+        image_forward: For a model whose forward does not take the image batch first
+            (HF ``CLIPModel`` / ``SiglipModel`` take ``input_ids`` first): a bound method of
+            that model that runs it on images (``get_image_features``). ``LeGrad(model)``
+            calls it in place of the model; any other ``forward_func`` is called as given.
     """
 
     family: str
@@ -73,6 +77,7 @@ class ViTSpec:
     pool_attention: Optional[nn.Module] = None
     pool_query: Optional[int] = None
     batch_first: bool = True
+    image_forward: Optional[Callable[..., Any]] = None
 
     def __post_init__(self) -> None:
         if len(self.blocks) == 0:

@@ -1,16 +1,371 @@
-"""HF transformers adapter (in progress)."""
+"""Hugging Face ``transformers`` adapter: ViT, CLIP, DINOv2 (with registers) and SigLIP.
+
+Recognised (transformers 4.4x and 5.x):
+
+* ``ViTForImageClassification``, ``ViTModel``;
+* ``CLIPModel``, ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``,
+  ``CLIPForImageClassification`` (and 4.x's inner ``CLIPVisionTransformer``);
+* ``Dinov2Model``, ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel``,
+  ``Dinov2WithRegistersForImageClassification``;
+* ``SiglipModel``, ``SiglipVisionModel``, ``SiglipForImageClassification`` (and 4.x's
+  inner ``SiglipVisionTransformer``).
+
+The attention implementation the user chose (``"sdpa"`` or ``"eager"``) is left as it
+is: the attention probabilities are obtained inside each layer's attention module by
+:mod:`captum_legrad.capture`.
+
+The readouts, ``pooling="model"`` (equal to the model's real output at the last layer)
+and ``pooling="mean"`` (``z = Z.mean(1)``, the final norm, the head):
+
+- ViT classification: ``classifier(layernorm(Z)[:, 0])`` / ``classifier(layernorm(z))``;
+- ViTModel: ``pooler(layernorm(Z))`` / ``pooler`` on ``layernorm(z)`` as token 0 (without
+  a pooler: ``layernorm(Z)[:, 0]`` / ``layernorm(z)``);
+- CLIP vision: ``post_layernorm(Z[:, 0])`` / ``post_layernorm(z)``, then ``proj``;
+- CLIP classification: ``classifier(Z[:, 1:].mean(1))`` / ``classifier(z)``;
+- DINOv2 classification: ``classifier(cat(y[:, 0], y[:, P:].mean(1)))`` /
+  ``classifier(cat(n, n))``; DINOv2 model: ``y[:, 0]`` / ``n``;
+- SigLIP with its MAP head: ``head(post_layernorm(Z))`` for both (an attention pool);
+  without a head: ``post_layernorm(Z).mean(1)`` / ``post_layernorm(z)``;
+- SigLIP classification: ``classifier(post_layernorm(Z).mean(1))`` /
+  ``classifier(post_layernorm(z))``.
+
+(``y = layernorm(Z)``, ``n = layernorm(z)``, ``proj`` = ``visual_projection`` where the
+model has one.) Multimodal models (``CLIPModel``, ``SiglipModel``) take text as their
+first forward argument; explain them through
+:class:`~captum_legrad.ImageTextSimilarity`, or as
+``LeGrad(model.get_image_features, spec=discover(model))`` (image-embedding dimensions
+as targets).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import itertools
+import sys
+from typing import Any, Callable, Optional, Tuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..spec import ViTSpec
 
 __all__ = ["match"]
 
+Readout = Callable[[Tensor], Tensor]
+
+
+def _classes(module: str, *names: str) -> Tuple[type, ...]:
+    """The named classes of ``transformers.models.<module>``, if that module is imported.
+
+    A model of a class can only exist once its module has been imported, so nothing is
+    imported here; classes missing from the installed version are skipped.
+    """
+    loaded = sys.modules.get(f"transformers.models.{module}")
+    if loaded is None:
+        return ()
+    return tuple(cls for name in names if isinstance(cls := getattr(loaded, name, None), type))
+
+
+def _is(model: nn.Module, module: str, *names: str) -> bool:
+    classes = _classes(module, *names)
+    return bool(classes) and isinstance(model, classes)
+
+
+def _version_at_least(major: int, minor: int) -> bool:
+    """Whether the imported transformers is at least ``major.minor``."""
+    version = str(getattr(sys.modules.get("transformers"), "__version__", "0.0"))
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits or 0))
+    return tuple(parts) >= (major, minor)
+
+
+def _pair(value: object) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)  # type: ignore[call-overload]
+
+
+def _child(module: nn.Module, path: str) -> Optional[nn.Module]:
+    current: Any = module
+    for name in path.split("."):
+        current = getattr(current, name, None)
+        if not isinstance(current, nn.Module):
+            return None
+    return current
+
+
+def _blocks(model: nn.Module) -> Tuple[nn.Module, ...]:
+    """The transformer layers: ``layers`` (ViT 5.x), ``encoder.layers``, ``encoder.layer``."""
+    for path in ("layers", "encoder.layers", "encoder.layer"):
+        found = _child(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return tuple(found)
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: no transformer layers at .layers, .encoder.layers or "
+        ".encoder.layer (an unknown transformers version?); pass spec=ViTSpec(...)."
+    )
+
+
+def _attention(block: nn.Module, name: str) -> nn.Module:
+    """The module computing a layer's attention probabilities.
+
+    transformers 5.x: ``block.<name>`` itself. 4.x ViT / DINOv2 wrap it as
+    ``block.attention.attention`` (the self-attention beside the output projection).
+    """
+    outer = getattr(block, name)
+    inner = getattr(outer, "attention", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(outer, "output", None), nn.Module):
+        return inner
+    return outer
+
+
+def _vision_tower(model: nn.Module) -> nn.Module:
+    """The module holding ``embeddings``, ``encoder`` and ``post_layernorm`` (CLIP, SigLIP).
+
+    transformers 5.x: ``CLIPVisionModel`` / ``SiglipVisionModel`` itself; 4.x: their
+    ``vision_model`` (a ``*VisionTransformer``). Multimodal and projection models hold
+    one of these as ``vision_model``.
+    """
+    current = model
+    while not (hasattr(current, "encoder") and hasattr(current, "post_layernorm")):
+        inner = getattr(current, "vision_model", None)
+        if not isinstance(inner, nn.Module):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: no vision tower (embeddings, encoder, "
+                "post_layernorm) found; pass spec=ViTSpec(...)."
+            )
+        current = inner
+    return current
+
+
+def _patch_size(embeddings: Any, config: Any) -> Tuple[int, int]:
+    patch_embeddings = getattr(embeddings, "patch_embeddings", None)
+    size = getattr(patch_embeddings, "patch_size", None)
+    if size is None:
+        size = getattr(embeddings, "patch_size", None)
+    if size is None:
+        size = config.patch_size
+    return _pair(size)
+
+
+def _image_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
+    """``get_image_features`` of a multimodal model, whose forward takes text first."""
+    method = getattr(model, "get_image_features", None)
+    return method if callable(method) and hasattr(model, "get_text_features") else None
+
+
+def _spec(
+    root: nn.Module,
+    attention_name: str,
+    readout: Readout,
+    model_readout: Readout,
+    num_prefix_tokens: int,
+    pool_attention: Optional[nn.Module] = None,
+    image_forward: Optional[Callable[..., Any]] = None,
+) -> ViTSpec:
+    vit: Any = root
+    blocks = _blocks(root)
+    patch_size = _patch_size(vit.embeddings, vit.config)
+
+    def grid(height: int, width: int) -> Tuple[int, int]:
+        return height // patch_size[0], width // patch_size[1]
+
+    return ViTSpec(
+        family="hf",
+        root=root,
+        blocks=blocks,
+        attentions=tuple(_attention(block, attention_name) for block in blocks),
+        readout=readout,
+        model_readout=model_readout,
+        num_prefix_tokens=num_prefix_tokens,
+        patch_size=patch_size,
+        grid=grid,
+        pool_attention=pool_attention,
+        image_forward=image_forward,
+    )
+
+
+# ---------------------------------------------------------------------------- ViT
+
+
+def _match_vit(model: nn.Module) -> Optional[ViTSpec]:
+    if _is(model, "vit.modeling_vit", "ViTForImageClassification"):
+        head: Any = model
+        vit: Any = head.vit
+
+        def cls_logits(tokens: Tensor) -> Tensor:
+            return head.classifier(vit.layernorm(tokens)[:, 0])
+
+        def mean_logits(tokens: Tensor) -> Tensor:
+            return head.classifier(vit.layernorm(tokens.mean(dim=1)))
+
+        return _spec(vit, "attention", mean_logits, cls_logits, 1)
+    if _is(model, "vit.modeling_vit", "ViTModel"):
+        base: Any = model
+        pooler: Optional[nn.Module] = base.pooler
+
+        def model_pooled(tokens: Tensor) -> Tensor:
+            normed = base.layernorm(tokens)
+            return pooler(normed) if pooler is not None else normed[:, 0]
+
+        def mean_pooled(tokens: Tensor) -> Tensor:
+            # The pooler reads token 0: give it the normalised mean token there.
+            normed = base.layernorm(tokens.mean(dim=1))
+            return pooler(normed.unsqueeze(1)) if pooler is not None else normed
+
+        return _spec(base, "attention", mean_pooled, model_pooled, 1)
+    return None
+
+
+# ---------------------------------------------------------------------------- CLIP
+
+
+def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
+    module = "clip.modeling_clip"
+    if _is(model, module, "CLIPForImageClassification"):
+        classifier_model: Any = model
+        tower = _vision_tower(model)
+
+        def patch_mean_logits(tokens: Tensor) -> Tensor:
+            return classifier_model.classifier(tokens[:, 1:].mean(dim=1))
+
+        def mean_logits(tokens: Tensor) -> Tensor:
+            return classifier_model.classifier(tokens.mean(dim=1))
+
+        return _spec(tower, "self_attn", mean_logits, patch_mean_logits, 1)
+    if not _is(
+        model,
+        module,
+        "CLIPModel",
+        "CLIPVisionModel",
+        "CLIPVisionModelWithProjection",
+        "CLIPVisionTransformer",
+    ):
+        return None
+    tower = _vision_tower(model)
+    vision: Any = tower
+    projection: Optional[nn.Module] = getattr(model, "visual_projection", None)
+
+    def embed(pooled: Tensor) -> Tensor:
+        pooled = vision.post_layernorm(pooled)
+        return projection(pooled) if projection is not None else pooled
+
+    def cls_embedding(tokens: Tensor) -> Tensor:
+        return embed(tokens[:, 0])
+
+    def mean_embedding(tokens: Tensor) -> Tensor:
+        return embed(tokens.mean(dim=1))
+
+    return _spec(
+        tower, "self_attn", mean_embedding, cls_embedding, 1, image_forward=_image_forward(model)
+    )
+
+
+# ---------------------------------------------------------------------------- DINOv2
+
+
+def _match_dinov2(model: nn.Module) -> Optional[ViTSpec]:
+    plain = "dinov2.modeling_dinov2"
+    registers = "dinov2_with_registers.modeling_dinov2_with_registers"
+    if _is(model, plain, "Dinov2ForImageClassification") or _is(
+        model, registers, "Dinov2WithRegistersForImageClassification"
+    ):
+        head: Any = model
+        base: Any = getattr(head, "dinov2", None)
+        if base is None:
+            base = head.dinov2_with_registers
+    elif _is(model, plain, "Dinov2Model") or _is(model, registers, "Dinov2WithRegistersModel"):
+        head, base = None, model
+    else:
+        return None
+    n_prefix = 1 + int(getattr(base.config, "num_register_tokens", 0) or 0)
+    # The classifier averages the patch tokens; before transformers 4.52 (PR #37836) the
+    # registers were averaged with them.
+    first_patch = n_prefix if _version_at_least(4, 52) else 1
+
+    if head is None:
+
+        def model_readout(tokens: Tensor) -> Tensor:
+            return base.layernorm(tokens)[:, 0]
+
+        def mean_readout(tokens: Tensor) -> Tensor:
+            return base.layernorm(tokens.mean(dim=1))
+
+    else:
+
+        def model_readout(tokens: Tensor) -> Tensor:
+            normed = base.layernorm(tokens)
+            features = torch.cat([normed[:, 0], normed[:, first_patch:].mean(dim=1)], dim=1)
+            return head.classifier(features)
+
+        def mean_readout(tokens: Tensor) -> Tensor:
+            pooled = base.layernorm(tokens.mean(dim=1))
+            return head.classifier(torch.cat([pooled, pooled], dim=1))
+
+    return _spec(base, "attention", mean_readout, model_readout, n_prefix)
+
+
+# ---------------------------------------------------------------------------- SigLIP
+
+
+def _match_siglip(model: nn.Module) -> Optional[ViTSpec]:
+    module = "siglip.modeling_siglip"
+    if _is(model, module, "SiglipForImageClassification"):
+        classifier_model: Any = model
+        tower = _vision_tower(model)
+        norm: Any = tower.post_layernorm
+
+        def token_mean_logits(tokens: Tensor) -> Tensor:
+            return classifier_model.classifier(norm(tokens).mean(dim=1))
+
+        def mean_logits(tokens: Tensor) -> Tensor:
+            return classifier_model.classifier(norm(tokens.mean(dim=1)))
+
+        return _spec(tower, "self_attn", mean_logits, token_mean_logits, 0)
+    if not _is(model, module, "SiglipModel", "SiglipVisionModel", "SiglipVisionTransformer"):
+        return None
+    tower = _vision_tower(model)
+    vision: Any = tower
+    head: Optional[nn.Module] = getattr(vision, "head", None)
+    if not getattr(vision, "use_head", head is not None):
+        head = None
+    if head is not None:
+        pool: nn.Module = head
+
+        def pooled(tokens: Tensor) -> Tensor:
+            return pool(vision.post_layernorm(tokens))
+
+        # An attention-pool readout has no mean-pooled variant: both run the pooler.
+        return _spec(
+            tower,
+            "self_attn",
+            pooled,
+            pooled,
+            0,
+            pool_attention=pool,
+            image_forward=_image_forward(model),
+        )
+
+    def token_mean(tokens: Tensor) -> Tensor:
+        return vision.post_layernorm(tokens).mean(dim=1)
+
+    def mean_token(tokens: Tensor) -> Tensor:
+        return vision.post_layernorm(tokens.mean(dim=1))
+
+    return _spec(tower, "self_attn", mean_token, token_mean, 0, image_forward=_image_forward(model))
+
+
+_MATCHERS = (_match_vit, _match_clip, _match_dinov2, _match_siglip)
+
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a HF transformers Vision Transformer; ``None`` for anything else."""
+    """Describe a transformers ViT / CLIP / DINOv2 / SigLIP vision model; ``None`` otherwise."""
+    if not any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__):
+        return None
+    for matcher in _MATCHERS:
+        spec = matcher(model)
+        if spec is not None:
+            return spec
     return None
