@@ -5,7 +5,8 @@
 # Usage: scripts/reference_env.sh [VENV_DIR]     (default: /tmp/legrad-ref-venv)
 #
 # This venv is only used to (re)generate tests/fixtures/reference/ with
-# scripts/make_golden_fixtures.py and to run scripts/reference_defects.py.
+# scripts/make_golden_fixtures.py, to run scripts/reference_defects.py and for the
+# legrad-torch rows of benchmarks/bench_cpu.py (--reference-python VENV_DIR/bin/python).
 # The project itself and its tests never import legrad or open_clip 2.23.
 set -euo pipefail
 
@@ -34,13 +35,17 @@ fi
 "${PIP[@]}" "$TORCH_SPEC" \
     "legrad-torch==1.1" "open-clip-torch==2.23.0" safetensors numpy
 
+# Captum, so that benchmarks/bench_cpu.py can time captum_legrad (imported from this
+# checkout) against the reference in the same process, on the same open_clip 2.23 model.
+"${PIP[@]}" "$TORCH_SPEC" "captum==0.9.0"
+
 "$VENV_DIR/bin/python" - <<'PY'
 import importlib.metadata as md
-for name in ("torch", "torchvision", "open_clip_torch", "legrad-torch", "timm", "safetensors", "numpy"):
+for name in ("torch", "torchvision", "open_clip_torch", "legrad-torch", "timm", "safetensors", "numpy", "captum"):
     try:
         print(f"{name}=={md.version(name)}")
     except md.PackageNotFoundError:
         print(f"{name}: not installed")
-import legrad, open_clip  # noqa: F401  (import check)
+import captum, legrad, open_clip  # noqa: F401  (import check)
 print("reference venv OK:", legrad.__file__)
 PY
