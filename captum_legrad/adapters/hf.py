@@ -31,10 +31,9 @@ and ``pooling="mean"`` (``z = Z.mean(1)``, the final norm, the head):
 
 (``y = layernorm(Z)``, ``n = layernorm(z)``, ``proj`` = ``visual_projection`` where the
 model has one.) Multimodal models (``CLIPModel``, ``SiglipModel``) take text as their
-first forward argument; explain them through
-:class:`~captum_legrad.ImageTextSimilarity`, or as
-``LeGrad(model.get_image_features, spec=discover(model))`` (image-embedding dimensions
-as targets).
+first forward argument: ``LeGrad(model)`` runs ``get_image_features`` instead
+(``ViTSpec.image_forward``; image-embedding dimensions are the targets), and
+:class:`~captum_legrad.ImageTextSimilarity` makes the prompts the targets.
 """
 
 from __future__ import annotations
