@@ -35,6 +35,7 @@ __all__ = [
     "record_attention",
     "capture_blocks",
     "Captured",
+    "block_input",
 ]
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
@@ -260,7 +261,8 @@ class Captured:
     attentions: List[List[Tensor]] = field(default_factory=list)
 
 
-def _block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any]:
+def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any]:
+    """A block's residual-stream input: ``(keyword name or "", value)``."""
     if args:
         return "", args[0]
     for name in ("x", "hidden_states", "q_x", "input"):
@@ -299,7 +301,7 @@ def capture_blocks(
             torch.set_grad_enabled(differentiate)
             if not differentiate:
                 return None
-            name, value = _block_input(args, kwargs)
+            name, value = block_input(args, kwargs)
             cut = value.detach().requires_grad_()
             if name:
                 return args, {**kwargs, name: cut}

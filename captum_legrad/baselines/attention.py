@@ -1,0 +1,387 @@
+"""Attention-based baselines for Vision Transformers, through Captum's ``attribute`` interface.
+
+All of them find the model's blocks with :func:`~captum_legrad.discover` and read the
+attention probabilities with :func:`~captum_legrad.capture.record_attention` on
+``spec.attentions`` (fused attention included, nothing about the model changed), so they
+support every model family LeGrad supports.
+
+- :class:`RawAttention`: last layer's attention, mean over heads, the CLS row (the mean over
+  query rows for models without prefix tokens). Class-agnostic.
+- :class:`AttentionRollout`: Abnar & Zuidema (2020), ``Â^l = ½ mean_h A^l + ½ I``, rolled out
+  over all layers. Class-agnostic.
+- :class:`GenericAttention`: Chefer et al. (2021) "Generic Attention-model Explainability":
+  ``R = I``, ``R ← R + mean_h(relu(∇A^l ⊙ A^l)) · R`` over all layers.
+- :class:`ViTGradCAM`: Grad-CAM on the tokens entering the last block, the prefix tokens
+  dropped and the patch tokens reshaped to the grid of the discovered spec.
+
+Each returns maps upsampled bilinearly to the input size, not normalised (as Captum's own
+methods), repeated over the channels unless ``output="map"`` or ``"grid"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from captum._utils.common import _format_additional_forward_args, _select_targets
+from captum._utils.typing import TargetType
+from captum.attr import GradientAttribution
+from torch import Tensor, nn
+
+from ..capture import block_input, record_attention
+from ..compute import upsample
+from ..errors import CaptureError
+from ..spec import ViTSpec, discover
+
+__all__ = ["RawAttention", "AttentionRollout", "GenericAttention", "ViTGradCAM"]
+
+_OUTPUTS = ("input", "map", "grid")
+
+
+class _ViTBaseline(GradientAttribution):
+    """Shared plumbing: discovery, argument checks, prefix dropping and output shapes."""
+
+    def __init__(self, forward_func: Callable[..., Tensor], *, spec: Optional[ViTSpec] = None):
+        GradientAttribution.__init__(self, forward_func)
+        if spec is not None and not isinstance(spec, ViTSpec):
+            raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
+        self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
+
+    def attribute_future(self) -> None:
+        raise NotImplementedError(f"attribute_future is not implemented for {self.get_name()}")
+
+    def _check(self, inputs: Tensor, output: str) -> None:
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}.")
+        if not isinstance(inputs, Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
+            raise ValueError(
+                f"{self.get_name()} explains images: inputs must be one floating point "
+                "(B, C, H, W) tensor."
+            )
+
+    def _patches(self, keys: Tensor, image: Tensor) -> Tensor:
+        """``(B, N_k)`` values over the keys → ``(B, 1, g_h, g_w)`` over the patches."""
+        g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
+        n_prefix = keys.shape[-1] - g_h * g_w
+        if n_prefix < 0:
+            raise CaptureError(
+                f"The attention has {keys.shape[-1]} keys, fewer than the {g_h}x{g_w} patch grid."
+            )
+        return keys[:, n_prefix:].reshape(-1, 1, g_h, g_w)
+
+    def _query_row(self, matrix: Tensor) -> Tensor:
+        """``(B, N, N)`` → ``(B, N)``: the CLS row, or the mean over rows without prefix."""
+        if self.spec.num_prefix_tokens > 0:
+            return matrix[:, 0]
+        return matrix.mean(dim=1)
+
+    @staticmethod
+    def _finish(grid: Tensor, image: Tensor, output: str) -> Tensor:
+        grid = grid.detach().to(image.dtype)
+        if output == "grid":
+            return grid
+        maps = upsample(grid, (image.shape[-2], image.shape[-1]), "bilinear")
+        if output == "map":
+            return maps
+        return maps.expand(-1, image.shape[1], -1, -1).contiguous()
+
+    def _record(
+        self,
+        image: Tensor,
+        args: Tuple[Any, ...],
+        layers: Sequence[int],
+        differentiable: bool,
+    ) -> Tuple[Any, List[Tensor]]:
+        """Run the model once, returning its output and ``A^l`` (B, H, N, N) of ``layers``."""
+        modules = [self.spec.attentions[layer] for layer in layers]
+        with torch.set_grad_enabled(differentiable), record_attention(modules) as records:
+            output = self.forward_func(image, *args)
+        attentions = []
+        for layer, found in zip(layers, records):
+            if len(found) != 1:
+                raise CaptureError(
+                    f"Expected one attention computation in block {layer}, saw {len(found)}."
+                )
+            attentions.append(found[0])
+        return output, attentions
+
+    def _scores(self, output: Any, target: TargetType) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"{self.get_name()} needs the model to return a tensor of scores, got "
+                f"{type(output).__name__}."
+            )
+        return _select_targets(output, target)
+
+
+class RawAttention(_ViTBaseline):
+    r"""Raw attention of the last layer (class-agnostic).
+
+    The last block's attention probabilities averaged over heads; the CLS token's row over
+    the patch keys, or for models without prefix tokens the mean over all query rows.
+
+    Args:
+        forward_func (Callable): A Vision Transformer (or a module containing one).
+        layer (int, optional): The block whose attention is shown.
+                    Default: -1
+        spec (ViTSpec, optional): Overrides :func:`~captum_legrad.discover`.
+
+    Examples::
+
+        >>> attr = RawAttention(model).attribute(images)  # (B, C, H, W)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layer: int = -1,
+        *,
+        spec: Optional[ViTSpec] = None,
+    ) -> None:
+        super().__init__(forward_func, spec=spec)
+        self.layer = layer % self.spec.num_layers
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "Raw attention"
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        *,
+        output: str = "input",
+    ) -> Tensor:
+        r"""
+        Args:
+
+            inputs (Tensor): Images ``(B, C, H, W)``.
+            target (int, tuple, Tensor, or list, optional): Ignored (the method is
+                        class-agnostic); accepted for Captum compatibility.
+                        Default: None
+            additional_forward_args (Any, optional): Passed to the model after the images.
+                        Default: None
+            output (str, optional): ``"input"`` (B, C, H, W), ``"map"`` (B, 1, H, W) or
+                        ``"grid"`` (B, 1, g_h, g_w).
+                        Default: "input"
+
+        Returns:
+            *Tensor* of **attributions**, detached.
+        """
+        self._check(inputs, output)
+        args = _format_additional_forward_args(additional_forward_args) or ()
+        _, (attention,) = self._record(inputs, args, [self.layer], differentiable=False)
+        row = self._query_row(attention.mean(dim=1))
+        return self._finish(self._patches(row, inputs), inputs, output)
+
+
+class AttentionRollout(_ViTBaseline):
+    r"""Attention rollout (Abnar & Zuidema, 2020), class-agnostic.
+
+    ``Â^l = ½ mean_h(A^l) + ½ I`` (rows re-normalised), ``R = Â^L ⋯ Â^1``; the CLS token's
+    row of ``R`` over the patch keys (the mean over rows without prefix tokens).
+
+    More details: https://arxiv.org/abs/2005.00928
+
+    Args:
+        forward_func (Callable): A Vision Transformer (or a module containing one).
+        spec (ViTSpec, optional): Overrides :func:`~captum_legrad.discover`.
+
+    Examples::
+
+        >>> attr = AttentionRollout(model).attribute(images)
+    """
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "Attention rollout"
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        *,
+        output: str = "input",
+    ) -> Tensor:
+        r"""
+        Args:
+
+            inputs (Tensor): Images ``(B, C, H, W)``.
+            target (int, tuple, Tensor, or list, optional): Ignored (class-agnostic).
+                        Default: None
+            additional_forward_args (Any, optional): Passed to the model after the images.
+                        Default: None
+            output (str, optional): ``"input"``, ``"map"`` or ``"grid"``.
+                        Default: "input"
+
+        Returns:
+            *Tensor* of **attributions**, detached.
+        """
+        self._check(inputs, output)
+        args = _format_additional_forward_args(additional_forward_args) or ()
+        layers = range(self.spec.num_layers)
+        _, attentions = self._record(inputs, args, list(layers), differentiable=False)
+        rollout: Optional[Tensor] = None
+        for attention in attentions:
+            mean = attention.mean(dim=1).double()
+            eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
+            step = 0.5 * mean + 0.5 * eye
+            step = step / step.sum(dim=-1, keepdim=True)
+            rollout = step if rollout is None else step @ rollout
+        assert rollout is not None
+        return self._finish(self._patches(self._query_row(rollout), inputs), inputs, output)
+
+
+class GenericAttention(_ViTBaseline):
+    r"""Chefer et al. (2021), "Generic Attention-model Explainability" (GAE, CheferCAM).
+
+    With the target score's gradients ``∇A^l`` of every block's attention probabilities:
+    ``R = I`` and, block by block, ``R ← R + mean_h(relu(∇A^l ⊙ A^l)) · R``; the CLS row of
+    ``R`` over the patch keys (the mean over rows without prefix tokens).
+
+    More details: https://arxiv.org/abs/2103.15679
+
+    Args:
+        forward_func (Callable): A Vision Transformer (or a module containing one) returning
+                    scores ``(B, C)``.
+        spec (ViTSpec, optional): Overrides :func:`~captum_legrad.discover`.
+
+    Examples::
+
+        >>> attr = GenericAttention(model).attribute(images, target=labels)
+    """
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "Chefer GAE"
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        *,
+        output: str = "input",
+    ) -> Tensor:
+        r"""
+        Args:
+
+            inputs (Tensor): Images ``(B, C, H, W)``.
+            target (int, tuple, Tensor, or list, optional): Output indices to explain, with
+                        Captum's meaning.
+                        Default: None
+            additional_forward_args (Any, optional): Passed to the model after the images.
+                        Default: None
+            output (str, optional): ``"input"``, ``"map"`` or ``"grid"``.
+                        Default: "input"
+
+        Returns:
+            *Tensor* of **attributions**, detached.
+        """
+        self._check(inputs, output)
+        args = _format_additional_forward_args(additional_forward_args) or ()
+        layers = list(range(self.spec.num_layers))
+        image = inputs.detach().requires_grad_()
+        with torch.enable_grad():
+            out, attentions = self._record(image, args, layers, differentiable=True)
+            scores = self._scores(out, target)
+            grads = torch.autograd.grad(scores.sum(), attentions)
+        relevance: Optional[Tensor] = None
+        for attention, grad in zip(attentions, grads):
+            cam = (grad * attention).clamp(min=0).mean(dim=1).detach().double()
+            if relevance is None:
+                relevance = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device)
+                relevance = relevance.expand_as(cam).clone()
+            relevance = relevance + cam @ relevance
+        assert relevance is not None
+        return self._finish(self._patches(self._query_row(relevance), inputs), inputs, output)
+
+
+class ViTGradCAM(_ViTBaseline):
+    r"""Grad-CAM on the patch tokens entering a transformer block.
+
+    ``X`` (B, N, D) = the input of block ``layer`` (default: the last). With the target
+    score's gradient ``∂s/∂X``, the channel weights are its mean over the patch tokens,
+    ``α = mean_patches ∂s/∂X``, and the map is ``relu(Σ_d α_d X_{:, d})`` over the patch
+    tokens (prefix tokens dropped, the ``num_prefix_tokens`` of the discovered spec),
+    reshaped to the spec's patch grid. The last block's *input* is used because in a
+    CLS-token model the patch tokens it outputs no longer reach the head.
+
+    More details: https://arxiv.org/abs/1610.02391
+
+    Args:
+        forward_func (Callable): A Vision Transformer (or a module containing one) returning
+                    scores ``(B, C)``.
+        layer (int, optional): The block whose input tokens are used.
+                    Default: -1
+        spec (ViTSpec, optional): Overrides :func:`~captum_legrad.discover`.
+
+    Examples::
+
+        >>> attr = ViTGradCAM(model).attribute(images, target=labels)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layer: int = -1,
+        *,
+        spec: Optional[ViTSpec] = None,
+    ) -> None:
+        super().__init__(forward_func, spec=spec)
+        self.layer = layer % self.spec.num_layers
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "GradCAM"
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        *,
+        output: str = "input",
+    ) -> Tensor:
+        r"""
+        Args:
+
+            inputs (Tensor): Images ``(B, C, H, W)``.
+            target (int, tuple, Tensor, or list, optional): Output indices to explain, with
+                        Captum's meaning.
+                        Default: None
+            additional_forward_args (Any, optional): Passed to the model after the images.
+                        Default: None
+            output (str, optional): ``"input"``, ``"map"`` or ``"grid"``.
+                        Default: "input"
+
+        Returns:
+            *Tensor* of **attributions**, detached.
+        """
+        self._check(inputs, output)
+        args = _format_additional_forward_args(additional_forward_args) or ()
+        kept: Dict[str, Tensor] = {}
+
+        def keep(module: nn.Module, hook_args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+            kept["tokens"] = block_input(hook_args, kwargs)[1]
+
+        handle = self.spec.blocks[self.layer].register_forward_pre_hook(keep, with_kwargs=True)
+        image = inputs.detach().requires_grad_()
+        try:
+            with torch.enable_grad():
+                out = self.forward_func(image, *args)
+                scores = self._scores(out, target)
+                tokens = kept["tokens"]
+                (grad,) = torch.autograd.grad(scores.sum(), tokens)
+        finally:
+            handle.remove()
+        if not self.spec.batch_first:
+            tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
+        g_h, g_w = self.spec.grid_size(inputs.shape[-2], inputs.shape[-1])
+        n_prefix = tokens.shape[1] - g_h * g_w
+        patches, patch_grads = tokens[:, n_prefix:].detach(), grad[:, n_prefix:]
+        weights = patch_grads.mean(dim=1, keepdim=True)  # (B, 1, D)
+        cam = (weights * patches).sum(dim=-1).clamp(min=0)  # (B, n)
+        return self._finish(cam.reshape(-1, 1, g_h, g_w), inputs, output)
