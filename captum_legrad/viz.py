@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .compute import upsample
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -134,8 +135,7 @@ def _map(attribution: ArrayLike, size: Tuple[int, int], what: str = "attribution
             f"shape {tuple(amap.shape)}; pick one image of a batch with attr[i]."
         )
     if tuple(amap.shape) != tuple(size):
-        amap = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)
-        amap = amap[0, 0]
+        amap = upsample(amap[None, None], size)[0, 0]
     return amap.numpy()
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from torch import nn
 
-from ..spec import ViTSpec
+from ..spec import GridRule, ViTSpec
 
-__all__ = ["match_model", "supported_families"]
+__all__ = ["match_model", "supported_families", "pair", "floor_grid"]
 
 #: (adapter module, the library that must already be imported, what it recognises)
 _ADAPTERS: Tuple[Tuple[str, str, str], ...] = (
@@ -51,3 +51,19 @@ def match_model(model: nn.Module) -> Optional[ViTSpec]:
 def supported_families() -> str:
     """Human-readable list of the model families the adapters recognise."""
     return "; ".join(description for _, _, description in _ADAPTERS)
+
+
+def pair(value: Any) -> Tuple[int, int]:
+    """``(h, w)`` from an int or a 2-sequence (patch sizes as libraries store them)."""
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def floor_grid(patch: Tuple[int, int]) -> GridRule:
+    """The grid rule of a patch embedding without padding: ``(H // p_h, W // p_w)``."""
+
+    def grid(height: int, width: int) -> Tuple[int, int]:
+        return height // patch[0], width // patch[1]
+
+    return grid

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from ..spec import ViTSpec
+from . import floor_grid, pair
 
 __all__ = ["match"]
 
@@ -78,12 +79,6 @@ def _version_at_least(major: int, minor: int) -> bool:
         digits = "".join(itertools.takewhile(str.isdigit, part))
         parts.append(int(digits or 0))
     return tuple(parts) >= (major, minor)
-
-
-def _pair(value: object) -> Tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)  # type: ignore[call-overload]
 
 
 def _child(module: nn.Module, path: str) -> Optional[nn.Module]:
@@ -146,7 +141,7 @@ def _patch_size(embeddings: Any, config: Any) -> Tuple[int, int]:
         size = getattr(embeddings, "patch_size", None)
     if size is None:
         size = config.patch_size
-    return _pair(size)
+    return pair(size)
 
 
 def _image_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
@@ -168,9 +163,6 @@ def _spec(
     blocks = _blocks(root)
     patch_size = _patch_size(vit.embeddings, vit.config)
 
-    def grid(height: int, width: int) -> Tuple[int, int]:
-        return height // patch_size[0], width // patch_size[1]
-
     return ViTSpec(
         family="hf",
         root=root,
@@ -180,7 +172,7 @@ def _spec(
         model_readout=model_readout,
         num_prefix_tokens=num_prefix_tokens,
         patch_size=patch_size,
-        grid=grid,
+        grid=floor_grid(patch_size),
         pool_attention=pool_attention,
         image_forward=image_forward,
     )

@@ -19,19 +19,14 @@ Readouts:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from ..spec import ViTSpec
+from . import floor_grid, pair
 
 __all__ = ["match"]
-
-
-def _pair(value: Any) -> Tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 def _visual(model: nn.Module) -> Optional[nn.Module]:
@@ -46,7 +41,7 @@ def _visual(model: nn.Module) -> Optional[nn.Module]:
 
 def _vit_spec(visual: Any) -> ViTSpec:
     blocks = tuple(visual.transformer.resblocks)
-    patch = _pair(visual.patch_size)
+    patch = pair(visual.patch_size)
     # open_clip 3.x records the layout; 2.23 always ran its transformer sequence-first.
     batch_first = bool(getattr(visual.transformer, "batch_first", False))
     attn_pool = getattr(visual, "attn_pool", None)
@@ -74,9 +69,6 @@ def _vit_spec(visual: Any) -> ViTSpec:
     def mean_readout(tokens: Tensor) -> Tensor:
         return project(visual.ln_post(tokens.mean(dim=1)))
 
-    def grid(height: int, width: int) -> Tuple[int, int]:
-        return height // patch[0], width // patch[1]
-
     return ViTSpec(
         family="open_clip",
         root=visual,
@@ -86,7 +78,7 @@ def _vit_spec(visual: Any) -> ViTSpec:
         model_readout=model_readout,
         num_prefix_tokens=1,
         patch_size=patch,
-        grid=grid,
+        grid=floor_grid(patch),
         pool_attention=attn_pool,
         pool_query=0 if attn_pool is not None else None,
         batch_first=batch_first,

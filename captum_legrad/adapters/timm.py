@@ -12,6 +12,7 @@ from typing import Any, Optional, Tuple
 from torch import Tensor, nn
 
 from ..spec import ViTSpec
+from . import floor_grid, pair
 
 __all__ = ["match"]
 
@@ -23,19 +24,14 @@ def _is_timm_vit(model: nn.Module) -> bool:
     return isinstance(model, (VisionTransformer, Eva))
 
 
-def _pair(value: object) -> Tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)  # type: ignore[call-overload]
-
-
 def match(model: nn.Module) -> Optional[ViTSpec]:
     """Describe a timm ``VisionTransformer`` or ``Eva``; ``None`` for anything else."""
     if not _is_timm_vit(model):
         return None
     vit: Any = model  # timm's module attributes are untyped
     patch_embed = vit.patch_embed
-    patch_size = _pair(patch_embed.patch_size)
+    patch_size = pair(patch_embed.patch_size)
+    floor = floor_grid(patch_size)
     blocks = tuple(vit.blocks)
     # Blocks without a separate ``attn`` module (parallel variants) compute attention
     # inline; recording inside the whole block finds it there.
@@ -46,7 +42,7 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         if hasattr(patch_embed, "dynamic_feat_size"):
             g_h, g_w = patch_embed.dynamic_feat_size((height, width))
             return int(g_h), int(g_w)
-        return height // patch_size[0], width // patch_size[1]
+        return floor(height, width)
 
     def model_readout(tokens: Tensor) -> Tensor:
         return vit.forward_head(vit.norm(tokens))

@@ -7,11 +7,12 @@ Blocks are ``encoder.layers``; each block's ``self_attention`` is an
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from ..spec import ViTSpec
+from . import floor_grid
 
 __all__ = ["match"]
 
@@ -25,9 +26,6 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     vit: Any = model
     blocks = tuple(vit.encoder.layers)
     patch = int(vit.patch_size)
-
-    def grid(height: int, width: int) -> Tuple[int, int]:
-        return height // patch, width // patch
 
     def mean_readout(tokens: Tensor) -> Tensor:
         return vit.heads(vit.encoder.ln(tokens.mean(dim=1)))
@@ -44,5 +42,5 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         model_readout=model_readout,
         num_prefix_tokens=1,
         patch_size=(patch, patch),
-        grid=grid,
+        grid=floor_grid((patch, patch)),
     )
