@@ -8,7 +8,8 @@ multiplied with ``v`` and therefore on the autograd path to the block output. Ea
 implementations that call ``softmax`` themselves are recorded as they are.
 
 Everything is scoped to the call: forward hooks push and pop the recorder around the
-module's own forward, and all hooks are removed in ``finally``. No flag, attribute,
+module's own forward, act only in the calling thread (:class:`~captum_legrad.hooks.ScopedHooks`)
+and are all removed when the call ends, also when it raises. No flag, attribute,
 forward method or parameter of the model is changed, nothing is patched process-wide.
 """
 
@@ -23,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 from .errors import CaptureError
+from .hooks import ScopedHooks
 from .spec import ViTSpec
 
 __all__ = [
@@ -222,7 +223,6 @@ def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]
     Yields one list per module, filled in call order while the context is open.
     """
     records: List[List[Tensor]] = [[] for _ in modules]
-    handles: List[RemovableHandle] = []
 
     def enter(recorder: AttentionRecorder) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -236,16 +236,12 @@ def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]
 
         return hook
 
-    with _mode_stack_guard():
-        try:
-            for module, sink in zip(modules, records):
-                recorder = AttentionRecorder(sink)
-                handles.append(module.register_forward_pre_hook(enter(recorder)))
-                handles.append(module.register_forward_hook(leave(recorder), always_call=True))
-            yield records
-        finally:
-            for handle in handles:
-                handle.remove()
+    with _mode_stack_guard(), ScopedHooks() as hooks:
+        for module, sink in zip(modules, records):
+            recorder = AttentionRecorder(sink)
+            hooks.forward_pre(module, enter(recorder))
+            hooks.forward(module, leave(recorder), always_call=True)
+        yield records
 
 
 @dataclass
@@ -290,7 +286,6 @@ def capture_blocks(
     selected = {layer: slot for slot, layer in enumerate(layers)}
     captured = Captured(tokens=[torch.empty(0)] * len(layers))
     seen = [False] * len(layers)
-    handles: List[RemovableHandle] = []
 
     def root_pre_hook(module: nn.Module, args: Any) -> None:
         torch.set_grad_enabled(False)
@@ -325,21 +320,15 @@ def capture_blocks(
         torch.set_grad_enabled(False)
 
     attention_modules = [spec.attentions[layer] for layer in layers] if differentiable else []
-    with record_attention(attention_modules) as records:
-        try:
-            handles.append(spec.root.register_forward_pre_hook(root_pre_hook))
-            for index, block in enumerate(spec.blocks):
-                handles.append(
-                    block.register_forward_pre_hook(block_pre_hook(index), with_kwargs=True)
-                )
-                if index in selected:
-                    handles.append(block.register_forward_hook(block_hook(index)))
-                handles.append(block.register_forward_hook(block_post_hook))
-            captured.attentions = records
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
+    with record_attention(attention_modules) as records, ScopedHooks() as hooks:
+        hooks.forward_pre(spec.root, root_pre_hook)
+        for index, block in enumerate(spec.blocks):
+            hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)
+            if index in selected:
+                hooks.forward(block, block_hook(index))
+            hooks.forward(block, block_post_hook)
+        captured.attentions = records
+        yield captured
     missing = [layers[slot] for slot, ok in enumerate(seen) if not ok]
     if missing:
         raise CaptureError(

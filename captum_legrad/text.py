@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hooks import ScopedHooks
 from .spec import ViTSpec, discover
 
 __all__ = ["ImageTextSimilarity"]
@@ -96,11 +97,9 @@ class ImageTextSimilarity(nn.Module):
         def keep(module: nn.Module, args: Any, output: Any) -> None:
             last["tokens"] = output[0] if isinstance(output, (tuple, list)) else output
 
-        handle = spec.blocks[-1].register_forward_hook(keep)
-        try:
+        with ScopedHooks() as hooks:
+            hooks.forward(spec.blocks[-1], keep)
             spec.root(images)
-        finally:
-            handle.remove()
         tokens = last["tokens"] if spec.batch_first else last["tokens"].transpose(0, 1)
         return self.similarity(spec.model_readout(tokens))
 

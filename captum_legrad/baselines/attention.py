@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..capture import block_input, record_attention
 from ..compute import upsample
 from ..errors import CaptureError
+from ..hooks import ScopedHooks
 from ..spec import ViTSpec, discover
 
 __all__ = ["RawAttention", "AttentionRollout", "GenericAttention", "ViTGradCAM"]
@@ -367,16 +368,13 @@ class ViTGradCAM(_ViTBaseline):
         def keep(module: nn.Module, hook_args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
             kept["tokens"] = block_input(hook_args, kwargs)[1]
 
-        handle = self.spec.blocks[self.layer].register_forward_pre_hook(keep, with_kwargs=True)
         image = inputs.detach().requires_grad_()
-        try:
-            with torch.enable_grad():
-                out = self.forward_func(image, *args)
-                scores = self._scores(out, target)
-                tokens = kept["tokens"]
-                (grad,) = torch.autograd.grad(scores.sum(), tokens)
-        finally:
-            handle.remove()
+        with ScopedHooks() as hooks, torch.enable_grad():
+            hooks.forward_pre(self.spec.blocks[self.layer], keep, with_kwargs=True)
+            out = self.forward_func(image, *args)
+            scores = self._scores(out, target)
+            tokens = kept["tokens"]
+            (grad,) = torch.autograd.grad(scores.sum(), tokens)
         if not self.spec.batch_first:
             tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
         g_h, g_w = self.spec.grid_size(inputs.shape[-2], inputs.shape[-1])
