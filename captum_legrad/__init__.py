@@ -5,14 +5,17 @@
 """
 
 from .attribution import LeGrad
+from .discovery import discover
 from .errors import CaptureError, TargetError, UnsupportedModelError
-from .spec import ViTSpec, discover
+from .spec import PatchLayout, TokenInput, ViTSpec
 from .text import ImageTextSimilarity
 
 __all__ = [
     "LeGrad",
     "discover",
     "ViTSpec",
+    "TokenInput",
+    "PatchLayout",
     "ImageTextSimilarity",
     "UnsupportedModelError",
     "TargetError",

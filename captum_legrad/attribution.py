@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +18,13 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor
 
+from .arguments import (
+    check_image,
+    check_internal_batch_size,
+    check_interpolate_mode,
+    check_output,
+    resolve_layers,
+)
 from .compute import (
     POOLINGS,
     aggregate_layers,
@@ -26,38 +34,11 @@ from .compute import (
     run_forward,
     upsample,
 )
-from .spec import ViTSpec, discover
-from .targets import Index, multi_target_index, target_index
+from .discovery import discover, unwrap
+from .spec import ViTSpec
+from .targets import Index, count_targets, multi_target_index, target_index
 
-__all__ = ["LeGrad"]
-
-_OUTPUTS = ("input", "map", "grid")
-_INTERPOLATE_MODES = ("bilinear", "nearest", "nearest-exact", "bicubic", "area")
-
-
-def _resolve_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int, ...]:
-    if layers is None:
-        return tuple(range(depth))
-    if isinstance(layers, int) or not isinstance(layers, Sequence):
-        raise TypeError(
-            f"layers must be None (all blocks) or a sequence of block indices, got {layers!r}; "
-            "for one block write layers=[i]."
-        )
-    if len(layers) == 0:
-        raise ValueError("layers is empty: pass None for all blocks or at least one block index.")
-    resolved = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layers must hold ints, got {layer!r}.")
-        if not -depth <= layer < depth:
-            raise ValueError(
-                f"layer {layer} is out of range for a model with {depth} blocks "
-                f"(valid: {-depth}..{depth - 1})."
-            )
-        resolved.append(layer % depth)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"layers={list(layers)} names the same block more than once.")
-    return tuple(sorted(resolved))
+__all__ = ["LeGrad", "AttributeOptions"]
 
 
 def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
@@ -67,26 +48,31 @@ def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
     return arg
 
 
-def _check_internal_batch_size(value: Optional[int]) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"internal_batch_size must be a positive int or None, got {value!r}.")
+@dataclass(frozen=True)
+class AttributeOptions:
+    """The options of one ``attribute`` / ``attribute_multi`` call, validated.
 
+    Attributes:
+        interpolate_mode: Upsampling mode from the patch grid to the input size.
+        normalize: Min-max normalise each (sample, target) map.
+        output: ``"input"``, ``"map"`` or ``"grid"``.
+        empty_target: The "empty prompt" target of the SigLIP correction, or None.
+        empty_threshold: Threshold of that correction.
+        internal_batch_size: At most this many samples per forward and (sample, target)
+            maps per backward; None for everything at once.
+    """
 
-def _check_image(image: Tensor) -> None:
-    if not isinstance(image, Tensor):
-        raise ValueError(f"inputs must be tensors, got {type(image).__name__}.")
-    if image.dim() != 4:
-        raise ValueError(
-            f"LeGrad explains images: the first input must be (B, C, H, W), got shape "
-            f"{tuple(image.shape)}."
-        )
-    if not image.is_floating_point():
-        raise ValueError(
-            f"inputs must be floating point images, got dtype {image.dtype}; convert with "
-            "x.float() (and normalise as the model expects)."
-        )
-    if image.numel() and not bool(torch.isfinite(image).all()):
-        raise ValueError("inputs contain NaN or infinite values; LeGrad needs finite images.")
+    interpolate_mode: str = "bilinear"
+    normalize: bool = True
+    output: str = "input"
+    empty_target: Optional[object] = None
+    empty_threshold: float = 0.8
+    internal_batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_output(self.output)
+        check_interpolate_mode(self.interpolate_mode)
+        check_internal_batch_size(self.internal_batch_size)
 
 
 class LeGrad(GradientAttribution):
@@ -151,7 +137,7 @@ class LeGrad(GradientAttribution):
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
-        self.layers: Tuple[int, ...] = _resolve_layers(layers, self.spec.num_layers)
+        self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.pooling = pooling
 
     @classmethod
@@ -167,7 +153,7 @@ class LeGrad(GradientAttribution):
     def _prepare(
         self, inputs: Any, additional_forward_args: Any, internal_batch_size: Optional[int]
     ) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
-        _check_internal_batch_size(internal_batch_size)
+        check_internal_batch_size(internal_batch_size)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "LeGrad needs gradients, which cannot be taken inside torch.inference_mode(); "
@@ -176,7 +162,7 @@ class LeGrad(GradientAttribution):
         formatted = _format_tensor_into_tuples(inputs)
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
-        _check_image(formatted[0])
+        check_image(formatted[0])
         batch = formatted[0].shape[0]
         for extra in formatted[1:]:
             if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
@@ -206,9 +192,9 @@ class LeGrad(GradientAttribution):
         """
         image = inputs[0]
         batch = image.shape[0]
-        grid = self.spec.grid_size(image.shape[-2], image.shape[-1])
         step = batch if internal_batch_size is None else internal_batch_size
-        forward = self.forward_func
+        # A compiled or data-parallel model is explained through the module it wraps, eagerly.
+        forward: Callable[..., Any] = unwrap(self.forward_func)  # type: ignore[assignment]
         image_forward = self.spec.image_forward
         if image_forward is not None and getattr(image_forward, "__self__", None) is forward:
             forward = image_forward  # e.g. HF CLIPModel, whose forward takes text first
@@ -226,21 +212,15 @@ class LeGrad(GradientAttribution):
             full_shape = torch.Size((batch, *result.output_shape[1:]))
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
             chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])
-            parts.append(layer_maps(self.spec, result, index, grid, chunk))
+            parts.append(layer_maps(self.spec, result, index, chunk))
         return torch.cat(parts).to(image.device)
 
-    def _finish(
-        self,
-        maps: Tensor,
-        image: Tensor,
-        interpolate_mode: str,
-        normalize: bool,
-        output: str,
-    ) -> Tensor:
+    @staticmethod
+    def _finish(maps: Tensor, image: Tensor, options: AttributeOptions) -> Tensor:
         """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...)."""
-        if output != "grid":
-            maps = upsample(maps, (image.shape[-2], image.shape[-1]), interpolate_mode)
-        if normalize:
+        if options.output != "grid":
+            maps = upsample(maps, (image.shape[-2], image.shape[-1]), options.interpolate_mode)
+        if options.normalize:
             maps = minmax_normalize(maps)
         return maps.to(image.dtype)
 
@@ -250,33 +230,24 @@ class LeGrad(GradientAttribution):
         args: Tuple[Any, ...],
         make_index: Callable[[torch.Size, torch.device], Index],
         k: int,
-        empty_target: Optional[object],
-        empty_threshold: float,
-        internal_batch_size: Optional[int],
+        options: AttributeOptions,
     ) -> Tensor:
         """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked."""
         image = inputs[0]
         if image.shape[0] == 0:
             g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
             return image.new_zeros((0, k, g_h, g_w))
+        batch_size = options.internal_batch_size
+        empty_target = options.empty_target
         if empty_target is None:
-            return aggregate_layers(self._maps(inputs, args, make_index, internal_batch_size))
+            return aggregate_layers(self._maps(inputs, args, make_index, batch_size))
 
         def with_empty(shape: torch.Size, device: torch.device) -> Index:
             extra = target_index(empty_target, shape, device)
-            return tuple(torch.cat(pair, dim=1) for pair in zip(make_index(shape, device), extra))
+            return tuple(torch.cat(both, dim=1) for both in zip(make_index(shape, device), extra))
 
-        maps = aggregate_layers(self._maps(inputs, args, with_empty, internal_batch_size))
-        return empty_prompt_correction(maps[:, :-1], maps[:, -1:], empty_threshold)
-
-    @staticmethod
-    def _check_options(interpolate_mode: str, output: str) -> None:
-        if output not in _OUTPUTS:
-            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}.")
-        if interpolate_mode not in _INTERPOLATE_MODES:
-            raise ValueError(
-                f"interpolate_mode must be one of {_INTERPOLATE_MODES}, got {interpolate_mode!r}."
-            )
+        maps = aggregate_layers(self._maps(inputs, args, with_empty, batch_size))
+        return empty_prompt_correction(maps[:, :-1], maps[:, -1:], options.empty_threshold)
 
     # ------------------------------------------------------------------ public API
 
@@ -345,7 +316,9 @@ class LeGrad(GradientAttribution):
             >>> attr = legrad.attribute(images, target=labels)
             >>> heat = legrad.attribute(images, target=3, output="map")  # (B, 1, H, W)
         """
-        self._check_options(interpolate_mode, output)
+        options = AttributeOptions(
+            interpolate_mode, normalize, output, empty_target, empty_threshold, internal_batch_size
+        )
         is_tuple = _is_tuple(inputs)
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
@@ -354,11 +327,9 @@ class LeGrad(GradientAttribution):
             args,
             lambda shape, device: target_index(target, shape, device),
             1,
-            empty_target,
-            empty_threshold,
-            internal_batch_size,
+            options,
         )
-        attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
+        attributions = self._finish(grid_maps, image, options)
         if output == "input":
             attributions = attributions.repeat(1, image.shape[1], 1, 1)
         rest = tuple(torch.zeros_like(t) for t in formatted[1:])
@@ -412,23 +383,25 @@ class LeGrad(GradientAttribution):
             >>> maps = LeGrad(model).attribute_multi(images, targets=[3, 7, 9])
             >>> maps.shape  # (B, 3, H, W)
         """
-        self._check_options(interpolate_mode, output)
+        options = AttributeOptions(
+            interpolate_mode, normalize, output, empty_target, empty_threshold, internal_batch_size
+        )
+        k = count_targets(targets)
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
         grid_maps = self._grid_maps(
             formatted,
             args,
             lambda shape, device: multi_target_index(targets, shape, device),
-            targets.shape[-1] if isinstance(targets, Tensor) else len(targets),
-            empty_target,
-            empty_threshold,
-            internal_batch_size,
+            k,
+            options,
         )
-        attributions = self._finish(grid_maps, image, interpolate_mode, normalize, output)
+        attributions = self._finish(grid_maps, image, options)
         if output == "input":
             attributions = attributions.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
         return attributions
 
+    @log_usage()
     def attribute_layers(
         self,
         inputs: Union[Tensor, Tuple[Tensor, ...]],

@@ -36,7 +36,6 @@ __all__ = [
     "record_attention",
     "capture_blocks",
     "Captured",
-    "block_input",
 ]
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
@@ -257,20 +256,6 @@ class Captured:
     attentions: List[List[Tensor]] = field(default_factory=list)
 
 
-def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any]:
-    """A block's residual-stream input: ``(keyword name or "", value)``."""
-    if args:
-        return "", args[0]
-    for name in ("x", "hidden_states", "q_x", "input"):
-        if name in kwargs:
-            return name, kwargs[name]
-    raise CaptureError(
-        "A transformer block was called without a positional input and without one of the "
-        "keyword inputs x / hidden_states / q_x; describe the model with a ViTSpec whose "
-        "blocks take the residual stream as their first argument."
-    )
-
-
 @contextmanager
 def capture_blocks(
     spec: ViTSpec, layers: Sequence[int], *, differentiable: bool
@@ -296,11 +281,9 @@ def capture_blocks(
             torch.set_grad_enabled(differentiate)
             if not differentiate:
                 return None
-            name, value = block_input(args, kwargs)
-            cut = value.detach().requires_grad_()
-            if name:
-                return args, {**kwargs, name: cut}
-            return (cut, *args[1:]), kwargs
+            tokens = spec.tokens
+            cut = tokens.get(args, kwargs).detach().requires_grad_()
+            return tokens.replace(args, kwargs, cut)
 
         return hook
 

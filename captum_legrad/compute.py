@@ -1,4 +1,4 @@
-"""The LeGrad computation (SPEC §1), written once for every model family.
+"""The LeGrad computation (``docs/method.md``), written once for every model family.
 
 For the selected layers ``S`` and targets ``k``:
 
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .capture import capture_blocks, record_attention
 from .errors import CaptureError
-from .spec import ViTSpec
+from .spec import PatchLayout, ViTSpec
 
 __all__ = [
     "ForwardResult",
@@ -48,7 +48,13 @@ TargetIndex = Tuple[Tensor, ...]
 class ForwardResult:
     """Output of :func:`run_forward`: the per-layer scores and the attentions to differentiate."""
 
-    def __init__(self, scores: Tensor, attentions: List[Tensor], per_layer_batch: bool) -> None:
+    def __init__(
+        self,
+        scores: Tensor,
+        attentions: List[Tensor],
+        per_layer_batch: bool,
+        layout: PatchLayout,
+    ) -> None:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
         self.scores = scores
@@ -56,6 +62,8 @@ class ForwardResult:
         #: ``(L·B, H, Q, N_k)`` tensor for attention-pool readouts.
         self.attentions = attentions
         self.per_layer_batch = per_layer_batch
+        #: Where the patches are among the attentions' keys.
+        self.layout = layout
 
     @property
     def output_shape(self) -> torch.Size:
@@ -90,7 +98,7 @@ def run_forward(
             # The output itself is not needed: scores come from the readout of each layer
             # (models returning ModelOutput objects are fine).
             forward_func(*inputs, *additional_forward_args)
-    readout = spec.model_readout if pooling == "model" else spec.readout
+    readout = spec.read(pooling)
     n_layers, batch = len(layers), inputs[0].shape[0]
     with torch.enable_grad():
         if pooled_attention:
@@ -106,7 +114,8 @@ def run_forward(
                 for layer, records in zip(layers, captured.attentions)
             ]
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    return ForwardResult(scores, attentions, per_layer_batch=pooled_attention)
+    layout = spec.patch_layout(inputs, attentions[0].shape[-1])
+    return ForwardResult(scores, attentions, per_layer_batch=pooled_attention, layout=layout)
 
 
 def _select(scores: Tensor, index: TargetIndex) -> Tensor:
@@ -165,17 +174,17 @@ def layer_maps(
     spec: ViTSpec,
     result: ForwardResult,
     index: TargetIndex,
-    grid: Tuple[int, int],
     target_chunk: Optional[int] = None,
 ) -> Tensor:
     """Per-layer LeGrad maps ``E^l`` for every target: ``(B, K, L, g_h, g_w)``, unnormalised.
 
     ``target_chunk`` bounds the targets differentiated in one (batched) backward; the
-    graph of the forward is reused across chunks, so results do not depend on it.
+    graph of the forward is reused across chunks, so results do not depend on it. The
+    patch keys are taken from ``result.layout`` (prefix and padding keys dropped).
     """
     with torch.enable_grad():
         selected = _select(result.scores, index)  # (L, B, K)
-        n_layers, batch, k = selected.shape
+        k = selected.shape[-1]
         step = k if target_chunk is None else max(1, int(target_chunk))
         keys = torch.cat(
             [
@@ -183,21 +192,12 @@ def layer_maps(
                 for i in range(0, k, step)
             ]
         )  # (K, L, B, N_k)
-    g_h, g_w = grid
-    n_patches = g_h * g_w
-    n_prefix = keys.shape[-1] - n_patches
-    if n_prefix not in (0, spec.num_prefix_tokens):
-        raise CaptureError(
-            f"The attention has {keys.shape[-1]} keys but the patch grid is {g_h}x{g_w} "
-            f"({n_patches} patches) with {spec.num_prefix_tokens} prefix tokens; check the "
-            "ViTSpec's grid rule and num_prefix_tokens."
-        )
-    maps = keys[..., n_prefix:].reshape(k, n_layers, batch, g_h, g_w)
+    maps = result.layout.gather(keys)  # (K, L, B, g_h, g_w)
     return maps.permute(2, 0, 1, 3, 4).detach()
 
 
 def aggregate_layers(maps: Tensor) -> Tensor:
-    """Sum per-layer maps ``(…, L, g_h, g_w)`` over layers (SPEC §1.5)."""
+    """Sum per-layer maps ``(…, L, g_h, g_w)`` over layers (``docs/method.md``, step 5)."""
     return maps.sum(dim=-3)
 
 

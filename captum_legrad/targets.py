@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .errors import TargetError
 
-__all__ = ["target_index", "multi_target_index"]
+__all__ = ["target_index", "multi_target_index", "count_targets", "select_targets"]
 
 Index = Tuple[Tensor, ...]
 
@@ -161,3 +161,38 @@ def multi_target_index(
         raise _fail(targets, output_shape, "no targets given.")
     row = [_as_entry(t, targets, output_shape) for t in targets]
     return _to_index([row] * batch, output_shape, device)
+
+
+def count_targets(targets: Union[Sequence[object], Tensor]) -> int:
+    """``K``, the number of targets :func:`multi_target_index` will return per sample.
+
+    Raises:
+        TargetError: ``targets`` is not a sequence, a 1-D tensor or a 2-D ``(B, K)`` tensor.
+    """
+    if isinstance(targets, Tensor):
+        if targets.dim() not in (1, 2):
+            raise TargetError(
+                f"targets={targets!r} must be a 1-D tensor of K class indices or a (B, K) "
+                f"tensor, got a {targets.dim()}-D tensor; for one class use attribute(target=...) "
+                "or targets=[k]."
+            )
+        return int(targets.shape[-1])
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
+        raise TargetError(
+            f"targets={targets!r} must be a sequence of class indices (ints or tuples), a 1-D "
+            "tensor or a (B, K) tensor."
+        )
+    return len(targets)
+
+
+def select_targets(scores: Tensor, target: object) -> Tensor:
+    """``scores[b, target_b]`` for a Captum ``target``, validated: ``(B,)``.
+
+    Raises:
+        TargetError: as :func:`target_index`.
+    """
+    index = target_index(target, scores.shape, scores.device)
+    if scores.dim() == 1:
+        return scores
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return scores[(rows, *(i[:, 0] for i in index))]

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .discovery import discover
 from .hooks import ScopedHooks
-from .spec import ViTSpec, discover
+from .spec import ViTSpec
 
 __all__ = ["ImageTextSimilarity"]
 
@@ -106,8 +107,16 @@ class ImageTextSimilarity(nn.Module):
     def legrad_spec(self) -> ViTSpec:
         """The vision tower's spec, read out as similarities with the prompts."""
         spec = self.vision_spec
+        mean_readout, model_readout = spec.read("mean"), spec.model_readout
+
+        def mean_similarity(tokens: Tensor) -> Tensor:
+            return self.similarity(mean_readout(tokens))
+
+        def model_similarity(tokens: Tensor) -> Tensor:
+            return self.similarity(model_readout(tokens))
+
         return dataclasses.replace(
             spec,
-            readout=lambda tokens: self.similarity(spec.readout(tokens)),
-            model_readout=lambda tokens: self.similarity(spec.model_readout(tokens)),
+            readout=None if spec.pool_attention is not None else mean_similarity,
+            model_readout=model_similarity,
         )

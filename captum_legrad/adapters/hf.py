@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from ..spec import ViTSpec
-from . import floor_grid, pair
+from ..spec import TokenInput, ViTSpec
+from .common import floor_grid, pair
 
 __all__ = ["match"]
 
@@ -66,7 +66,8 @@ def _classes(module: str, *names: str) -> Tuple[type, ...]:
     return tuple(cls for name in names if isinstance(cls := getattr(loaded, name, None), type))
 
 
-def _is(model: nn.Module, module: str, *names: str) -> bool:
+def _is_instance_of(model: nn.Module, module: str, *names: str) -> bool:
+    """Whether ``model`` is one of the named classes of ``transformers.models.<module>``."""
     classes = _classes(module, *names)
     return bool(classes) and isinstance(model, classes)
 
@@ -153,12 +154,14 @@ def _image_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
 def _spec(
     root: nn.Module,
     attention_name: str,
-    readout: Readout,
+    *,
+    mean_readout: Optional[Readout],
     model_readout: Readout,
     num_prefix_tokens: int,
     pool_attention: Optional[nn.Module] = None,
     image_forward: Optional[Callable[..., Any]] = None,
 ) -> ViTSpec:
+    """The spec of an HF vision encoder ``root`` whose layers hold ``<attention_name>``."""
     vit: Any = root
     blocks = _blocks(root)
     patch_size = _patch_size(vit.embeddings, vit.config)
@@ -168,13 +171,14 @@ def _spec(
         root=root,
         blocks=blocks,
         attentions=tuple(_attention(block, attention_name) for block in blocks),
-        readout=readout,
+        readout=mean_readout,
         model_readout=model_readout,
         num_prefix_tokens=num_prefix_tokens,
         patch_size=patch_size,
         grid=floor_grid(patch_size),
         pool_attention=pool_attention,
         image_forward=image_forward,
+        token_input=TokenInput("hidden_states"),
     )
 
 
@@ -182,18 +186,24 @@ def _spec(
 
 
 def _match_vit(model: nn.Module) -> Optional[ViTSpec]:
-    if _is(model, "vit.modeling_vit", "ViTForImageClassification"):
-        head: Any = model
-        vit: Any = head.vit
+    if _is_instance_of(model, "vit.modeling_vit", "ViTForImageClassification"):
+        classifier_model: Any = model
+        vit: Any = classifier_model.vit
 
         def cls_logits(tokens: Tensor) -> Tensor:
-            return head.classifier(vit.layernorm(tokens)[:, 0])
+            return classifier_model.classifier(vit.layernorm(tokens)[:, 0])
 
         def mean_logits(tokens: Tensor) -> Tensor:
-            return head.classifier(vit.layernorm(tokens.mean(dim=1)))
+            return classifier_model.classifier(vit.layernorm(tokens.mean(dim=1)))
 
-        return _spec(vit, "attention", mean_logits, cls_logits, 1)
-    if _is(model, "vit.modeling_vit", "ViTModel"):
+        return _spec(
+            vit,
+            "attention",
+            mean_readout=mean_logits,
+            model_readout=cls_logits,
+            num_prefix_tokens=1,
+        )
+    if _is_instance_of(model, "vit.modeling_vit", "ViTModel"):
         base: Any = model
         pooler: Optional[nn.Module] = base.pooler
 
@@ -206,7 +216,13 @@ def _match_vit(model: nn.Module) -> Optional[ViTSpec]:
             normed = base.layernorm(tokens.mean(dim=1))
             return pooler(normed.unsqueeze(1)) if pooler is not None else normed
 
-        return _spec(base, "attention", mean_pooled, model_pooled, 1)
+        return _spec(
+            base,
+            "attention",
+            mean_readout=mean_pooled,
+            model_readout=model_pooled,
+            num_prefix_tokens=1,
+        )
     return None
 
 
@@ -215,7 +231,7 @@ def _match_vit(model: nn.Module) -> Optional[ViTSpec]:
 
 def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
     module = "clip.modeling_clip"
-    if _is(model, module, "CLIPForImageClassification"):
+    if _is_instance_of(model, module, "CLIPForImageClassification"):
         classifier_model: Any = model
         tower = _vision_tower(model)
 
@@ -225,8 +241,14 @@ def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
         def mean_logits(tokens: Tensor) -> Tensor:
             return classifier_model.classifier(tokens.mean(dim=1))
 
-        return _spec(tower, "self_attn", mean_logits, patch_mean_logits, 1)
-    if not _is(
+        return _spec(
+            tower,
+            "self_attn",
+            mean_readout=mean_logits,
+            model_readout=patch_mean_logits,
+            num_prefix_tokens=1,
+        )
+    if not _is_instance_of(
         model,
         module,
         "CLIPModel",
@@ -250,7 +272,12 @@ def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
         return embed(tokens.mean(dim=1))
 
     return _spec(
-        tower, "self_attn", mean_embedding, cls_embedding, 1, image_forward=_image_forward(model)
+        tower,
+        "self_attn",
+        mean_readout=mean_embedding,
+        model_readout=cls_embedding,
+        num_prefix_tokens=1,
+        image_forward=_image_forward(model),
     )
 
 
@@ -260,15 +287,17 @@ def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
 def _match_dinov2(model: nn.Module) -> Optional[ViTSpec]:
     plain = "dinov2.modeling_dinov2"
     registers = "dinov2_with_registers.modeling_dinov2_with_registers"
-    if _is(model, plain, "Dinov2ForImageClassification") or _is(
+    if _is_instance_of(model, plain, "Dinov2ForImageClassification") or _is_instance_of(
         model, registers, "Dinov2WithRegistersForImageClassification"
     ):
-        head: Any = model
-        base: Any = getattr(head, "dinov2", None)
+        classifier_model: Any = model
+        base: Any = getattr(classifier_model, "dinov2", None)
         if base is None:
-            base = head.dinov2_with_registers
-    elif _is(model, plain, "Dinov2Model") or _is(model, registers, "Dinov2WithRegistersModel"):
-        head, base = None, model
+            base = classifier_model.dinov2_with_registers
+    elif _is_instance_of(model, plain, "Dinov2Model") or _is_instance_of(
+        model, registers, "Dinov2WithRegistersModel"
+    ):
+        classifier_model, base = None, model
     else:
         return None
     n_prefix = 1 + int(getattr(base.config, "num_register_tokens", 0) or 0)
@@ -276,7 +305,7 @@ def _match_dinov2(model: nn.Module) -> Optional[ViTSpec]:
     # registers were averaged with them.
     first_patch = n_prefix if _version_at_least(4, 52) else 1
 
-    if head is None:
+    if classifier_model is None:
 
         def model_readout(tokens: Tensor) -> Tensor:
             return base.layernorm(tokens)[:, 0]
@@ -289,13 +318,19 @@ def _match_dinov2(model: nn.Module) -> Optional[ViTSpec]:
         def model_readout(tokens: Tensor) -> Tensor:
             normed = base.layernorm(tokens)
             features = torch.cat([normed[:, 0], normed[:, first_patch:].mean(dim=1)], dim=1)
-            return head.classifier(features)
+            return classifier_model.classifier(features)
 
         def mean_readout(tokens: Tensor) -> Tensor:
             pooled = base.layernorm(tokens.mean(dim=1))
-            return head.classifier(torch.cat([pooled, pooled], dim=1))
+            return classifier_model.classifier(torch.cat([pooled, pooled], dim=1))
 
-    return _spec(base, "attention", mean_readout, model_readout, n_prefix)
+    return _spec(
+        base,
+        "attention",
+        mean_readout=mean_readout,
+        model_readout=model_readout,
+        num_prefix_tokens=n_prefix,
+    )
 
 
 # ---------------------------------------------------------------------------- SigLIP
@@ -303,49 +338,63 @@ def _match_dinov2(model: nn.Module) -> Optional[ViTSpec]:
 
 def _match_siglip(model: nn.Module) -> Optional[ViTSpec]:
     module = "siglip.modeling_siglip"
-    if _is(model, module, "SiglipForImageClassification"):
+    if _is_instance_of(model, module, "SiglipForImageClassification"):
         classifier_model: Any = model
         tower = _vision_tower(model)
         norm: Any = tower.post_layernorm
 
-        def token_mean_logits(tokens: Tensor) -> Tensor:
+        def norm_then_mean_logits(tokens: Tensor) -> Tensor:
             return classifier_model.classifier(norm(tokens).mean(dim=1))
 
-        def mean_logits(tokens: Tensor) -> Tensor:
+        def mean_then_norm_logits(tokens: Tensor) -> Tensor:
             return classifier_model.classifier(norm(tokens.mean(dim=1)))
 
-        return _spec(tower, "self_attn", mean_logits, token_mean_logits, 0)
-    if not _is(model, module, "SiglipModel", "SiglipVisionModel", "SiglipVisionTransformer"):
+        return _spec(
+            tower,
+            "self_attn",
+            mean_readout=mean_then_norm_logits,
+            model_readout=norm_then_mean_logits,
+            num_prefix_tokens=0,
+        )
+    if not _is_instance_of(
+        model, module, "SiglipModel", "SiglipVisionModel", "SiglipVisionTransformer"
+    ):
         return None
     tower = _vision_tower(model)
     vision: Any = tower
-    head: Optional[nn.Module] = getattr(vision, "head", None)
-    if not getattr(vision, "use_head", head is not None):
-        head = None
-    if head is not None:
-        pool: nn.Module = head
+    attention_pool: Optional[nn.Module] = getattr(vision, "head", None)
+    if not getattr(vision, "use_head", attention_pool is not None):
+        attention_pool = None
+    if attention_pool is not None:
+        pool: nn.Module = attention_pool
 
         def pooled(tokens: Tensor) -> Tensor:
             return pool(vision.post_layernorm(tokens))
 
-        # An attention-pool readout has no mean-pooled variant: both run the pooler.
         return _spec(
             tower,
             "self_attn",
-            pooled,
-            pooled,
-            0,
+            mean_readout=None,  # an attention pool has no mean-pooled variant
+            model_readout=pooled,
+            num_prefix_tokens=0,
             pool_attention=pool,
             image_forward=_image_forward(model),
         )
 
-    def token_mean(tokens: Tensor) -> Tensor:
+    def norm_then_mean(tokens: Tensor) -> Tensor:
         return vision.post_layernorm(tokens).mean(dim=1)
 
-    def mean_token(tokens: Tensor) -> Tensor:
+    def mean_then_norm(tokens: Tensor) -> Tensor:
         return vision.post_layernorm(tokens.mean(dim=1))
 
-    return _spec(tower, "self_attn", mean_token, token_mean, 0, image_forward=_image_forward(model))
+    return _spec(
+        tower,
+        "self_attn",
+        mean_readout=mean_then_norm,
+        model_readout=norm_then_mean,
+        num_prefix_tokens=0,
+        image_forward=_image_forward(model),
+    )
 
 
 _MATCHERS = (_match_vit, _match_clip, _match_dinov2, _match_siglip)

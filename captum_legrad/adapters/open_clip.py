@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ..spec import ViTSpec
-from . import floor_grid, pair
+from ..spec import TokenInput, ViTSpec
+from .common import floor_grid, pair
 
 __all__ = ["match"]
 
@@ -74,7 +74,7 @@ def _vit_spec(visual: Any) -> ViTSpec:
         root=visual,
         blocks=blocks,
         attentions=tuple(block.attn for block in blocks),
-        readout=model_readout if attn_pool is not None else mean_readout,
+        readout=None if attn_pool is not None else mean_readout,
         model_readout=model_readout,
         num_prefix_tokens=1,
         patch_size=patch,
@@ -82,6 +82,7 @@ def _vit_spec(visual: Any) -> ViTSpec:
         pool_attention=attn_pool,
         pool_query=0 if attn_pool is not None else None,
         batch_first=batch_first,
+        token_input=TokenInput("q_x"),
     )
 
 
@@ -92,13 +93,20 @@ def _timm_tower_spec(visual: Any) -> Optional[ViTSpec]:
     if trunk_spec is None:
         return None
     head = visual.head
-    trunk_readout, trunk_model_readout = trunk_spec.readout, trunk_spec.model_readout
+    trunk_readout, trunk_model_readout = trunk_spec.read("mean"), trunk_spec.model_readout
+
+    def model_readout(tokens: Tensor) -> Tensor:
+        return head(trunk_model_readout(tokens))
+
+    def mean_readout(tokens: Tensor) -> Tensor:
+        return head(trunk_readout(tokens))
+
     return dataclasses.replace(
         trunk_spec,
         family="open_clip",
         root=visual,
-        readout=lambda tokens: head(trunk_readout(tokens)),
-        model_readout=lambda tokens: head(trunk_model_readout(tokens)),
+        readout=None if trunk_spec.pool_attention is not None else mean_readout,
+        model_readout=model_readout,
     )
 
 

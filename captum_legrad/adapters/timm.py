@@ -11,8 +11,8 @@ from typing import Any, Optional, Tuple
 
 from torch import Tensor, nn
 
-from ..spec import ViTSpec
-from . import floor_grid, pair
+from ..spec import TokenInput, ViTSpec
+from .common import floor_grid, pair
 
 __all__ = ["match"]
 
@@ -56,11 +56,11 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         root=vit,
         blocks=blocks,
         attentions=attentions,
-        # An attention-pool readout has no mean-pooled variant: both run the pooler.
-        readout=model_readout if attn_pool is not None else mean_readout,
+        readout=None if attn_pool is not None else mean_readout,
         model_readout=model_readout,
         num_prefix_tokens=int(vit.num_prefix_tokens),
         patch_size=patch_size,
         grid=grid,
         pool_attention=attn_pool,
+        token_input=TokenInput("x"),
     )

@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ..spec import ViTSpec
-from . import floor_grid
+from ..spec import TokenInput, ViTSpec
+from .common import floor_grid
 
 __all__ = ["match"]
 
@@ -43,4 +43,5 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         num_prefix_tokens=1,
         patch_size=(patch, patch),
         grid=floor_grid((patch, patch)),
+        token_input=TokenInput("input"),
     )

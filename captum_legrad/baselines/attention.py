@@ -23,20 +23,21 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from captum._utils.common import _format_additional_forward_args, _select_targets
+from captum._utils.common import _format_additional_forward_args
 from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from ..capture import block_input, record_attention
+from ..arguments import check_image, check_output, resolve_layer
+from ..capture import record_attention
 from ..compute import upsample
+from ..discovery import discover
 from ..errors import CaptureError
 from ..hooks import ScopedHooks
-from ..spec import ViTSpec, discover
+from ..spec import ViTSpec
+from ..targets import select_targets
 
 __all__ = ["RawAttention", "AttentionRollout", "GenericAttention", "ViTGradCAM"]
-
-_OUTPUTS = ("input", "map", "grid")
 
 
 class _ViTBaseline(GradientAttribution):
@@ -52,23 +53,13 @@ class _ViTBaseline(GradientAttribution):
         raise NotImplementedError(f"attribute_future is not implemented for {self.get_name()}")
 
     def _check(self, inputs: Tensor, output: str) -> None:
-        if output not in _OUTPUTS:
-            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}.")
-        if not isinstance(inputs, Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
-            raise ValueError(
-                f"{self.get_name()} explains images: inputs must be one floating point "
-                "(B, C, H, W) tensor."
-            )
+        check_output(output)
+        check_image(inputs, self.get_name())
 
     def _patches(self, keys: Tensor, image: Tensor) -> Tensor:
         """``(B, N_k)`` values over the keys → ``(B, 1, g_h, g_w)`` over the patches."""
-        g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
-        n_prefix = keys.shape[-1] - g_h * g_w
-        if n_prefix < 0:
-            raise CaptureError(
-                f"The attention has {keys.shape[-1]} keys, fewer than the {g_h}x{g_w} patch grid."
-            )
-        return keys[:, n_prefix:].reshape(-1, 1, g_h, g_w)
+        layout = self.spec.patch_layout((image,), keys.shape[-1])
+        return layout.gather(keys).unsqueeze(1)
 
     def _query_row(self, matrix: Tensor) -> Tensor:
         """``(B, N, N)`` → ``(B, N)``: the CLS row, or the mean over rows without prefix."""
@@ -112,7 +103,7 @@ class _ViTBaseline(GradientAttribution):
                 f"{self.get_name()} needs the model to return a tensor of scores, got "
                 f"{type(output).__name__}."
             )
-        return _select_targets(output, target)
+        return select_targets(output, target)
 
 
 class RawAttention(_ViTBaseline):
@@ -140,7 +131,7 @@ class RawAttention(_ViTBaseline):
         spec: Optional[ViTSpec] = None,
     ) -> None:
         super().__init__(forward_func, spec=spec)
-        self.layer = layer % self.spec.num_layers
+        self.layer = resolve_layer(layer, self.spec.num_layers)
 
     @classmethod
     def get_name(cls) -> str:
@@ -332,7 +323,7 @@ class ViTGradCAM(_ViTBaseline):
         spec: Optional[ViTSpec] = None,
     ) -> None:
         super().__init__(forward_func, spec=spec)
-        self.layer = layer % self.spec.num_layers
+        self.layer = resolve_layer(layer, self.spec.num_layers)
 
     @classmethod
     def get_name(cls) -> str:
@@ -366,7 +357,7 @@ class ViTGradCAM(_ViTBaseline):
         kept: Dict[str, Tensor] = {}
 
         def keep(module: nn.Module, hook_args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-            kept["tokens"] = block_input(hook_args, kwargs)[1]
+            kept["tokens"] = self.spec.tokens.get(hook_args, kwargs)
 
         image = inputs.detach().requires_grad_()
         with ScopedHooks() as hooks, torch.enable_grad():
@@ -377,9 +368,10 @@ class ViTGradCAM(_ViTBaseline):
             (grad,) = torch.autograd.grad(scores.sum(), tokens)
         if not self.spec.batch_first:
             tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
-        g_h, g_w = self.spec.grid_size(inputs.shape[-2], inputs.shape[-1])
-        n_prefix = tokens.shape[1] - g_h * g_w
-        patches, patch_grads = tokens[:, n_prefix:].detach(), grad[:, n_prefix:]
-        weights = patch_grads.mean(dim=1, keepdim=True)  # (B, 1, D)
-        cam = (weights * patches).sum(dim=-1).clamp(min=0)  # (B, n)
-        return self._finish(cam.reshape(-1, 1, g_h, g_w), inputs, output)
+        layout = self.spec.patch_layout((inputs,), tokens.shape[1])
+        # The layout gathers (…, B, N) over the tokens: (D, B, N) → (D, B, g_h, g_w).
+        patches = layout.gather(tokens.detach().permute(2, 0, 1))
+        patch_grads = layout.gather(grad.permute(2, 0, 1))
+        weights = patch_grads.mean(dim=(-2, -1), keepdim=True)  # (D, B, 1, 1)
+        cam = (weights * patches).sum(dim=0).unsqueeze(1).clamp(min=0)  # (B, 1, g_h, g_w)
+        return self._finish(cam, inputs, output)

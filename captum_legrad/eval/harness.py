@@ -28,7 +28,8 @@ from ..baselines import (
     SaliencyMap,
     ViTGradCAM,
 )
-from ..spec import ViTSpec, discover
+from ..discovery import discover
+from ..spec import ViTSpec
 from .metrics import (
     DEFAULT_FRACTIONS,
     MetricSums,

@@ -1,0 +1,108 @@
+"""Argument rules shared by :class:`~captum_legrad.LeGrad` and the baselines.
+
+One place checks block indices, images and output options, so that the same mistake
+gets the same Captum-style error from every method. Targets are checked by
+:mod:`captum_legrad.targets`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OUTPUTS",
+    "INTERPOLATE_MODES",
+    "resolve_layers",
+    "resolve_layer",
+    "check_image",
+    "check_output",
+    "check_interpolate_mode",
+    "check_internal_batch_size",
+]
+
+#: The output forms: the input's shape, one map ``(B, 1, H, W)``, the patch grid.
+OUTPUTS = ("input", "map", "grid")
+#: ``torch.nn.functional.interpolate`` modes for upsampling the patch grid.
+INTERPOLATE_MODES = ("bilinear", "nearest", "nearest-exact", "bicubic", "area")
+
+
+def resolve_layer(layer: object, depth: int) -> int:
+    """One block index (negative counts from the end) → ``0..depth-1``.
+
+    Raises:
+        TypeError: ``layer`` is not an int.
+        ValueError: it is out of range for a model with ``depth`` blocks.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layers must hold ints, got {layer!r}.")
+    if not -depth <= layer < depth:
+        raise ValueError(
+            f"layer {layer} is out of range for a model with {depth} blocks "
+            f"(valid: {-depth}..{depth - 1})."
+        )
+    return layer % depth
+
+
+def resolve_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int, ...]:
+    """``None`` (all blocks) or a sequence of block indices → sorted, distinct indices.
+
+    Raises:
+        TypeError: ``layers`` is not a sequence of ints (a single int included).
+        ValueError: it is empty, out of range, or names a block twice.
+    """
+    if layers is None:
+        return tuple(range(depth))
+    if isinstance(layers, (int, str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"layers must be None (all blocks) or a sequence of block indices, got {layers!r}; "
+            "for one block write layers=[i]."
+        )
+    if len(layers) == 0:
+        raise ValueError("layers is empty: pass None for all blocks or at least one block index.")
+    resolved = [resolve_layer(layer, depth) for layer in layers]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers={list(layers)} names the same block more than once.")
+    return tuple(sorted(resolved))
+
+
+def check_image(image: object, method: str = "LeGrad") -> Tensor:
+    """A finite floating point image batch ``(B, C, H, W)``, or a ``ValueError`` saying why not."""
+    if not isinstance(image, Tensor):
+        raise ValueError(f"inputs must be tensors, got {type(image).__name__}.")
+    if image.dim() != 4:
+        raise ValueError(
+            f"{method} explains images: the first input must be (B, C, H, W), got shape "
+            f"{tuple(image.shape)}."
+        )
+    if not image.is_floating_point():
+        raise ValueError(
+            f"inputs must be floating point images, got dtype {image.dtype}; convert with "
+            "x.float() (and normalise as the model expects)."
+        )
+    if image.numel() and not bool(torch.isfinite(image).all()):
+        raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite images.")
+    return image
+
+
+def check_output(output: object) -> str:
+    """``output`` if it is one of :data:`OUTPUTS`."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+    return str(output)
+
+
+def check_interpolate_mode(mode: object) -> str:
+    """``mode`` if it is one of :data:`INTERPOLATE_MODES`."""
+    if mode not in INTERPOLATE_MODES:
+        raise ValueError(f"interpolate_mode must be one of {INTERPOLATE_MODES}, got {mode!r}.")
+    return str(mode)
+
+
+def check_internal_batch_size(value: object) -> Optional[int]:
+    """``None`` or a positive int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"internal_batch_size must be a positive int or None, got {value!r}.")
+    return value
