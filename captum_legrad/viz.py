@@ -21,7 +21,7 @@ move a map channels-last: ``attr[i].permute(1, 2, 0).numpy()``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["denormalize", "overlay", "plot_layers", "plot_targets"]
+__all__ = ["denormalize", "overlay", "plot_layers", "plot_targets", "plot_methods", "plot_curves"]
 
 #: A tensor or a NumPy array.
 ArrayLike = Union[Tensor, np.ndarray]
@@ -461,4 +461,150 @@ def plot_layers(
         )
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
+    return _finish(fig, save, dpi)
+
+
+def plot_methods(
+    images: ArrayLike,
+    columns: Mapping[str, ArrayLike],
+    row_labels: Optional[Sequence[str]] = None,
+    *,
+    masks: Optional[ArrayLike] = None,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    panel_size: float = 1.8,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""Methods side by side: one row per image, the image, then one column per method.
+
+    Args:
+
+        images (Tensor or numpy.ndarray): ``(N, C, H, W)``.
+        columns (Mapping[str, Tensor or numpy.ndarray]): Method name → its ``(N, H, W)``,
+                    ``(N, 1, H, W)`` or ``(N, C, H, W)`` maps, in column order.
+        row_labels (sequence of str, optional): One label per row (e.g. the explained
+                    class), drawn left of the image.
+                    Default: None
+        masks (Tensor or numpy.ndarray, optional): ``(N, H, W)`` ground-truth masks,
+                    outlined in white on the image column.
+                    Default: None
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: 1.8
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``N`` rows and ``1 + len(columns)`` columns.
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_methods
+        >>> fig = plot_methods(x, {"LeGrad": legrad_maps, "GradCAM": gradcam_maps})
+    """
+    imgs = _batched(images, 4, "images")
+    rows = imgs.shape[0]
+    names = list(columns)
+    labels = list(row_labels) if row_labels is not None else None
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"{len(labels)} row labels for {rows} images: give one per image.")
+    outlines = _tensor(masks, "masks").float() if masks is not None else None
+    fig = _matplotlib()(
+        figsize=(panel_size * (1 + len(names)), panel_size * rows), layout="constrained"
+    )
+    axes = fig.subplots(rows, 1 + len(names), squeeze=False)
+    for row in range(rows):
+        rgb = denormalize(imgs[row], mean, std)
+        size = (rgb.shape[0], rgb.shape[1])
+        _draw(
+            axes[row, 0],
+            rgb,
+            None,
+            alpha=alpha,
+            cmap=cmap,
+            vmin=None,
+            vmax=None,
+            title="image" if row == 0 else None,
+            colorbar=False,
+        )
+        if outlines is not None:
+            axes[row, 0].contour(outlines[row].numpy(), levels=[0.5], colors="white")
+        if labels is not None:
+            axes[row, 0].set_axis_on()
+            axes[row, 0].set_xticks([])
+            axes[row, 0].set_yticks([])
+            axes[row, 0].set_ylabel(labels[row], fontsize="small")
+        for col, name in enumerate(names, start=1):
+            _draw(
+                axes[row, col],
+                rgb,
+                _map(_tensor(columns[name], name)[row], size, name),
+                alpha=alpha,
+                cmap=cmap,
+                vmin=None,
+                vmax=None,
+                title=name if row == 0 else None,
+                colorbar=False,
+            )
+    return _finish(fig, save, dpi)
+
+
+def plot_curves(
+    fractions: Sequence[float],
+    curves: Mapping[str, Tuple[ArrayLike, ArrayLike]],
+    *,
+    ylabel: str = "accuracy",
+    figsize: Tuple[float, float] = (10.0, 4.0),
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""Positive and negative perturbation curves, one line per method.
+
+    Args:
+
+        fractions (sequence of float): Fractions of patches removed (the x axis).
+        curves (Mapping[str, tuple]): Method name → (positive curve, negative curve), each
+                    with one value per fraction.
+        ylabel (str, optional): What the curves measure.
+                    Default: "accuracy"
+        figsize (tuple[float, float], optional): Figure size in inches.
+                    Default: (10.0, 4.0)
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with two panels (positive, negative).
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_curves
+        >>> fig = plot_curves([0.0, 0.1, 0.2], {"LeGrad": (pos, neg)}, save="curves.png")
+    """
+    fig = _matplotlib()(figsize=figsize, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    x = [100 * f for f in fractions]
+    for name, (positive, negative) in curves.items():
+        for ax, curve in zip(axes, (positive, negative)):
+            ax.plot(x, _tensor(curve, name).numpy(), marker="o", markersize=3, label=name)
+    axes[0].set_title("positive perturbation (most relevant removed first) ↓", fontsize="small")
+    axes[1].set_title("negative perturbation (least relevant removed first) ↑", fontsize="small")
+    for ax in axes:
+        ax.set_xlabel("% of patches removed")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[1].legend(fontsize="small")
     return _finish(fig, save, dpi)

@@ -17,7 +17,7 @@ TINY: Dict[str, Any] = dict(
     pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5
 )
 
-#: name -> (timm architecture, extra kwargs). Each is a family SPEC §3 lists.
+#: name -> (timm architecture, extra kwargs). Each is a variant docs/models.md lists.
 TIMM_MODELS: Dict[str, tuple] = {
     "vit": ("vit_tiny_patch16_224", {}),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),

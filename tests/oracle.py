@@ -1,4 +1,4 @@
-"""Independent test oracle for LeGrad, written only from SPEC §1 (arXiv 2404.03214).
+"""Independent test oracle for LeGrad, written only from docs/method.md (arXiv 2404.03214).
 
 This module is a plain, deliberately slow reference implementation of LeGrad for timm
 ``VisionTransformer`` and ``Eva`` models. It does not import or read anything from the

@@ -1,4 +1,4 @@
-"""Independent LeGrad oracle for Hugging Face transformers models, written from SPEC §1.
+"""Independent LeGrad oracle for Hugging Face transformers models, written from docs/method.md.
 
 It imports nothing from ``captum_legrad`` and uses HF's own mechanism to obtain the
 attention probabilities: a deep copy of the model is switched to the eager attention

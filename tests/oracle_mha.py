@@ -1,11 +1,12 @@
-"""Independent oracle for ``nn.MultiheadAttention`` ViTs (torchvision, OpenCLIP), from SPEC §1.
+"""Independent oracle for ``nn.MultiheadAttention`` ViTs (torchvision, OpenCLIP), from
+docs/method.md.
 
 It does not use ``captum_legrad``. Attention probabilities are obtained the TorchCAM way:
 every hooked ``nn.MultiheadAttention`` is called with ``need_weights=True,
 average_attn_weights=False`` (a forward pre-hook), and a forward hook replays its output as
 ``out_proj(A · V)`` with ``A`` a fresh leaf holding the returned probabilities. The
 replayed output equals the original, and since every ``A`` is a leaf, ``∂s^l/∂A^l`` is the
-partial derivative SPEC §1 asks for, one ``autograd.grad`` per layer.
+partial derivative docs/method.md asks for, one ``autograd.grad`` per layer.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def _custom_spec(model: TinyCustomViT) -> ViTSpec:
 
 
 def _custom_oracle(model: TinyCustomViT, x: Tensor, target: Tensor) -> Tensor:
-    """SPEC §1 by hand on the model's explicit path: per-layer autograd.grad loop."""
+    """docs/method.md by hand on the model's explicit path: per-layer autograd.grad loop."""
     for layer in model.layers:
         layer.explicit, layer.attn.keep = True, []
     outs: list = []
@@ -185,6 +185,84 @@ def test_spec_validation() -> None:
         ViTSpec(**{**spec.__dict__, "blocks": (), "attentions": ()})
     with pytest.raises(AttributeError):
         spec.num_prefix_tokens = 3  # type: ignore[misc]  # frozen
+    with pytest.raises(ValueError, match="pool_query"):
+        ViTSpec(**{**spec.__dict__, "pool_query": 0})
+    pooler = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="no mean-pooled variant"):
+        ViTSpec(**{**spec.__dict__, "pool_attention": pooler})
+    pooled = ViTSpec(**{**spec.__dict__, "pool_attention": pooler, "readout": None})
+    assert pooled.read("mean") is pooled.read("model") is spec.model_readout
+    with pytest.raises(ValueError, match="readout"):
+        ViTSpec(**{**spec.__dict__, "readout": None})
+    with pytest.raises(ValueError, match="patch_size"):
+        ViTSpec(**{**spec.__dict__, "patch_size": (0, 6)})
+    with pytest.raises(ValueError, match=r"nn\.Module"):
+        ViTSpec(**{**spec.__dict__, "attentions": (None,) * 3})
+
+
+def test_token_input_is_named_by_the_spec() -> None:
+    """Blocks called with the tokens as a keyword are cut from the graph too."""
+    from captum_legrad import TokenInput
+
+    model = TinyCustomViT().eval()
+    spec = _custom_spec(model)
+    assert spec.token_input == TokenInput("x", 0)  # the first parameter of forward
+    x = torch.randn(2, 3, 24, 36)
+    target = torch.tensor([1, 3])
+    expected = _custom_oracle(model, x, target)
+
+    class KeywordCalls(nn.Module):
+        """The same model, calling its blocks with ``tokens=`` as a keyword."""
+
+        def __init__(self, inner: TinyCustomViT) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images: Tensor) -> Tensor:
+            inner = self.inner
+            tokens = inner.embed(images).flatten(2).transpose(1, 2)
+            tokens = torch.cat([inner.registers.expand(len(images), -1, -1), tokens], dim=1)
+            for layer in inner.layers:
+                tokens = layer(x=tokens)
+            return inner.classifier(inner.final(tokens[:, 2:].mean(1)))
+
+    wrapped = KeywordCalls(model)
+    got = LeGrad(wrapped, spec=spec).attribute(x, target=target, output="map")
+    assert (got - expected).abs().max() <= 1e-5
+    wrong = ViTSpec(**{**spec.__dict__, "token_input": TokenInput("hidden_states", 3)})
+    with pytest.raises(CaptureError, match="hidden_states"):
+        LeGrad(wrapped, spec=wrong).attribute(x, target=target)
+
+
+def test_patch_layout_selects_the_patch_keys() -> None:
+    """A layout rule picks the patch keys wherever they are (here: registers last)."""
+    from captum_legrad import PatchLayout
+
+    values = torch.arange(2 * 9, dtype=torch.float32).view(2, 9)  # (B, N_k): 8 patches + 1
+    layout = PatchLayout(torch.arange(0, 8), (2, 4))
+    assert torch.equal(layout.gather(values), values[:, :8].view(2, 2, 4))
+    per_sample = PatchLayout(
+        torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7]]), (2, 4)
+    )
+    got = per_sample.gather(values)
+    assert torch.equal(got[0], values[0, 1:].view(2, 4))
+    assert torch.equal(got[1], values[1, :8].view(2, 4))
+    with pytest.raises(ValueError, match="positions"):
+        PatchLayout(torch.arange(7), (2, 4))
+    model = TinyCustomViT().eval()
+    spec = _custom_spec(model)
+    x = torch.randn(1, 3, 24, 36)
+    default = spec.patch_layout((x,), 2 + 24)
+    assert torch.equal(default.keys, torch.arange(2, 26)) and default.grid == (4, 6)
+    # A custom rule is used by the computation: a layout naming the wrong keys changes the map.
+    shifted = ViTSpec(
+        **{**spec.__dict__, "layout": lambda inputs, n: PatchLayout(torch.arange(0, 24), (4, 6))}
+    )
+    right = LeGrad(model, spec=spec).attribute(x, target=1, output="grid", normalize=False)
+    other = LeGrad(model, spec=shifted).attribute(x, target=1, output="grid", normalize=False)
+    per_key = LeGrad(model, spec=spec).attribute_layers(x, target=1).sum(1)
+    assert torch.allclose(right[:, 0], per_key)
+    assert not torch.allclose(right, other)
 
 
 def test_discover_timm_fields() -> None:

@@ -1,4 +1,4 @@
-"""SPEC §5: bad input gets a clear error, and nothing is changed."""
+"""Bad input gets a clear error, and nothing is changed (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -53,11 +53,45 @@ def test_bad_targets(vit: torch.nn.Module, images, target: object, needle: str) 
     assert "(2, 5)" in str(info.value)  # names the output shape
 
 
-def test_bad_multi_targets(vit: torch.nn.Module, images) -> None:
-    legrad = LeGrad(vit)
-    for targets in ([], [1, 9], torch.tensor([[1, 2]]), "ab"):
-        with pytest.raises(TargetError):
-            legrad.attribute_multi(images(2), targets=targets)  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    "targets, needle",
+    [
+        ([], "no targets given"),
+        ([1, 9], "index 9 is out of range for size 5"),
+        (torch.tensor([[1, 2]]), r"must be \(2, K\)"),
+        (torch.tensor(3), "got a 0-D tensor"),
+        (torch.tensor([[[1]]]), "got a 3-D tensor"),
+        ("ab", "sequence of class indices"),
+        (7, "sequence of class indices"),
+    ],
+)
+def test_bad_multi_targets(vit: torch.nn.Module, images, targets: object, needle: str) -> None:
+    with pytest.raises(TargetError, match=needle):
+        LeGrad(vit).attribute_multi(images(2), targets=targets)  # type: ignore[arg-type]
+
+
+def test_baselines_raise_the_errors_legrad_raises(vit: torch.nn.Module, images) -> None:
+    """One set of argument rules: the same mistake, the same Captum-style error."""
+    from captum_legrad.baselines import GenericAttention, RawAttention, ViTGradCAM
+
+    x = images(2)
+    with pytest.raises(TargetError) as ours:
+        LeGrad(vit).attribute(x, target=7)
+    for method in (GenericAttention(vit), ViTGradCAM(vit)):
+        with pytest.raises(TargetError) as theirs:
+            method.attribute(x, target=7)
+        assert str(theirs.value) == str(ours.value)
+    with pytest.raises(ValueError) as ours_layer:
+        LeGrad(vit, layers=[9])
+    for make in (RawAttention, ViTGradCAM):
+        with pytest.raises(ValueError) as theirs_layer:
+            make(vit, layer=9)
+        assert str(theirs_layer.value) == str(ours_layer.value)
+        assert "out of range for a model with 3 blocks" in str(theirs_layer.value)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        GenericAttention(vit).attribute(torch.zeros(3, 32, 32), target=1)
+    with pytest.raises(ValueError, match="output must be one of"):
+        RawAttention(vit).attribute(x, output="picture")
 
 
 @pytest.mark.parametrize(
@@ -116,6 +150,7 @@ def test_bad_options(vit: torch.nn.Module, images) -> None:
 def test_wrong_image_size_for_static_model(vit: torch.nn.Module) -> None:
     # The model itself refuses a size it does not accept; LeGrad does not resize anything.
     before = vit.pos_embed.detach().clone()
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="doesn't match model") as info:
         LeGrad(vit).attribute(torch.randn(1, 3, 48, 48), target=1)
+    assert not isinstance(info.value, TargetError)  # timm's own assertion, not ours
     assert torch.equal(vit.pos_embed, before)

@@ -1,4 +1,5 @@
-"""LeGrad equals an independent per-layer autograd loop written from SPEC §1 (tests/oracle.py)."""
+"""LeGrad equals an independent per-layer autograd loop written from docs/method.md
+(tests/oracle.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from conftest import TIMM_MODELS, make_model
 from oracle import oracle_layer_maps, oracle_legrad
 
-from captum_legrad import LeGrad
+from captum_legrad import LeGrad, discover
 
 # Final maps are min-max normalised to [0, 1]: compare absolutely. Per-layer maps are raw
 # gradients whose scale ranges from 1e-7 (Eva, LayerScale) to 1e-2: compare relative to it.
@@ -45,18 +46,21 @@ def test_matches_oracle(model_key: str, pooling: str, layers: object) -> None:
 
 
 def test_every_family_is_covered() -> None:
-    # The SPEC §3 timm row: plain, distilled (2 prefix), deit3, DINOv2 registers, SigLIP MAP,
-    # avg-pool, Eva, dynamic size.
-    assert {
-        "vit",
-        "deit_distilled",
-        "deit3",
-        "dinov2_reg",
-        "siglip_map",
-        "avgpool_fcnorm",
-        "eva",
-        "vit_dynamic",
-    } <= set(TIMM_MODELS)
+    """The models above span the timm variants docs/models.md lists, by their real properties."""
+    from timm.models.eva import Eva
+
+    models = {key: make_model(key) for key in TIMM_MODELS}
+    specs = {key: discover(model) for key, model in models.items()}
+    assert {spec.family for spec in specs.values()} == {"timm"}
+    # plain CLS, distilled (CLS + distillation), DINOv2 registers (CLS + 4), SigLIP (none)
+    assert {spec.num_prefix_tokens for spec in specs.values()} >= {0, 1, 2, 5}
+    assert any(spec.pool_attention is not None for spec in specs.values())  # SigLIP MAP
+    assert any(getattr(m, "global_pool", None) == "avg" for m in models.values())
+    assert any(isinstance(m, Eva) for m in models.values())
+    assert any(getattr(m, "dynamic_img_size", False) for m in models.values())
+    assert any(  # deit3: LayerScale blocks
+        type(getattr(m.blocks[0], "ls1", None)).__name__ == "LayerScale" for m in models.values()
+    )
 
 
 @pytest.mark.parametrize("size", [(32, 48), (48, 24), (40, 40)])

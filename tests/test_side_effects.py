@@ -1,4 +1,5 @@
-"""SPEC §4: the user's model (and the process) is exactly as before, also when a call raises."""
+"""The user's model (and the process) is exactly as before, also when a call raises
+(docs/design.md)."""
 
 from __future__ import annotations
 

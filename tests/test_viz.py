@@ -172,3 +172,50 @@ def test_missing_matplotlib_names_the_viz_extra(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # type: ignore[arg-type]
     with pytest.raises(ImportError, match=r"captum-legrad\[viz\]"):
         viz.overlay(pictures(1)[0], torch.rand(32, 32))
+
+
+def test_plot_methods_one_row_per_image_one_column_per_method(legrad: LeGrad) -> None:
+    images = pictures(2)
+    maps = legrad.attribute(normalize(images), target=1, output="map")[:, 0]
+    masks = torch.zeros(2, 32, 32)
+    masks[:, 8:20, 8:20] = 1
+    fig = viz.plot_methods(
+        normalize(images),
+        {"LeGrad": maps, "flipped": maps.flip(-1)},
+        ["a", "b"],
+        masks=masks,
+        mean=MEAN,
+        std=STD,
+    )
+    axes = np.asarray(fig.axes).reshape(2, 3)
+    assert [ax.get_title() for ax in axes[0]] == ["image", "LeGrad", "flipped"]
+    assert [axes[r, 0].get_ylabel() for r in range(2)] == ["a", "b"]
+    np.testing.assert_allclose(drawn(axes[1, 0], 0), images[1].permute(1, 2, 0), atol=1e-6)
+    np.testing.assert_allclose(drawn(axes[0, 2], 1), maps[0].flip(-1), atol=1e-6)
+    assert len(axes[0, 0].collections) > 0  # the mask outline
+
+
+def test_plot_curves_draws_both_curves_per_method(tmp_path: Path) -> None:
+    positive, negative = torch.tensor([1.0, 0.5, 0.1]), torch.tensor([1.0, 0.9, 0.8])
+    fig = viz.plot_curves(
+        [0.0, 0.1, 0.2], {"LeGrad": (positive, negative)}, save=tmp_path / "c.png"
+    )
+    left, right = fig.axes
+    np.testing.assert_allclose(left.lines[0].get_ydata(), positive.numpy())
+    np.testing.assert_allclose(right.lines[0].get_ydata(), negative.numpy())
+    np.testing.assert_allclose(left.lines[0].get_xdata(), [0.0, 10.0, 20.0])
+    assert imread(tmp_path / "c.png").ndim == 3
+
+
+def test_reports_leave_the_pyplot_backend_alone(tmp_path: Path) -> None:
+    """The evaluation's figures go through viz: no library module switches the backend."""
+    import matplotlib
+
+    from captum_legrad.eval import report  # noqa: F401  (imported for its side effects, if any)
+
+    before = matplotlib.get_backend()
+    viz.plot_curves([0.0, 0.5], {"m": (torch.ones(2), torch.zeros(2))}, save=tmp_path / "c.png")
+    assert matplotlib.get_backend() == before
+    assert "matplotlib.use(" not in "".join(
+        p.read_text() for p in (Path(__file__).parents[1] / "captum_legrad").rglob("*.py")
+    )

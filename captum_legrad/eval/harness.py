@@ -255,6 +255,26 @@ class EvalOutcome:
         for value in [*self.sums.values(), self.model_sums]:
             value.all_reduce(device)
 
+    def results(self, config: EvalConfig) -> Dict[str, Dict[str, float]]:
+        """Method key → final metrics (:func:`summarize`)."""
+        return {name: summarize(value, config) for name, value in self.sums.items()}
+
+    def curves(self, kind: str = "accuracy") -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Method key → mean (positive, negative) perturbation curves, where measured."""
+        found = {name: mean_curves(value, kind) for name, value in self.sums.items()}
+        return {name: pair for name, pair in found.items() if pair is not None}
+
+    @property
+    def images(self) -> int:
+        """Number of images evaluated."""
+        return int(self.model_sums["images"])
+
+    @property
+    def accuracy(self) -> float:
+        """The model's classification accuracy in percent (NaN without labels)."""
+        labelled = float(self.model_sums["labelled"])
+        return float(100 * self.model_sums["correct"] / labelled) if labelled else float("nan")
+
 
 def evaluate_batches(
     model: nn.Module,

@@ -1,5 +1,6 @@
-"""Loading a model for the command line: ``default``, ``timm:NAME``, ``open_clip:NAME``,
-``hf:PATH``, with local weights only.
+"""Loading a model for the command line: ``default`` (the bundled shapes ViT) or
+``FAMILY:NAME`` for every family of :data:`captum_legrad.families.FAMILIES` (``timm:NAME``,
+``open_clip:NAME``, ``hf:PATH``, ``torchvision:NAME``), with local weights only.
 
 Each loader returns a :class:`LoadedModel`: the module to explain (scores ``(B, K)``), the
 input size and normalisation, class names when known, and for image-text models a way to
@@ -8,6 +9,7 @@ turn prompts into a model whose scores are the prompts' similarities.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoadedModel", "ModelError", "load_model", "load_weights"]
+__all__ = [
+    "LoadedModel",
+    "ModelError",
+    "load_model",
+    "load_weights",
+    "model_choices",
+    "load_timm",
+    "load_open_clip",
+    "load_hf",
+    "load_torchvision",
+]
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -104,7 +116,8 @@ def _import(module: str, extra: str) -> Any:
         ) from error
 
 
-def _pair(value: Any) -> Tuple[int, int]:
+def _spatial_size(value: Any) -> Tuple[int, int]:
+    """``(H, W)``: the last two entries of a size such as ``(3, H, W)``, or ``(s, s)``."""
     if isinstance(value, (tuple, list)):
         return int(value[-2]), int(value[-1])
     return int(value), int(value)
@@ -120,16 +133,17 @@ def _default(weights: Optional[Path]) -> LoadedModel:
     kwargs = config["model_kwargs"]
     return LoadedModel(
         model=model,
-        image_size=_pair(config["image_size"]),
+        image_size=_spatial_size(config["image_size"]),
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         classes=list(config["classes"]),
         multilabel=bool(config.get("multilabel", False)),
-        patch_size=_pair(kwargs["patch_size"]),
+        patch_size=_spatial_size(kwargs["patch_size"]),
     )
 
 
-def _timm(name: str, weights: Optional[Path], num_classes: Optional[int]) -> LoadedModel:
+def load_timm(name: str, weights: Optional[Path], num_classes: Optional[int]) -> LoadedModel:
+    """A timm model by name, with ``weights`` from a local file."""
     timm = _import("timm", "timm")
     kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     try:
@@ -141,14 +155,19 @@ def _timm(name: str, weights: Optional[Path], num_classes: Optional[int]) -> Loa
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
     return LoadedModel(
         model=model.eval(),
-        image_size=_pair(cfg.get("input_size", (3, 224, 224))),
+        image_size=_spatial_size(cfg.get("input_size", (3, 224, 224))),
         mean=tuple(cfg.get("mean", _IMAGENET_MEAN)),
         std=tuple(cfg.get("std", _IMAGENET_STD)),
-        patch_size=_pair(patch),
+        patch_size=_spatial_size(patch),
     )
 
 
-def _open_clip(name: str, weights: Optional[Path]) -> LoadedModel:
+def load_open_clip(
+    name: str, weights: Optional[Path], num_classes: Optional[int] = None
+) -> LoadedModel:
+    """An OpenCLIP model by config name, with ``weights`` from a local file."""
+    if num_classes is not None:
+        raise ModelError("--num-classes does not apply to open_clip models (prompts are classes).")
     open_clip = _import("open_clip", "open_clip")
     if name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model {name!r}; see open_clip.list_models().")
@@ -166,11 +185,11 @@ def _open_clip(name: str, weights: Optional[Path]) -> LoadedModel:
 
     return LoadedModel(
         model=model,
-        image_size=_pair(getattr(visual, "image_size", 224)),
+        image_size=_spatial_size(getattr(visual, "image_size", 224)),
         mean=tuple(cfg.get("mean", _CLIP_MEAN)),
         std=tuple(cfg.get("std", _CLIP_STD)),
         with_prompts=with_prompts,
-        patch_size=_pair(getattr(visual, "patch_size", 16)),
+        patch_size=_spatial_size(getattr(visual, "patch_size", 16)),
     )
 
 
@@ -186,7 +205,14 @@ class _Logits(nn.Module):
         return logits
 
 
-def _hf(path_text: str) -> LoadedModel:
+def load_hf(
+    path_text: str, weights: Optional[Path] = None, num_classes: Optional[int] = None
+) -> LoadedModel:
+    """A transformers model from a local folder (``config.json`` and weights)."""
+    if weights is not None:
+        raise ModelError("hf:PATH loads the weights in the folder; drop --weights.")
+    if num_classes is not None:
+        raise ModelError("hf:PATH takes its classes from the folder's config; drop --num-classes.")
     path = Path(path_text)
     if not path.is_dir():
         raise ModelError(f"hf:PATH must be a local model folder (config.json): {path} not found")
@@ -210,11 +236,11 @@ def _hf(path_text: str) -> LoadedModel:
 
         return LoadedModel(
             model=model,
-            image_size=_pair(vision.image_size),
+            image_size=_spatial_size(vision.image_size),
             mean=mean,
             std=std,
             with_prompts=with_prompts,
-            patch_size=_pair(vision.patch_size),
+            patch_size=_spatial_size(vision.patch_size),
         )
     model = transformers.AutoModelForImageClassification.from_pretrained(
         str(path), local_files_only=True
@@ -222,39 +248,78 @@ def _hf(path_text: str) -> LoadedModel:
     labels = getattr(config, "id2label", None) or {}
     return LoadedModel(
         model=_Logits(model).eval(),
-        image_size=_pair(getattr(config, "image_size", 224)),
+        image_size=_spatial_size(getattr(config, "image_size", 224)),
         mean=mean,
         std=std,
         classes=[labels[i] for i in sorted(labels)] if labels else None,
-        patch_size=_pair(getattr(config, "patch_size", 16)),
+        patch_size=_spatial_size(getattr(config, "patch_size", 16)),
     )
+
+
+def load_torchvision(
+    name: str, weights: Optional[Path], num_classes: Optional[int] = None
+) -> LoadedModel:
+    """A torchvision ViT by builder name (``vit_b_16``), with ``weights`` from a local file."""
+    torchvision = _import("torchvision", "torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except ValueError as error:  # "Unknown model name"
+        raise ModelError(f"unknown torchvision model {name!r}: {error}") from error
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(
+            f"torchvision:{name} is not a VisionTransformer; LeGrad explains the vit_* models."
+        )
+    _load_into(model, weights, f"torchvision:{name}")
+    return LoadedModel(
+        model=model.eval(),
+        image_size=_spatial_size(model.image_size),
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        patch_size=_spatial_size(model.patch_size),
+    )
+
+
+def model_choices() -> str:
+    """What ``--model`` accepts, from the family registry."""
+    from ..families import FAMILIES
+
+    names = [f"{row.name}:{row.name_hint}" for row in FAMILIES if row.loader is not None]
+    return "default | " + " | ".join(names)
 
 
 def load_model(
     spec: str, weights: Optional[Path] = None, num_classes: Optional[int] = None
 ) -> LoadedModel:
-    """Load ``default``, ``timm:NAME``, ``open_clip:NAME`` or ``hf:PATH`` without network access.
+    """Load ``default`` or ``FAMILY:NAME`` (see :func:`model_choices`) without network access.
+
+    The loader of each family is named in its :data:`~captum_legrad.families.FAMILIES` row.
 
     Raises:
         ModelError: An unknown specification or model name, a missing weights file, weights
             that do not fit, or a missing optional dependency (naming the extra).
     """
+    from ..families import family
+
     if spec == "default":
+        if num_classes is not None:
+            raise ModelError(
+                "--model default is the bundled shapes model with its own classes; "
+                "drop --num-classes."
+            )
         return _default(weights)
-    family, _, name = spec.partition(":")
-    if not name:
-        raise ModelError(
-            f"unknown model {spec!r}: use default, timm:NAME, open_clip:NAME or hf:PATH."
-        )
-    if family == "timm":
-        return _timm(name, weights, num_classes)
-    if family == "open_clip":
-        return _open_clip(name, weights)
-    if family == "hf":
-        if weights is not None:
-            raise ModelError("hf:PATH loads the weights in the folder; drop --weights.")
-        return _hf(name)
-    raise ModelError(
-        f"unknown model family {family!r} in {spec!r}: use default, timm:NAME, "
-        "open_clip:NAME or hf:PATH."
-    )
+    prefix, colon, name = spec.partition(":")
+    if not colon or not name:
+        raise ModelError(f"unknown model {spec!r}: use {model_choices()}.")
+    try:
+        row = family(prefix)
+    except KeyError:
+        row = None
+    if row is None or row.loader is None:
+        raise ModelError(f"unknown model family {prefix!r} in {spec!r}: use {model_choices()}.")
+    module_name, _, function = row.loader.partition(":")
+    loader = getattr(importlib.import_module(module_name), function)
+    loaded: LoadedModel = loader(name, weights, num_classes)
+    return loaded

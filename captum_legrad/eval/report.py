@@ -1,0 +1,110 @@
+"""Writing evaluation results: the Markdown table, the CSV and the figures.
+
+Figures are drawn by :mod:`captum_legrad.viz` (matplotlib without pyplot), so writing a
+report changes no process-wide state.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import viz
+from .harness import COLUMNS, METHODS, EvalOutcome
+from .metrics import DEFAULT_FRACTIONS
+from .models import LoadedModel
+
+__all__ = ["markdown_table", "write_csv", "write_report", "save_examples", "save_curves"]
+
+Results = Dict[str, Dict[str, float]]
+
+
+def _display_name(key: str) -> str:
+    return METHODS[key][0] if key in METHODS else key
+
+
+def _format(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.1f}"
+
+
+def markdown_table(results: Results) -> str:
+    """A Markdown table of the measured columns, one row per method."""
+    columns = [
+        (key, header)
+        for key, header in COLUMNS
+        if any(not math.isnan(row.get(key, float("nan"))) for row in results.values())
+    ]
+    lines = [
+        "| Method | " + " | ".join(header for _, header in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for name, row in results.items():
+        cells = [_format(row.get(key, float("nan"))) for key, _ in columns]
+        lines.append(f"| {_display_name(name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, results: Results) -> None:
+    """Every measured value, one row per method."""
+    keys = sorted({key for row in results.values() for key in row})
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", *keys])
+        for name, row in results.items():
+            writer.writerow([name, *(f"{row.get(key, float('nan')):.6g}" for key in keys)])
+
+
+def write_report(out: Path, title: str, description: List[str], results: Results) -> str:
+    """``out/results.md`` (title, description, table) and ``out/results.csv``; returns the table."""
+    table = markdown_table(results)
+    text = "\n".join([f"# {title}", "", *description, "", table, ""])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text, encoding="utf-8")
+    write_csv(out / "results.csv", results)
+    return table
+
+
+def save_examples(
+    path: Path,
+    loaded: LoadedModel,
+    outcome: EvalOutcome,
+    methods: Optional[Sequence[str]] = None,
+    classes: Optional[Sequence[str]] = None,
+) -> bool:
+    """The kept example pairs, the image and one overlay per method; False if none were kept."""
+    batch, maps = outcome.example_batch, outcome.example_maps
+    if batch is None or not maps:
+        return False
+    shown: Mapping[str, Tensor] = {
+        _display_name(k): v for k, v in maps.items() if methods is None or k in methods
+    }
+    n = next(iter(shown.values())).shape[0]
+    labels = [
+        str(classes[int(t)]) if classes is not None else str(int(t)) for t in batch.targets[:n]
+    ]
+    masks = batch.masks[:n].cpu() if batch.masks is not None else None
+    viz.plot_methods(
+        batch.images[:n].cpu(),
+        shown,
+        labels,
+        masks=masks,
+        mean=torch.tensor(loaded.mean),
+        std=torch.tensor(loaded.std),
+        save=path,
+    )
+    return True
+
+
+def save_curves(path: Path, outcome: EvalOutcome) -> bool:
+    """The mean perturbation curves of every method; False if none were measured."""
+    curves = outcome.curves()
+    if not curves:
+        return False
+    named = {_display_name(name): value for name, value in curves.items()}
+    viz.plot_curves(DEFAULT_FRACTIONS, named, save=path)
+    return True
