@@ -1,4 +1,4 @@
-"""The ``captum-legrad`` command line: ``demo``, ``explain`` and ``eval``.
+"""The ``captum-legrad`` command line: ``demo``, ``explain``, ``eval`` and ``app``.
 
     captum-legrad demo --out out/demo
     captum-legrad explain photo.jpg --model timm:vit_base_patch16_224 --weights vit.safetensors \\
@@ -302,6 +302,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """``captum-legrad app``: the interactive explorer in the browser."""
+    from .app import ExplorerError, launch
+
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(
+            f"captum-legrad: the explorer will be reachable from other machines on {args.host}",
+            file=sys.stderr,
+        )
+    try:
+        launch(args.model, args.weights, host=args.host, port=args.port)
+    except (ExplorerError, ImportError) as error:
+        raise CLIError(str(error)) from error
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -337,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", type=Path, required=True)
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
     explain.set_defaults(func=cmd_explain)
+
+    explorer = sub.add_parser("app", help="the interactive LeGrad explorer (Gradio, app extra)")
+    explorer.add_argument("--model", default="default", help=model_choices())
+    explorer.add_argument("--weights", type=Path, help=".safetensors or torch.save state dict")
+    explorer.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 makes it public"
+    )
+    explorer.add_argument("--port", type=int, help="port (default: the first free from 7860)")
+    explorer.set_defaults(func=cmd_app)
 
     ev = sub.add_parser("eval", help="localisation and perturbation metrics, LeGrad vs baselines")
     ev.add_argument("--dataset", choices=("shapes", "imagenet-seg", "openimages"), required=True)

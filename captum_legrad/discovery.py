@@ -69,9 +69,10 @@ def discover(model: object) -> ViTSpec:
     Wrappers (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``) are
     looked through: LeGrad then runs the module they wrap, eagerly, in the calling thread
     (``docs/design.md``, "Threads, processes and compiled models"). A compiled *submodule*
-    is refused, since the model's own forward would run it compiled. The model itself is tried first, then its submodules breadth-first, so
-    a wrapper such as ``nn.Sequential(normalize, vit)`` is recognised too (the scores
-    LeGrad differentiates then come from the inner ViT's head).
+    is refused, since the model's own forward would run it compiled. The model itself is
+    tried first, then its submodules breadth-first, so a wrapper such as
+    ``nn.Sequential(normalize, vit)`` is recognised too (the scores LeGrad differentiates
+    then come from the inner ViT's head).
 
     Args:
         model: A supported ViT (see the model-family table in the documentation), or a
