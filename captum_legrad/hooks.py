@@ -69,9 +69,7 @@ class ScopedHooks:
 
         ``always_call=True`` runs the hook also when the module's forward raises.
         """
-        self._handles.append(
-            module.register_forward_hook(self._own(hook), always_call=always_call)
-        )
+        self._handles.append(module.register_forward_hook(self._own(hook), always_call=always_call))
 
     def remove(self) -> None:
         """Remove every hook registered so far."""

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
+from .resize import InputSize
 
 __all__ = ["ViTSpec", "discover", "Readout", "GridRule", "UnsupportedModelError"]
 
@@ -63,6 +64,11 @@ class ViTSpec:
             (HF ``CLIPModel`` / ``SiglipModel`` take ``input_ids`` first): a bound method of
             that model that runs it on images (``get_image_features``). ``LeGrad(model)``
             calls it in place of the model; any other ``forward_func`` is called as given.
+        input_size: How the model runs at input sizes other than its training size (a
+            :class:`~captum_legrad.resize.InputSize`: the native size, the patch size and
+            the hooks that resample the position embedding for one call). ``None`` (the
+            default, e.g. for custom specs): LeGrad runs the model at whatever size it is
+            given and checks nothing.
     """
 
     family: str
@@ -78,6 +84,7 @@ class ViTSpec:
     pool_query: Optional[int] = None
     batch_first: bool = True
     image_forward: Optional[Callable[..., Any]] = None
+    input_size: Optional[InputSize] = None
 
     def __post_init__(self) -> None:
         if len(self.blocks) == 0:
