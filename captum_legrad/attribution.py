@@ -35,6 +35,7 @@ from .compute import (
     upsample,
 )
 from .discovery import discover, unwrap
+from .resize import at_input_size
 from .spec import ViTSpec
 from .targets import Index, count_targets, multi_target_index, target_index
 
@@ -110,6 +111,16 @@ class LeGrad(GradientAttribution):
         spec (ViTSpec, optional): Describes a custom ViT instead of
                     :func:`~captum_legrad.discover`.
                     Default: None
+        resize_pos_embed (bool, optional): Images of another size than the model's
+                    training size (any multiple of the patch size, also non-square)
+                    are explained with the position embedding resampled for the call
+                    (bicubic with antialias, prefix tokens kept, as the reference code
+                    and timm do; HF models use their own ``interpolate_pos_encoding``),
+                    without changing the model. The model then runs outside its
+                    training resolution. ``False`` raises a ``ValueError`` for such
+                    sizes instead. Models that take any size themselves (timm
+                    ``dynamic_img_size=True``) are run as they are either way.
+                    Default: True
 
     Examples::
 
@@ -130,6 +141,7 @@ class LeGrad(GradientAttribution):
         *,
         pooling: str = "mean",
         spec: Optional[ViTSpec] = None,
+        resize_pos_embed: bool = True,
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
         if pooling not in POOLINGS:
@@ -139,6 +151,7 @@ class LeGrad(GradientAttribution):
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.pooling = pooling
+        self.resize_pos_embed = bool(resize_pos_embed)
 
     @classmethod
     def get_name(cls) -> str:
@@ -201,14 +214,20 @@ class LeGrad(GradientAttribution):
         parts = []
         for start in range(0, batch, step):
             rows = slice(start, min(batch, start + step))
-            result = run_forward(
-                self.spec,
-                forward,
-                tuple(t[rows] for t in inputs),
-                tuple(_slice_batch(arg, batch, rows) for arg in args),
-                self.layers,
-                self.pooling,
-            )
+            with at_input_size(
+                self.spec.input_size,
+                (image.shape[-2], image.shape[-1]),
+                resize_pos_embed=self.resize_pos_embed,
+                family=self.spec.family,
+            ):
+                result = run_forward(
+                    self.spec,
+                    forward,
+                    tuple(t[rows] for t in inputs),
+                    tuple(_slice_batch(arg, batch, rows) for arg in args),
+                    self.layers,
+                    self.pooling,
+                )
             full_shape = torch.Size((batch, *result.output_shape[1:]))
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
             chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CaptureError
+from .resize import InputSize
 
 __all__ = [
     "ViTSpec",
@@ -180,6 +181,11 @@ class ViTSpec:
             (after the ``num_prefix_tokens`` prefix keys), the grid from ``grid``. Models
             whose patches are not the last keys (padding, per-sample grids, image tokens
             inside a text sequence) give their own rule.
+        input_size: How the model runs at input sizes other than its training size (a
+            :class:`~captum_legrad.resize.InputSize`: the native size, the patch size and
+            the hooks that resample the position embedding for one call). ``None`` (the
+            default, e.g. for custom specs): LeGrad runs the model at whatever size it is
+            given and checks nothing.
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -202,6 +208,7 @@ class ViTSpec:
     image_forward: Optional[Callable[..., Any]] = None
     token_input: Optional[TokenInput] = None
     layout: Optional[LayoutRule] = None
+    input_size: Optional[InputSize] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):

@@ -11,6 +11,19 @@ imported)::
 
     python scripts/make_golden_fixtures.py --check tests/fixtures/reference
 
+At a larger input size (the authors' 448² usage on 224² models; issue #16)::
+
+    /work/refvenv/bin/python scripts/make_golden_fixtures.py --scale 2 \
+        --out tests/fixtures/reference_2x
+
+writes, for a small OpenCLIP CLIP (the same weights as above), CoCa and SigLIP (open_clip's
+``TimmModel`` around a tiny timm SigLIP trunk), the reference's maps for images of twice the
+native size (64² on 32² models): ``<model>.json`` (how to build it), ``<model>.safetensors``
+(the pristine ``visual`` state dict), ``<model>_inputs.safetensors`` (``images``,
+``text_embeddings``), ``<model>_reference.safetensors`` (``maps`` (n_images, n_prompts, H, W):
+``LeWrapper(model, layer_index=-2).compute_legrad(T[k:k+1], image=images[i:i+1])``, one image
+and one prompt per call, SigLIP with ``apply_correction=False``) and ``meta.json``.
+
 What is generated (all tensors float32, CPU):
 
 * ``config.json``           -- kwargs for ``open_clip.CLIP(**config)`` (embed_dim, vision_cfg,
@@ -462,6 +475,204 @@ def check(folder: Path):
     return 0 if ok else 1
 
 
+# --------------------------------------------------------------------------------------
+# Larger input sizes (--scale): CLIP, CoCa and SigLIP
+# --------------------------------------------------------------------------------------
+COCA_CONFIG = {
+    "embed_dim": 32,
+    "multimodal_cfg": {
+        "width": 32,
+        "context_length": 16,
+        "heads": 2,
+        "layers": 1,
+        "vocab_size": 100,
+    },
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    "vision_cfg": {
+        "layers": 3,
+        "width": 40,
+        "head_width": 8,
+        "patch_size": 8,
+        "image_size": 32,
+        "attentional_pool": True,
+        "attn_pooler_queries": 4,
+        "attn_pooler_heads": 2,
+        "output_tokens": True,
+    },
+}
+
+#: open_clip ``TimmModel(model_name, embed_dim, image_size, pool, proj)``, its trunk built by
+#: ``timm.create_model(model_name, **trunk_kwargs, num_classes=0, global_pool=pool)``.
+SIGLIP_CONFIG = {
+    "model_name": "vit_base_patch16_siglip_224",
+    "embed_dim": 32,
+    "image_size": 32,
+    "pool": "map",
+    "proj": "none",
+    "trunk_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
+}
+
+
+def build_coca(cfg: dict):
+    import open_clip
+
+    return open_clip.CoCa(
+        embed_dim=cfg["embed_dim"],
+        multimodal_cfg=dict(cfg["multimodal_cfg"]),
+        text_cfg=dict(cfg["text_cfg"]),
+        vision_cfg=dict(cfg["vision_cfg"]),
+    ).eval()
+
+
+def build_siglip_tower(cfg: dict):
+    """open_clip's TimmModel around a tiny timm SigLIP (MAP head) trunk."""
+    import functools
+
+    import open_clip.timm_model as tm
+
+    create = tm.timm.create_model
+    tm.timm.create_model = functools.partial(create, **cfg["trunk_kwargs"])
+    try:
+        return tm.TimmModel(
+            cfg["model_name"],
+            embed_dim=cfg["embed_dim"],
+            image_size=cfg["image_size"],
+            pool=cfg["pool"],
+            proj=cfg["proj"],
+        ).eval()
+    finally:
+        tm.timm.create_model = create
+
+
+class _SiglipModel(torch.nn.Module):
+    """What LeWrapper needs of a SigLIP model: ``.visual`` and ``encode_image``."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+        self.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, image, normalize: bool = False):
+        features = self.visual(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+
+def generate_scaled(out: Path, seed: int, scale: int):
+    from legrad import LeWrapper
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    side = 32 * scale
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "description": f"Golden LeGrad maps from legrad-torch 1.1 at {side}x{side} on models "
+        "trained at 32x32 (the reference resamples the position embedding: timm "
+        "resample_abs_pos_embed, bicubic, antialias; CLIP and CoCa in LeWrapper's "
+        "vit_dynamic_size_forward, SigLIP by switching the timm trunk to dynamic_img_size). "
+        "Regenerate with scripts/make_golden_fixtures.py --scale.",
+        "versions": _versions(),
+        "python": sys.version.split()[0],
+        "seed": seed,
+        "scale": scale,
+        "image_size": [side, side],
+        "layer_index": LAYER_INDEX,
+        "models": {},
+    }
+
+    def make_clip():
+        torch.manual_seed(seed)
+        model = build_model(CONFIG)
+        perturb_(model, torch.Generator().manual_seed(seed + 1))  # the 1x fixture's weights
+        return model.eval(), {"kind": "clip", "config": CONFIG}
+
+    def make_coca():
+        torch.manual_seed(seed)
+        model = build_coca(COCA_CONFIG)
+        perturb_(model, torch.Generator().manual_seed(seed + 2))
+        return model.eval(), {"kind": "coca", "config": COCA_CONFIG}
+
+    def make_siglip():
+        torch.manual_seed(seed)
+        tower = build_siglip_tower(SIGLIP_CONFIG)
+        gen = torch.Generator().manual_seed(seed + 3)
+        with torch.no_grad():
+            for name, prm in tower.named_parameters():
+                if name.endswith("bias") or (name.endswith(".weight") and "norm" in name):
+                    prm.add_(0.1 * torch.randn(prm.shape, generator=gen))
+            tower.trunk.pos_embed.mul_(20.0)  # timm's init (std 0.02) is nearly flat
+        return _SiglipModel(tower).eval(), {"kind": "siglip", "config": SIGLIP_CONFIG}
+
+    status = 0
+    for name, make in (("clip", make_clip), ("coca", make_coca), ("siglip", make_siglip)):
+        model, info = make()
+        state = {k: v.detach().clone().contiguous() for k, v in model.visual.state_dict().items()}
+        gen = torch.Generator().manual_seed(seed + 10)
+        images = torch.randn(N_IMAGES, 3, side, side, generator=gen)
+        text = F.normalize(torch.randn(N_PROMPTS, 32, generator=gen), dim=-1)
+        ref_model = copy.deepcopy(model)
+        entry = {**info, "status": "ok"}
+        try:
+            wrapper = LeWrapper(ref_model, layer_index=LAYER_INDEX)
+            maps = torch.zeros(N_IMAGES, N_PROMPTS, side, side)
+            for i in range(N_IMAGES):
+                for k in range(N_PROMPTS):
+                    kwargs = {"apply_correction": False} if name == "siglip" else {}
+                    m = wrapper.compute_legrad(
+                        text_embedding=text[k : k + 1], image=images[i : i + 1], **kwargs
+                    )
+                    maps[i, k] = m.detach().reshape(side, side)
+        except Exception as error:  # the reference does not support this model at this size
+            entry.update(status="unsupported", error=f"{type(error).__name__}: {error}")
+            print(f"{name}: the reference raised {type(error).__name__}: {error}", file=sys.stderr)
+            meta["models"][name] = entry
+            status = 1
+            continue
+        finite = bool(torch.isfinite(maps).all())
+        std = maps.flatten(2).std(-1).min().item()
+        entry.update(
+            maps_all_finite=finite,
+            maps_min_per_map_std=std,
+            reference_call=(
+                "wrapper = legrad.LeWrapper(copy.deepcopy(model), layer_index=-2); "
+                "maps[i, k] = wrapper.compute_legrad(text_embedding=T[k:k+1], "
+                "image=images[i:i+1]"
+                + (", apply_correction=False" if name == "siglip" else "")
+                + ")"
+            ),
+            weights_note={
+                "clip": "the 1x fixture's model (same seed and perturbation)",
+                "coca": "open_clip random init (torch.manual_seed(seed)), perturbed as perturb_ "
+                "with a generator seeded seed+2",
+                "siglip": "random init (torch.manual_seed(seed)); biases and norm weights "
+                "+= 0.1*randn (generator seed+3); trunk.pos_embed *= 20",
+            }[name],
+            positional_embedding_after=list(
+                (
+                    ref_model.visual.trunk.pos_embed
+                    if name == "siglip"
+                    else ref_model.visual.positional_embedding
+                ).shape
+            ),
+        )
+        assert finite, f"{name}: reference maps contain NaN/inf"
+        save_file(state, str(out / f"{name}.safetensors"))
+        save_file(
+            {"images": images.contiguous(), "text_embeddings": text.contiguous()},
+            str(out / f"{name}_inputs.safetensors"),
+        )
+        save_file({"maps": maps.contiguous()}, str(out / f"{name}_reference.safetensors"))
+        (out / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+        meta["models"][name] = entry
+        print(
+            f"{name}: maps {tuple(maps.shape)} range [{maps.min():.4f}, {maps.max():.4f}], "
+            f"min per-map std {std:.4f}, embedding now {entry['positional_embedding_after']}"
+        )
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for f in out.iterdir():
+        f.chmod(0o644)
+    return status
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -474,8 +685,17 @@ def main(argv=None):
         "--check", type=Path, help="verify fixtures in this folder with the installed open_clip"
     )
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="with --out: images of scale x the native 32x32 (CLIP, CoCa, SigLIP); 1 = the "
+        "original fixtures",
+    )
     args = ap.parse_args(argv)
     if args.out is not None:
+        if args.scale != 1:
+            return generate_scaled(args.out, args.seed, args.scale)
         return generate(args.out, args.seed)
     return check(args.check)
 

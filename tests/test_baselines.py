@@ -143,3 +143,33 @@ def test_outputs_and_no_side_effects(x: Tensor) -> None:
 def test_integer_images_are_rejected() -> None:
     with pytest.raises(ValueError, match="floating point"):
         RawAttention(make_model("vit")).attribute(torch.zeros(1, 3, 32, 32, dtype=torch.long))
+
+
+def test_baselines_at_another_input_size() -> None:
+    """At 64x48 on a 32x32 model: equal to the by-hand oracles on a dynamic_img_size twin
+    (timm's own resampling), and nothing about the model changes."""
+    import timm
+    from conftest import TINY
+
+    model = make_model("vit")
+    twin = timm.create_model("vit_tiny_patch16_224", **{**TINY, "dynamic_img_size": True})
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    big = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, attentions = eager_attentions(twin, big, grad=False)
+    expected = cls_rows(attentions[-1].mean(1), 1).reshape(2, 1, 8, 6)
+    torch.testing.assert_close(RawAttention(model).attribute(big, output="grid"), expected)
+    target = torch.tensor([1, 4])
+    out, attentions = eager_attentions(twin, big.clone().requires_grad_(), grad=True)
+    grads = torch.autograd.grad(out[torch.arange(2), target].sum(), attentions)
+    relevance = torch.eye(49).expand(2, 49, 49)
+    for a, g in zip(attentions, grads):
+        relevance = relevance + (g * a).clamp(min=0).mean(1) @ relevance
+    expected = cls_rows(relevance, 1).reshape(2, 1, 8, 6)
+    got = GenericAttention(model).attribute(big, target=target, output="grid")
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
+    assert ViTGradCAM(model).attribute(big, target=1).shape == big.shape
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="multiple"):
+        RawAttention(model).attribute(torch.randn(1, 3, 60, 48))

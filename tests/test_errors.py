@@ -148,9 +148,12 @@ def test_bad_options(vit: torch.nn.Module, images) -> None:
 
 
 def test_wrong_image_size_for_static_model(vit: torch.nn.Module) -> None:
-    # The model itself refuses a size it does not accept; LeGrad does not resize anything.
+    # With resize_pos_embed=False LeGrad refuses a size the model was not trained at; sizes
+    # that are not a multiple of the patch size are refused either way. Nothing is resized.
     before = vit.pos_embed.detach().clone()
-    with pytest.raises(AssertionError, match="doesn't match model") as info:
-        LeGrad(vit).attribute(torch.randn(1, 3, 48, 48), target=1)
-    assert not isinstance(info.value, TargetError)  # timm's own assertion, not ours
+    with pytest.raises(ValueError, match="trained at 32x32") as info:
+        LeGrad(vit, resize_pos_embed=False).attribute(torch.randn(1, 3, 48, 48), target=1)
+    assert not isinstance(info.value, TargetError)
+    with pytest.raises(ValueError, match="multiple of the timm model's 8x8 patches"):
+        LeGrad(vit).attribute(torch.randn(1, 3, 50, 48), target=1)
     assert torch.equal(vit.pos_embed, before)

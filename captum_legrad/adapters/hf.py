@@ -34,18 +34,25 @@ model has one.) Multimodal models (``CLIPModel``, ``SiglipModel``) take text as 
 first forward argument: ``LeGrad(model)`` runs ``get_image_features`` instead
 (``ViTSpec.image_forward``; image-embedding dimensions are the targets), and
 :class:`~captum_legrad.ImageTextSimilarity` makes the prompts the targets.
+
+Other input sizes: the model's own ``interpolate_pos_encoding`` is switched on for the
+call, by a forward pre-hook of the embeddings module acting in the calling thread only
+(the user need not pass it); DINOv2 interpolates by itself.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
+from ..hooks import ScopedHooks
+from ..resize import InputSize
 from ..spec import TokenInput, ViTSpec
 from .common import floor_grid, pair
 
@@ -151,6 +158,34 @@ def _image_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
     return method if callable(method) and hasattr(model, "get_text_features") else None
 
 
+_FLAG = "interpolate_pos_encoding"
+
+
+def _input_size(embeddings: Any, config: Any, patch_size: Tuple[int, int]) -> InputSize:
+    """The embeddings' own ``interpolate_pos_encoding``, switched on for the call."""
+    native = pair(config.image_size)
+    forward = getattr(type(embeddings), "forward", None)
+    names = list(inspect.signature(forward).parameters) if forward is not None else []
+    if _FLAG not in names:  # DINOv2: interpolates whenever the size differs
+        return InputSize(native, patch_size, mechanism="the model's own interpolation")
+    position = names.index(_FLAG) - 1  # without self
+
+    def switch_on(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if len(args) > position:
+            return (*args[:position], True, *args[position + 1 :]), kwargs
+        return args, {**kwargs, _FLAG: True}
+
+    def enter(hooks: ScopedHooks, size: Tuple[int, int]) -> None:
+        hooks.forward_pre(embeddings, switch_on, with_kwargs=True)
+
+    return InputSize(
+        native,
+        patch_size,
+        enter=enter,
+        mechanism="the model's own interpolate_pos_encoding=True for the call",
+    )
+
+
 def _spec(
     root: nn.Module,
     attention_name: str,
@@ -179,6 +214,7 @@ def _spec(
         pool_attention=pool_attention,
         image_forward=image_forward,
         token_input=TokenInput("hidden_states"),
+        input_size=_input_size(vit.embeddings, vit.config, patch_size),
     )
 
 

@@ -14,15 +14,21 @@ Readouts:
   (the reference skips ``ln_post``);
 * SigLIP (``TimmModel`` wrapping a timm MAP ViT): the timm trunk's spec, followed by the
   tower's projection head.
+
+Other input sizes (the authors run CLIP at 448² on 224² models): ``positional_embedding`` is
+resampled for the call as the reference does (timm's ``resample_abs_pos_embed``: bicubic,
+antialias, the class row kept), in the calling thread only, without writing it into the
+model (:mod:`captum_legrad.resize`); SigLIP towers use the timm trunk's rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ..resize import InputSize, resample_position_embedding, substitute_during
 from ..spec import TokenInput, ViTSpec
 from .common import floor_grid, pair
 
@@ -37,6 +43,23 @@ def _visual(model: nn.Module) -> Optional[nn.Module]:
         if isinstance(candidate, (VisionTransformer, TimmModel)):
             return candidate
     return None
+
+
+def _input_size(visual: Any, patch: Tuple[int, int]) -> InputSize:
+    native = pair(visual.image_size)
+    old_grid = pair(visual.grid_size)
+
+    def replacements(grid: Tuple[int, int]) -> List[Tuple[Tensor, Tensor]]:
+        table = visual.positional_embedding
+        return [(table, resample_position_embedding(table, old_grid, grid, 1))]
+
+    return InputSize(
+        native,
+        patch,
+        enter=substitute_during(visual, replacements, patch),
+        mechanism="positional_embedding resampled bicubic with antialias for the call, as "
+        "the reference code does",
+    )
 
 
 def _vit_spec(visual: Any) -> ViTSpec:
@@ -83,6 +106,7 @@ def _vit_spec(visual: Any) -> ViTSpec:
         pool_query=0 if attn_pool is not None else None,
         batch_first=batch_first,
         token_input=TokenInput("q_x"),
+        input_size=_input_size(visual, patch),
     )
 
 

@@ -3,14 +3,21 @@ avg-pool heads, dynamic image sizes) and ``Eva``.
 
 Both classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
 head``; ``forward_head`` is the model's own readout.
+
+Input sizes: ``dynamic_img_size=True`` models resample their position embedding (and Eva
+its rotary embedding) by themselves. For static models LeGrad does what timm's dynamic path
+does, for the call only: ``pos_embed`` resampled as ``resample_abs_pos_embed`` does, Eva's
+rotary table rebuilt for the new grid from the model's own frequency bands, and the strict
+``PatchEmbed`` size assertion waived (:mod:`captum_legrad.resize`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ..resize import InputSize, resample_position_embedding, substitute_during
 from ..spec import TokenInput, ViTSpec
 from .common import floor_grid, pair
 
@@ -22,6 +29,62 @@ def _is_timm_vit(model: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
 
     return isinstance(model, (VisionTransformer, Eva))
+
+
+#: Messages of timm's strict ``PatchEmbed`` size assertions.
+_STRICT_SIZE = ("Input height (", "Input width (")
+
+
+def _rope_replacements(rope: Any, grid: Tuple[int, int]) -> List[Tuple[Tensor, Tensor]]:
+    """Eva's cached rotary table(s) rebuilt for ``grid`` from the module's own bands."""
+    if rope is None:
+        return []
+    cached = getattr(rope, "pos_embed", None)
+    if isinstance(cached, Tensor) and hasattr(rope, "_build_embed_cat"):
+        return [(cached, rope._build_embed_cat(list(grid), rope.bands, dtype=cached.dtype))]
+    sin, cos = getattr(rope, "pos_embed_sin", None), getattr(rope, "pos_embed_cos", None)
+    if isinstance(sin, Tensor) and isinstance(cos, Tensor) and hasattr(rope, "_build_embed"):
+        new_sin, new_cos = rope._build_embed(list(grid), rope.bands, dtype=sin.dtype)
+        return [(sin, new_sin), (cos, new_cos)]
+    raise ValueError(
+        f"This Eva's rotary embedding ({type(rope).__name__}) cannot be rebuilt for another "
+        "input size by LeGrad. Build the model with dynamic_img_size=True (timm then handles "
+        "any size), or use the native input size."
+    )
+
+
+def _input_size(vit: Any, patch_size: Tuple[int, int]) -> Optional[InputSize]:
+    patch_embed = vit.patch_embed
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is None:
+        return None
+    native = pair(img_size)
+    if getattr(vit, "dynamic_img_size", False):
+        return InputSize(
+            native,
+            patch_size,
+            mechanism="timm dynamic_img_size",
+            pads=bool(getattr(patch_embed, "dynamic_img_pad", False)),
+        )
+    old_grid = pair(patch_embed.grid_size)
+    prefix = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
+
+    def replacements(grid: Tuple[int, int]) -> List[Tuple[Tensor, Tensor]]:
+        pairs: List[Tuple[Tensor, Tensor]] = []
+        pos_embed = getattr(vit, "pos_embed", None)
+        if isinstance(pos_embed, Tensor):
+            pairs.append(
+                (pos_embed, resample_position_embedding(pos_embed, old_grid, grid, prefix))
+            )
+        return pairs + _rope_replacements(getattr(vit, "rope", None), grid)
+
+    return InputSize(
+        native,
+        patch_size,
+        enter=substitute_during(vit, replacements, patch_size, _STRICT_SIZE),
+        mechanism="pos_embed resampled bicubic with antialias for the call, as timm's "
+        "resample_abs_pos_embed does",
+    )
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
@@ -63,4 +126,5 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         grid=grid,
         pool_attention=attn_pool,
         token_input=TokenInput("x"),
+        input_size=_input_size(vit, patch_size),
     )

@@ -3,14 +3,19 @@
 Blocks are ``encoder.layers``; each block's ``self_attention`` is an
 ``nn.MultiheadAttention`` called with ``need_weights=False`` (recorded through
 ``F.multi_head_attention_forward``). The readout is ``heads(encoder.ln(·))``.
+
+Other input sizes: ``encoder.pos_embedding`` is resampled for the call (bicubic with
+antialias, the class token's row kept) and the model's image-size assertions are waived,
+in the calling thread only (:mod:`captum_legrad.resize`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ..resize import InputSize, resample_position_embedding, substitute_during
 from ..spec import TokenInput, ViTSpec
 from .common import floor_grid
 
@@ -33,6 +38,13 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     def model_readout(tokens: Tensor) -> Tensor:
         return vit.heads(vit.encoder.ln(tokens)[:, 0])
 
+    native = int(vit.image_size)
+    old_grid = (native // patch, native // patch)
+
+    def replacements(grid: Tuple[int, int]) -> List[Tuple[Tensor, Tensor]]:
+        table = vit.encoder.pos_embedding
+        return [(table, resample_position_embedding(table, old_grid, grid, 1))]
+
     return ViTSpec(
         family="torchvision",
         root=vit,
@@ -44,4 +56,12 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         patch_size=(patch, patch),
         grid=floor_grid((patch, patch)),
         token_input=TokenInput("input"),
+        input_size=InputSize(
+            (native, native),
+            (patch, patch),
+            enter=substitute_during(
+                vit, replacements, (patch, patch), ("Wrong image height!", "Wrong image width!")
+            ),
+            mechanism="encoder.pos_embedding resampled bicubic with antialias for the call",
+        ),
     )

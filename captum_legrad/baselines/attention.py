@@ -3,7 +3,8 @@
 All of them find the model's blocks with :func:`~captum_legrad.discover` and read the
 attention probabilities with :func:`~captum_legrad.capture.record_attention` on
 ``spec.attentions`` (fused attention included, nothing about the model changed), so they
-support every model family LeGrad supports.
+support every model family LeGrad supports, at any input size LeGrad takes (the position
+embedding resampled for the call, :mod:`captum_legrad.resize`).
 
 - :class:`RawAttention`: last layer's attention, mean over heads, the CLS row (the mean over
   query rows for models without prefix tokens). Class-agnostic.
@@ -20,7 +21,7 @@ methods), repeated over the channels unless ``output="map"`` or ``"grid"``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from captum._utils.common import _format_additional_forward_args
@@ -34,6 +35,7 @@ from ..compute import upsample
 from ..discovery import discover, unwrap
 from ..errors import CaptureError
 from ..hooks import ScopedHooks
+from ..resize import at_input_size
 from ..spec import ViTSpec
 from ..targets import select_targets
 
@@ -77,6 +79,11 @@ class _ViTBaseline(GradientAttribution):
             return maps
         return maps.expand(-1, image.shape[1], -1, -1).contiguous()
 
+    def _sized(self, image: Tensor) -> ContextManager[None]:
+        """The model at ``image``'s size for the call (position embedding resampled)."""
+        size = (image.shape[-2], image.shape[-1])
+        return at_input_size(self.spec.input_size, size, family=self.spec.family)
+
     def _record(
         self,
         image: Tensor,
@@ -86,7 +93,11 @@ class _ViTBaseline(GradientAttribution):
     ) -> Tuple[Any, List[Tensor]]:
         """Run the model once, returning its output and ``A^l`` (B, H, N, N) of ``layers``."""
         modules = [self.spec.attentions[layer] for layer in layers]
-        with torch.set_grad_enabled(differentiable), record_attention(modules) as records:
+        with (
+            torch.set_grad_enabled(differentiable),
+            self._sized(image),
+            record_attention(modules) as records,
+        ):
             output = unwrap(self.forward_func)(image, *args)
         attentions = []
         for layer, found in zip(layers, records):
@@ -360,7 +371,7 @@ class ViTGradCAM(_ViTBaseline):
             kept["tokens"] = self.spec.tokens.get(hook_args, kwargs)
 
         image = inputs.detach().requires_grad_()
-        with ScopedHooks() as hooks, torch.enable_grad():
+        with self._sized(image), ScopedHooks() as hooks, torch.enable_grad():
             hooks.forward_pre(self.spec.blocks[self.layer], keep, with_kwargs=True)
             out = unwrap(self.forward_func)(image, *args)
             scores = self._scores(out, target)
