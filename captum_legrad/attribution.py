@@ -29,16 +29,61 @@ from .compute import (
     POOLINGS,
     aggregate_layers,
     empty_prompt_correction,
+    grid_mask,
     layer_maps,
     minmax_normalize,
     run_forward,
     upsample,
+    upsample_each,
 )
 from .discovery import discover, unwrap
-from .spec import ViTSpec
+from .spec import PatchLayout, ViTSpec
 from .targets import Index, count_targets, multi_target_index, target_index
 
 __all__ = ["LeGrad", "AttributeOptions"]
+
+
+def _check_patches(patches: Tensor) -> None:
+    """A finite floating point patch sequence ``(B, N, p_h·p_w·C)``, or a ``ValueError``."""
+    if patches.dim() != 3:
+        raise ValueError(
+            "LeGrad explains images: the first input must be (B, C, H, W), or for this NaFlex "
+            f"model a patch sequence (B, N, p_h*p_w*C); got shape {tuple(patches.shape)}."
+        )
+    if not patches.is_floating_point():
+        raise ValueError(f"patches must be floating point, got dtype {patches.dtype}.")
+    if patches.numel() and not bool(torch.isfinite(patches).all()):
+        raise ValueError("inputs contain NaN or infinite values; LeGrad needs finite patches.")
+
+
+def _patch_rows(maps: Tensor, layout: PatchLayout, patches: Tensor, spec: ViTSpec) -> Tensor:
+    """Image-space maps ``(B, K, H, W)`` → the patch sequence's form ``(B, K, N, D)``.
+
+    Row ``r`` of sample ``b`` (token ``P + r``) gets the pixels of its patch in ``(p_h, p_w,
+    C)`` order, the map repeated over the ``C`` channels; padding rows are zero.
+    """
+    p_h, p_w = spec.patch_size
+    batch, n_rows, width = patches.shape
+    if width % (p_h * p_w):
+        raise ValueError(
+            f"A patch row has {width} values, not a multiple of the patch size {p_h}x{p_w}: "
+            'use output="map" for this input.'
+        )
+    channels = width // (p_h * p_w)
+    out = maps.new_zeros((batch, maps.shape[1], n_rows, width))
+    g_max = layout.grid
+    keys = layout.keys.view(-1, *g_max) if layout.keys.dim() == 2 else None
+    for b, (g_h, g_w) in enumerate(layout.sample_grids(batch).tolist()):
+        own = maps[b, :, : g_h * p_h, : g_w * p_w]
+        own = own.unflatten(-1, (g_w, p_w)).unflatten(-3, (g_h, p_h))
+        pixels = own.permute(0, 1, 3, 2, 4).reshape(maps.shape[1], g_h * g_w, p_h * p_w, 1)
+        pixels = pixels.expand(-1, -1, -1, channels).flatten(-2)  # (K, n, p_h·p_w·C)
+        cells = (keys[b, :g_h, :g_w] if keys is not None else layout.keys.view(g_max)).flatten()
+        cells = cells.to(maps.device)
+        present = cells >= 0
+        rows = cells[present] - spec.num_prefix_tokens
+        out[b, :, rows] = pixels[:, present]
+    return out
 
 
 def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
@@ -162,7 +207,10 @@ class LeGrad(GradientAttribution):
         formatted = _format_tensor_into_tuples(inputs)
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
-        check_image(formatted[0])
+        if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() == 3:
+            _check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
+        else:
+            check_image(formatted[0])
         batch = formatted[0].shape[0]
         for extra in formatted[1:]:
             if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
@@ -184,11 +232,13 @@ class LeGrad(GradientAttribution):
         args: Tuple[Any, ...],
         make_index: Callable[[torch.Size, torch.device], Index],
         internal_batch_size: Optional[int],
-    ) -> Tensor:
+    ) -> Tuple[Tensor, Optional[PatchLayout]]:
         """(B, K, L, g_h, g_w) per-layer maps for the targets ``make_index`` names.
 
         With ``internal_batch_size``, at most that many samples go through one forward and
-        at most that many (sample, target) maps through one backward.
+        at most that many (sample, target) maps through one backward. With per-sample grids
+        (NaFlex), also the batch's layout: the maps are then on its padded grid, each
+        sample's in the top-left corner of its own grid, zero elsewhere; otherwise ``None``.
         """
         image = inputs[0]
         batch = image.shape[0]
@@ -198,7 +248,7 @@ class LeGrad(GradientAttribution):
         image_forward = self.spec.image_forward
         if image_forward is not None and getattr(image_forward, "__self__", None) is forward:
             forward = image_forward  # e.g. HF CLIPModel, whose forward takes text first
-        parts = []
+        parts, layouts = [], []
         for start in range(0, batch, step):
             rows = slice(start, min(batch, start + step))
             result = run_forward(
@@ -213,15 +263,46 @@ class LeGrad(GradientAttribution):
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
             chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])
             parts.append(layer_maps(self.spec, result, index, chunk))
-        return torch.cat(parts).to(image.device)
+            layouts.append(result.layout)
+        if all(layout.grids is None for layout in layouts):
+            return torch.cat(parts).to(image.device), None
+        sizes = [part.shape[0] for part in parts]
+        layout = PatchLayout.concat(layouts, sizes)
+        g_h, g_w = layout.grid
+        parts = [
+            torch.nn.functional.pad(p, (0, g_w - p.shape[-1], 0, g_h - p.shape[-2])) for p in parts
+        ]
+        return torch.cat(parts).to(image.device), layout
 
-    @staticmethod
-    def _finish(maps: Tensor, image: Tensor, options: AttributeOptions) -> Tensor:
-        """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...)."""
-        if options.output != "grid":
-            maps = upsample(maps, (image.shape[-2], image.shape[-1]), options.interpolate_mode)
+    def _finish(
+        self,
+        maps: Tensor,
+        layout: Optional[PatchLayout],
+        image: Tensor,
+        options: AttributeOptions,
+    ) -> Tensor:
+        """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...) (``"input"``: the map).
+
+        Per-sample grids (``layout`` given): each sample is upsampled to its own size
+        ``grid · patch_size`` and normalised over its own pixels; the batch is padded to
+        its largest size with zeros (``docs/design.md``).
+        """
+        if layout is None or layout.grids is None:
+            if options.output != "grid":
+                maps = upsample(maps, (image.shape[-2], image.shape[-1]), options.interpolate_mode)
+            if options.normalize:
+                maps = minmax_normalize(maps)
+            return maps.to(image.dtype)
+        if options.output == "grid":
+            valid = grid_mask(layout.grids, layout.grid, maps.device)
+        else:
+            maps, valid = upsample_each(
+                maps, layout.grids, self.spec.patch_size, options.interpolate_mode
+            )
         if options.normalize:
-            maps = minmax_normalize(maps)
+            maps = minmax_normalize(maps, valid)
+        if options.output == "input" and image.dim() == 3:
+            maps = _patch_rows(maps, layout, image, self.spec)
         return maps.to(image.dtype)
 
     def _grid_maps(
@@ -231,23 +312,34 @@ class LeGrad(GradientAttribution):
         make_index: Callable[[torch.Size, torch.device], Index],
         k: int,
         options: AttributeOptions,
-    ) -> Tensor:
-        """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked."""
+    ) -> Tuple[Tensor, Optional[PatchLayout]]:
+        """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked,
+        and the per-sample layout (``None`` for one grid)."""
         image = inputs[0]
         if image.shape[0] == 0:
+            if image.dim() != 4:
+                return image.new_zeros((0, k, 0, 0)), None
             g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
-            return image.new_zeros((0, k, g_h, g_w))
+            return image.new_zeros((0, k, g_h, g_w)), None
         batch_size = options.internal_batch_size
         empty_target = options.empty_target
         if empty_target is None:
-            return aggregate_layers(self._maps(inputs, args, make_index, batch_size))
+            maps, layout = self._maps(inputs, args, make_index, batch_size)
+            return aggregate_layers(maps), layout
 
         def with_empty(shape: torch.Size, device: torch.device) -> Index:
             extra = target_index(empty_target, shape, device)
             return tuple(torch.cat(both, dim=1) for both in zip(make_index(shape, device), extra))
 
-        maps = aggregate_layers(self._maps(inputs, args, with_empty, batch_size))
-        return empty_prompt_correction(maps[:, :-1], maps[:, -1:], options.empty_threshold)
+        maps, layout = self._maps(inputs, args, with_empty, batch_size)
+        maps = aggregate_layers(maps)
+        valid = None
+        if layout is not None:
+            valid = grid_mask(layout.sample_grids(0), layout.grid, maps.device)
+        corrected = empty_prompt_correction(
+            maps[:, :-1], maps[:, -1:], options.empty_threshold, valid
+        )
+        return corrected, layout
 
     # ------------------------------------------------------------------ public API
 
@@ -322,16 +414,19 @@ class LeGrad(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
-        grid_maps = self._grid_maps(
+        grid_maps, layout = self._grid_maps(
             formatted,
             args,
             lambda shape, device: target_index(target, shape, device),
             1,
             options,
         )
-        attributions = self._finish(grid_maps, image, options)
+        attributions = self._finish(grid_maps, layout, image, options)
         if output == "input":
-            attributions = attributions.repeat(1, image.shape[1], 1, 1)
+            if image.dim() == 3:  # NaFlex patch sequence: already in the input's form
+                attributions = attributions[:, 0]
+            else:
+                attributions = attributions.repeat(1, image.shape[1], 1, 1)
         rest = tuple(torch.zeros_like(t) for t in formatted[1:])
         return _format_output(is_tuple, (attributions, *rest))
 
@@ -389,15 +484,15 @@ class LeGrad(GradientAttribution):
         k = count_targets(targets)
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
-        grid_maps = self._grid_maps(
+        grid_maps, layout = self._grid_maps(
             formatted,
             args,
             lambda shape, device: multi_target_index(targets, shape, device),
             k,
             options,
         )
-        attributions = self._finish(grid_maps, image, options)
-        if output == "input":
+        attributions = self._finish(grid_maps, layout, image, options)
+        if output == "input" and image.dim() == 4:
             attributions = attributions.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
         return attributions
 
@@ -434,9 +529,9 @@ class LeGrad(GradientAttribution):
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
         if image.shape[0] == 0:
-            g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
+            g_h, g_w = (0, 0) if image.dim() != 4 else self.spec.grid_size(*image.shape[-2:])
             return image.new_zeros((0, len(self.layers), g_h, g_w), dtype=torch.float32)
-        maps = self._maps(
+        maps, _ = self._maps(
             formatted,
             args,
             lambda shape, device: target_index(target, shape, device),

@@ -408,4 +408,6 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         spec = matcher(model)
         if spec is not None:
             return spec
-    return None
+    from .hf_siglip2 import match as match_siglip2  # NaFlex: per-sample grids
+
+    return match_siglip2(model)
