@@ -59,8 +59,9 @@ def _check_patches(patches: Tensor) -> None:
 def _patch_rows(maps: Tensor, layout: PatchLayout, patches: Tensor, spec: ViTSpec) -> Tensor:
     """Image-space maps ``(B, K, H, W)`` → the patch sequence's form ``(B, K, N, D)``.
 
-    Row ``r`` of sample ``b`` (token ``P + r``) gets the pixels of its patch in ``(p_h, p_w,
-    C)`` order, the map repeated over the ``C`` channels; padding rows are zero.
+    Row ``r`` of sample ``b`` (key ``layout.row_offset + r``) gets the pixels of its patch
+    in ``(p_h, p_w, C)`` order, the map repeated over the ``C`` channels; padding rows are
+    zero.
     """
     p_h, p_w = spec.patch_size
     batch, n_rows, width = patches.shape
@@ -81,7 +82,7 @@ def _patch_rows(maps: Tensor, layout: PatchLayout, patches: Tensor, spec: ViTSpe
         cells = (keys[b, :g_h, :g_w] if keys is not None else layout.keys.view(g_max)).flatten()
         cells = cells.to(maps.device)
         present = cells >= 0
-        rows = cells[present] - spec.num_prefix_tokens
+        rows = cells[present] - layout.row_offset
         out[b, :, rows] = pixels[:, present]
     return out
 
@@ -207,7 +208,7 @@ class LeGrad(GradientAttribution):
         formatted = _format_tensor_into_tuples(inputs)
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
-        if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() == 3:
+        if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4:
             _check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
         else:
             check_image(formatted[0])

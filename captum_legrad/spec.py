@@ -118,12 +118,16 @@ class PatchLayout:
             the mean over the sample's own rows times ``valid / N_q``; ``scale = N_q /
             valid`` turns it back, so a sample in a padded batch gets the values it gets
             alone.
+        row_offset: For patch-sequence inputs (``ViTSpec.patch_inputs``): the key of input
+            row 0, so row ``r`` is key ``row_offset + r`` (the prefix count for
+            self-attention; 0 for an attention pool that sees only the patches).
     """
 
     keys: Tensor
     grid: Tuple[int, int]
     grids: Optional[Tensor] = None
     scale: Optional[Tensor] = None
+    row_offset: int = 0
 
     def __post_init__(self) -> None:
         g_h, g_w = self.grid
@@ -188,7 +192,9 @@ class PatchLayout:
             raise ValueError("padded() needs a per-sample layout ((B, n) keys).")
         keys = self.keys.new_full((batch, grid[0], grid[1]), -1)
         keys[:, :g_h, :g_w] = self.keys.view(batch, g_h, g_w)
-        return PatchLayout(keys.flatten(1), grid, self.sample_grids(batch), self.scale)
+        return PatchLayout(
+            keys.flatten(1), grid, self.sample_grids(batch), self.scale, self.row_offset
+        )
 
     @staticmethod
     def concat(layouts: Sequence[PatchLayout], batches: Sequence[int]) -> PatchLayout:
@@ -203,13 +209,16 @@ class PatchLayout:
             scale = layout.scale
             if scale is None:
                 scale = torch.ones(batch)
-            per_sample = PatchLayout(keys, layout.grid, layout.sample_grids(batch), scale)
+            per_sample = PatchLayout(
+                keys, layout.grid, layout.sample_grids(batch), scale, layout.row_offset
+            )
             parts.append(per_sample.padded(grid))
         return PatchLayout(
             torch.cat([p.keys.cpu() for p in parts]),
             grid,
             torch.cat([p.sample_grids(0).cpu() for p in parts]),
             torch.cat([p.scale.cpu() for p in parts if p.scale is not None]),
+            layouts[0].row_offset,
         )
 
 
@@ -272,7 +281,7 @@ class ViTSpec:
             is the batch ``B`` is repeated to the ``L·B`` rows of stacked layers.
         patch_inputs: The model also takes its image as a sequence of flattened patches
             ``(B, N, p_h·p_w·C)`` (each patch in ``(p_h, p_w, C)`` order, input row ``r``
-            being token ``num_prefix_tokens + r``), described per sample by ``layout``
+            being key ``PatchLayout.row_offset + r``), described per sample by ``layout``
             (NaFlex: timm ``NaFlexVit``, HF SigLIP2).
 
     Raises:

@@ -84,7 +84,7 @@ def naflex_layout(
     scale = None
     if scale_rows:
         scale = n_keys / (valid.sum(dim=1).to(torch.float32) + (n_keys - n_rows))
-    return PatchLayout(keys, (g_h, g_w), grids, scale)
+    return PatchLayout(keys, (g_h, g_w), grids, scale, row_offset=offset)
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
