@@ -23,6 +23,7 @@ from .arguments import (
     check_internal_batch_size,
     check_interpolate_mode,
     check_output,
+    check_patches,
     resolve_layers,
 )
 from .compute import (
@@ -32,6 +33,7 @@ from .compute import (
     grid_mask,
     layer_maps,
     minmax_normalize,
+    patch_rows,
     run_forward,
     upsample,
     upsample_each,
@@ -41,50 +43,6 @@ from .spec import PatchLayout, ViTSpec
 from .targets import Index, count_targets, multi_target_index, target_index
 
 __all__ = ["LeGrad", "AttributeOptions"]
-
-
-def _check_patches(patches: Tensor) -> None:
-    """A finite floating point patch sequence ``(B, N, p_h·p_w·C)``, or a ``ValueError``."""
-    if patches.dim() != 3:
-        raise ValueError(
-            "LeGrad explains images: the first input must be (B, C, H, W), or for this NaFlex "
-            f"model a patch sequence (B, N, p_h*p_w*C); got shape {tuple(patches.shape)}."
-        )
-    if not patches.is_floating_point():
-        raise ValueError(f"patches must be floating point, got dtype {patches.dtype}.")
-    if patches.numel() and not bool(torch.isfinite(patches).all()):
-        raise ValueError("inputs contain NaN or infinite values; LeGrad needs finite patches.")
-
-
-def _patch_rows(maps: Tensor, layout: PatchLayout, patches: Tensor, spec: ViTSpec) -> Tensor:
-    """Image-space maps ``(B, K, H, W)`` → the patch sequence's form ``(B, K, N, D)``.
-
-    Row ``r`` of sample ``b`` (key ``layout.row_offset + r``) gets the pixels of its patch
-    in ``(p_h, p_w, C)`` order, the map repeated over the ``C`` channels; padding rows are
-    zero.
-    """
-    p_h, p_w = spec.patch_size
-    batch, n_rows, width = patches.shape
-    if width % (p_h * p_w):
-        raise ValueError(
-            f"A patch row has {width} values, not a multiple of the patch size {p_h}x{p_w}: "
-            'use output="map" for this input.'
-        )
-    channels = width // (p_h * p_w)
-    out = maps.new_zeros((batch, maps.shape[1], n_rows, width))
-    g_max = layout.grid
-    keys = layout.keys.view(-1, *g_max) if layout.keys.dim() == 2 else None
-    for b, (g_h, g_w) in enumerate(layout.sample_grids(batch).tolist()):
-        own = maps[b, :, : g_h * p_h, : g_w * p_w]
-        own = own.unflatten(-1, (g_w, p_w)).unflatten(-3, (g_h, p_h))
-        pixels = own.permute(0, 1, 3, 2, 4).reshape(maps.shape[1], g_h * g_w, p_h * p_w, 1)
-        pixels = pixels.expand(-1, -1, -1, channels).flatten(-2)  # (K, n, p_h·p_w·C)
-        cells = (keys[b, :g_h, :g_w] if keys is not None else layout.keys.view(g_max)).flatten()
-        cells = cells.to(maps.device)
-        present = cells >= 0
-        rows = cells[present] - layout.row_offset
-        out[b, :, rows] = pixels[:, present]
-    return out
 
 
 def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
@@ -209,7 +167,7 @@ class LeGrad(GradientAttribution):
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
         if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4:
-            _check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
+            check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
         else:
             check_image(formatted[0])
         batch = formatted[0].shape[0]
@@ -303,7 +261,7 @@ class LeGrad(GradientAttribution):
         if options.normalize:
             maps = minmax_normalize(maps, valid)
         if options.output == "input" and image.dim() == 3:
-            maps = _patch_rows(maps, layout, image, self.spec)
+            maps = patch_rows(maps, layout, image, self.spec.patch_size)
         return maps.to(image.dtype)
 
     def _grid_maps(

@@ -35,6 +35,7 @@ __all__ = [
     "upsample",
     "upsample_each",
     "grid_mask",
+    "patch_rows",
     "minmax_normalize",
     "empty_prompt_correction",
     "POOLINGS",
@@ -257,6 +258,39 @@ def upsample_each(
         out[b, :, :h, :w] = upsample(own, (h, w), mode)[0]
         valid[b, :, :h, :w] = True
     return out, valid
+
+
+def patch_rows(
+    maps: Tensor, layout: PatchLayout, patches: Tensor, patch_size: Tuple[int, int]
+) -> Tensor:
+    """Image-space maps ``(B, K, H, W)`` → the patch sequence's form ``(B, K, N, D)``.
+
+    Row ``r`` of sample ``b`` (key ``layout.row_offset + r``) gets the pixels of its patch
+    in ``(p_h, p_w, C)`` order, the map repeated over the ``C`` channels; padding rows are
+    zero.
+    """
+    p_h, p_w = patch_size
+    batch, n_rows, width = patches.shape
+    if width % (p_h * p_w):
+        raise ValueError(
+            f"A patch row has {width} values, not a multiple of the patch size {p_h}x{p_w}: "
+            'use output="map" for this input.'
+        )
+    channels = width // (p_h * p_w)
+    out = maps.new_zeros((batch, maps.shape[1], n_rows, width))
+    g_max = layout.grid
+    keys = layout.keys.view(-1, *g_max) if layout.keys.dim() == 2 else None
+    for b, (g_h, g_w) in enumerate(layout.sample_grids(batch).tolist()):
+        own = maps[b, :, : g_h * p_h, : g_w * p_w]
+        own = own.unflatten(-1, (g_w, p_w)).unflatten(-3, (g_h, p_h))
+        pixels = own.permute(0, 1, 3, 2, 4).reshape(maps.shape[1], g_h * g_w, p_h * p_w, 1)
+        pixels = pixels.expand(-1, -1, -1, channels).flatten(-2)  # (K, n, p_h·p_w·C)
+        cells = (keys[b, :g_h, :g_w] if keys is not None else layout.keys.view(g_max)).flatten()
+        cells = cells.to(maps.device)
+        present = cells >= 0
+        rows = cells[present] - layout.row_offset
+        out[b, :, rows] = pixels[:, present]
+    return out
 
 
 def grid_mask(grids: Tensor, grid: Tuple[int, int], device: torch.device) -> Tensor:

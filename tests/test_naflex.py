@@ -369,3 +369,53 @@ def test_naflexvit_model_unchanged_and_dict_helper() -> None:
         LeGrad(model).attribute(patches, 0, (coord, empty))
     with pytest.raises(ValueError, match="lacks"):
         naflex_arguments({"patches": patches})
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines on per-sample grids
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["RawAttention", "AttentionRollout"])
+def test_siglip2_baselines_batch_equals_single(method: str) -> None:
+    from captum_legrad import baselines
+
+    model = _siglip2("vision_nohead")
+    pixels, mask, shapes = _siglip2_batch()
+    explainer = getattr(baselines, method)(model)
+    batch = explainer.attribute(pixels, None, (mask, shapes), output="map")
+    assert batch.shape == (2, 1, 3 * P, 4 * P)
+    for b, (h, w) in enumerate(SHAPES.tolist()):
+        n = h * w
+        alone = explainer.attribute(
+            pixels[b : b + 1, :n], None, (mask[b : b + 1, :n], shapes[b : b + 1]), output="map"
+        )
+        torch.testing.assert_close(
+            batch[b : b + 1, :, : h * P, : w * P], alone, rtol=1e-4, atol=1e-6
+        )
+        assert batch[b, 0, : h * P, : w * P].any()
+        assert not batch[b, 0, h * P :].any() and not batch[b, 0, :, w * P :].any()
+
+
+@pytest.mark.parametrize(
+    "method", ["RawAttention", "AttentionRollout", "GenericAttention", "ViTGradCAM"]
+)
+def test_naflexvit_baselines_patches_equal_images(method: str) -> None:
+    """The same images as (B, C, H, W) and as timm's patch dictionary give the same maps;
+    in a padded batch each sample gets what it gets alone."""
+    from timm.models.naflexvit import batch_patchify
+
+    from captum_legrad import baselines
+
+    model = _naflexvit("naflexvit_base_patch16_gap")
+    explainer = getattr(baselines, method)(model)
+    images = torch.randn(1, 3, 3 * P, 4 * P, generator=torch.Generator().manual_seed(4))
+    from_image = explainer.attribute(images, 2, output="grid")
+    patches, _ = batch_patchify(images, (P, P))
+    batch, coord, valid = _naflex_batch()
+    batch[0, :12] = patches[0]  # sample 0 of the padded batch is this image (3x4 grid)
+    from_patches = explainer.attribute(batch, torch.tensor([2, 1]), (coord, valid), output="grid")
+    assert from_patches.shape == (2, 1, 3, 4)
+    torch.testing.assert_close(from_patches[:1], from_image, rtol=1e-4, atol=1e-6)
+    as_input = explainer.attribute(batch, torch.tensor([2, 1]), (coord, valid))
+    assert as_input.shape == batch.shape and not as_input[~valid].any()
