@@ -419,3 +419,48 @@ def test_naflexvit_baselines_patches_equal_images(method: str) -> None:
     torch.testing.assert_close(from_patches[:1], from_image, rtol=1e-4, atol=1e-6)
     as_input = explainer.attribute(batch, torch.tensor([2, 1]), (coord, valid))
     assert as_input.shape == batch.shape and not as_input[~valid].any()
+
+
+# --------------------------------------------------------------------------------------------
+# The contract: per-sample PatchLayout
+# --------------------------------------------------------------------------------------------
+
+
+def test_patch_layout_per_sample_grids() -> None:
+    from captum_legrad import PatchLayout
+
+    # sample 0: 2x3 grid in a 2x3 padded grid; sample 1: 1x2 grid (keys 5, 4), rest -1
+    keys = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, -1, -1, -1, -1]])
+    layout = PatchLayout(keys, (2, 3), torch.tensor([[2, 3], [1, 2]]), torch.tensor([1.0, 2.0]))
+    values = torch.arange(12.0).view(2, 6) + 1
+    out = layout.gather(values.unsqueeze(0))[0]
+    assert out.tolist() == [[[1, 2, 3], [4, 5, 6]], [[24, 22, 0], [0, 0, 0]]]
+    padded = PatchLayout.concat([layout, PatchLayout(torch.arange(1, 5), (2, 2))], [2, 1])
+    assert padded.grid == (2, 3) and padded.grids is not None
+    assert padded.grids.tolist() == [[2, 3], [1, 2], [2, 2]]
+    assert padded.keys[2].tolist() == [1, 2, -1, 3, 4, -1]
+    with pytest.raises(ValueError, match="hold every per-sample grid"):
+        PatchLayout(keys, (2, 3), torch.tensor([[3, 3], [1, 2]]))
+    with pytest.raises(ValueError, match="one grid per sample"):
+        PatchLayout(torch.arange(6), (2, 3), torch.tensor([[2, 3]]))
+
+
+def test_siglip2_multi_targets_empty_prompt_batch_equals_single() -> None:
+    model = _siglip2("vision_head", seed=1)
+    pixels, mask, shapes = _siglip2_batch(seed=8)
+    legrad = LeGrad(model)
+    options: Dict[str, Any] = dict(output="grid", empty_target=5, empty_threshold=0.5)
+    batch = legrad.attribute_multi(pixels, [0, 1, 2], (mask, shapes), **options)
+    chunked = legrad.attribute_multi(
+        pixels, [0, 1, 2], (mask, shapes), internal_batch_size=2, **options
+    )
+    torch.testing.assert_close(batch, chunked)
+    for b, (h, w) in enumerate(SHAPES.tolist()):
+        n = h * w
+        alone = legrad.attribute_multi(
+            pixels[b : b + 1, :n], [0, 1, 2], (mask[b : b + 1, :n], shapes[b : b + 1]), **options
+        )
+        torch.testing.assert_close(batch[b : b + 1, :, :h, :w], alone, atol=1e-5, rtol=0)
+        assert not batch[b, :, h:].any() and not batch[b, :, :, w:].any()
+    plain = legrad.attribute_multi(pixels, [0, 1, 2], (mask, shapes), output="grid")
+    assert not torch.equal(plain, batch)  # the correction removed something
