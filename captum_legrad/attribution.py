@@ -322,7 +322,9 @@ class LeGrad(GradientAttribution):
             inputs (Tensor or tuple[Tensor, ...]): Images ``(B, C, H, W)`` to explain. If
                         forward_func takes several tensors, pass a tuple whose first
                         element is the image batch; dimension 0 of every tensor is the
-                        batch.
+                        batch. NaFlex models (HF SigLIP2, timm ``NaFlexVit``) also take
+                        flattened patches ``(B, N, p·p·C)``, with their mask / coordinates
+                        / grids in ``additional_forward_args`` (see ``docs/models.md``).
             target (int, tuple, Tensor, or list, optional): Output indices to explain,
                         with Captum's meaning: an int or tuple (the same for every
                         sample), a 0-d tensor, or a list / 1-D tensor with one entry per
@@ -339,7 +341,9 @@ class LeGrad(GradientAttribution):
                         Default: True
             output (str, optional): ``"input"``: the input's shape, the map repeated over
                         channels; ``"map"``: ``(B, 1, H, W)``; ``"grid"``: ``(B, 1, g_h,
-                        g_w)``, not upsampled.
+                        g_w)``, not upsampled. Per-sample grids (NaFlex patches): each
+                        sample at its own size ``grid · patch_size``, padded to the batch's
+                        largest with zeros; ``"input"`` is then the patch sequence's shape.
                         Default: "input"
             empty_target (int or tuple, optional): The target of an "empty" prompt
                         (e.g. ``"a photo of a"``) for the reference code's SigLIP
@@ -469,7 +473,9 @@ class LeGrad(GradientAttribution):
         Unnormalised and not upsampled, in float32 whatever the model's precision (half
         precision would flush 1e-7-scale maps of LayerScale models); layer ``i`` of the
         result is block ``self.layers[i]``. Summing over dimension 1, upsampling and min-max
-        normalising gives :meth:`attribute` with ``output="map"``.
+        normalising gives :meth:`attribute` with ``output="map"``. With per-sample grids
+        (NaFlex patches), the batch's padded grid: sample ``b``'s maps fill its own grid's
+        top-left corner, zeros elsewhere.
 
         Args:
 
