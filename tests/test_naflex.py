@@ -338,8 +338,9 @@ def test_naflexvit_image_input_matches_oracle_and_patches(arch: str) -> None:
     torch.testing.assert_close(as_patches, expected, atol=1e-5, rtol=0)
 
 
-def test_naflexvit_batch_equals_single_and_chunks() -> None:
-    model = _naflexvit("naflexvit_base_patch16_gap")
+@pytest.mark.parametrize("extra", [{}, {"rope_type": "axial", "pos_embed": "none"}])
+def test_naflexvit_batch_equals_single_and_chunks(extra: Dict[str, Any]) -> None:
+    model = _naflexvit("naflexvit_base_patch16_gap", **extra)  # rope: EvaBlock, AttentionRope
     patches, coord, valid = _naflex_batch()
     legrad = LeGrad(model)
     batch = legrad.attribute(patches, 4, (coord, valid), output="map")
