@@ -18,6 +18,7 @@ __all__ = [
     "resolve_layers",
     "resolve_layer",
     "check_image",
+    "check_patches",
     "check_output",
     "check_interpolate_mode",
     "check_internal_batch_size",
@@ -85,6 +86,21 @@ def check_image(image: object, method: str = "LeGrad") -> Tensor:
     if image.numel() and not bool(torch.isfinite(image).all()):
         raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite images.")
     return image
+
+
+def check_patches(patches: Tensor, method: str = "LeGrad") -> Tensor:
+    """A finite floating point patch sequence ``(B, N, p_h·p_w·C)`` (NaFlex models), or a
+    ``ValueError`` saying why not."""
+    if patches.dim() != 3:
+        raise ValueError(
+            f"{method} explains images: the first input must be (B, C, H, W), or for this NaFlex "
+            f"model a patch sequence (B, N, p_h*p_w*C); got shape {tuple(patches.shape)}."
+        )
+    if not patches.is_floating_point():
+        raise ValueError(f"patches must be floating point, got dtype {patches.dtype}.")
+    if patches.numel() and not bool(torch.isfinite(patches).all()):
+        raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite patches.")
+    return patches
 
 
 def check_output(output: object) -> str:

@@ -23,20 +23,24 @@ from .arguments import (
     check_internal_batch_size,
     check_interpolate_mode,
     check_output,
+    check_patches,
     resolve_layers,
 )
 from .compute import (
     POOLINGS,
     aggregate_layers,
     empty_prompt_correction,
+    grid_mask,
     layer_maps,
     minmax_normalize,
+    patch_rows,
     run_forward,
     upsample,
+    upsample_each,
 )
 from .discovery import discover, unwrap
 from .resize import at_input_size
-from .spec import ViTSpec
+from .spec import PatchLayout, ViTSpec
 from .targets import Index, count_targets, multi_target_index, target_index
 
 __all__ = ["LeGrad", "AttributeOptions"]
@@ -175,7 +179,10 @@ class LeGrad(GradientAttribution):
         formatted = _format_tensor_into_tuples(inputs)
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
-        check_image(formatted[0])
+        if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4:
+            check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
+        else:
+            check_image(formatted[0])
         batch = formatted[0].shape[0]
         for extra in formatted[1:]:
             if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
@@ -197,11 +204,13 @@ class LeGrad(GradientAttribution):
         args: Tuple[Any, ...],
         make_index: Callable[[torch.Size, torch.device], Index],
         internal_batch_size: Optional[int],
-    ) -> Tensor:
+    ) -> Tuple[Tensor, Optional[PatchLayout]]:
         """(B, K, L, g_h, g_w) per-layer maps for the targets ``make_index`` names.
 
         With ``internal_batch_size``, at most that many samples go through one forward and
-        at most that many (sample, target) maps through one backward.
+        at most that many (sample, target) maps through one backward. With per-sample grids
+        (NaFlex), also the batch's layout: the maps are then on its padded grid, each
+        sample's in the top-left corner of its own grid, zero elsewhere; otherwise ``None``.
         """
         image = inputs[0]
         batch = image.shape[0]
@@ -211,7 +220,7 @@ class LeGrad(GradientAttribution):
         image_forward = self.spec.image_forward
         if image_forward is not None and getattr(image_forward, "__self__", None) is forward:
             forward = image_forward  # e.g. HF CLIPModel, whose forward takes text first
-        parts = []
+        parts, layouts = [], []
         for start in range(0, batch, step):
             rows = slice(start, min(batch, start + step))
             with at_input_size(
@@ -232,15 +241,46 @@ class LeGrad(GradientAttribution):
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
             chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])
             parts.append(layer_maps(self.spec, result, index, chunk))
-        return torch.cat(parts).to(image.device)
+            layouts.append(result.layout)
+        if all(layout.grids is None for layout in layouts):
+            return torch.cat(parts).to(image.device), None
+        sizes = [part.shape[0] for part in parts]
+        layout = PatchLayout.concat(layouts, sizes)
+        g_h, g_w = layout.grid
+        parts = [
+            torch.nn.functional.pad(p, (0, g_w - p.shape[-1], 0, g_h - p.shape[-2])) for p in parts
+        ]
+        return torch.cat(parts).to(image.device), layout
 
-    @staticmethod
-    def _finish(maps: Tensor, image: Tensor, options: AttributeOptions) -> Tensor:
-        """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...)."""
-        if options.output != "grid":
-            maps = upsample(maps, (image.shape[-2], image.shape[-1]), options.interpolate_mode)
+    def _finish(
+        self,
+        maps: Tensor,
+        layout: Optional[PatchLayout],
+        image: Tensor,
+        options: AttributeOptions,
+    ) -> Tensor:
+        """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...) (``"input"``: the map).
+
+        Per-sample grids (``layout`` given): each sample is upsampled to its own size
+        ``grid · patch_size`` and normalised over its own pixels; the batch is padded to
+        its largest size with zeros (``docs/design.md``).
+        """
+        if layout is None or layout.grids is None:
+            if options.output != "grid":
+                maps = upsample(maps, (image.shape[-2], image.shape[-1]), options.interpolate_mode)
+            if options.normalize:
+                maps = minmax_normalize(maps)
+            return maps.to(image.dtype)
+        if options.output == "grid":
+            valid = grid_mask(layout.grids, layout.grid, maps.device)
+        else:
+            maps, valid = upsample_each(
+                maps, layout.grids, self.spec.patch_size, options.interpolate_mode
+            )
         if options.normalize:
-            maps = minmax_normalize(maps)
+            maps = minmax_normalize(maps, valid)
+        if options.output == "input" and image.dim() == 3:
+            maps = patch_rows(maps, layout, image, self.spec.patch_size)
         return maps.to(image.dtype)
 
     def _grid_maps(
@@ -250,23 +290,34 @@ class LeGrad(GradientAttribution):
         make_index: Callable[[torch.Size, torch.device], Index],
         k: int,
         options: AttributeOptions,
-    ) -> Tensor:
-        """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked."""
+    ) -> Tuple[Tensor, Optional[PatchLayout]]:
+        """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked,
+        and the per-sample layout (``None`` for one grid)."""
         image = inputs[0]
         if image.shape[0] == 0:
+            if image.dim() != 4:
+                return image.new_zeros((0, k, 0, 0)), None
             g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
-            return image.new_zeros((0, k, g_h, g_w))
+            return image.new_zeros((0, k, g_h, g_w)), None
         batch_size = options.internal_batch_size
         empty_target = options.empty_target
         if empty_target is None:
-            return aggregate_layers(self._maps(inputs, args, make_index, batch_size))
+            maps, layout = self._maps(inputs, args, make_index, batch_size)
+            return aggregate_layers(maps), layout
 
         def with_empty(shape: torch.Size, device: torch.device) -> Index:
             extra = target_index(empty_target, shape, device)
             return tuple(torch.cat(both, dim=1) for both in zip(make_index(shape, device), extra))
 
-        maps = aggregate_layers(self._maps(inputs, args, with_empty, batch_size))
-        return empty_prompt_correction(maps[:, :-1], maps[:, -1:], options.empty_threshold)
+        maps, layout = self._maps(inputs, args, with_empty, batch_size)
+        maps = aggregate_layers(maps)
+        valid = None
+        if layout is not None:
+            valid = grid_mask(layout.sample_grids(0), layout.grid, maps.device)
+        corrected = empty_prompt_correction(
+            maps[:, :-1], maps[:, -1:], options.empty_threshold, valid
+        )
+        return corrected, layout
 
     # ------------------------------------------------------------------ public API
 
@@ -290,7 +341,9 @@ class LeGrad(GradientAttribution):
             inputs (Tensor or tuple[Tensor, ...]): Images ``(B, C, H, W)`` to explain. If
                         forward_func takes several tensors, pass a tuple whose first
                         element is the image batch; dimension 0 of every tensor is the
-                        batch.
+                        batch. NaFlex models (HF SigLIP2, timm ``NaFlexVit``) also take
+                        flattened patches ``(B, N, p·p·C)``, with their mask / coordinates
+                        / grids in ``additional_forward_args`` (see ``docs/models.md``).
             target (int, tuple, Tensor, or list, optional): Output indices to explain,
                         with Captum's meaning: an int or tuple (the same for every
                         sample), a 0-d tensor, or a list / 1-D tensor with one entry per
@@ -307,7 +360,9 @@ class LeGrad(GradientAttribution):
                         Default: True
             output (str, optional): ``"input"``: the input's shape, the map repeated over
                         channels; ``"map"``: ``(B, 1, H, W)``; ``"grid"``: ``(B, 1, g_h,
-                        g_w)``, not upsampled.
+                        g_w)``, not upsampled. Per-sample grids (NaFlex patches): each
+                        sample at its own size ``grid · patch_size``, padded to the batch's
+                        largest with zeros; ``"input"`` is then the patch sequence's shape.
                         Default: "input"
             empty_target (int or tuple, optional): The target of an "empty" prompt
                         (e.g. ``"a photo of a"``) for the reference code's SigLIP
@@ -341,16 +396,19 @@ class LeGrad(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
-        grid_maps = self._grid_maps(
+        grid_maps, layout = self._grid_maps(
             formatted,
             args,
             lambda shape, device: target_index(target, shape, device),
             1,
             options,
         )
-        attributions = self._finish(grid_maps, image, options)
+        attributions = self._finish(grid_maps, layout, image, options)
         if output == "input":
-            attributions = attributions.repeat(1, image.shape[1], 1, 1)
+            if image.dim() == 3:  # NaFlex patch sequence: already in the input's form
+                attributions = attributions[:, 0]
+            else:
+                attributions = attributions.repeat(1, image.shape[1], 1, 1)
         rest = tuple(torch.zeros_like(t) for t in formatted[1:])
         return _format_output(is_tuple, (attributions, *rest))
 
@@ -408,15 +466,15 @@ class LeGrad(GradientAttribution):
         k = count_targets(targets)
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
-        grid_maps = self._grid_maps(
+        grid_maps, layout = self._grid_maps(
             formatted,
             args,
             lambda shape, device: multi_target_index(targets, shape, device),
             k,
             options,
         )
-        attributions = self._finish(grid_maps, image, options)
-        if output == "input":
+        attributions = self._finish(grid_maps, layout, image, options)
+        if output == "input" and image.dim() == 4:
             attributions = attributions.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
         return attributions
 
@@ -434,7 +492,9 @@ class LeGrad(GradientAttribution):
         Unnormalised and not upsampled, in float32 whatever the model's precision (half
         precision would flush 1e-7-scale maps of LayerScale models); layer ``i`` of the
         result is block ``self.layers[i]``. Summing over dimension 1, upsampling and min-max
-        normalising gives :meth:`attribute` with ``output="map"``.
+        normalising gives :meth:`attribute` with ``output="map"``. With per-sample grids
+        (NaFlex patches), the batch's padded grid: sample ``b``'s maps fill its own grid's
+        top-left corner, zeros elsewhere.
 
         Args:
 
@@ -453,9 +513,9 @@ class LeGrad(GradientAttribution):
         formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
         image = formatted[0]
         if image.shape[0] == 0:
-            g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
+            g_h, g_w = (0, 0) if image.dim() != 4 else self.spec.grid_size(*image.shape[-2:])
             return image.new_zeros((0, len(self.layers), g_h, g_w), dtype=torch.float32)
-        maps = self._maps(
+        maps, _ = self._maps(
             formatted,
             args,
             lambda shape, device: target_index(target, shape, device),

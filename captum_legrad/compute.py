@@ -33,6 +33,9 @@ __all__ = [
     "layer_maps",
     "aggregate_layers",
     "upsample",
+    "upsample_each",
+    "grid_mask",
+    "patch_rows",
     "minmax_normalize",
     "empty_prompt_correction",
     "POOLINGS",
@@ -100,21 +103,23 @@ def run_forward(
             forward_func(*inputs, *additional_forward_args)
     readout = spec.read(pooling)
     n_layers, batch = len(layers), inputs[0].shape[0]
+    arguments = (*inputs, *additional_forward_args)
+    extra = spec.extra_readout_inputs(arguments, n_layers * batch)  # e.g. padding masks
     with torch.enable_grad():
         if pooled_attention:
             assert spec.pool_attention is not None
             tokens = torch.cat(captured.tokens).requires_grad_()
             with record_attention([spec.pool_attention]) as records:
-                scores = readout(tokens)
+                scores = readout(tokens, *extra)
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
         else:
-            scores = readout(torch.cat(captured.tokens))
+            scores = readout(torch.cat(captured.tokens), *extra)
             attentions = [
                 _single_record(records, f"block {layer} ({type(spec.attentions[layer]).__name__})")
                 for layer, records in zip(layers, captured.attentions)
             ]
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    layout = spec.patch_layout(inputs, attentions[0].shape[-1])
+    layout = spec.patch_layout(arguments, attentions[0].shape[-1])
     return ForwardResult(scores, attentions, per_layer_batch=pooled_attention, layout=layout)
 
 
@@ -209,24 +214,100 @@ def upsample(maps: Tensor, size: Tuple[int, int], mode: str = "bilinear") -> Ten
     return F.interpolate(maps, size=size, mode=mode, align_corners=align)
 
 
-def minmax_normalize(maps: Tensor) -> Tensor:
+def minmax_normalize(maps: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """``(E - min) / (max - min)`` over the last two dims; all zeros where ``max == min``.
 
-    No epsilon: maps of random or LayerScale models can be 1e-7 in scale.
+    No epsilon: maps of random or LayerScale models can be 1e-7 in scale. ``valid``
+    (broadcastable to ``maps``, boolean): only these pixels count for min and max, the
+    others are zero in the result (per-sample sizes padded to the batch's largest).
     """
     flat = maps.flatten(start_dim=-2)
-    low = flat.min(dim=-1, keepdim=True).values
-    span = flat.max(dim=-1, keepdim=True).values - low
+    if valid is None:
+        low = flat.min(dim=-1, keepdim=True).values
+        high = flat.max(dim=-1, keepdim=True).values
+    else:
+        keep = valid.expand_as(maps).flatten(start_dim=-2)
+        low = flat.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+        high = flat.masked_fill(~keep, float("-inf")).max(dim=-1, keepdim=True).values
+        low = torch.where(keep.any(dim=-1, keepdim=True), low, torch.zeros_like(low))
+        high = torch.where(keep.any(dim=-1, keepdim=True), high, torch.zeros_like(high))
+    span = high - low
     safe = torch.where(span > 0, span, torch.ones_like(span))
     out = torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat))
+    if valid is not None:
+        out = out.masked_fill(~keep, 0.0)
     return out.view_as(maps)
 
 
-def empty_prompt_correction(maps: Tensor, empty: Tensor, threshold: float = 0.8) -> Tensor:
+def upsample_each(
+    maps: Tensor, grids: Tensor, patch_size: Tuple[int, int], mode: str = "bilinear"
+) -> Tuple[Tensor, Tensor]:
+    """Per-sample grids → per-sample image sizes, padded to the batch's largest.
+
+    ``maps`` (B, K, g_h, g_w) hold sample ``b``'s map in the top-left ``grids[b]`` corner;
+    each is upsampled to its own size ``grids[b] · patch_size`` and placed top-left in
+    ``(B, K, H_max, W_max)`` zeros. Returns the maps and the boolean ``(B, 1, H_max, W_max)``
+    mask of each sample's own pixels.
+    """
+    sizes = grids.cpu().long() * torch.tensor(patch_size, dtype=torch.long)
+    height, width = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    out = maps.new_zeros((maps.shape[0], maps.shape[1], height, width))
+    valid = torch.zeros((maps.shape[0], 1, height, width), dtype=torch.bool, device=maps.device)
+    for b, ((g_h, g_w), (h, w)) in enumerate(zip(grids.tolist(), sizes.tolist())):
+        own = maps[b : b + 1, :, :g_h, :g_w]
+        out[b, :, :h, :w] = upsample(own, (h, w), mode)[0]
+        valid[b, :, :h, :w] = True
+    return out, valid
+
+
+def patch_rows(
+    maps: Tensor, layout: PatchLayout, patches: Tensor, patch_size: Tuple[int, int]
+) -> Tensor:
+    """Image-space maps ``(B, K, H, W)`` → the patch sequence's form ``(B, K, N, D)``.
+
+    Row ``r`` of sample ``b`` (key ``layout.row_offset + r``) gets the pixels of its patch
+    in ``(p_h, p_w, C)`` order, the map repeated over the ``C`` channels; padding rows are
+    zero.
+    """
+    p_h, p_w = patch_size
+    batch, n_rows, width = patches.shape
+    if width % (p_h * p_w):
+        raise ValueError(
+            f"A patch row has {width} values, not a multiple of the patch size {p_h}x{p_w}: "
+            'use output="map" for this input.'
+        )
+    channels = width // (p_h * p_w)
+    out = maps.new_zeros((batch, maps.shape[1], n_rows, width))
+    g_max = layout.grid
+    keys = layout.keys.view(-1, *g_max) if layout.keys.dim() == 2 else None
+    for b, (g_h, g_w) in enumerate(layout.sample_grids(batch).tolist()):
+        own = maps[b, :, : g_h * p_h, : g_w * p_w]
+        own = own.unflatten(-1, (g_w, p_w)).unflatten(-3, (g_h, p_h))
+        pixels = own.permute(0, 1, 3, 2, 4).reshape(maps.shape[1], g_h * g_w, p_h * p_w, 1)
+        pixels = pixels.expand(-1, -1, -1, channels).flatten(-2)  # (K, n, p_h·p_w·C)
+        cells = (keys[b, :g_h, :g_w] if keys is not None else layout.keys.view(g_max)).flatten()
+        cells = cells.to(maps.device)
+        present = cells >= 0
+        rows = cells[present] - layout.row_offset
+        out[b, :, rows] = pixels[:, present]
+    return out
+
+
+def grid_mask(grids: Tensor, grid: Tuple[int, int], device: torch.device) -> Tensor:
+    """Boolean ``(B, 1, g_h, g_w)``: the cells of each sample's own grid ``grids[b]``."""
+    rows = torch.arange(grid[0], device=device).view(1, -1, 1)
+    cols = torch.arange(grid[1], device=device).view(1, 1, -1)
+    g = grids.to(device)
+    return ((rows < g[:, 0].view(-1, 1, 1)) & (cols < g[:, 1].view(-1, 1, 1))).unsqueeze(1)
+
+
+def empty_prompt_correction(
+    maps: Tensor, empty: Tensor, threshold: float = 0.8, valid: Optional[Tensor] = None
+) -> Tensor:
     """The reference code's SigLIP "empty prompt" correction, on grid maps.
 
     ``maps`` (B, K, g_h, g_w) are set to zero where the min-max normalised map of the
     empty prompt, ``empty`` (B, 1, g_h, g_w), exceeds ``threshold``: patches that light up
     for any prompt (attention sinks) are suppressed. Off by default in LeGrad.
     """
-    return maps.masked_fill(minmax_normalize(empty) > threshold, 0.0)
+    return maps.masked_fill(minmax_normalize(empty, valid) > threshold, 0.0)

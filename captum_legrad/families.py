@@ -48,7 +48,9 @@ FAMILIES: Tuple[Family, ...] = (
         library="timm",
         adapter="timm",
         extra="timm",
-        description="timm VisionTransformer and Eva (vit_*, deit*, DINOv2 registers, SigLIP MAP)",
+        description=(
+            "timm VisionTransformer, Eva (vit_*, deit*, DINOv2 registers, SigLIP MAP) and NaFlexVit"
+        ),
         loader="captum_legrad.eval.models:load_timm",
     ),
     Family(
@@ -64,7 +66,7 @@ FAMILIES: Tuple[Family, ...] = (
         library="transformers",
         adapter="hf",
         extra="transformers",
-        description="HF transformers ViT, CLIP, DINOv2 and SigLIP vision models",
+        description="HF transformers ViT, CLIP, DINOv2, SigLIP and SigLIP2 vision models",
         loader="captum_legrad.eval.models:load_hf",
         name_hint="PATH",
     ),

@@ -18,6 +18,7 @@ from typing import (
     Dict,
     Optional,
     Protocol,
+    Sequence,
     Tuple,
     runtime_checkable,
 )
@@ -105,12 +106,29 @@ class PatchLayout:
 
     Attributes:
         keys: Key positions of the patch tokens in row-major grid order: ``(n,)`` when every
-            sample has the same layout, or ``(B, n)`` per sample.
-        grid: The patch grid ``(g_h, g_w)``; ``keys`` holds ``g_h · g_w`` positions.
+            sample has the same layout, or ``(B, n)`` per sample. With ``grids``, ``-1``
+            marks grid cells a sample does not have (its own grid is smaller than
+            ``grid``): padding keys never appear.
+        grid: The patch grid ``(g_h, g_w)``; ``keys`` holds ``g_h · g_w`` positions. With
+            ``grids``: the batch's padded grid, at least every sample's own grid.
+        grids: Optional per-sample grids ``(B, 2)`` (NaFlex: variable patch grids). Sample
+            ``b``'s patches fill the top-left ``grids[b]`` corner of ``grid``; the other
+            cells are ``-1`` in ``keys`` and zero in :meth:`gather`'s result.
+        scale: Optional per-sample factor ``(B,)`` that :meth:`gather` applies. With
+            padded query rows (whose gradients are zero), the mean over all query rows is
+            the mean over the sample's own rows times ``valid / N_q``; ``scale = N_q /
+            valid`` turns it back, so a sample in a padded batch gets the values it gets
+            alone.
+        row_offset: For patch-sequence inputs (``ViTSpec.patch_inputs``): the key of input
+            row 0, so row ``r`` is key ``row_offset + r`` (the prefix count for
+            self-attention; 0 for an attention pool that sees only the patches).
     """
 
     keys: Tensor
     grid: Tuple[int, int]
+    grids: Optional[Tensor] = None
+    scale: Optional[Tensor] = None
+    row_offset: int = 0
 
     def __post_init__(self) -> None:
         g_h, g_w = self.grid
@@ -119,15 +137,90 @@ class PatchLayout:
                 f"PatchLayout.keys must be (n,) or (B, n) with n = {g_h}x{g_w} = {g_h * g_w} "
                 f"positions, got shape {tuple(self.keys.shape)}."
             )
+        if self.grids is not None:
+            if self.keys.dim() != 2 or tuple(self.grids.shape) != (self.keys.shape[0], 2):
+                raise ValueError(
+                    "PatchLayout.grids must be (B, 2), one grid per sample, with (B, n) keys; "
+                    f"got grids {tuple(self.grids.shape)} and keys {tuple(self.keys.shape)}."
+                )
+            if bool((self.grids[:, 0] > g_h).any()) or bool((self.grids[:, 1] > g_w).any()):
+                raise ValueError(
+                    f"PatchLayout.grid {self.grid} must hold every per-sample grid; got "
+                    f"{self.grids.tolist()}."
+                )
+        if self.scale is not None and (
+            self.keys.dim() != 2 or self.scale.shape != self.keys.shape[:1]
+        ):
+            raise ValueError(
+                "PatchLayout.scale must be (B,), one factor per sample, with (B, n) keys."
+            )
+
+    @property
+    def batch(self) -> Optional[int]:
+        """The batch size for a per-sample layout, else ``None``."""
+        return int(self.keys.shape[0]) if self.keys.dim() == 2 else None
+
+    def sample_grids(self, batch: int) -> Tensor:
+        """Each sample's own grid ``(batch, 2)`` (``grid`` for all without ``grids``)."""
+        if self.grids is not None:
+            return self.grids
+        return torch.tensor([self.grid], dtype=torch.long).expand(batch, 2)
 
     def gather(self, values: Tensor) -> Tensor:
-        """``(…, B, N_k)`` values over the keys → ``(…, B, g_h, g_w)`` over the patches."""
+        """``(…, B, N_k)`` values over the keys → ``(…, B, g_h, g_w)`` over the patches.
+
+        Cells marked ``-1`` (outside a sample's own grid) are zero.
+        """
         keys = self.keys.to(values.device)
         if keys.dim() == 1:
             patches = values.index_select(-1, keys)
         else:
-            patches = values.gather(-1, keys.expand(*values.shape[:-1], -1))
+            missing = keys < 0
+            patches = values.gather(-1, keys.clamp(min=0).expand(*values.shape[:-1], -1))
+            if bool(missing.any()):
+                patches = patches.masked_fill(missing, 0.0)
+            if self.scale is not None:
+                patches = patches * self.scale.to(patches).unsqueeze(-1)
         return patches.unflatten(-1, self.grid)
+
+    def padded(self, grid: Tuple[int, int]) -> PatchLayout:
+        """This layout per sample over the larger grid ``grid`` (new cells ``-1``)."""
+        g_h, g_w = self.grid
+        if grid[0] < g_h or grid[1] < g_w:
+            raise ValueError(f"Cannot pad the grid {self.grid} to the smaller {grid}.")
+        batch = self.batch
+        if batch is None:
+            raise ValueError("padded() needs a per-sample layout ((B, n) keys).")
+        keys = self.keys.new_full((batch, grid[0], grid[1]), -1)
+        keys[:, :g_h, :g_w] = self.keys.view(batch, g_h, g_w)
+        return PatchLayout(
+            keys.flatten(1), grid, self.sample_grids(batch), self.scale, self.row_offset
+        )
+
+    @staticmethod
+    def concat(layouts: Sequence[PatchLayout], batches: Sequence[int]) -> PatchLayout:
+        """One per-sample layout for consecutive chunks of ``batches[i]`` samples each.
+
+        Chunks may have different grids: all are padded to the largest.
+        """
+        grid = (max(lay.grid[0] for lay in layouts), max(lay.grid[1] for lay in layouts))
+        parts = []
+        for layout, batch in zip(layouts, batches):
+            keys = layout.keys if layout.keys.dim() == 2 else layout.keys.expand(batch, -1)
+            scale = layout.scale
+            if scale is None:
+                scale = torch.ones(batch)
+            per_sample = PatchLayout(
+                keys, layout.grid, layout.sample_grids(batch), scale, layout.row_offset
+            )
+            parts.append(per_sample.padded(grid))
+        return PatchLayout(
+            torch.cat([p.keys.cpu() for p in parts]),
+            grid,
+            torch.cat([p.sample_grids(0).cpu() for p in parts]),
+            torch.cat([p.scale.cpu() for p in parts if p.scale is not None]),
+            layouts[0].row_offset,
+        )
 
 
 #: ``(inputs, n_keys) → PatchLayout``: the model's inputs as passed to its forward (the
@@ -180,7 +273,17 @@ class ViTSpec:
             (:data:`LayoutRule`). Default: the last ``g_h · g_w`` keys are the patches
             (after the ``num_prefix_tokens`` prefix keys), the grid from ``grid``. Models
             whose patches are not the last keys (padding, per-sample grids, image tokens
-            inside a text sequence) give their own rule.
+            inside a text sequence) give their own rule. Per-sample grids (NaFlex) are a
+            layout with ``grids`` (see :class:`PatchLayout`).
+        readout_inputs: For readouts that need more than the tokens (a padding mask for
+            masked pooling): a rule taking the forward's arguments (the inputs, then the
+            additional forward arguments) to a tuple of extra arguments. Both readouts are
+            then called ``readout(tokens, *extra)``; an extra tensor whose first dimension
+            is the batch ``B`` is repeated to the ``L·B`` rows of stacked layers.
+        patch_inputs: The model also takes its image as a sequence of flattened patches
+            ``(B, N, p_h·p_w·C)`` (each patch in ``(p_h, p_w, C)`` order, input row ``r``
+            being key ``PatchLayout.row_offset + r``), described per sample by ``layout``
+            (NaFlex: timm ``NaFlexVit``, HF SigLIP2).
         input_size: How the model runs at input sizes other than its training size (a
             :class:`~captum_legrad.resize.InputSize`: the native size, the patch size and
             the hooks that resample the position embedding for one call). ``None`` (the
@@ -209,6 +312,8 @@ class ViTSpec:
     token_input: Optional[TokenInput] = None
     layout: Optional[LayoutRule] = None
     input_size: Optional[InputSize] = None
+    readout_inputs: Optional[Callable[[Tuple[Any, ...]], Tuple[Any, ...]]] = None
+    patch_inputs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -250,6 +355,11 @@ class ViTSpec:
                 "ViTSpec.readout (the pooling='mean' readout) is required without an "
                 "attention pool."
             )
+        if self.patch_inputs and self.layout is None:
+            raise ValueError(
+                "ViTSpec.patch_inputs needs a layout rule: patch sequences carry no image "
+                "size, so the grid of each sample must come from the layout."
+            )
         if self.token_input is None:
             object.__setattr__(self, "token_input", TokenInput.of(self.blocks[0]))
 
@@ -270,6 +380,20 @@ class ViTSpec:
             return self.model_readout
         assert self.readout is not None  # set in __post_init__
         return self.readout
+
+    def extra_readout_inputs(self, arguments: Tuple[Any, ...], rows: int) -> Tuple[Any, ...]:
+        """The extra readout arguments for a forward on ``arguments`` (inputs, then additional
+        forward arguments), tensors with the batch on dim 0 repeated to ``rows`` rows."""
+        if self.readout_inputs is None:
+            return ()
+        batch = arguments[0].shape[0] if arguments and isinstance(arguments[0], Tensor) else 0
+        extra = []
+        for value in self.readout_inputs(arguments):
+            if isinstance(value, Tensor) and value.dim() > 0 and batch and rows != batch:
+                if value.shape[0] == batch and rows % batch == 0:
+                    value = value.repeat(rows // batch, *([1] * (value.dim() - 1)))
+            extra.append(value)
+        return tuple(extra)
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
         """Patch grid ``(g_h, g_w)`` for an input of ``height`` × ``width`` pixels."""

@@ -30,8 +30,10 @@ class ImageTextSimilarity(nn.Module):
 
     Args:
         model (nn.Module): A supported image-text model or its vision tower (OpenCLIP
-                    ``CLIP`` / ``CoCa`` or ``.visual``, HF ``CLIPModel`` / ``SiglipModel``
-                    or their vision models, ...).
+                    ``CLIP`` / ``CoCa`` or ``.visual``, HF ``CLIPModel`` / ``SiglipModel`` /
+                    ``Siglip2Model`` or their vision models, ...). For SigLIP2, call it
+                    (and LeGrad) with ``pixel_values`` and ``additional_forward_args=
+                    (pixel_attention_mask, spatial_shapes)``.
         text_embeddings (Tensor): ``(K, D)`` text embeddings, one per prompt.
         spec (ViTSpec, optional): The vision tower's spec, instead of
                     :func:`~captum_legrad.discover`.
@@ -90,8 +92,12 @@ class ImageTextSimilarity(nn.Module):
         text = self.get_buffer("text_embeddings")
         return F.normalize(image_embeddings, dim=-1) @ text.to(image_embeddings.dtype).T
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Cosine similarities ``(B, K)`` of ``images`` with the K prompts."""
+    def forward(self, images: Tensor, *args: Any) -> Tensor:
+        """Cosine similarities ``(B, K)`` of ``images`` with the K prompts.
+
+        ``args`` go to the vision tower after the images (SigLIP2: ``pixel_attention_mask,
+        spatial_shapes``; ``images`` are then its flattened patches).
+        """
         spec = self.vision_spec
         last: dict = {}
 
@@ -100,20 +106,21 @@ class ImageTextSimilarity(nn.Module):
 
         with ScopedHooks() as hooks:
             hooks.forward(spec.blocks[-1], keep)
-            spec.root(images)
+            spec.root(images, *args)
         tokens = last["tokens"] if spec.batch_first else last["tokens"].transpose(0, 1)
-        return self.similarity(spec.model_readout(tokens))
+        extra = spec.extra_readout_inputs((images, *args), tokens.shape[0])
+        return self.similarity(spec.model_readout(tokens, *extra))
 
     def legrad_spec(self) -> ViTSpec:
         """The vision tower's spec, read out as similarities with the prompts."""
         spec = self.vision_spec
         mean_readout, model_readout = spec.read("mean"), spec.model_readout
 
-        def mean_similarity(tokens: Tensor) -> Tensor:
-            return self.similarity(mean_readout(tokens))
+        def mean_similarity(tokens: Tensor, *extra: Any) -> Tensor:
+            return self.similarity(mean_readout(tokens, *extra))
 
-        def model_similarity(tokens: Tensor) -> Tensor:
-            return self.similarity(model_readout(tokens))
+        def model_similarity(tokens: Tensor, *extra: Any) -> Tensor:
+            return self.similarity(model_readout(tokens, *extra))
 
         return dataclasses.replace(
             spec,

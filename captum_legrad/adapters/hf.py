@@ -8,7 +8,8 @@ Recognised (transformers 4.4x and 5.x):
 * ``Dinov2Model``, ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel``,
   ``Dinov2WithRegistersForImageClassification``;
 * ``SiglipModel``, ``SiglipVisionModel``, ``SiglipForImageClassification`` (and 4.x's
-  inner ``SiglipVisionTransformer``).
+  inner ``SiglipVisionTransformer``);
+* SigLIP2 (NaFlex, per-sample grids): :mod:`captum_legrad.adapters.hf_siglip2`.
 
 The attention implementation the user chose (``"sdpa"`` or ``"eager"``) is left as it
 is: the attention probabilities are obtained inside each layer's attention module by
@@ -444,4 +445,6 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         spec = matcher(model)
         if spec is not None:
             return spec
-    return None
+    from .hf_siglip2 import match as match_siglip2  # NaFlex: per-sample grids
+
+    return match_siglip2(model)

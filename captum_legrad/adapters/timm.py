@@ -88,9 +88,11 @@ def _input_size(vit: Any, patch_size: Tuple[int, int]) -> Optional[InputSize]:
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a timm ``VisionTransformer`` or ``Eva``; ``None`` for anything else."""
+    """Describe a timm ``VisionTransformer``, ``Eva`` or ``NaFlexVit``; ``None`` otherwise."""
     if not _is_timm_vit(model):
-        return None
+        from .timm_naflex import match as match_naflex  # NaFlexVit: per-sample grids
+
+        return match_naflex(model)
     vit: Any = model  # timm's module attributes are untyped
     patch_embed = vit.patch_embed
     patch_size = pair(patch_embed.patch_size)

@@ -21,6 +21,7 @@ methods), repeated over the channels unless ``output="map"`` or ``"grid"``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,14 +30,14 @@ from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from ..arguments import check_image, check_output, resolve_layer
+from ..arguments import check_image, check_output, check_patches, resolve_layer
 from ..capture import record_attention
-from ..compute import upsample
+from ..compute import patch_rows, upsample, upsample_each
 from ..discovery import discover, unwrap
 from ..errors import CaptureError
 from ..hooks import ScopedHooks
 from ..resize import at_input_size
-from ..spec import ViTSpec
+from ..spec import PatchLayout, ViTSpec
 from ..targets import select_targets
 
 __all__ = ["RawAttention", "AttentionRollout", "GenericAttention", "ViTGradCAM"]
@@ -56,27 +57,45 @@ class _ViTBaseline(GradientAttribution):
 
     def _check(self, inputs: Tensor, output: str) -> None:
         check_output(output)
-        check_image(inputs, self.get_name())
+        if self.spec.patch_inputs and isinstance(inputs, Tensor) and inputs.dim() != 4:
+            check_patches(inputs, self.get_name())  # NaFlex patch sequence
+        else:
+            check_image(inputs, self.get_name())
 
-    def _patches(self, keys: Tensor, image: Tensor) -> Tensor:
-        """``(B, N_k)`` values over the keys → ``(B, 1, g_h, g_w)`` over the patches."""
-        layout = self.spec.patch_layout((image,), keys.shape[-1])
-        return layout.gather(keys).unsqueeze(1)
+    def _layout(self, image: Tensor, args: Tuple[Any, ...], n_keys: int) -> PatchLayout:
+        """The patch keys among ``n_keys`` (per sample for NaFlex inputs), unscaled (the
+        layout's ``scale`` corrects LeGrad's query mean only)."""
+        return dataclasses.replace(self.spec.patch_layout((image, *args), n_keys), scale=None)
 
-    def _query_row(self, matrix: Tensor) -> Tensor:
-        """``(B, N, N)`` → ``(B, N)``: the CLS row, or the mean over rows without prefix."""
+    def _query_row(self, matrix: Tensor, layout: PatchLayout) -> Tensor:
+        """``(B, N, N)`` → ``(B, N)``: the CLS row, or the mean over rows without prefix
+        (over each sample's own patch rows with per-sample grids: padding rows excluded)."""
         if self.spec.num_prefix_tokens > 0:
             return matrix[:, 0]
-        return matrix.mean(dim=1)
+        if layout.grids is None:
+            return matrix.mean(dim=1)
+        batch, n = matrix.shape[0], matrix.shape[-1]
+        keys = layout.keys.to(matrix.device)
+        rows = torch.zeros(batch, n + 1, dtype=matrix.dtype, device=matrix.device)
+        rows.scatter_(1, torch.where(keys >= 0, keys, n), 1.0)
+        rows = rows[:, :n]
+        return (rows.unsqueeze(-1) * matrix).sum(dim=1) / rows.sum(dim=1, keepdim=True)
 
-    @staticmethod
-    def _finish(grid: Tensor, image: Tensor, output: str) -> Tensor:
+    def _finish(
+        self, grid: Tensor, image: Tensor, output: str, layout: Optional[PatchLayout] = None
+    ) -> Tensor:
         grid = grid.detach().to(image.dtype)
         if output == "grid":
             return grid
-        maps = upsample(grid, (image.shape[-2], image.shape[-1]), "bilinear")
+        if layout is None or layout.grids is None:
+            maps = upsample(grid, (image.shape[-2], image.shape[-1]), "bilinear")
+        else:  # per-sample grids: each at its own size, padded with zeros (docs/design.md)
+            maps, _ = upsample_each(grid, layout.grids, self.spec.patch_size)
         if output == "map":
             return maps
+        if image.dim() == 3:
+            assert layout is not None
+            return patch_rows(maps, layout, image, self.spec.patch_size)[:, 0]
         return maps.expand(-1, image.shape[1], -1, -1).contiguous()
 
     def _sized(self, image: Tensor) -> ContextManager[None]:
@@ -175,8 +194,9 @@ class RawAttention(_ViTBaseline):
         self._check(inputs, output)
         args = _format_additional_forward_args(additional_forward_args) or ()
         _, (attention,) = self._record(inputs, args, [self.layer], differentiable=False)
-        row = self._query_row(attention.mean(dim=1))
-        return self._finish(self._patches(row, inputs), inputs, output)
+        layout = self._layout(inputs, args, attention.shape[-1])
+        row = self._query_row(attention.mean(dim=1), layout)
+        return self._finish(layout.gather(row).unsqueeze(1), inputs, output, layout)
 
 
 class AttentionRollout(_ViTBaseline):
@@ -234,7 +254,9 @@ class AttentionRollout(_ViTBaseline):
             step = step / step.sum(dim=-1, keepdim=True)
             rollout = step if rollout is None else step @ rollout
         assert rollout is not None
-        return self._finish(self._patches(self._query_row(rollout), inputs), inputs, output)
+        layout = self._layout(inputs, args, rollout.shape[-1])
+        row = self._query_row(rollout, layout)
+        return self._finish(layout.gather(row).unsqueeze(1), inputs, output, layout)
 
 
 class GenericAttention(_ViTBaseline):
@@ -299,7 +321,9 @@ class GenericAttention(_ViTBaseline):
                 relevance = relevance.expand_as(cam).clone()
             relevance = relevance + cam @ relevance
         assert relevance is not None
-        return self._finish(self._patches(self._query_row(relevance), inputs), inputs, output)
+        layout = self._layout(inputs, args, relevance.shape[-1])
+        row = self._query_row(relevance, layout)
+        return self._finish(layout.gather(row).unsqueeze(1), inputs, output, layout)
 
 
 class ViTGradCAM(_ViTBaseline):
@@ -379,10 +403,12 @@ class ViTGradCAM(_ViTBaseline):
             (grad,) = torch.autograd.grad(scores.sum(), tokens)
         if not self.spec.batch_first:
             tokens, grad = tokens.transpose(0, 1), grad.transpose(0, 1)
-        layout = self.spec.patch_layout((inputs,), tokens.shape[1])
+        layout = self._layout(inputs, args, tokens.shape[1])
         # The layout gathers (…, B, N) over the tokens: (D, B, N) → (D, B, g_h, g_w).
         patches = layout.gather(tokens.detach().permute(2, 0, 1))
         patch_grads = layout.gather(grad.permute(2, 0, 1))
-        weights = patch_grads.mean(dim=(-2, -1), keepdim=True)  # (D, B, 1, 1)
+        # mean over each sample's own patches (cells outside a per-sample grid are zero)
+        count = layout.sample_grids(inputs.shape[0]).prod(dim=1).to(patch_grads)
+        weights = patch_grads.sum(dim=(-2, -1), keepdim=True) / count.view(1, -1, 1, 1)
         cam = (weights * patches).sum(dim=0).unsqueeze(1).clamp(min=0)  # (B, 1, g_h, g_w)
-        return self._finish(cam, inputs, output)
+        return self._finish(cam, inputs, output, layout)
