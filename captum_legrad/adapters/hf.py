@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from ..spec import TokenInput, ViTSpec
+from ..spec import LayoutRule, TokenInput, ViTSpec
 from .common import floor_grid, pair
 
 __all__ = ["match"]
@@ -92,14 +92,16 @@ def _child(module: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 def _blocks(model: nn.Module) -> Tuple[nn.Module, ...]:
-    """The transformer layers: ``layers`` (ViT 5.x), ``encoder.layers``, ``encoder.layer``."""
-    for path in ("layers", "encoder.layers", "encoder.layer"):
+    """The transformer layers: ``layers`` (ViT 5.x), ``encoder.layers``, ``encoder.layer``,
+    ``model.layer`` (DINOv3)."""
+    for path in ("layers", "encoder.layers", "encoder.layer", "model.layer"):
         found = _child(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
             return tuple(found)
     raise UnsupportedModelError(
-        f"{type(model).__name__}: no transformer layers at .layers, .encoder.layers or "
-        ".encoder.layer (an unknown transformers version?); pass spec=ViTSpec(...)."
+        f"{type(model).__name__}: no transformer layers at .layers, .encoder.layers, "
+        ".encoder.layer or .model.layer (an unknown transformers version?); pass "
+        "spec=ViTSpec(...)."
     )
 
 
@@ -160,6 +162,7 @@ def _spec(
     num_prefix_tokens: int,
     pool_attention: Optional[nn.Module] = None,
     image_forward: Optional[Callable[..., Any]] = None,
+    layout: Optional[LayoutRule] = None,
 ) -> ViTSpec:
     """The spec of an HF vision encoder ``root`` whose layers hold ``<attention_name>``."""
     vit: Any = root
@@ -179,6 +182,7 @@ def _spec(
         pool_attention=pool_attention,
         image_forward=image_forward,
         token_input=TokenInput("hidden_states"),
+        layout=layout,
     )
 
 
@@ -229,9 +233,11 @@ def _match_vit(model: nn.Module) -> Optional[ViTSpec]:
 # ---------------------------------------------------------------------------- CLIP
 
 
-def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
-    module = "clip.modeling_clip"
-    if _is_instance_of(model, module, "CLIPForImageClassification"):
+def _match_clip(
+    model: nn.Module, module: str = "clip.modeling_clip", prefix: str = "CLIP"
+) -> Optional[ViTSpec]:
+    """CLIP, and architectures that are CLIP's under another name (MetaCLIP 2)."""
+    if _is_instance_of(model, module, f"{prefix}ForImageClassification"):
         classifier_model: Any = model
         tower = _vision_tower(model)
 
@@ -251,10 +257,10 @@ def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
     if not _is_instance_of(
         model,
         module,
-        "CLIPModel",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPVisionTransformer",
+        f"{prefix}Model",
+        f"{prefix}VisionModel",
+        f"{prefix}VisionModelWithProjection",
+        f"{prefix}VisionTransformer",
     ):
         return None
     tower = _vision_tower(model)
@@ -397,14 +403,26 @@ def _match_siglip(model: nn.Module) -> Optional[ViTSpec]:
     )
 
 
-_MATCHERS = (_match_vit, _match_clip, _match_dinov2, _match_siglip)
+def _match_metaclip2(model: nn.Module) -> Optional[ViTSpec]:
+    return _match_clip(model, "metaclip_2.modeling_metaclip_2", "MetaClip2")
+
+
+_MATCHERS = (_match_vit, _match_clip, _match_metaclip2, _match_dinov2, _match_siglip)
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a transformers ViT / CLIP / DINOv2 / SigLIP vision model; ``None`` otherwise."""
+    """Describe a transformers vision model of a recognised family; ``None`` otherwise.
+
+    Raises:
+        UnsupportedModelError: the model is of a family LeGrad recognises but cannot
+            explain (hierarchical or local attention: Swin, Hiera, PVT, ...; see
+            :mod:`captum_legrad.adapters.hf_families`).
+    """
     if not any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__):
         return None
-    for matcher in _MATCHERS:
+    from . import hf_families
+
+    for matcher in (*_MATCHERS, hf_families.match):
         spec = matcher(model)
         if spec is not None:
             return spec
