@@ -3,7 +3,8 @@
 Each configuration is built with random weights (``pretrained=None``, nothing is
 downloaded), shrunk so that the sweep runs on a CPU: the image tower keeps its width,
 patch size, image size, pooling and head but only ``LAYERS`` blocks (timm trunks are
-created with ``depth=LAYERS`` where the architecture takes it), the text tower one layer.
+created with ``depth=LAYERS`` where the architecture takes it), the text tower one layer
+and a 1000-token vocabulary.
 Configurations whose text tower is a Hugging Face model (``hf_model_name``: the XLM-R, mT5,
 NLLB and RoBERTa pairs) would need the hub for the text configuration, so only their image
 tower (``model.visual``, built by OpenCLIP's own ``_build_vision_tower``) is checked.
@@ -104,6 +105,8 @@ def _shrunk_config(name: str) -> Dict[str, Any]:
         text = config.get(tower)
         if isinstance(text, dict) and isinstance(text.get("layers"), int):
             text["layers"] = 1
+        if isinstance(text, dict) and int(text.get("vocab_size", 0)) > 1000:
+            text["vocab_size"] = 1000  # the 900k-token worldwide vocabularies alone are GBs
     return config
 
 

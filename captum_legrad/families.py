@@ -64,7 +64,8 @@ FAMILIES: Tuple[Family, ...] = (
         library="transformers",
         adapter="hf",
         extra="transformers",
-        description="HF transformers ViT, CLIP, DINOv2 and SigLIP vision models",
+        description="HF transformers ViT, DeiT, BEiT, data2vec, ViT-MAE/-MSN, I-JEPA, DINOv2/v3, "
+        "CLIP, MetaCLIP 2, SigLIP and AIMv2 vision models",
         loader="captum_legrad.eval.models:load_hf",
         name_hint="PATH",
     ),

@@ -1,6 +1,8 @@
-"""Hugging Face ``transformers`` adapter: ViT, CLIP, DINOv2 (with registers) and SigLIP.
+"""Hugging Face ``transformers`` adapter: ViT, CLIP, MetaCLIP 2, DINOv2 (with registers) and
+SigLIP here; DeiT, BEiT, data2vec-vision, ViT-MSN, I-JEPA, DINOv3, ViT-MAE and AIMv2 in
+:mod:`captum_legrad.adapters.hf_families`, which also refuses the hierarchical families.
 
-Recognised (transformers 4.4x and 5.x):
+Recognised here (transformers 4.4x and 5.x):
 
 * ``ViTForImageClassification``, ``ViTModel``;
 * ``CLIPModel``, ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``,
@@ -8,7 +10,9 @@ Recognised (transformers 4.4x and 5.x):
 * ``Dinov2Model``, ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel``,
   ``Dinov2WithRegistersForImageClassification``;
 * ``SiglipModel``, ``SiglipVisionModel``, ``SiglipForImageClassification`` (and 4.x's
-  inner ``SiglipVisionTransformer``).
+  inner ``SiglipVisionTransformer``);
+* ``MetaClip2Model``, ``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection``,
+  ``MetaClip2ForImageClassification`` (CLIP's architecture and readouts).
 
 The attention implementation the user chose (``"sdpa"`` or ``"eager"``) is left as it
 is: the attention probabilities are obtained inside each layer's attention module by
