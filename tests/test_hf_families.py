@@ -350,6 +350,10 @@ def test_mae_other_size_with_interpolation() -> None:
 
 def test_mae_called_by_another_function_is_refused() -> None:
     model = cached("mae")
+    x = images(1)
+    LeGrad(model).attribute(x, target=0)
+    with pytest.raises(CaptureError):  # the order of a forward is used once, not again
+        discover(model).patch_layout((x,), 17)
     with pytest.raises(CaptureError, match="forward_func"):
         LeGrad(lambda x: model(x).last_hidden_state[:, 0], spec=discover(model)).attribute(
             images(1), target=0

@@ -320,6 +320,7 @@ def _mae_layout(patch: Tuple[int, int]) -> Callable[[Tuple[Any, ...], int], Patc
         grid = grid_rule(image.shape[-2], image.shape[-1])
         pixels = _MAE_ORDER.pixels() if _MAE_ORDER.pixels is not None else None
         ids_restore = _MAE_ORDER.ids_restore
+        _MAE_ORDER.pixels, _MAE_ORDER.ids_restore = None, None  # one forward, one layout
         if pixels is not image or ids_restore is None:
             raise CaptureError(
                 "ViT-MAE shuffles its patches with random noise in every forward, and LeGrad "
