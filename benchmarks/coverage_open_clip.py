@@ -16,7 +16,9 @@ buffer of the model unchanged; ``refused`` when LeGrad raises ``UnsupportedModel
 took longer than ``TIME_LIMIT_S`` seconds.
 
 Run alone: ``python benchmarks/coverage_open_clip.py`` prints a Markdown table and the
-fractions (``--only NAME ...`` for a few configurations).
+fractions (``--only NAME ...`` for a few configurations). All 144 configurations of open_clip
+3.3 take about 15 minutes on 2 idle CPU cores (the giant towers, even at 2 blocks, dominate)
+and a few GB of memory.
 """
 
 from __future__ import annotations
