@@ -269,7 +269,8 @@ def test_matches_oracle(key: str, attn: str) -> None:
     for pooling in ("mean", "model"):
         ref = oracle_layer_maps(eager, x, target, None, pooling)
         _assert_layers_close(LeGrad(model, pooling=pooling).attribute_layers(x, target), ref)
-        for layers, selected in ((None, ref), ([-1], ref[:, -1:])):
+        subsets = ((None, ref), ([-1], ref[:, -1:])) if pooling == "model" else ((None, ref),)
+        for layers, selected in subsets:
             ours = LeGrad(model, layers, pooling=pooling).attribute(x, target=target, output="map")
             assert ours.shape == (3, 1, 32, 32)
             assert bool(torch.isfinite(ours).all())
