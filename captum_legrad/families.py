@@ -66,7 +66,8 @@ FAMILIES: Tuple[Family, ...] = (
         library="transformers",
         adapter="hf",
         extra="transformers",
-        description="HF transformers ViT, CLIP, DINOv2, SigLIP and SigLIP2 vision models",
+        description="HF transformers ViT, DeiT, BEiT, data2vec, ViT-MAE/-MSN, I-JEPA, DINOv2/v3, "
+        "CLIP, MetaCLIP 2, SigLIP, SigLIP2 and AIMv2 vision models",
         loader="captum_legrad.eval.models:load_hf",
         name_hint="PATH",
     ),

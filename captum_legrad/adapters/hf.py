@@ -1,6 +1,8 @@
-"""Hugging Face ``transformers`` adapter: ViT, CLIP, DINOv2 (with registers) and SigLIP.
+"""Hugging Face ``transformers`` adapter: ViT, CLIP, MetaCLIP 2, DINOv2 (with registers) and
+SigLIP here; DeiT, BEiT, data2vec-vision, ViT-MSN, I-JEPA, DINOv3, ViT-MAE and AIMv2 in
+:mod:`captum_legrad.adapters.hf_families`, which also refuses the hierarchical families.
 
-Recognised (transformers 4.4x and 5.x):
+Recognised here (transformers 4.4x and 5.x):
 
 * ``ViTForImageClassification``, ``ViTModel``;
 * ``CLIPModel``, ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``,
@@ -9,6 +11,8 @@ Recognised (transformers 4.4x and 5.x):
   ``Dinov2WithRegistersForImageClassification``;
 * ``SiglipModel``, ``SiglipVisionModel``, ``SiglipForImageClassification`` (and 4.x's
   inner ``SiglipVisionTransformer``);
+* ``MetaClip2Model``, ``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection``,
+  ``MetaClip2ForImageClassification`` (CLIP's architecture and readouts).
 * SigLIP2 (NaFlex, per-sample grids): :mod:`captum_legrad.adapters.hf_siglip2`.
 
 The attention implementation the user chose (``"sdpa"`` or ``"eager"``) is left as it
@@ -54,7 +58,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModelError
 from ..hooks import ScopedHooks
 from ..resize import InputSize
-from ..spec import TokenInput, ViTSpec
+from ..spec import LayoutRule, TokenInput, ViTSpec
 from .common import floor_grid, pair
 
 __all__ = ["match"]
@@ -100,14 +104,16 @@ def _child(module: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 def _blocks(model: nn.Module) -> Tuple[nn.Module, ...]:
-    """The transformer layers: ``layers`` (ViT 5.x), ``encoder.layers``, ``encoder.layer``."""
-    for path in ("layers", "encoder.layers", "encoder.layer"):
+    """The transformer layers: ``layers`` (ViT 5.x), ``encoder.layers``, ``encoder.layer``,
+    ``model.layer`` (DINOv3)."""
+    for path in ("layers", "encoder.layers", "encoder.layer", "model.layer"):
         found = _child(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
             return tuple(found)
     raise UnsupportedModelError(
-        f"{type(model).__name__}: no transformer layers at .layers, .encoder.layers or "
-        ".encoder.layer (an unknown transformers version?); pass spec=ViTSpec(...)."
+        f"{type(model).__name__}: no transformer layers at .layers, .encoder.layers, "
+        ".encoder.layer or .model.layer (an unknown transformers version?); pass "
+        "spec=ViTSpec(...)."
     )
 
 
@@ -196,6 +202,7 @@ def _spec(
     num_prefix_tokens: int,
     pool_attention: Optional[nn.Module] = None,
     image_forward: Optional[Callable[..., Any]] = None,
+    layout: Optional[LayoutRule] = None,
 ) -> ViTSpec:
     """The spec of an HF vision encoder ``root`` whose layers hold ``<attention_name>``."""
     vit: Any = root
@@ -216,6 +223,7 @@ def _spec(
         image_forward=image_forward,
         token_input=TokenInput("hidden_states"),
         input_size=_input_size(vit.embeddings, vit.config, patch_size),
+        layout=layout,
     )
 
 
@@ -266,9 +274,11 @@ def _match_vit(model: nn.Module) -> Optional[ViTSpec]:
 # ---------------------------------------------------------------------------- CLIP
 
 
-def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
-    module = "clip.modeling_clip"
-    if _is_instance_of(model, module, "CLIPForImageClassification"):
+def _match_clip(
+    model: nn.Module, module: str = "clip.modeling_clip", prefix: str = "CLIP"
+) -> Optional[ViTSpec]:
+    """CLIP, and architectures that are CLIP's under another name (MetaCLIP 2)."""
+    if _is_instance_of(model, module, f"{prefix}ForImageClassification"):
         classifier_model: Any = model
         tower = _vision_tower(model)
 
@@ -288,10 +298,10 @@ def _match_clip(model: nn.Module) -> Optional[ViTSpec]:
     if not _is_instance_of(
         model,
         module,
-        "CLIPModel",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPVisionTransformer",
+        f"{prefix}Model",
+        f"{prefix}VisionModel",
+        f"{prefix}VisionModelWithProjection",
+        f"{prefix}VisionTransformer",
     ):
         return None
     tower = _vision_tower(model)
@@ -434,14 +444,26 @@ def _match_siglip(model: nn.Module) -> Optional[ViTSpec]:
     )
 
 
-_MATCHERS = (_match_vit, _match_clip, _match_dinov2, _match_siglip)
+def _match_metaclip2(model: nn.Module) -> Optional[ViTSpec]:
+    return _match_clip(model, "metaclip_2.modeling_metaclip_2", "MetaClip2")
+
+
+_MATCHERS = (_match_vit, _match_clip, _match_metaclip2, _match_dinov2, _match_siglip)
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a transformers ViT / CLIP / DINOv2 / SigLIP vision model; ``None`` otherwise."""
+    """Describe a transformers vision model of a recognised family; ``None`` otherwise.
+
+    Raises:
+        UnsupportedModelError: the model is of a family LeGrad recognises but cannot
+            explain (hierarchical or local attention: Swin, Hiera, PVT, ...; see
+            :mod:`captum_legrad.adapters.hf_families`).
+    """
     if not any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__):
         return None
-    for matcher in _MATCHERS:
+    from . import hf_families
+
+    for matcher in (*_MATCHERS, hf_families.match):
         spec = matcher(model)
         if spec is not None:
             return spec

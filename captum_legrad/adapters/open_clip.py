@@ -12,8 +12,14 @@ Readouts:
 * CoCa (``attn_pool``): the pooler's attention is differentiated, first latent query only;
   the readout is the model's own ``ln_post(attn_pool(Z))[:, 0] @ proj`` for both poolings
   (the reference skips ``ln_post``);
-* SigLIP (``TimmModel`` wrapping a timm MAP ViT): the timm trunk's spec, followed by the
-  tower's projection head.
+* towers wrapped through ``TimmModel`` (SigLIP / SigLIP 2 MAP ViTs, EVA, ViTamin, PE-Core,
+  MobileCLIP-B, ...): the timm trunk's spec (:mod:`captum_legrad.adapters.timm`), followed by
+  the tower's projection head.
+
+Image towers that are not Vision Transformers are refused with
+:class:`~captum_legrad.UnsupportedModelError`: ``ModifiedResNet`` (``RN50``, ...) and
+``TimmModel`` trunks the timm adapter does not describe (ConvNeXt, FastViT of MobileCLIP-S,
+Swin).
 
 Other input sizes (the authors run CLIP at 448² on 224² models): ``positional_embedding`` is
 resampled for the call as the reference does (timm's ``resample_abs_pos_embed``: bicubic,
@@ -28,6 +34,7 @@ from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..resize import InputSize, resample_position_embedding, substitute_during
 from ..spec import TokenInput, ViTSpec
 from .common import floor_grid, pair
@@ -35,13 +42,26 @@ from .common import floor_grid, pair
 __all__ = ["match"]
 
 
+_NEEDS = (
+    "LeGrad needs a Vision Transformer image tower: transformer blocks whose self-attention "
+    "runs over prefix tokens and one grid of patch tokens"
+)
+
+
 def _visual(model: nn.Module) -> Optional[nn.Module]:
+    from open_clip.modified_resnet import ModifiedResNet
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
     for candidate in (model, getattr(model, "visual", None)):
         if isinstance(candidate, (VisionTransformer, TimmModel)):
             return candidate
+        if isinstance(candidate, ModifiedResNet):
+            raise UnsupportedModelError(
+                f"This OpenCLIP model's image tower is a ModifiedResNet (the RN50 / RN101 "
+                f"family: a CNN with an attention-pooling head). {_NEEDS}; use a ViT-* "
+                "configuration instead."
+            )
     return None
 
 
@@ -69,8 +89,6 @@ def _vit_spec(visual: Any) -> ViTSpec:
     batch_first = bool(getattr(visual.transformer, "batch_first", False))
     attn_pool = getattr(visual, "attn_pool", None)
     if attn_pool is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
-        from ..errors import UnsupportedModelError
-
         raise UnsupportedModelError(
             "OpenCLIP towers with two attention poolers (attn_pool_contrastive) are not "
             "supported; pass spec=ViTSpec(...) naming the pooler to differentiate."
@@ -105,17 +123,22 @@ def _vit_spec(visual: Any) -> ViTSpec:
         pool_attention=attn_pool,
         pool_query=0 if attn_pool is not None else None,
         batch_first=batch_first,
-        token_input=TokenInput("q_x"),
+        # ``q_x`` (ResidualAttentionBlock) or ``x`` (CustomResidualAttentionBlock)
+        token_input=TokenInput.of(blocks[0]),
         input_size=_input_size(visual, patch),
     )
 
 
-def _timm_tower_spec(visual: Any) -> Optional[ViTSpec]:
+def _timm_tower_spec(visual: Any) -> ViTSpec:
     from . import timm as timm_adapter
 
     trunk_spec = timm_adapter.match(visual.trunk)
     if trunk_spec is None:
-        return None
+        raise UnsupportedModelError(
+            f"This OpenCLIP model's image tower wraps a timm {type(visual.trunk).__name__} "
+            f"(TimmModel), which is not a Vision Transformer LeGrad recognises. {_NEEDS}; "
+            "timm VisionTransformer and Eva trunks are supported (SigLIP, EVA, ViTamin, ...)."
+        )
     head = visual.head
     trunk_readout, trunk_model_readout = trunk_spec.read("mean"), trunk_spec.model_readout
 
@@ -135,7 +158,12 @@ def _timm_tower_spec(visual: Any) -> Optional[ViTSpec]:
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe an OpenCLIP model or vision tower; ``None`` for anything else."""
+    """Describe an OpenCLIP model or vision tower; ``None`` for anything else.
+
+    Raises:
+        UnsupportedModelError: the image tower is not a Vision Transformer (``ModifiedResNet``,
+            a ``TimmModel`` with a ConvNeXt / FastViT / Swin trunk).
+    """
     from open_clip.timm_model import TimmModel
 
     visual = _visual(model)
