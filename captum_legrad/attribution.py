@@ -139,6 +139,7 @@ class LeGrad(GradientAttribution):
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.pooling = pooling
+        self._warned_zero = False
 
     @classmethod
     def get_name(cls) -> str:
@@ -213,7 +214,26 @@ class LeGrad(GradientAttribution):
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
             chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])
             parts.append(layer_maps(self.spec, result, index, chunk))
-        return torch.cat(parts).to(image.device)
+        maps = torch.cat(parts).to(image.device)
+        self._warn_if_zero(maps)
+        return maps
+
+    def _warn_if_zero(self, maps: Tensor) -> None:
+        """Warn (once per LeGrad instance) when some (sample, target) map is all zeros."""
+        if self._warned_zero or maps.numel() == 0:
+            return
+        zero = ~maps.flatten(start_dim=2).any(dim=-1)  # (B, K)
+        if not zero.any():
+            return
+        self._warned_zero = True
+        warnings.warn(
+            f"LeGrad's maps are all zeros for {int(zero.sum())} of {zero.numel()} "
+            "(sample, target) pairs: the score does not depend on the attention of the "
+            "selected layers. The usual cause is a zero-initialised classification head "
+            "(torchvision's and HF transformers' default init), whose logits are constant; "
+            "load trained weights or initialise the head. (Warned once per LeGrad instance.)",
+            stacklevel=4,
+        )
 
     @staticmethod
     def _finish(maps: Tensor, image: Tensor, options: AttributeOptions) -> Tensor:

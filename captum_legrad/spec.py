@@ -16,6 +16,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    FrozenSet,
     Optional,
     Protocol,
     Tuple,
@@ -180,6 +181,10 @@ class ViTSpec:
             (after the ``num_prefix_tokens`` prefix keys), the grid from ``grid``. Models
             whose patches are not the last keys (padding, per-sample grids, image tokens
             inside a text sequence) give their own rule.
+        output_attentions: Blocks (indices) whose attention module's *output* is ``A^l``,
+            recorded as it is: for attentions whose tensor multiplied with ``V`` is not a
+            single softmax (timm ConViT's gated mix of two softmaxes, CaiT's talking
+            heads), name the module that returns it (timm's ``attn_drop``). Default: none.
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -202,6 +207,7 @@ class ViTSpec:
     image_forward: Optional[Callable[..., Any]] = None
     token_input: Optional[TokenInput] = None
     layout: Optional[LayoutRule] = None
+    output_attentions: FrozenSet[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -245,6 +251,12 @@ class ViTSpec:
             )
         if self.token_input is None:
             object.__setattr__(self, "token_input", TokenInput.of(self.blocks[0]))
+        outside = sorted(i for i in self.output_attentions if not 0 <= i < len(self.blocks))
+        if outside:
+            raise ValueError(
+                f"ViTSpec.output_attentions names blocks {outside}, but there are "
+                f"{len(self.blocks)} blocks: give indices 0..{len(self.blocks) - 1}."
+            )
 
     @property
     def num_layers(self) -> int:

@@ -1,8 +1,10 @@
 """timm adapter: ``VisionTransformer`` (vit_*, deit*, DINOv2 with registers, SigLIP MAP,
-avg-pool heads, dynamic image sizes) and ``Eva``.
+avg-pool heads, dynamic image sizes), ``Eva``, ``Beit`` and ``VisionTransformerRelPos``.
 
-Both classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
-head``; ``forward_head`` is the model's own readout.
+These classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
+head``; ``forward_head`` is the model's own readout. CaiT, ConViT, XCiT, SAM and the VLM
+vision towers are described in :mod:`.timm_families`, which also refuses every other timm
+model with the reason.
 """
 
 from __future__ import annotations
@@ -18,16 +20,25 @@ __all__ = ["match"]
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
+    from timm.models.beit import Beit
     from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
-    return isinstance(model, (VisionTransformer, Eva))
+    return isinstance(model, (VisionTransformer, Eva, Beit, VisionTransformerRelPos))
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a timm ``VisionTransformer`` or ``Eva``; ``None`` for anything else."""
+    """Describe a timm ViT; ``None`` for a module that is not a timm model.
+
+    Raises:
+        UnsupportedModelError: a timm model without global token attention (hierarchical,
+            windowed, convolutional), with the reason.
+    """
     if not _is_timm_vit(model):
-        return None
+        from .timm_families import match_other
+
+        return match_other(model)
     vit: Any = model  # timm's module attributes are untyped
     patch_embed = vit.patch_embed
     patch_size = pair(patch_embed.patch_size)
