@@ -76,7 +76,7 @@ def _sam(work: nn.Module, z: Tensor, pooling: str) -> Tensor:
 
 
 def _grid_side(z: Tensor) -> int:
-    side = int(round(z.shape[1] ** 0.5))
+    side = round(z.shape[1] ** 0.5)
     assert side * side == z.shape[1]
     return side
 

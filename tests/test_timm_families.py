@@ -74,7 +74,20 @@ FAMILIES: Dict[str, Tuple[str, str, int, int, Dict[str, Any]]] = {
         32,
         dict(img_size=32, patch_size=8, depth=2, pos_embed_grid_size=4, out_features=16),
     ),
-    "gemma4": ("gemma4_vit_167m", "gemma4", 8, 48, dict(img_size=48, patch_size=8, depth=2)),
+    "gemma4": (
+        "gemma4_vit_167m",
+        "gemma4",
+        8,
+        32,
+        dict(
+            img_size=32,
+            patch_size=8,
+            depth=2,
+            head_dim=16,
+            intermediate_size=64,
+            position_embedding_size=64,
+        ),
+    ),
     "deepseek": ("deepseek_vit_412m", "deepseek", 8, 32, dict(img_size=32, patch_size=8, depth=2)),
     "deepseek_align": (
         "deepseek_vit_412m_align",
