@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
@@ -199,7 +200,10 @@ def _cait(vit: Any) -> ViTSpec:
     def model_readout(z: Tensor) -> Tensor:
         if z.shape[1] == 1:
             return head(vit.norm(z[:, 0]))
-        return vit.forward_head(vit.norm(vit.forward_cls(z)))  # the class-attention stage
+        cls = vit.cls_token.expand(z.shape[0], -1, -1)
+        for block in class_blocks:  # the class-attention stage (timm's forward_cls)
+            cls = block(z, cls)
+        return vit.forward_head(vit.norm(torch.cat((cls, z), dim=1)))
 
     return ViTSpec(
         family="timm",
@@ -252,7 +256,7 @@ def _convit(vit: Any) -> ViTSpec:
         attentions=tuple(attentions),
         readout=mean_readout,
         model_readout=model_readout,
-        num_prefix_tokens=int(vit.num_prefix_tokens),
+        num_prefix_tokens=int(getattr(vit, "num_prefix_tokens", vit.cls_token is not None)),
         patch_size=patch_size,
         grid=floor_grid(patch_size),
         token_input=TokenInput("x"),
