@@ -48,7 +48,10 @@ FAMILIES: Tuple[Family, ...] = (
         library="timm",
         adapter="timm",
         extra="timm",
-        description="timm VisionTransformer and Eva (vit_*, deit*, DINOv2 registers, SigLIP MAP)",
+        description=(
+            "timm VisionTransformer, Eva, Beit, RelPos, CaiT, ConViT, XCiT (class attention), "
+            "SAM (global blocks), Qwen3 / Gemma4 / DeepSeek vision towers"
+        ),
         loader="captum_legrad.eval.models:load_timm",
     ),
     Family(

@@ -267,3 +267,21 @@ def test_trained_looking_head_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         legrad.attribute(images("relpos", batch=2), target=1)
+
+
+def test_zero_head_warning_is_general() -> None:
+    # torchvision zero-initialises its ViT head: constant logits, all-zero maps, a warning.
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=5,
+    ).eval()
+    assert not model.heads.head.weight.any()
+    with pytest.warns(UserWarning, match="all zeros for 2 of 2"):
+        LeGrad(model).attribute(torch.randn(2, 3, 32, 32), target=1)
