@@ -156,17 +156,21 @@ def check(model: torch.nn.Module, x: torch.Tensor) -> Tuple[str, str]:
 
 
 def sweep_timm(
-    timeout: int, modules: Optional[Sequence[str]] = None, log: Callable[[str], None] = print
+    timeout: int,
+    modules: Optional[Sequence[str]] = None,
+    log: Callable[[str], None] = print,
+    every: bool = False,
 ) -> Iterator[Row]:
-    """One row per timm module."""
+    """One row per timm module (``every``: one row per model of those modules)."""
     import timm
 
     signal.signal(signal.SIGALRM, _alarm)
+    jobs = []
     for module in modules or timm.list_modules():
         names = timm.list_models(module=module)
-        if not names:
-            continue
-        name = pick_model(names)
+        if names:
+            jobs += [(module, n) for n in names] if every else [(module, pick_model(names))]
+    for module, name in jobs:
         start = time.time()
         signal.alarm(timeout)
         try:
@@ -247,13 +251,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--timeout", type=int, default=120, help="seconds per model")
     parser.add_argument("--modules", nargs="*", help="timm modules to sweep (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--every", action="store_true", help="every model of the modules, not one per module"
+    )
+    parser.add_argument("--no-plugins", action="store_true", help="timm only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module="timm")
     import timm
 
-    rows = list(sweep_timm(args.timeout, args.modules))
-    rows += plugin_rows()
+    rows = list(sweep_timm(args.timeout, args.modules, every=args.every))
+    if not args.no_plugins:
+        rows += plugin_rows()
     versions = f"timm {timm.__version__}, torch {torch.__version__.split('+')[0]}"
     args.out.write_text(markdown(rows, versions))
     print(summary(rows))

@@ -226,7 +226,7 @@ def test_sam_without_global_blocks_is_refused() -> None:
     ("name", "kwargs", "reason"),
     [
         ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), num_heads=(1, 2)), "windowed"),
-        ("resnet18", {}, "no attention"),
+        ("resnet18", {}, "no softmax attention"),
         ("levit_128s", {}, "subsamples"),
         ("pit_ti_224", {}, "hierarchical"),
         ("twins_svt_small", dict(depths=(1, 1, 1, 1)), "hierarchical"),

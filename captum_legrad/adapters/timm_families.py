@@ -80,6 +80,20 @@ _REASONS: Dict[str, str] = {
         "a hierarchical backbone whose attention subsamples its queries and whose grid "
         "shrinks from stage to stage",
     ),
+    "EfficientVit": "its attention is linear (ReLU-kernel multi-scale linear attention): there "
+    "are no attention probabilities to differentiate",
+    "EfficientViM": "its token mixer is a state-space layer, not softmax attention",
+    "MambaOut": "a gated-convolution network: no attention between tokens",
+    "TNT": "its blocks exchange two token streams (pixel tokens inside each patch, patch tokens) "
+    "and return both",
+    "CrossVit": "two branches with different patch sizes exchange their class tokens by "
+    "cross-attention: there is no single patch grid",
+    "VOLO": "its first stages use outlook attention (local windows built by unfolding)",
+    **dict.fromkeys(
+        ("Visformer", "MetaFormer", "NextViT", "TinyVit", "EfficientFormer", "EfficientFormerV2"),
+        "a hierarchical network whose attention (where it has one) works on a downsampled "
+        "grid of a later stage, or within windows",
+    ),
     "Xcit": "its XCA blocks attend over channels (a d x d cross-covariance), not over "
     "tokens, and this model has no class-attention blocks",
     "VisionTransformerSAM": "every block attends within local windows (no global-attention "
@@ -131,9 +145,12 @@ def refusal_reason(model: nn.Module) -> str:
     if has_attention:
         return (
             "its attention is not global token attention over one patch grid (hierarchical, "
-            "windowed, pooled or channel attention, or a convolution / attention hybrid)"
+            "windowed, pooled, linear or channel attention, or a convolution / attention hybrid)"
         )
-    return "it has no attention between image tokens (a convolutional or MLP network)"
+    return (
+        "it has no softmax attention between image tokens (a convolutional, MLP, state-space "
+        "or linear-attention network)"
+    )
 
 
 def refuse(model: nn.Module) -> UnsupportedModelError:
