@@ -45,6 +45,8 @@ from captum_legrad import LeGrad, UnsupportedModelError, discover  # noqa: E402
 Row = Tuple[str, str, str, str, str]
 
 SMALL = dict(depth=3, embed_dim=32, num_heads=2)
+#: Configurations larger than this (counted on the meta device first) are not built.
+MAX_PARAMS = 150_000_000
 #: Substrings of small model names, most preferred first.
 PREFERRED = ("tiny", "nano", "pico", "femto", "atto", "xxs", "xs", "small", "_s", "base")
 
@@ -84,8 +86,21 @@ def _input_size(model: torch.nn.Module, img_size: Optional[int]) -> Tuple[int, i
     return int(size[-2]), int(size[-1])
 
 
+def _parameters(name: str, kwargs: Dict[str, Any]) -> Optional[int]:
+    """Parameter count of a configuration, built on the meta device (None if that fails)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    except Exception:
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def build(name: str) -> Tuple[torch.nn.Module, torch.Tensor, str]:
-    """The smallest configuration of ``name`` that timm builds and runs forward."""
+    """The smallest configuration of ``name`` that timm builds and runs forward (none
+    larger than :data:`MAX_PARAMS` parameters is built)."""
     import timm
 
     attempts: List[Tuple[Dict[str, Any], Optional[int]]] = [
@@ -97,6 +112,10 @@ def build(name: str) -> Tuple[torch.nn.Module, torch.Tensor, str]:
     ]
     failures = []
     for kwargs, img_size in attempts:
+        count = _parameters(name, kwargs)
+        if count is not None and count > MAX_PARAMS:
+            failures.append(f"{count / 1e6:.0f}M parameters with {kwargs or 'defaults'}: skipped")
+            continue
         try:
             model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
             h, w = _input_size(model, img_size)
@@ -172,6 +191,7 @@ def sweep_timm(
             jobs += [(module, n) for n in names] if every else [(module, pick_model(names))]
     for module, name in jobs:
         start = time.time()
+        phase = "could not build"  # a timeout while building is timm's, not LeGrad's
         signal.alarm(timeout)
         try:
             try:
@@ -181,10 +201,11 @@ def sweep_timm(
             except Exception as error:
                 row: Row = ("timm", module, name, "could not build", _short(str(error)))
             else:
+                phase = "error"
                 status, detail = check(model, x)
                 row = ("timm", module, name, status, _short(f"{detail} [{config}]"))
         except Timeout:
-            row = ("timm", module, name, "error", f"timed out after {timeout} s")
+            row = ("timm", module, name, phase, f"timed out after {timeout} s")
         finally:
             signal.alarm(0)
         log(f"{module:28s} {name:40s} {row[3]:16s} {time.time() - start:6.1f}s {row[4][:90]}")
