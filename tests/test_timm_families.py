@@ -285,3 +285,17 @@ def test_zero_head_warning_is_general() -> None:
     assert not model.heads.head.weight.any()
     with pytest.warns(UserWarning, match="all zeros for 2 of 2"):
         LeGrad(model).attribute(torch.randn(2, 3, 32, 32), target=1)
+
+
+def test_a_refused_submodule_does_not_hide_a_vit_beside_it() -> None:
+    class Hybrid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cnn = timm.create_model("resnet18", pretrained=False, num_classes=5)
+            self.vit = build("beit")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.vit(x) + self.cnn(x)
+
+    spec = discover(Hybrid())
+    assert spec.family == "timm" and spec.num_layers == 3
