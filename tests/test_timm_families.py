@@ -232,6 +232,8 @@ def test_sam_without_global_blocks_is_refused() -> None:
         ("twins_svt_small", dict(depths=(1, 1, 1, 1)), "hierarchical"),
         ("xcit_nano_12_p16_224", dict(cls_attn_layers=0, depth=1), "channels"),
         ("qwen3_vit_88m_enc", dict(depth=1, out_features=8), "no classification head"),
+        ("vit_small_patch16_18x2_224", dict(depth=1, embed_dim=32, num_heads=2), "in parallel"),
+        ("vit_dwee_patch16_reg1_gap_256", dict(depth=1, embed_dim=32, num_heads=2), "differential"),
     ],
 )
 def test_refusals_say_why_and_what_to_do(name: str, kwargs: Dict[str, Any], reason: str) -> None:

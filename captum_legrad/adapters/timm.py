@@ -44,6 +44,9 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     patch_size = pair(patch_embed.patch_size)
     floor = floor_grid(patch_size)
     blocks = tuple(vit.blocks)
+    from .timm_families import refuse_blocks
+
+    refuse_blocks(vit, blocks)
     # Blocks without a separate ``attn`` module (parallel variants) compute attention
     # inline; recording inside the whole block finds it there.
     attentions = tuple(getattr(block, "attn", block) for block in blocks)

@@ -153,6 +153,33 @@ def refusal_reason(model: nn.Module) -> str:
     )
 
 
+def refuse_blocks(model: nn.Module, blocks: Tuple[nn.Module, ...]) -> None:
+    """Refuse ViTs whose blocks have no single attention ``A^l``.
+
+    Raises:
+        UnsupportedModelError: parallel attention branches (``ParallelThingsBlock``) or
+            differential attention (``DiffAttention``, ``DiffParallelScalingBlock``).
+    """
+    for block in blocks:
+        kinds = {type(m).__name__ for m in block.modules()}
+        if type(block).__name__ == "ParallelThingsBlock":
+            reason = (
+                f"its blocks run {len(getattr(block, 'attns', ()))} attention layers in "
+                "parallel (ParallelThingsBlock), and LeGrad differentiates one attention "
+                "per block"
+            )
+        elif kinds & {"DiffAttention", "DiffParallelScalingBlock"}:
+            reason = (
+                "its differential attention forms A = softmax1 - lambda * softmax2 outside any "
+                "module LeGrad can record (two softmaxes per block)"
+            )
+        else:
+            continue
+        raise UnsupportedModelError(
+            f"timm {type(model).__name__} cannot be explained by LeGrad: {reason}. {NEEDS} {HOW}"
+        )
+
+
 def refuse(model: nn.Module) -> UnsupportedModelError:
     """The error for a timm model LeGrad cannot explain."""
     return UnsupportedModelError(
