@@ -241,6 +241,35 @@ def summary(rows: Sequence[Row]) -> Dict[str, Dict[str, int]]:
     return counts
 
 
+def every_section(rows: Sequence[Row]) -> str:
+    """Every model of some timm modules: counts per module and the rows that do not work."""
+    per_module: Dict[str, Dict[str, int]] = {}
+    for _, module, _, status, _ in rows:
+        per_module.setdefault(module, {}).setdefault(status, 0)
+        per_module[module][status] += 1
+    statuses = ("works", "refused", "error", "could not build")
+    lines = [
+        "",
+        "## Every model of the ViT modules",
+        "",
+        "The same check for every model of these timm modules (`--every`), at the same small "
+        "sizes (a configuration over 150M parameters is not built).",
+        "",
+        "| module | works | refused | error | could not build |",
+        "|---|---|---|---|---|",
+    ]
+    for module, counts in per_module.items():
+        lines.append(f"| {module} | " + " | ".join(str(counts.get(s, 0)) for s in statuses) + " |")
+    total = summary(rows).get("timm", {})
+    lines.append("| **all** | " + " | ".join(f"**{total.get(s, 0)}**" for s in statuses) + " |")
+    lines += ["", "Models that do not work:", "", "| module | model | status | detail |"]
+    lines += ["|---|---|---|---|"]
+    for _, module, name, status, detail in rows:
+        if status != "works":
+            lines.append(f"| {module} | `{name}` | {status} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: Sequence[Row], versions: str) -> str:
     """The coverage page."""
     lines = [
@@ -276,6 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--every", action="store_true", help="every model of the modules, not one per module"
     )
     parser.add_argument("--no-plugins", action="store_true", help="timm only")
+    parser.add_argument(
+        "--also-every",
+        nargs="*",
+        default=(),
+        help="timm modules whose every model is checked too, in a section of its own",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module="timm")
@@ -285,7 +320,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_plugins:
         rows += plugin_rows()
     versions = f"timm {timm.__version__}, torch {torch.__version__.split('+')[0]}"
-    args.out.write_text(markdown(rows, versions))
+    text = markdown(rows, versions)
+    if args.also_every:
+        every = list(sweep_timm(args.timeout, args.also_every, every=True))
+        text += every_section(every)
+        print(summary(every))
+    args.out.write_text(text)
     print(summary(rows))
     return 0
 
