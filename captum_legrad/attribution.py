@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
@@ -226,13 +227,18 @@ class LeGrad(GradientAttribution):
         if not zero.any():
             return
         self._warned_zero = True
+        frame, level = sys._getframe(0), 1  # point the warning at the caller's line
+        while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(
+            ("captum_legrad", "captum.")
+        ):
+            frame, level = frame.f_back, level + 1
         warnings.warn(
             f"LeGrad's maps are all zeros for {int(zero.sum())} of {zero.numel()} "
             "(sample, target) pairs: the score does not depend on the attention of the "
             "selected layers. The usual cause is a zero-initialised classification head "
             "(torchvision's and HF transformers' default init), whose logits are constant; "
             "load trained weights or initialise the head. (Warned once per LeGrad instance.)",
-            stacklevel=4,
+            stacklevel=level,
         )
 
     @staticmethod
