@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
@@ -156,6 +157,7 @@ class LeGrad(GradientAttribution):
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.pooling = pooling
         self.resize_pos_embed = bool(resize_pos_embed)
+        self._warned_zero = False
 
     @classmethod
     def get_name(cls) -> str:
@@ -243,14 +245,40 @@ class LeGrad(GradientAttribution):
             parts.append(layer_maps(self.spec, result, index, chunk))
             layouts.append(result.layout)
         if all(layout.grids is None for layout in layouts):
-            return torch.cat(parts).to(image.device), None
+            maps = torch.cat(parts).to(image.device)
+            self._warn_if_zero(maps)
+            return maps, None
         sizes = [part.shape[0] for part in parts]
         layout = PatchLayout.concat(layouts, sizes)
         g_h, g_w = layout.grid
         parts = [
             torch.nn.functional.pad(p, (0, g_w - p.shape[-1], 0, g_h - p.shape[-2])) for p in parts
         ]
-        return torch.cat(parts).to(image.device), layout
+        maps = torch.cat(parts).to(image.device)
+        self._warn_if_zero(maps)
+        return maps, layout
+
+    def _warn_if_zero(self, maps: Tensor) -> None:
+        """Warn (once per LeGrad instance) when some (sample, target) map is all zeros."""
+        if self._warned_zero or maps.numel() == 0:
+            return
+        zero = ~maps.flatten(start_dim=2).any(dim=-1)  # (B, K)
+        if not zero.any():
+            return
+        self._warned_zero = True
+        frame, level = sys._getframe(0), 1  # point the warning at the caller's line
+        while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(
+            ("captum_legrad", "captum.")
+        ):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(
+            f"LeGrad's maps are all zeros for {int(zero.sum())} of {zero.numel()} "
+            "(sample, target) pairs: the score does not depend on the attention of the "
+            "selected layers. The usual cause is a zero-initialised classification head "
+            "(torchvision's and HF transformers' default init), whose logits are constant; "
+            "load trained weights or initialise the head. (Warned once per LeGrad instance.)",
+            stacklevel=level,
+        )
 
     def _finish(
         self,

@@ -216,12 +216,24 @@ def _mode_stack_guard() -> Iterator[None]:
 
 
 @contextmanager
-def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]]]:
+def record_attention(
+    modules: Sequence[nn.Module], outputs: Sequence[bool] = ()
+) -> Iterator[List[List[Tensor]]]:
     """Record the attention probabilities each of ``modules`` computes in its forward.
 
-    Yields one list per module, filled in call order while the context is open.
+    ``outputs[i]`` true: module ``i``'s output *is* the attention (``ViTSpec.output_attentions``)
+    and is recorded as it is. Yields one list per module, filled in call order while the
+    context is open.
     """
     records: List[List[Tensor]] = [[] for _ in modules]
+    as_output = list(outputs) + [False] * (len(modules) - len(outputs))
+
+    def keep(sink: List[Tensor]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                sink.append(output)
+
+        return hook
 
     def enter(recorder: AttentionRecorder) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -236,7 +248,10 @@ def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]
         return hook
 
     with _mode_stack_guard(), ScopedHooks() as hooks:
-        for module, sink in zip(modules, records):
+        for module, sink, output in zip(modules, records, as_output):
+            if output:
+                hooks.forward(module, keep(sink))
+                continue
             recorder = AttentionRecorder(sink)
             hooks.forward_pre(module, enter(recorder))
             hooks.forward(module, leave(recorder), always_call=True)
@@ -303,7 +318,8 @@ def capture_blocks(
         torch.set_grad_enabled(False)
 
     attention_modules = [spec.attentions[layer] for layer in layers] if differentiable else []
-    with record_attention(attention_modules) as records, ScopedHooks() as hooks:
+    outputs = [layer in spec.output_attentions for layer in layers]
+    with record_attention(attention_modules, outputs) as records, ScopedHooks() as hooks:
         hooks.forward_pre(spec.root, root_pre_hook)
         for index, block in enumerate(spec.blocks):
             hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)

@@ -57,6 +57,7 @@ class ForwardResult:
         attentions: List[Tensor],
         per_layer_batch: bool,
         layout: PatchLayout,
+        layouts: Optional[List[PatchLayout]] = None,
     ) -> None:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
@@ -67,6 +68,9 @@ class ForwardResult:
         self.per_layer_batch = per_layer_batch
         #: Where the patches are among the attentions' keys.
         self.layout = layout
+        #: Per layer, where its attention's patch keys are: layers may differ in
+        #: their keys (ConViT, CaiT: the class token joins after the first blocks).
+        self.layouts = layouts if layouts is not None else [layout] * scores.shape[0]
 
     @property
     def output_shape(self) -> torch.Size:
@@ -113,14 +117,22 @@ def run_forward(
                 scores = readout(tokens, *extra)
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
         else:
-            scores = readout(torch.cat(captured.tokens), *extra)
+            per_layer = captured.tokens
+            if all(t.shape[1:] == per_layer[0].shape[1:] for t in per_layer):
+                scores = readout(torch.cat(per_layer), *extra)
+            else:  # layers differ in their tokens (ConViT, CaiT: the class token joins late)
+                one = spec.extra_readout_inputs(arguments, batch)
+                scores = torch.cat([readout(t, *one) for t in per_layer])
             attentions = [
                 _single_record(records, f"block {layer} ({type(spec.attentions[layer]).__name__})")
                 for layer, records in zip(layers, captured.attentions)
             ]
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    layout = spec.patch_layout(arguments, attentions[0].shape[-1])
-    return ForwardResult(scores, attentions, per_layer_batch=pooled_attention, layout=layout)
+    by_keys = {n: spec.patch_layout(arguments, n) for n in {a.shape[-1] for a in attentions}}
+    layouts = [by_keys[a.shape[-1]] for a in attentions] * (n_layers if pooled_attention else 1)
+    return ForwardResult(
+        scores, attentions, per_layer_batch=pooled_attention, layout=layouts[0], layouts=layouts
+    )
 
 
 def _select(scores: Tensor, index: TargetIndex) -> Tensor:
@@ -152,8 +164,8 @@ def _split_heads(grad: Tensor, rows: int, batched: bool) -> Tensor:
 
 def _target_keys(
     selected: Tensor, result: ForwardResult, query: Optional[int], retain: bool
-) -> Tensor:
-    """One backward for the ``k`` targets in ``selected`` (L, B, k) → ``(k, L, B, N_k)``."""
+) -> List[Tensor]:
+    """One backward for the ``k`` targets in ``selected`` (L, B, k) → per layer ``(k, B, N_k)``."""
     n_layers, batch, k = selected.shape
     rows = n_layers * batch if result.per_layer_batch else batch
     with torch.enable_grad():
@@ -171,8 +183,8 @@ def _target_keys(
             )
             reduced = [_reduce(_split_heads(g, rows, True), query) for g in grads]
     if result.per_layer_batch:
-        return reduced[0].view(k, n_layers, batch, -1)  # (k, L·B, N_k) → (k, L, B, N_k)
-    return torch.stack(reduced, dim=1)
+        return list(reduced[0].view(k, n_layers, batch, -1).unbind(1))  # (k, L·B, N_k)
+    return reduced
 
 
 def layer_maps(
@@ -191,13 +203,15 @@ def layer_maps(
         selected = _select(result.scores, index)  # (L, B, K)
         k = selected.shape[-1]
         step = k if target_chunk is None else max(1, int(target_chunk))
-        keys = torch.cat(
-            [
-                _target_keys(selected[..., i : i + step], result, spec.pool_query, i + step < k)
-                for i in range(0, k, step)
-            ]
-        )  # (K, L, B, N_k)
-    maps = result.layout.gather(keys)  # (K, L, B, g_h, g_w)
+        chunks = [
+            _target_keys(selected[..., i : i + step], result, spec.pool_query, i + step < k)
+            for i in range(0, k, step)
+        ]  # per chunk, per layer (k, B, N_k)
+    per_layer = [
+        layout.gather(torch.cat([chunk[layer] for chunk in chunks]))  # (K, B, g_h, g_w)
+        for layer, layout in enumerate(result.layouts)
+    ]
+    maps = torch.stack(per_layer, dim=1)  # (K, L, B, g_h, g_w)
     return maps.permute(2, 0, 1, 3, 4).detach()
 
 

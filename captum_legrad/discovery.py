@@ -114,11 +114,16 @@ def discover(model: object) -> ViTSpec:
     queue = deque((name, child, 1) for name, child in model.named_children())
     found_depth: Optional[int] = None
     found: List[Tuple[str, ViTSpec]] = []
+    refused: Optional[UnsupportedModelError] = None  # a submodule an adapter refused, with why
     while queue:
         name, module, depth = queue.popleft()
         if found_depth is not None and depth > found_depth:
             break
-        spec = match_model(module)
+        try:
+            spec = match_model(module)
+        except UnsupportedModelError as error:
+            refused = refused or error
+            continue
         if spec is not None:
             found_depth = depth
             found.append((name, spec))
@@ -132,6 +137,8 @@ def discover(model: object) -> ViTSpec:
             f"{type(model).__name__} contains several Vision Transformers ({names}); LeGrad "
             "cannot tell which one to explain. Pass spec=discover(model.<the one>)."
         )
+    if refused is not None:
+        raise refused
     raise UnsupportedModelError(
         f"{type(model).__name__} is not a Vision Transformer that captum_legrad recognises. "
         f"Looked for: {supported_families()}, in the model and its submodules. For a custom "

@@ -49,7 +49,8 @@ FAMILIES: Tuple[Family, ...] = (
         adapter="timm",
         extra="timm",
         description=(
-            "timm VisionTransformer, Eva (vit_*, deit*, DINOv2 registers, SigLIP MAP) and NaFlexVit"
+            "timm VisionTransformer, Eva, Beit, RelPos, CaiT, ConViT, XCiT (class attention), "
+            "SAM (global blocks), Qwen3 / Gemma4 / DeepSeek vision towers and NaFlexVit"
         ),
         loader="captum_legrad.eval.models:load_timm",
     ),

@@ -16,6 +16,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    FrozenSet,
     Optional,
     Protocol,
     Sequence,
@@ -289,6 +290,10 @@ class ViTSpec:
             the hooks that resample the position embedding for one call). ``None`` (the
             default, e.g. for custom specs): LeGrad runs the model at whatever size it is
             given and checks nothing.
+        output_attentions: Blocks (indices) whose attention module's *output* is ``A^l``,
+            recorded as it is: for attentions whose tensor multiplied with ``V`` is not a
+            single softmax (timm ConViT's gated mix of two softmaxes, CaiT's talking
+            heads), name the module that returns it (timm's ``attn_drop``). Default: none.
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -314,6 +319,7 @@ class ViTSpec:
     input_size: Optional[InputSize] = None
     readout_inputs: Optional[Callable[[Tuple[Any, ...]], Tuple[Any, ...]]] = None
     patch_inputs: bool = False
+    output_attentions: FrozenSet[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -362,6 +368,12 @@ class ViTSpec:
             )
         if self.token_input is None:
             object.__setattr__(self, "token_input", TokenInput.of(self.blocks[0]))
+        outside = sorted(i for i in self.output_attentions if not 0 <= i < len(self.blocks))
+        if outside:
+            raise ValueError(
+                f"ViTSpec.output_attentions names blocks {outside}, but there are "
+                f"{len(self.blocks)} blocks: give indices 0..{len(self.blocks) - 1}."
+            )
 
     @property
     def num_layers(self) -> int:

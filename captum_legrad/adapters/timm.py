@@ -1,8 +1,10 @@
 """timm adapter: ``VisionTransformer`` (vit_*, deit*, DINOv2 with registers, SigLIP MAP,
-avg-pool heads, dynamic image sizes) and ``Eva``.
+avg-pool heads, dynamic image sizes), ``Eva``, ``Beit`` and ``VisionTransformerRelPos``.
 
-Both classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
-head``; ``forward_head`` is the model's own readout.
+These classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
+head``; ``forward_head`` is the model's own readout. CaiT, ConViT, XCiT, SAM and the VLM
+vision towers are described in :mod:`.timm_families`, which also refuses every other timm
+model with the reason.
 
 Input sizes: ``dynamic_img_size=True`` models resample their position embedding (and Eva
 its rotary embedding) by themselves. For static models LeGrad does what timm's dynamic path
@@ -25,10 +27,12 @@ __all__ = ["match"]
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
+    from timm.models.beit import Beit
     from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
-    return isinstance(model, (VisionTransformer, Eva))
+    return isinstance(model, (VisionTransformer, Eva, Beit, VisionTransformerRelPos))
 
 
 #: Messages of timm's strict ``PatchEmbed`` size assertions.
@@ -88,16 +92,29 @@ def _input_size(vit: Any, patch_size: Tuple[int, int]) -> Optional[InputSize]:
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a timm ``VisionTransformer``, ``Eva`` or ``NaFlexVit``; ``None`` otherwise."""
+    """Describe a timm ViT; ``None`` for a module that is not a timm model.
+
+    Raises:
+        UnsupportedModelError: a timm model without global token attention (hierarchical,
+            windowed, convolutional), with the reason.
+    """
     if not _is_timm_vit(model):
         from .timm_naflex import match as match_naflex  # NaFlexVit: per-sample grids
 
-        return match_naflex(model)
+        naflex = match_naflex(model)
+        if naflex is not None:
+            return naflex
+        from .timm_families import match_other
+
+        return match_other(model)
     vit: Any = model  # timm's module attributes are untyped
     patch_embed = vit.patch_embed
     patch_size = pair(patch_embed.patch_size)
     floor = floor_grid(patch_size)
     blocks = tuple(vit.blocks)
+    from .timm_families import refuse_blocks
+
+    refuse_blocks(vit, blocks)
     # Blocks without a separate ``attn`` module (parallel variants) compute attention
     # inline; recording inside the whole block finds it there.
     attentions = tuple(getattr(block, "attn", block) for block in blocks)
