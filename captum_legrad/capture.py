@@ -74,7 +74,7 @@ def explicit_sdpa(
             scores = scores + attn_mask
     if is_causal or attn_mask is not None:
         # Rows whose keys are all masked (left padding) give zeros, as the fused kernel does.
-        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
         if bool(dead.any()):
             probs = scores.masked_fill(dead, 0.0).softmax(dim=-1).masked_fill(dead, 0.0)
         else:

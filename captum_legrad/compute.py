@@ -54,6 +54,7 @@ class ForwardResult:
         attentions: List[Tensor],
         per_layer_batch: bool,
         layout: PatchLayout,
+        score_rows: Optional[Tensor] = None,
     ) -> None:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
@@ -64,6 +65,9 @@ class ForwardResult:
         self.per_layer_batch = per_layer_batch
         #: Where the patches are among the attentions' keys.
         self.layout = layout
+        #: ``(B, C)``: the one query row each score column depends on, or None
+        #: (:attr:`~captum_legrad.spec.ViTSpec.score_rows`).
+        self.score_rows = score_rows
 
     @property
     def output_shape(self) -> torch.Size:
@@ -115,7 +119,8 @@ def run_forward(
             ]
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
     layout = spec.patch_layout(inputs, attentions[0].shape[-1])
-    return ForwardResult(scores, attentions, per_layer_batch=pooled_attention, layout=layout)
+    rows = None if spec.score_rows is None or pooled_attention else spec.score_rows(inputs)
+    return ForwardResult(scores, attentions, pooled_attention, layout, rows)
 
 
 def _select(scores: Tensor, index: TargetIndex) -> Tensor:
@@ -170,6 +175,37 @@ def _target_keys(
     return torch.stack(reduced, dim=1)
 
 
+def _distinct_rows(result: ForwardResult, index: TargetIndex) -> Optional[Tensor]:
+    """``(B, K)`` query rows of the targets if every sample's targets lie on distinct rows."""
+    if result.score_rows is None or len(index) != 1:
+        return None
+    rows = result.score_rows.to(index[0].device).gather(1, index[0])
+    ordered = rows.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        return None
+    return rows
+
+
+def _row_keys(selected: Tensor, result: ForwardResult, rows: Tensor) -> Tensor:
+    """All targets on distinct query ``rows`` (B, K) from one backward → ``(K, L, B, N_k)``.
+
+    Target ``k`` depends on ``A^l`` only through row ``rows[:, k]``, so the gradient of the
+    summed targets holds each target's own gradient in its row (zeros elsewhere): the mean
+    over heads and query rows of its ReLU is that row's ReLU summed over heads ÷ (H·Q).
+    """
+    batch = rows.shape[0]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(selected.sum(), result.attentions)
+    reduced = []
+    for grad in grads:
+        grad = _split_heads(grad, batch, False)  # (B, H, Q, N_k)
+        heads, n_q, n_k = grad.shape[-3:]
+        where = rows.to(grad.device)[:, None, :, None].expand(-1, heads, -1, n_k)
+        picked = grad.gather(-2, where).clamp(min=0).float()  # (B, H, K, N_k)
+        reduced.append((picked.sum(dim=1) / (heads * n_q)).transpose(0, 1))  # (K, B, N_k)
+    return torch.stack(reduced, dim=1)
+
+
 def layer_maps(
     spec: ViTSpec,
     result: ForwardResult,
@@ -180,10 +216,16 @@ def layer_maps(
 
     ``target_chunk`` bounds the targets differentiated in one (batched) backward; the
     graph of the forward is reused across chunks, so results do not depend on it. The
-    patch keys are taken from ``result.layout`` (prefix and padding keys dropped).
+    patch keys are taken from ``result.layout`` (prefix and padding keys dropped). With
+    ``result.score_rows``, targets on distinct query rows share one backward.
     """
     with torch.enable_grad():
         selected = _select(result.scores, index)  # (L, B, K)
+    rows = _distinct_rows(result, index) if spec.pool_query is None else None
+    if rows is not None:
+        keys = _row_keys(selected, result, rows)  # (K, L, B, N_k)
+        return result.layout.gather(keys).permute(2, 0, 1, 3, 4).detach()
+    with torch.enable_grad():
         k = selected.shape[-1]
         step = k if target_chunk is None else max(1, int(target_chunk))
         keys = torch.cat(

@@ -35,6 +35,7 @@ __all__ = [
     "Readout",
     "GridRule",
     "LayoutRule",
+    "ScoreRowRule",
 ]
 
 #: Maps the residual stream ``Z`` of one layer, ``(B, N, D)`` batch-first, to
@@ -133,6 +134,10 @@ class PatchLayout:
 #: image batch first) and the number of keys of its attention.
 LayoutRule = Callable[[Tuple[Any, ...], int], PatchLayout]
 
+#: ``inputs → (B, C)`` long tensor: for each score column, the one query row of the
+#: attention it depends on (see :attr:`ViTSpec.score_rows`).
+ScoreRowRule = Callable[[Tuple[Any, ...]], Tensor]
+
 
 @dataclass(frozen=True)
 class ViTSpec:
@@ -180,6 +185,12 @@ class ViTSpec:
             (after the ``num_prefix_tokens`` prefix keys), the grid from ``grid``. Models
             whose patches are not the last keys (padding, per-sample grids, image tokens
             inside a text sequence) give their own rule.
+        score_rows: Optional rule (:data:`ScoreRowRule`) for readouts whose score
+            column ``c`` of sample ``b`` depends on block ``l``'s attention only through
+            query row ``rows[b, c]`` (a language model's logit at one position: every
+            operation after the attention is per token). Targets on distinct rows then
+            share one backward (each target's gradient is its own row of the summed
+            gradient). Default None: one batched backward over the targets.
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -202,6 +213,7 @@ class ViTSpec:
     image_forward: Optional[Callable[..., Any]] = None
     token_input: Optional[TokenInput] = None
     layout: Optional[LayoutRule] = None
+    score_rows: Optional[ScoreRowRule] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):

@@ -353,7 +353,14 @@ class AnswerLogits(nn.Module):
             patch_size=parts.pixels_per_token,
             grid=parts.grid,
             layout=self._layout,
+            # Every answer logit is read at one position, and everything after a decoder
+            # layer's attention is per token: token j depends on A^l only through row
+            # positions[j], so all tokens share one backward.
+            score_rows=None if self.reduce == "sum" else self._score_rows,
         )
+
+    def _score_rows(self, inputs: Tuple[Any, ...]) -> Tensor:
+        return self._current().positions
 
     @property
     def num_answer_tokens(self) -> int:

@@ -212,6 +212,11 @@ def test_maps_match_oracle(name: str, attn: str) -> None:
     )
     one = legrad.attribute(pixels, target=2, output="map")
     torch.testing.assert_close(one[:, 0], maps[:, 2], rtol=1e-5, atol=1e-6)
+    # A repeated token cannot share a backward with itself: the batched path, same maps.
+    repeated = legrad.attribute_multi(pixels, targets=[2, 0, 2], output="grid", normalize=False)
+    torch.testing.assert_close(
+        repeated, expected.sum(2)[:, [2, 0, 2]], rtol=1e-4, atol=TOL * expected.abs().max()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
