@@ -498,3 +498,34 @@ def test_plot_answer() -> None:
     assert len([ax for ax in figure.axes if ax.images]) == 5  # image, 3 tokens, whole
     titles = [ax.get_title() for ax in figure.axes if ax.images]
     assert titles == ["image", "'a'", "'cat'", "'.'", "whole answer"]
+
+
+def test_llava_full_strategy_skips_cls() -> None:
+    """``vision_feature_select_strategy="full"``: 17 image tokens, the first (CLS) no patch."""
+    torch.manual_seed(0)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    text = tf.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64,
+    )  # fmt: skip
+    config = tf.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE,
+        vision_feature_select_strategy="full",
+    )  # fmt: skip
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    ids = torch.tensor([1, 2, *[IMAGE] * 17, 5, 6])
+    answers = torch.tensor([[7, 8]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    full = torch.cat([ids[None], answers], dim=1)
+    batch = {"input_ids": full, "pixel_values": pixels, "attention_mask": torch.ones_like(full)}
+    s = ids.shape[0]
+    keys = torch.arange(3, 19)[None]  # positions 3..18: the 16 patches after CLS (position 2)
+    positions = torch.arange(s - 1, s + 1)[None]
+    expected = oracle_answer_maps(model, batch, positions, answers, keys, (4, 4))
+    maps = LeGrad(AnswerLogits(model, ids, answers)).attribute_multi(
+        pixels, targets=range(2), output="grid", normalize=False
+    )
+    torch.testing.assert_close(maps, expected.sum(2), rtol=1e-4, atol=TOL * expected.max())
