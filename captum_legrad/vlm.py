@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -169,6 +169,16 @@ class AnswerLogits(nn.Module):
                 f"input_ids has {prompt.shape[0]} rows and answer_ids {answer.shape[0]}: give "
                 "one answer per prompt (or one row of either for all)."
             )
+        self._local = threading.local()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The per-thread plan of the last forward is not copied (deepcopy, pickle).
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
         self._local = threading.local()
 
     # ------------------------------------------------------------------ the sequence
@@ -427,8 +437,8 @@ def explain_answer(
                     Default: 32
         layers (Sequence[int], optional): Decoder layers whose maps are summed.
                     Default: None (all)
-        skip_special_tokens (bool, optional): Leave special tokens (end of sequence) out
-                    of the explained answer.
+        skip_special_tokens (bool, optional): Leave the answer's trailing special tokens
+                    (end of sequence, padding) out of the explained answer.
                     Default: True
 
     Returns:
@@ -468,9 +478,12 @@ def explain_answer(
         answer_ids = output[0, input_ids.shape[1] :].cpu()
     else:
         answer_ids = torch.as_tensor(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if skip_special_tokens:
+    if skip_special_tokens:  # trailing end-of-sequence and padding tokens
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        answer_ids = torch.tensor([i for i in answer_ids.tolist() if i not in special])
+        kept = answer_ids.tolist()
+        while kept and kept[-1] in special:
+            kept.pop()
+        answer_ids = torch.tensor(kept, dtype=torch.long)
     if answer_ids.numel() == 0:
         raise ValueError(
             "The answer has no tokens to explain (the model answered with special tokens "
