@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .adapters.hf_vlm import VLMParts, describe
 from .errors import CaptureError
 from .spec import PatchLayout, ViTSpec
+
+if TYPE_CHECKING:
+    from .adapters.hf_vlm import VLMParts
 
 __all__ = ["AnswerLogits", "AnswerExplanation", "explain_answer"]
 
@@ -138,6 +140,8 @@ class AnswerLogits(nn.Module):
         super().__init__()
         if reduce not in _REDUCES:
             raise ValueError(f"reduce must be None or 'sum', got {reduce!r}.")
+        from .adapters.hf_vlm import describe  # adapters load when a model needs them
+
         self.parts: VLMParts = describe(model)
         self.model = model
         self.reduce = reduce
