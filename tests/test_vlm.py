@@ -1,9 +1,10 @@
 """LeGrad on a vision-language model's answer tokens (``captum_legrad.vlm``).
 
 Tiny random-init LLaVA (Llama with grouped-query attention), PaliGemma (Gemma, one KV
-head, bidirectional prefix) and Gemma 3 (SigLIP patches pooled 4x4, sliding-window and
-full layers, bidirectional image tokens), each with ``sdpa`` and ``eager`` attention,
-against the independent oracle in ``tests/oracle_vlm.py``.
+head, bidirectional prefix; PaliGemma 2 with soft-capping) and Gemma 3 (SigLIP patches
+pooled 2x2 in the shared fixture and 4x4 as released, sliding-window and full layers,
+bidirectional image tokens), with ``sdpa`` and ``eager`` attention, against the
+independent oracle in ``tests/oracle_vlm.py``.
 """
 
 from __future__ import annotations
@@ -589,3 +590,36 @@ def test_copies_and_captum_metrics() -> None:
     assert score.shape == (2,) and torch.isfinite(score).all()
     sens = sensitivity_max(legrad.attribute, pixels, target=1, n_perturb_samples=2)
     assert sens.shape == (2,) and torch.isfinite(sens).all()
+
+
+def test_gemma3_pools_four_by_four() -> None:
+    """As released: 16x16 SigLIP patches average-pooled 4x4 into a 4x4 token grid."""
+    torch.manual_seed(0)
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=64, patch_size=4,
+    )  # fmt: skip
+    text = tf.Gemma3TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    config = tf.Gemma3Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=16,
+        image_token_id=IMAGE, boi_token_id=61, eoi_token_id=62,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    explained = AnswerLogits(model, prompt("gemma3"), torch.tensor([[7, 8]]))
+    spec = explained.legrad_spec()
+    assert spec.grid_size(64, 64) == (4, 4) and spec.patch_size == (16, 16)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    batch, positions, keys = oracle_batch(
+        "gemma3", [prompt("gemma3")], torch.tensor([[7, 8]]), pixels
+    )
+    expected = oracle_answer_maps(model, batch, positions, torch.tensor([[7, 8]]), keys, (4, 4))
+    maps = LeGrad(explained).attribute_multi(pixels, targets=range(2))
+    assert maps.shape == (1, 2, 64, 64)
+    torch.testing.assert_close(maps, finalize(expected, (64, 64)), rtol=1e-4, atol=1e-4)
