@@ -9,6 +9,7 @@ from .discovery import discover
 from .errors import CaptureError, TargetError, UnsupportedModelError
 from .spec import PatchLayout, TokenInput, ViTSpec
 from .text import ImageTextSimilarity
+from .vlm import AnswerLogits
 
 __all__ = [
     "LeGrad",
@@ -17,6 +18,7 @@ __all__ = [
     "TokenInput",
     "PatchLayout",
     "ImageTextSimilarity",
+    "AnswerLogits",
     "UnsupportedModelError",
     "TargetError",
     "CaptureError",

@@ -54,7 +54,8 @@ def explicit_sdpa(
     """``F.scaled_dot_product_attention`` written out; returns ``(output, probabilities)``.
 
     Same arguments and semantics as the fused function (boolean masks keep ``True``
-    positions, float masks are added, ``is_causal`` masks the upper triangle).
+    positions, float masks are added, ``is_causal`` masks the upper triangle, a query row
+    whose keys are all masked gets zero probabilities and output).
     """
     n_q, n_k = query.size(-2), key.size(-2)
     scale_factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
@@ -71,7 +72,15 @@ def explicit_sdpa(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    probs = scores.softmax(dim=-1)
+    if is_causal or attn_mask is not None:
+        # Rows whose keys are all masked (left padding) give zeros, as the fused kernel does.
+        dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+        if bool(dead.any()):
+            probs = scores.masked_fill(dead, 0.0).softmax(dim=-1).masked_fill(dead, 0.0)
+        else:
+            probs = scores.softmax(dim=-1)
+    else:
+        probs = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ value, probs

@@ -58,6 +58,7 @@ class ForwardResult:
         per_layer_batch: bool,
         layout: PatchLayout,
         layouts: Optional[List[PatchLayout]] = None,
+        score_rows: Optional[Tensor] = None,
     ) -> None:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
@@ -71,6 +72,9 @@ class ForwardResult:
         #: Per layer, where its attention's patch keys are: layers may differ in
         #: their keys (ConViT, CaiT: the class token joins after the first blocks).
         self.layouts = layouts if layouts is not None else [layout] * scores.shape[0]
+        #: ``(B, C)``: the one query row each score column depends on, or None
+        #: (:attr:`~captum_legrad.spec.ViTSpec.score_rows`).
+        self.score_rows = score_rows
 
     @property
     def output_shape(self) -> torch.Size:
@@ -130,8 +134,14 @@ def run_forward(
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
     by_keys = {n: spec.patch_layout(arguments, n) for n in {a.shape[-1] for a in attentions}}
     layouts = [by_keys[a.shape[-1]] for a in attentions] * (n_layers if pooled_attention else 1)
+    rows = None if spec.score_rows is None or pooled_attention else spec.score_rows(inputs)
     return ForwardResult(
-        scores, attentions, per_layer_batch=pooled_attention, layout=layouts[0], layouts=layouts
+        scores,
+        attentions,
+        per_layer_batch=pooled_attention,
+        layout=layouts[0],
+        layouts=layouts,
+        score_rows=rows,
     )
 
 
@@ -187,6 +197,37 @@ def _target_keys(
     return reduced
 
 
+def _distinct_rows(result: ForwardResult, index: TargetIndex) -> Optional[Tensor]:
+    """``(B, K)`` query rows of the targets if every sample's targets lie on distinct rows."""
+    if result.score_rows is None or len(index) != 1:
+        return None
+    rows = result.score_rows.to(index[0].device).gather(1, index[0])
+    ordered = rows.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        return None
+    return rows
+
+
+def _row_keys(selected: Tensor, result: ForwardResult, rows: Tensor) -> Tensor:
+    """All targets on distinct query ``rows`` (B, K) from one backward → ``(K, L, B, N_k)``.
+
+    Target ``k`` depends on ``A^l`` only through row ``rows[:, k]``, so the gradient of the
+    summed targets holds each target's own gradient in its row (zeros elsewhere): the mean
+    over heads and query rows of its ReLU is that row's ReLU summed over heads ÷ (H·Q).
+    """
+    batch = rows.shape[0]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(selected.sum(), result.attentions)
+    reduced = []
+    for grad in grads:
+        grad = _split_heads(grad, batch, False)  # (B, H, Q, N_k)
+        heads, n_q, n_k = grad.shape[-3:]
+        where = rows.to(grad.device)[:, None, :, None].expand(-1, heads, -1, n_k)
+        picked = grad.gather(-2, where).clamp(min=0).float()  # (B, H, K, N_k)
+        reduced.append((picked.sum(dim=1) / (heads * n_q)).transpose(0, 1))  # (K, B, N_k)
+    return torch.stack(reduced, dim=1)
+
+
 def layer_maps(
     spec: ViTSpec,
     result: ForwardResult,
@@ -197,10 +238,16 @@ def layer_maps(
 
     ``target_chunk`` bounds the targets differentiated in one (batched) backward; the
     graph of the forward is reused across chunks, so results do not depend on it. The
-    patch keys are taken from ``result.layout`` (prefix and padding keys dropped).
+    patch keys are taken from ``result.layout`` (prefix and padding keys dropped). With
+    ``result.score_rows``, targets on distinct query rows share one backward.
     """
     with torch.enable_grad():
         selected = _select(result.scores, index)  # (L, B, K)
+    rows = _distinct_rows(result, index) if spec.pool_query is None else None
+    if rows is not None:
+        keys = _row_keys(selected, result, rows)  # (K, L, B, N_k)
+        return result.layout.gather(keys).permute(2, 0, 1, 3, 4).detach()
+    with torch.enable_grad():
         k = selected.shape[-1]
         step = k if target_chunk is None else max(1, int(target_chunk))
         chunks = [

@@ -38,6 +38,7 @@ __all__ = [
     "Readout",
     "GridRule",
     "LayoutRule",
+    "ScoreRowRule",
 ]
 
 #: Maps the residual stream ``Z`` of one layer, ``(B, N, D)`` batch-first, to
@@ -228,6 +229,10 @@ class PatchLayout:
 #: image batch first) and the number of keys of its attention.
 LayoutRule = Callable[[Tuple[Any, ...], int], PatchLayout]
 
+#: ``inputs → (B, C)`` long tensor: for each score column, the one query row of the
+#: attention it depends on (see :attr:`ViTSpec.score_rows`).
+ScoreRowRule = Callable[[Tuple[Any, ...]], Tensor]
+
 
 @dataclass(frozen=True)
 class ViTSpec:
@@ -294,6 +299,12 @@ class ViTSpec:
             recorded as it is: for attentions whose tensor multiplied with ``V`` is not a
             single softmax (timm ConViT's gated mix of two softmaxes, CaiT's talking
             heads), name the module that returns it (timm's ``attn_drop``). Default: none.
+        score_rows: Optional rule (:data:`ScoreRowRule`) for readouts whose score
+            column ``c`` of sample ``b`` depends on block ``l``'s attention only through
+            query row ``rows[b, c]`` (a language model's logit at one position: every
+            operation after the attention is per token). Targets on distinct rows then
+            share one backward (each target's gradient is its own row of the summed
+            gradient). Default None: one batched backward over the targets.
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -320,6 +331,7 @@ class ViTSpec:
     readout_inputs: Optional[Callable[[Tuple[Any, ...]], Tuple[Any, ...]]] = None
     patch_inputs: bool = False
     output_attentions: FrozenSet[int] = frozenset()
+    score_rows: Optional[ScoreRowRule] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):

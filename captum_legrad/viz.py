@@ -608,3 +608,109 @@ def plot_curves(
     axes[0].set_ylabel(ylabel)
     axes[1].legend(fontsize="small")
     return _finish(fig, save, dpi)
+
+
+def plot_answer(
+    image: ArrayLike,
+    maps: ArrayLike,
+    tokens: Sequence[str],
+    *,
+    answer_map: Optional[ArrayLike] = None,
+    mean: Stats = None,
+    std: Stats = None,
+    show_image: bool = True,
+    columns: int = 6,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    panel_size: float = 2.0,
+    title: Optional[str] = None,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""A vision-language model's answer: one overlay per answer token, in reading order.
+
+    Args:
+
+        image (Tensor or numpy.ndarray): The processed image ``(C, H, W)`` or
+                    ``(1, C, H, W)`` (``pixel_values``).
+        maps (Tensor or numpy.ndarray): ``(T, H, W)`` (or ``(1, T, H, W)``, as
+                    ``attribute_multi`` returns for one image; grid-sized maps are
+                    upsampled here): one map per answer token.
+        tokens (sequence of str): The T answer tokens as text (panel titles).
+        answer_map (Tensor or numpy.ndarray, optional): The whole answer's map, drawn
+                    after the tokens.
+                    Default: None
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        show_image (bool, optional): Start with the plain image.
+                    Default: True
+        columns (int, optional): Panels per row; long answers wrap.
+                    Default: 6
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: 2.0
+        title (str, optional): Figure title, e.g. the question.
+                    Default: None
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with one panel per token (plus the image and the
+        whole-answer map).
+
+    Examples::
+
+        >>> from captum_legrad.vlm import explain_answer
+        >>> from captum_legrad.viz import plot_answer
+        >>> result = explain_answer(vlm, processor, image, prompt)
+        >>> fig = plot_answer(result.pixel_values, result.maps, result.tokens,
+        ...                   answer_map=result.answer_map, mean=MEAN, std=STD)
+    """
+    img = _tensor(image, "image")
+    if img.dim() == 4 and img.shape[0] == 1:
+        img = img[0]
+    stack = _tensor(maps, "maps")
+    if stack.dim() == 4 and stack.shape[0] == 1:
+        stack = stack[0]
+    if stack.dim() != 3:
+        raise ValueError(
+            f"maps must be (T, H, W), one map per answer token, got shape {tuple(stack.shape)}."
+        )
+    names = list(tokens)
+    if len(names) != stack.shape[0]:
+        raise ValueError(f"{len(names)} tokens for {stack.shape[0]} maps: give one per map.")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}.")
+    rgb = denormalize(img, mean, std)
+    size = (rgb.shape[0], rgb.shape[1])
+    panels: List[Tuple[Optional[np.ndarray], str]] = []
+    if show_image:
+        panels.append((None, "image"))
+    panels += [(_map(stack[j], size, "maps"), repr(names[j])) for j in range(len(names))]
+    if answer_map is not None:
+        panels.append((_map(answer_map, size, "answer_map"), "whole answer"))
+    cols = min(columns, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = _matplotlib()(figsize=(panel_size * cols, panel_size * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for slot, ax in enumerate(axes.flat):
+        if slot >= len(panels):
+            ax.set_axis_off()
+            continue
+        amap, label = panels[slot]
+        _draw(
+            ax, rgb, amap, alpha=alpha, cmap=cmap, vmin=None, vmax=None, title=label, colorbar=False
+        )
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, save, dpi)
+
+
+__all__ += ["plot_answer"]

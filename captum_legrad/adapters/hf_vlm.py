@@ -1,0 +1,182 @@
+"""Hugging Face vision-language models: where the language model's pieces are.
+
+:func:`describe` recognises the supported VLMs and returns a :class:`VLMParts`: the
+language model's decoder layers (LeGrad's blocks) and their attention modules, the final
+norm and ``lm_head`` (the logit-lens readout), the image-token id, and the rule from an
+image's size to the image-token grid. :class:`~captum_legrad.vlm.AnswerLogits` turns it
+into a :class:`~captum_legrad.ViTSpec`. Supported, one image per sample at the model's
+fixed resolution:
+
+* ``LlavaForConditionalGeneration`` with a CLIP or SigLIP vision tower (LLaVA-1.5 layout:
+  the image tokens are the vision patches, without CLS under the ``"default"`` feature
+  strategy; with ``"full"`` the first image token, CLS, is not a patch);
+* ``PaliGemmaForConditionalGeneration`` (PaliGemma 1 and 2): the SigLIP patches;
+* ``Gemma3ForConditionalGeneration``: the SigLIP patches average-pooled by ``k × k``
+  (``k = 4`` for the released models), so the map lives on the pooled token grid.
+
+Tiled, multi-crop or dynamic-resolution models are refused with
+:class:`~captum_legrad.UnsupportedModelError`: their image tokens are not one patch grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple, cast
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+__all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
+
+#: Class names of the supported models.
+SUPPORTED = (
+    "LlavaForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration",
+    "Gemma3ForConditionalGeneration",
+)
+
+#: Class names refused with a reason: tiled or dynamic-resolution image tokens.
+REFUSED = {
+    "LlavaNextForConditionalGeneration": "tiles the image into a base view plus crops",
+    "LlavaNextVideoForConditionalGeneration": "tiles the image and adds video frames",
+    "LlavaOnevisionForConditionalGeneration": "tiles the image into crops (AnyRes)",
+    "Idefics2ForConditionalGeneration": "splits the image and resamples it with a perceiver",
+    "Idefics3ForConditionalGeneration": "splits the image into tiles",
+    "SmolVLMForConditionalGeneration": "splits the image into tiles",
+    "Qwen2VLForConditionalGeneration": "encodes images at dynamic resolution",
+    "Qwen2_5_VLForConditionalGeneration": "encodes images at dynamic resolution",
+    "Qwen3VLForConditionalGeneration": "encodes images at dynamic resolution",
+    "Mistral3ForConditionalGeneration": "encodes images at dynamic resolution (Pixtral)",
+    "Gemma3nForConditionalGeneration": "has an audio-vision encoder without a patch grid",
+    "MllamaForConditionalGeneration": "reads the image through cross-attention, not tokens",
+}
+
+_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+@dataclass(frozen=True)
+class VLMParts:
+    """The parts of a vision-language model that LeGrad needs.
+
+    Attributes:
+        family: The model's class name.
+        model: The ``…ForConditionalGeneration`` model.
+        inner: Its base model (``model.model``), whose forward returns the language
+            model's last hidden state (after the final norm).
+        layers: The language model's decoder layers (LeGrad's blocks).
+        attentions: Each layer's attention module.
+        norm: The language model's final norm.
+        lm_head: The output projection to the vocabulary.
+        softcap: Final-logit soft-capping (``c · tanh(x / c)``) the model applies, or None.
+        image_token_id: The placeholder id whose positions receive the image tokens.
+        grid: Image size ``(H, W)`` → image-token grid ``(g_h, g_w)``.
+        pixels_per_token: ``(p_h, p_w)``: the pixels one image token covers.
+        tokens_per_image: ``g_h · g_w`` plus the image tokens that are not patches.
+        skip_tokens: Leading image tokens of each image that are not patches (CLS).
+        answer_type_id: ``token_type_ids`` value of answer tokens, for models whose
+            attention mask reads token types (PaliGemma: 1, the causal suffix; Gemma 3:
+            0, text); None for models without token types.
+        prompt_type_ids: Rule building the prompt's ``token_type_ids`` from ``input_ids``
+            as the model's processor does, or None.
+    """
+
+    family: str
+    model: nn.Module
+    inner: nn.Module
+    layers: Tuple[nn.Module, ...]
+    attentions: Tuple[nn.Module, ...]
+    norm: nn.Module
+    lm_head: nn.Module
+    softcap: Optional[float]
+    image_token_id: int
+    grid: Callable[[int, int], Tuple[int, int]]
+    pixels_per_token: Tuple[int, int]
+    tokens_per_image: int
+    skip_tokens: int
+    answer_type_id: Optional[int]
+    prompt_type_ids: Optional[Callable[[Any], Any]]
+
+
+def _refuse(model: nn.Module, reason: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(model).__name__} {reason}, so its image tokens are not one patch grid; "
+        f"LeGrad's answer maps support {', '.join(SUPPORTED)} (one image per sample at the "
+        "model's resolution). For another VLM, build a ViTSpec whose layout rule gives the "
+        "image-token positions and grid."
+    )
+
+
+def _language_parts(model: Any) -> Tuple[Tuple[nn.Module, ...], nn.Module]:
+    language = model.model.language_model
+    return tuple(language.layers), language.norm
+
+
+def _square(size: Any) -> Tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def describe(model: nn.Module) -> VLMParts:
+    """The :class:`VLMParts` of a supported vision-language model.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not one of :data:`SUPPORTED` (tiled and
+            dynamic-resolution VLMs are named with the reason), or its vision tower is not
+            a plain patch ViT.
+    """
+    name = type(model).__name__
+    if name in REFUSED:
+        raise _refuse(model, REFUSED[name])
+    if name not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"{name} is not a supported vision-language model: LeGrad's answer maps support "
+            f"{', '.join(SUPPORTED)} from transformers (the …ForConditionalGeneration class, "
+            "with its lm_head). Pass one of these, or describe another VLM with a ViTSpec."
+        )
+    m: Any = model
+    config = m.config
+    vision = config.vision_config
+    layers, norm = _language_parts(m)
+    attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
+    patch = _square(vision.patch_size)
+    side = _square(vision.image_size)
+    if vision.model_type not in _VISION_TOWERS:
+        raise _refuse(model, f"has a {vision.model_type} vision tower")
+
+    def patch_grid(height: int, width: int) -> Tuple[int, int]:
+        return height // patch[0], width // patch[1]
+
+    n_patches = (side[0] // patch[0]) * (side[1] // patch[1])
+    if name == "LlavaForConditionalGeneration":
+        strategy = config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise _refuse(model, f"selects vision features with {strategy!r}")
+        skip = 1 if strategy == "full" and vision.model_type == "clip_vision_model" else 0
+        return VLMParts(
+            name, model, m.model, layers, attentions, norm, m.lm_head, None,
+            int(config.image_token_id), patch_grid, patch, n_patches + skip, skip, None, None,
+        )  # fmt: skip
+    text = config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    image_id = int(config.image_token_id)
+    if name == "PaliGemmaForConditionalGeneration":
+        return VLMParts(
+            name, model, m.model, layers, attentions, norm, m.lm_head,
+            None if softcap is None else float(softcap), image_id, patch_grid, patch,
+            n_patches, 0, 1, lambda ids: ids.new_zeros(ids.shape),
+        )  # fmt: skip
+    # Gemma 3: the patch grid is average-pooled to tokens_per_side² tokens.
+    tokens_side = round(int(config.mm_tokens_per_image) ** 0.5)
+    kernel = (side[0] // patch[0]) // tokens_side
+    pooled = (patch[0] * kernel, patch[1] * kernel)
+
+    def pooled_grid(height: int, width: int) -> Tuple[int, int]:
+        return height // pooled[0], width // pooled[1]
+
+    return VLMParts(
+        name, model, m.model, layers, attentions, norm, m.lm_head,
+        None, image_id, pooled_grid, pooled, tokens_side * tokens_side, 0, 0,
+        lambda ids: (ids == image_id).long(),
+    )  # fmt: skip
