@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .compute import (
     POOLINGS,
+    ROUTES,
     aggregate_layers,
     empty_prompt_correction,
     layer_maps,
@@ -124,6 +125,13 @@ class LeGrad(GradientAttribution):
         spec (ViTSpec, optional): Describes a custom ViT instead of
                     :func:`~captum_legrad.discover`.
                     Default: None
+        route (str, optional): How the attention gradient is computed: ``"lean"``
+                    from the attention output, ``∂s/∂A = (∂s/∂O)·Vᵀ``, never
+                    materialising the attention matrix (the model's fused attention
+                    runs as it is); ``"explicit"`` computes the probabilities
+                    explicitly and differentiates them. Both give the same maps (to
+                    float rounding); see the design notes for which models use which.
+                    Default: "lean"
 
     Examples::
 
@@ -144,15 +152,19 @@ class LeGrad(GradientAttribution):
         *,
         pooling: str = "mean",
         spec: Optional[ViTSpec] = None,
+        route: str = "lean",
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
         self.layers: Tuple[int, ...] = _resolve_layers(layers, self.spec.num_layers)
         self.pooling = pooling
+        self.route = route
 
     @classmethod
     def get_name(cls) -> str:
@@ -222,6 +234,7 @@ class LeGrad(GradientAttribution):
                 tuple(_slice_batch(arg, batch, rows) for arg in args),
                 self.layers,
                 self.pooling,
+                self.route,
             )
             full_shape = torch.Size((batch, *result.output_shape[1:]))
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))

@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
 from .hooks import ScopedHooks
+from .lean import LeanRecorder, Record, prune_probabilities
 from .spec import ViTSpec
 
 __all__ = [
@@ -37,7 +38,13 @@ __all__ = [
     "capture_blocks",
     "Captured",
     "block_input",
+    "ROUTES",
 ]
+
+#: How the attention gradient is obtained: ``"lean"`` (from the attention output, the
+#: probabilities never materialised; :mod:`captum_legrad.lean`) or ``"explicit"`` (the
+#: probabilities computed explicitly and differentiated).
+ROUTES = ("lean", "explicit")
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
 
@@ -217,20 +224,29 @@ def _mode_stack_guard() -> Iterator[None]:
 
 
 @contextmanager
-def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]]]:
-    """Record the attention probabilities each of ``modules`` computes in its forward.
+def record_attention(
+    modules: Sequence[nn.Module], route: str = "explicit"
+) -> Iterator[List[List[Record]]]:
+    """Record the attention each of ``modules`` computes in its forward.
 
-    Yields one list per module, filled in call order while the context is open.
+    Yields one list per module, filled in call order while the context is open. With
+    ``route="explicit"`` the records are the probabilities (tensors on the graph); with
+    ``route="lean"`` they are :class:`~captum_legrad.lean.LeanRecord` s (attention output
+    as a leaf, and ``V``), or the probabilities as a leaf where an eager implementation
+    uses them otherwise than in one product with ``V``.
     """
-    records: List[List[Tensor]] = [[] for _ in modules]
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
+    records: List[List[Record]] = [[] for _ in modules]
+    recorder_type = LeanRecorder if route == "lean" else AttentionRecorder
 
-    def enter(recorder: AttentionRecorder) -> Callable[..., None]:
+    def enter(recorder: TorchFunctionMode) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             recorder.__enter__()
 
         return hook
 
-    def leave(recorder: AttentionRecorder) -> Callable[..., None]:
+    def leave(recorder: TorchFunctionMode) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             recorder.__exit__(None, None, None)
 
@@ -238,7 +254,7 @@ def record_attention(modules: Sequence[nn.Module]) -> Iterator[List[List[Tensor]
 
     with _mode_stack_guard(), ScopedHooks() as hooks:
         for module, sink in zip(modules, records):
-            recorder = AttentionRecorder(sink)
+            recorder = recorder_type(sink)  # type: ignore[arg-type]
             hooks.forward_pre(module, enter(recorder))
             hooks.forward(module, leave(recorder), always_call=True)
         yield records
@@ -254,7 +270,7 @@ class Captured:
     """
 
     tokens: List[Tensor] = field(default_factory=list)
-    attentions: List[List[Tensor]] = field(default_factory=list)
+    attentions: List[List[Record]] = field(default_factory=list)
 
 
 def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any]:
@@ -273,7 +289,7 @@ def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any
 
 @contextmanager
 def capture_blocks(
-    spec: ViTSpec, layers: Sequence[int], *, differentiable: bool
+    spec: ViTSpec, layers: Sequence[int], *, differentiable: bool, route: str = "explicit"
 ) -> Iterator[Captured]:
     """Hook ``spec``'s blocks for one forward and collect ``Z^l`` (and ``A^l``).
 
@@ -282,7 +298,12 @@ def capture_blocks(
     ``detach().requires_grad_()``, so ``∂Z^l/∂A^m = 0`` for ``m ≠ l`` and earlier
     blocks build no graph at all. Block outputs are never changed, so the model
     computes what it always computes.
+
+    With ``route="lean"`` a selected block runs without gradients up to its attention
+    call, whose output becomes the leaf the block's graph starts from
+    (:class:`~captum_legrad.lean.LeanRecorder`); the cut input then needs no grad.
     """
+    lean = route == "lean"
     selected = {layer: slot for slot, layer in enumerate(layers)}
     captured = Captured(tokens=[torch.empty(0)] * len(layers))
     seen = [False] * len(layers)
@@ -293,11 +314,11 @@ def capture_blocks(
     def block_pre_hook(layer: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
             differentiate = differentiable and layer in selected
-            torch.set_grad_enabled(differentiate)
+            torch.set_grad_enabled(differentiate and not lean)
             if not differentiate:
                 return None
             name, value = block_input(args, kwargs)
-            cut = value.detach().requires_grad_()
+            cut = value.detach() if lean else value.detach().requires_grad_()
             if name:
                 return args, {**kwargs, name: cut}
             return (cut, *args[1:]), kwargs
@@ -313,6 +334,8 @@ def capture_blocks(
                 tokens = tokens.transpose(0, 1)
             captured.tokens[slot] = tokens if differentiable else tokens.detach()
             seen[slot] = True
+            if lean and differentiable:
+                prune_probabilities(captured.attentions[slot], [tokens])
 
         return hook
 
@@ -320,7 +343,7 @@ def capture_blocks(
         torch.set_grad_enabled(False)
 
     attention_modules = [spec.attentions[layer] for layer in layers] if differentiable else []
-    with record_attention(attention_modules) as records, ScopedHooks() as hooks:
+    with record_attention(attention_modules, route) as records, ScopedHooks() as hooks:
         hooks.forward_pre(spec.root, root_pre_hook)
         for index, block in enumerate(spec.blocks):
             hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .capture import capture_blocks, record_attention
+from .capture import ROUTES, capture_blocks, record_attention
 from .errors import CaptureError
+from .lean import LeanRecord, Record, prune_probabilities, reduce_lean
 from .spec import ViTSpec
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "minmax_normalize",
     "empty_prompt_correction",
     "POOLINGS",
+    "ROUTES",
 ]
 
 #: Readouts for the per-layer score: the paper's mean over tokens, or the model's own.
@@ -48,12 +50,13 @@ TargetIndex = Tuple[Tensor, ...]
 class ForwardResult:
     """Output of :func:`run_forward`: the per-layer scores and the attentions to differentiate."""
 
-    def __init__(self, scores: Tensor, attentions: List[Tensor], per_layer_batch: bool) -> None:
+    def __init__(self, scores: Tensor, attentions: List[Record], per_layer_batch: bool) -> None:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
         self.scores = scores
-        #: Differentiated attentions: one ``(B, H, Q, N_k)`` tensor per layer, or a single
-        #: ``(L·B, H, Q, N_k)`` tensor for attention-pool readouts.
+        #: Differentiated attentions, one record per layer, or a single one for
+        #: attention-pool readouts (whose batch is ``L·B``): the probabilities ``(B, H, Q,
+        #: N_k)`` (explicit route), or a :class:`~captum_legrad.lean.LeanRecord`.
         self.attentions = attentions
         self.per_layer_batch = per_layer_batch
 
@@ -63,7 +66,7 @@ class ForwardResult:
         return self.scores.shape[1:]
 
 
-def _single_record(records: List[Tensor], where: str) -> Tensor:
+def _single_record(records: List[Record], where: str) -> Record:
     if len(records) != 1:
         what = "no" if not records else f"{len(records)}"
         raise CaptureError(
@@ -82,11 +85,20 @@ def run_forward(
     additional_forward_args: Tuple[Any, ...],
     layers: Sequence[int],
     pooling: str,
+    route: str = "lean",
 ) -> ForwardResult:
-    """One forward with capture, then the per-layer readout, ready to differentiate."""
+    """One forward with capture, then the per-layer readout, ready to differentiate.
+
+    ``route`` (:data:`ROUTES`): ``"lean"`` records attention outputs and values (the
+    probabilities are never materialised), ``"explicit"`` the probabilities.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
     pooled_attention = spec.pool_attention is not None
     with torch.enable_grad():
-        with capture_blocks(spec, layers, differentiable=not pooled_attention) as captured:
+        with capture_blocks(
+            spec, layers, differentiable=not pooled_attention, route=route
+        ) as captured:
             # The output itself is not needed: scores come from the readout of each layer
             # (models returning ModelOutput objects are fine).
             forward_func(*inputs, *additional_forward_args)
@@ -95,9 +107,12 @@ def run_forward(
     with torch.enable_grad():
         if pooled_attention:
             assert spec.pool_attention is not None
-            tokens = torch.cat(captured.tokens).requires_grad_()
-            with record_attention([spec.pool_attention]) as records:
+            tokens = torch.cat(captured.tokens)
+            if route == "explicit":
+                tokens.requires_grad_()
+            with record_attention([spec.pool_attention], route) as records:
                 scores = readout(tokens)
+            prune_probabilities(records[0], [scores])
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
         else:
             scores = readout(torch.cat(captured.tokens))
@@ -136,26 +151,63 @@ def _split_heads(grad: Tensor, rows: int, batched: bool) -> Tensor:
     return grad
 
 
+def _reduce_record(
+    grad: Tensor,
+    record: Record,
+    rows: int,
+    batched: bool,
+    query: Optional[int],
+    extra: Optional[Tensor] = None,
+) -> Tensor:
+    """The gradient w.r.t. one record → ``(k, rows, N_k)`` (``k = 1`` unless ``batched``).
+
+    ``extra``: for a lean record of eager attention, the gradient that reached its
+    probabilities directly.
+    """
+    if isinstance(record, LeanRecord):
+        flat = grad.dim() == (4 if batched else 3)  # heads flattened into the batch
+        reduced = reduce_lean(grad, record.value, query, rows if flat else None, extra=extra)
+    else:
+        reduced = _reduce(_split_heads(grad, rows, batched), query)
+    return reduced if batched else reduced.unsqueeze(0)
+
+
 def _target_keys(
     selected: Tensor, result: ForwardResult, query: Optional[int], retain: bool
 ) -> Tensor:
     """One backward for the ``k`` targets in ``selected`` (L, B, k) → ``(k, L, B, N_k)``."""
     n_layers, batch, k = selected.shape
     rows = n_layers * batch if result.per_layer_batch else batch
+    inputs = [r.output if isinstance(r, LeanRecord) else r for r in result.attentions]
+    # Eager attention whose probabilities something else used too: their direct gradient.
+    direct: List[Tuple[int, Tensor]] = []
+    for i, record in enumerate(result.attentions):
+        probs = record.probabilities if isinstance(record, LeanRecord) else None
+        if probs is not None:
+            direct.append((i, probs))
+    inputs += [p for _, p in direct]
     with torch.enable_grad():
         if k == 1:
-            grads = torch.autograd.grad(selected.sum(), result.attentions, retain_graph=retain)
-            reduced = [_reduce(_split_heads(g, rows, False), query).unsqueeze(0) for g in grads]
+            grads = torch.autograd.grad(
+                selected.sum(), inputs, retain_graph=retain, allow_unused=bool(direct)
+            )
         else:
             eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
             grads = torch.autograd.grad(
                 selected,
-                result.attentions,
+                inputs,
                 grad_outputs=eye.view(k, 1, 1, k).expand(k, n_layers, batch, k),
                 retain_graph=retain,
                 is_grads_batched=True,
+                allow_unused=bool(direct),
             )
-            reduced = [_reduce(_split_heads(g, rows, True), query) for g in grads]
+    extras: List[Optional[Tensor]] = [None] * len(result.attentions)
+    for (i, _), g in zip(direct, grads[len(result.attentions) :]):
+        extras[i] = g
+    reduced = [
+        _reduce_record(g, r, rows, k > 1, query, e)
+        for g, r, e in zip(grads, result.attentions, extras)
+    ]
     if result.per_layer_batch:
         return reduced[0].view(k, n_layers, batch, -1)  # (k, L·B, N_k) → (k, L, B, N_k)
     return torch.stack(reduced, dim=1)
