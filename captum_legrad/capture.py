@@ -27,7 +27,13 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
 from .hooks import ScopedHooks
-from .lean import LeanRecorder, Record, prune_probabilities
+from .lean import (
+    LeanRecorder,
+    Record,
+    mlp_output_linear,
+    prune_probabilities,
+    token_mean_linear_hook,
+)
 from .spec import ViTSpec
 
 __all__ = [
@@ -289,7 +295,12 @@ def block_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any
 
 @contextmanager
 def capture_blocks(
-    spec: ViTSpec, layers: Sequence[int], *, differentiable: bool, route: str = "explicit"
+    spec: ViTSpec,
+    layers: Sequence[int],
+    *,
+    differentiable: bool,
+    route: str = "explicit",
+    token_mean_readout: bool = False,
 ) -> Iterator[Captured]:
     """Hook ``spec``'s blocks for one forward and collect ``Z^l`` (and ``A^l``).
 
@@ -301,7 +312,10 @@ def capture_blocks(
 
     With ``route="lean"`` a selected block runs without gradients up to its attention
     call, whose output becomes the leaf the block's graph starts from
-    (:class:`~captum_legrad.lean.LeanRecorder`); the cut input then needs no grad.
+    (:class:`~captum_legrad.lean.LeanRecorder`); the cut input then needs no grad. If
+    also ``token_mean_readout`` (the scores depend on each ``Z^l`` only through its mean
+    over tokens), the backward through each known block's last MLP linear takes one row
+    per sample (:func:`~captum_legrad.lean.token_mean_linear_hook`).
     """
     lean = route == "lean"
     selected = {layer: slot for slot, layer in enumerate(layers)}
@@ -349,6 +363,9 @@ def capture_blocks(
             hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)
             if index in selected:
                 hooks.forward(block, block_hook(index))
+                linear = mlp_output_linear(block) if lean and token_mean_readout else None
+                if linear is not None and differentiable:
+                    hooks.forward(linear, token_mean_linear_hook(1 if spec.batch_first else 0))
             hooks.forward(block, block_post_hook)
         captured.attentions = records
         yield captured

@@ -43,6 +43,10 @@ __all__ = [
 #: Readouts for the per-layer score: the paper's mean over tokens, or the model's own.
 POOLINGS = ("mean", "model")
 
+#: Families whose ``pooling="mean"`` readout reads ``Z`` only through its mean over tokens
+#: (the adapters'; a hand-made :class:`ViTSpec` is not assumed to).
+TOKEN_MEAN_FAMILIES = ("timm", "open_clip", "hf", "torchvision")
+
 #: ``(B, K)`` index tensors, one per non-batch output dimension, naming the targets.
 TargetIndex = Tuple[Tensor, ...]
 
@@ -97,7 +101,11 @@ def run_forward(
     pooled_attention = spec.pool_attention is not None
     with torch.enable_grad():
         with capture_blocks(
-            spec, layers, differentiable=not pooled_attention, route=route
+            spec,
+            layers,
+            differentiable=not pooled_attention,
+            route=route,
+            token_mean_readout=pooling == "mean" and spec.family in TOKEN_MEAN_FAMILIES,
         ) as captured:
             # The output itself is not needed: scores come from the readout of each layer
             # (models returning ModelOutput objects are fine).

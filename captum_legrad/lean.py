@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
@@ -53,6 +53,8 @@ __all__ = [
     "reduce_lean",
     "prune_probabilities",
     "REDUCE_CHUNK_ELEMENTS",
+    "mlp_output_linear",
+    "token_mean_linear_hook",
 ]
 
 #: Elements of one chunk of ``dO · Vᵀ`` (targets × batch × heads × queries × keys) in
@@ -420,3 +422,62 @@ def reduce_lean(
     if kv_heads != heads:
         total = total.flatten(-3, -2)
     return total.sum(dim=-2) / (heads * n_query)
+
+
+# ------------------------------------------------------------------ rank-one MLP backward
+
+#: Blocks whose output is ``x + t(W h + b)``: the last MLP linear (path below the block)
+#: followed only by ops that act alike on every token (dropout in eval, LayerScale, drop
+#: path, the residual add). Keyed by (top-level package, class name).
+MLP_OUTPUT_LINEAR: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    ("timm", "Block"): ("mlp.fc2",),
+    ("timm", "EvaBlock"): ("mlp.fc2",),
+    ("open_clip", "ResidualAttentionBlock"): ("mlp.c_proj",),
+    ("torchvision", "EncoderBlock"): ("mlp.3",),
+    # transformers 5 (ViTMLP) and 4 (ViTOutput: dense, dropout, + residual)
+    ("transformers", "ViTLayer"): ("mlp.fc2", "output.dense"),
+    ("transformers", "CLIPEncoderLayer"): ("mlp.fc2",),
+    ("transformers", "SiglipEncoderLayer"): ("mlp.fc2",),
+    ("transformers", "Dinov2Layer"): ("mlp.fc2",),
+    ("transformers", "Dinov2WithRegistersLayer"): ("mlp.fc2",),
+}
+
+
+def mlp_output_linear(block: nn.Module) -> Optional[nn.Linear]:
+    """The ``nn.Linear`` whose output reaches ``block``'s output token-wise, if known.
+
+    Returns ``None`` for unknown block classes, blocks in training mode (dropout acts
+    differently on every token) and MLPs without such a linear (e.g. convolutions).
+    """
+    key = (type(block).__module__.split(".")[0], type(block).__name__)
+    if block.training:
+        return None
+    for path in MLP_OUTPUT_LINEAR.get(key, ()):
+        try:
+            linear = block.get_submodule(path)
+        except AttributeError:
+            continue
+        return linear if type(linear) is nn.Linear else None
+    return None
+
+
+def token_mean_linear_hook(token_dim: int) -> Callable[..., Any]:
+    """Forward hook for that linear: same output, backward through one row per sample.
+
+    With ``pooling="mean"`` the score depends on ``Z^l`` only through its mean over
+    tokens, so ``∂s/∂Z^l_n`` is the same for every token ``n``, and so is the gradient
+    ``g`` at this linear's output. Its input gradient ``Wᵀ g`` is then
+    ``Wᵀ mean_n(g_n) = ∂/∂h_n of mean_n(W h_n + b)``, one row instead of ``N``: the hook
+    returns ``y.detach() + (r − r.detach())`` with ``r = W·mean_n(h_n) + b``, which
+    equals ``y`` exactly (``r − r.detach()`` is zero) and carries that gradient.
+    """
+
+    def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and args):
+            return None
+        linear: Any = module
+        mean = args[0].mean(dim=token_dim, keepdim=True)
+        row = F.linear(mean, linear.weight, linear.bias)
+        return output.detach() + (row - row.detach())
+
+    return hook

@@ -368,3 +368,79 @@ def test_lean_route_never_builds_the_attention_matrix(
         assert square  # the check can fail: the explicit route does build them
     else:
         assert not square, square[:3]
+
+
+# ------------------------------------------------------------ rank-one MLP backward (mean)
+
+
+def _family_models() -> Dict[str, Callable[[], nn.Module]]:
+    from test_open_clip import clip_model, sequence_first
+    from test_torchvision import tiny_vit
+
+    models: Dict[str, Callable[[], nn.Module]] = {
+        "timm_vit": lambda: make_model("vit"),
+        "timm_dinov2_reg": lambda: make_model("dinov2_reg"),
+        "timm_eva": lambda: make_model("eva"),
+        "open_clip": lambda: clip_model(),
+        "open_clip_sequence_first": lambda: sequence_first(clip_model()),
+        "torchvision": tiny_vit,
+    }
+    try:
+        from test_hf import cached
+
+        for key in ("vit_cls", "clip_vision", "dinov2_reg_cls", "siglip_cls"):
+            models[f"hf_{key}"] = lambda key=key: cached(key, "sdpa")
+    except pytest.skip.Exception:  # transformers not installed
+        pass
+    return models
+
+
+@pytest.mark.parametrize("family", sorted(_family_models()))
+def test_mean_readout_gradient_is_the_same_for_every_token(family: str) -> None:
+    """What the one-row MLP backward relies on: the adapters' mean readouts."""
+    from captum_legrad.capture import capture_blocks
+
+    model = _family_models()[family]()
+    spec = discover(model)
+    x = torch.randn(2, 3, 32, 32, generator=GEN)
+    with capture_blocks(spec, [1], differentiable=False) as captured:
+        with torch.no_grad():
+            model(x) if not hasattr(model, "get_image_features") else spec.image_forward(x)
+    tokens = captured.tokens[0].detach().requires_grad_()
+    with torch.enable_grad():
+        scores = spec.readout(tokens)
+        (grad,) = torch.autograd.grad(scores.reshape(2, -1)[:, 0].sum(), tokens)
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(grad, grad[:, :1].expand_as(grad), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(_family_models()))
+def test_one_row_mlp_backward_is_used_and_exact(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import captum_legrad.capture as capture
+
+    calls: List[Tuple[int, ...]] = []
+    original = capture.token_mean_linear_hook
+
+    def counting(token_dim: int) -> Callable[..., Any]:
+        hook = original(token_dim)
+
+        def wrapped(module: nn.Module, args: Any, output: Any) -> Any:
+            calls.append(tuple(output.shape))
+            return hook(module, args, output)
+
+        return wrapped
+
+    monkeypatch.setattr(capture, "token_mean_linear_hook", counting)
+    model = _family_models()[family]()
+    spec = discover(model)
+    legrad = LeGrad(model)
+    x = torch.randn(2, 3, 32, 32, generator=GEN)
+    got = legrad.attribute_layers(x, target=[0, 1])
+    assert len(calls) == spec.num_layers  # every block takes the one-row backward
+    ref = LeGrad(model, route="explicit").attribute_layers(x, target=[0, 1])
+    assert (got - ref).abs().max() <= LAYER_RTOL * ref.abs().max()
+    calls.clear()
+    LeGrad(model, pooling="model").attribute_layers(x, target=[0, 1])
+    assert not calls  # the model's own pooling is not a token mean
