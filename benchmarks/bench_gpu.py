@@ -306,7 +306,7 @@ def header(args: argparse.Namespace, device: torch.device) -> List[str]:
         f"numpy {np.__version__}, Python {platform.python_version()}; "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         "- random init, 224² inputs (the models' own size), one target per image; CUDA-"
-        f"synchronised wall time of each call, {args.warmup} warm-up calls each, then the three "
+        f"synchronised wall time of each call, {args.warmup} warm-up calls each, then the "
         "methods alternate round-robin until the cell has run "
         f"{args.cell_seconds:.1f} s (at least {args.min_repeats}, at most {args.max_repeats} "
         "rounds); medians. img/s = batch ÷ median seconds",

@@ -123,7 +123,12 @@ def run_forward(
             prune_probabilities(records[0], [scores])
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
         else:
-            scores = readout(torch.cat(captured.tokens))
+            if route == "lean":
+                # One readout per layer: no stacked copy of every layer's tokens (memory).
+                scores = torch.cat([readout(tokens) for tokens in captured.tokens])
+                captured.tokens.clear()
+            else:
+                scores = readout(torch.cat(captured.tokens))
             attentions = [
                 _single_record(records, f"block {layer} ({type(spec.attentions[layer]).__name__})")
                 for layer, records in zip(layers, captured.attentions)

@@ -105,6 +105,15 @@ def _argument(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str
     return args[index] if len(args) > index else kwargs[name]
 
 
+def _compact(value: Tensor) -> Tensor:
+    """``value`` detached, copied if it views a larger buffer (timm's packed ``qkv``), so
+    that keeping ``V`` does not keep ``Q`` and ``K`` alive."""
+    value = value.detach()
+    if value.untyped_storage().nbytes() > value.numel() * value.element_size():
+        return value.clone()
+    return value
+
+
 def _leaf(tensor: Tensor) -> Tensor:
     """``tensor`` as a new leaf requiring grad; gradients are switched on from here."""
     leaf = tensor.detach().requires_grad_()
@@ -264,7 +273,7 @@ def lean_mha(
         out = record @ v
         weights = record.mean(dim=1) if average_attn_weights else record
     else:
-        record = LeanRecord(_leaf(out), v)
+        record = LeanRecord(_leaf(out), _compact(v))
         out = record.output
     out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch, embed_dim)
     out = F.linear(out, out_proj_weight, out_proj_bias)
@@ -305,7 +314,7 @@ class LeanRecorder(TorchFunctionMode):
             value = _argument(args, kwargs, 2, "value")
             with torch.no_grad():
                 out = func(*args, **kwargs)
-            record = LeanRecord(_leaf(out), value.detach())
+            record = LeanRecord(_leaf(out), _compact(value))
             self.records.append(record)
             return record.output
         if func is F.multi_head_attention_forward:
@@ -319,7 +328,7 @@ class LeanRecorder(TorchFunctionMode):
                     out = func(*args, **kwargs)
                 probs = self.records[self._pending_slot]
                 assert isinstance(probs, Tensor)
-                record = LeanRecord(_leaf(out), args[1].detach(), probs)
+                record = LeanRecord(_leaf(out), _compact(args[1]), probs)
                 self.records[self._pending_slot] = record
                 self._pending = None
                 return record.output
