@@ -1,5 +1,9 @@
 """LeGrad on one NVIDIA GPU: images/second and peak memory vs a forward and Captum Saliency.
 
+Not yet run on a GPU (issue #11 goals: LeGrad images/s ÷ forward images/s ≥ 0.5 and
+≥ 2000 images/s for ViT-B/16 bf16 on an H100-class card); ``--smoke`` runs the same code
+on the CPU with a tiny model.
+
     python3 benchmarks/bench_gpu.py                    # ViT-B/16 and ViT-L/14, bf16 + autocast
     python3 benchmarks/bench_gpu.py --smoke            # the same code path on CPU, seconds
 
@@ -8,10 +12,16 @@ network, random init). For each model, precision and batch size (1, 8, 32, 64, 1
 times, CUDA-synchronised, after warm-up, alternating round-robin:
 
 * ``forward``: ``model(x)`` under ``torch.no_grad()``;
-* ``LeGrad``: ``LeGrad(model).attribute(x, target=t)``, all layers, one target per image;
+* ``LeGrad``: ``LeGrad(model).attribute(x, target=t)``, all layers, one target per image
+  (the lean route, the default);
+* ``LeGrad-explicit``: the same with ``route="explicit"`` (batches up to
+  ``--explicit-max-batch``);
 * ``Saliency``: Captum's ``Saliency(model).attribute(x, target=t)``;
 
-and reports images/second (batch ÷ median seconds) and the peak of
+then, for the first model in bf16 at batch 1, the issue's ratios against the input size
+(``--sizes``, ``dynamic_img_size=True``): LeGrad ÷ forward time and the peak memory above
+the model of one call (1 target; 8 targets by ``attribute_multi`` at the largest size).
+It reports images/second (batch ÷ median seconds) and the peak of
 ``torch.cuda.max_memory_allocated`` in one call of each (reset before each). Precisions:
 the model and inputs cast to ``--dtype`` (bf16 by default), and with ``--autocast`` (on by
 default on CUDA) the float32 model under ``torch.autocast(dtype=bfloat16)``. A method that
@@ -49,7 +59,9 @@ from torch import Tensor, nn
 
 from captum_legrad import LeGrad
 
-METHODS = ("forward", "LeGrad", "Saliency")
+METHODS = ("forward", "LeGrad", "LeGrad-explicit", "Saliency")
+#: Issue #11: LeGrad images/s ÷ forward images/s, and LeGrad images/s (ViT-B/16, bf16).
+GOAL_RATIO, GOAL_RATE = 0.5, 2000.0
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -135,9 +147,14 @@ def build_model(name: str) -> nn.Module:
 
 
 def method_fns(
-    model: nn.Module, x: Tensor, targets: Tensor, precision: Callable[[], ContextManager[Any]]
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor,
+    precision: Callable[[], ContextManager[Any]],
+    explicit: bool = True,
 ) -> Dict[str, Callable[[], object]]:
     legrad = LeGrad(model)
+    legrad_explicit = LeGrad(model, route="explicit")
     saliency = Saliency(model)
 
     def forward() -> object:
@@ -148,11 +165,19 @@ def method_fns(
         with precision():
             return legrad.attribute(x, target=targets)
 
+    def run_legrad_explicit() -> object:
+        with precision():
+            return legrad_explicit.attribute(x, target=targets)
+
     def run_saliency() -> object:
         with precision():
             return saliency.attribute(x, target=targets)
 
-    return {"forward": forward, "LeGrad": run_legrad, "Saliency": run_saliency}
+    fns = {"forward": forward, "LeGrad": run_legrad}
+    if explicit:
+        fns["LeGrad-explicit"] = run_legrad_explicit
+    fns["Saliency"] = run_saliency
+    return fns
 
 
 Row = Dict[str, Any]
@@ -174,7 +199,7 @@ def bench_cell(
     x = torch.randn(batch, 3, *input_size, generator=g).to(bench.device, input_dtype)
     num_classes = int(getattr(model, "num_classes", 1000))
     targets = (torch.arange(batch) * 37 % num_classes).to(bench.device)
-    fns = method_fns(model, x, targets, precision)
+    fns = method_fns(model, x, targets, precision, batch <= args.explicit_max_batch)
     live: Dict[str, Callable[[], object]] = {}
     for name, fn in fns.items():
         if name in skip:
@@ -236,10 +261,11 @@ def table(rows: Sequence[Row]) -> str:
         "batch",
         "forward img/s",
         "LeGrad img/s",
+        "LeGrad-explicit img/s",
         "Saliency img/s",
         "LeGrad ÷ forward (time)",
         "LeGrad ÷ Saliency (time)",
-        "peak GiB forward / LeGrad / Saliency",
+        "peak GiB forward / LeGrad / explicit / Saliency",
         "rounds",
     ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -280,17 +306,118 @@ def header(args: argparse.Namespace, device: torch.device) -> List[str]:
         f"numpy {np.__version__}, Python {platform.python_version()}; "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
         "- random init, 224² inputs (the models' own size), one target per image; CUDA-"
-        f"synchronised wall time of each call, {args.warmup} warm-up calls each, then the three "
+        f"synchronised wall time of each call, {args.warmup} warm-up calls each, then the "
         "methods alternate round-robin until the cell has run "
         f"{args.cell_seconds:.1f} s (at least {args.min_repeats}, at most {args.max_repeats} "
         "rounds); medians. img/s = batch ÷ median seconds",
         "- forward: `model(x)` under `torch.no_grad()`; LeGrad: `LeGrad(model).attribute(x, "
-        "target=t)` (all layers); Saliency: Captum `Saliency(model).attribute(x, target=t)`",
+        'target=t)` (all layers, lean route); LeGrad-explicit: `route="explicit"` (batch ≤ '
+        f"{args.explicit_max_batch}); Saliency: Captum `Saliency(model).attribute(x, target=t)`",
         "- peak: `torch.cuda.max_memory_allocated` during one call, reset before it (model "
         "weights and input included)",
         f"- precision `{SHORT[args.dtype]}`: model and input cast to {args.dtype}; `autocast`: "
         "float32 model and input under `torch.autocast(dtype=torch.bfloat16)`",
         "",
+    ]
+
+
+def goal_lines(rows: Sequence[Row], model_name: str, precision: str) -> List[str]:
+    """The issue's throughput goals, from the best batch of ``model_name`` in ``precision``."""
+    cells = [
+        r
+        for r in rows
+        if r.get("model") == model_name
+        and r.get("precision") == precision
+        and isinstance(r.get("LeGrad"), float)
+        and isinstance(r.get("forward"), float)
+    ]
+    if not cells:
+        return [f"- goals: no {model_name} {precision} cell measured"]
+    best = max(cells, key=lambda r: r["LeGrad"])
+    rate, share = best["LeGrad"], best["LeGrad"] / best["forward"]
+    return [
+        f"- goal, {model_name} {precision}: LeGrad images/s ÷ forward images/s = {share:.2f} "
+        f"(≥ {GOAL_RATIO}: {'yes' if share >= GOAL_RATIO else 'no'}), {rate:,.0f} images/s "
+        f"(≥ {GOAL_RATE:,.0f}: {'yes' if rate >= GOAL_RATE else 'no'}), at batch {best['batch']}"
+        " (the rate goal is for an H100-class GPU)"
+    ]
+
+
+def size_section(
+    bench: Bench, name: str, dtype: torch.dtype, args: argparse.Namespace
+) -> List[str]:
+    """LeGrad ÷ forward and peak memory above the model against the input size, batch 1."""
+    torch.manual_seed(0)
+    model: Any = timm.create_model(name, pretrained=False, dynamic_img_size=True).eval()
+    model = model.to(device=bench.device, dtype=dtype)
+    patch = int(model.patch_embed.patch_size[0])
+    legrad = LeGrad(model)
+    rows = []
+    for size in args.sizes:
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+        x = x.to(bench.device, dtype)
+
+        def forward(x: Tensor = x) -> object:
+            with torch.no_grad():
+                return model(x)
+
+        def one(x: Tensor = x) -> object:
+            return legrad.attribute(x, target=3)
+
+        def eight(x: Tensor = x) -> object:
+            return legrad.attribute_multi(x, targets=range(8))
+
+        fns: Dict[str, Callable[[], object]] = {"forward": forward, "LeGrad": one}
+        if size == max(args.sizes):
+            fns["LeGrad, 8 targets"] = eight
+        row: Dict[str, Any] = {"size": size, "tokens": (size // patch) ** 2 + 1}
+        live = {}
+        for label, fn in fns.items():
+            try:
+                bench.sync()
+                base = torch.cuda.memory_allocated(bench.device) if bench.cuda else 0
+                peak = bench.peak_gib(fn)
+                row[f"{label}_gib"] = None if peak is None else peak - base / 2**30
+                live[label] = fn
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                row[f"{label}_gib"] = "OOM"
+                bench.free()
+        times = bench.time_round_robin(
+            live, args.warmup, args.max_repeats, args.min_repeats, args.cell_seconds
+        )
+        for label, values in times.items():
+            row[f"{label}_s"] = statistics.median(values)
+        rows.append(row)
+        del x, fns, live
+        bench.free()
+
+    def gib(value: Any) -> str:
+        return value if isinstance(value, str) else fmt_gib(value)
+
+    headers = ["size", "tokens", "forward s", "LeGrad s", "LeGrad ÷ forward"]
+    headers += ["peak GiB above model: forward / LeGrad / LeGrad 8 targets"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        fwd, lg = row.get("forward_s"), row.get("LeGrad_s")
+        ratio_text = f"{lg / fwd:.2f}×" if fwd and lg else "-"
+        peaks = " / ".join(
+            gib(row.get(f"{m}_gib")) for m in ("forward", "LeGrad", "LeGrad, 8 targets")
+        )
+        cells = [f"{row['size']}²", str(row["tokens"])]
+        cells += ["-" if fwd is None else f"{fwd:.4f}", "-" if lg is None else f"{lg:.4f}"]
+        cells += [ratio_text, peaks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [
+        f"## Input size: `{name}` ({SHORT[args.dtype]}), batch 1, all layers, lean route",
+        "",
+        "Goals (issue #11, measured there on CPU): LeGrad ÷ forward ≤ 1.5× at 224², ≤ 1.8× "
+        "at 672²; peak above the model ≤ 1.5 GiB at 896² (1 target), ≤ 4 GiB at 1024² (8 "
+        "targets). Peak: `max_memory_allocated` during the call minus the memory allocated "
+        "before it (model and input).",
+        "",
+        *lines,
     ]
 
 
@@ -303,7 +430,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--models", nargs="+", default=["vit_base_patch16_224", "vit_large_patch14_224"]
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    parser.add_argument(
+        "--explicit-max-batch",
+        type=int,
+        default=8,
+        help="time the explicit route up to this batch (8)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[224, 672, 896, 1024],
+        help="input sizes of the size table (first model, batch 1); none to skip",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument(
         "--autocast",
@@ -321,12 +461,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--smoke",
         action="store_true",
         help="CPU smoke test: --device cpu --models vit_tiny_patch16_224 --batch-sizes 1 2 "
-        "--dtype float32, one round",
+        "--sizes 32 64 --dtype float32, one round",
     )
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.models, args.batch_sizes = "cpu", ["vit_tiny_patch16_224"], [1, 2]
         args.dtype, args.warmup, args.min_repeats, args.max_repeats = "float32", 1, 1, 1
+        args.sizes = [32, 64]
     if args.autocast is None:
         args.autocast = args.device.startswith("cuda")
     return args
@@ -373,8 +514,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             del model
             bench.free()
         del cpu_model
+    extra = goal_lines(rows, args.models[0], SHORT[args.dtype])
+    if args.sizes:
+        extra += ["", *size_section(bench, args.models[0], dtype, args)]
     minutes = (time.perf_counter() - started) / 60
-    text = "\n".join([*lines, table(rows), "", f"Total {minutes:.1f} min."]) + "\n"
+    text = "\n".join([*lines, table(rows), "", *extra, "", f"Total {minutes:.1f} min."]) + "\n"
     print("\n" + text, flush=True)
     out = args.out
     if out is None and os.environ.get("OUT"):

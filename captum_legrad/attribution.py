@@ -29,6 +29,7 @@ from .arguments import (
 )
 from .compute import (
     POOLINGS,
+    ROUTES,
     aggregate_layers,
     empty_prompt_correction,
     grid_mask,
@@ -126,6 +127,13 @@ class LeGrad(GradientAttribution):
                     sizes instead. Models that take any size themselves (timm
                     ``dynamic_img_size=True``) are run as they are either way.
                     Default: True
+        route (str, optional): How the attention gradient is computed: ``"lean"``
+                    from the attention output, ``∂s/∂A = (∂s/∂O)·Vᵀ``, never
+                    materialising the attention matrix (the model's fused attention
+                    runs as it is); ``"explicit"`` computes the probabilities
+                    explicitly and differentiates them. Both give the same maps (to
+                    float rounding); see the design notes for which models use which.
+                    Default: "lean"
 
     Examples::
 
@@ -147,10 +155,13 @@ class LeGrad(GradientAttribution):
         pooling: str = "mean",
         spec: Optional[ViTSpec] = None,
         resize_pos_embed: bool = True,
+        route: str = "lean",
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
@@ -158,6 +169,7 @@ class LeGrad(GradientAttribution):
         self.pooling = pooling
         self.resize_pos_embed = bool(resize_pos_embed)
         self._warned_zero = False
+        self.route = route
 
     @classmethod
     def get_name(cls) -> str:
@@ -238,6 +250,7 @@ class LeGrad(GradientAttribution):
                     tuple(_slice_batch(arg, batch, rows) for arg in args),
                     self.layers,
                     self.pooling,
+                    self.route,
                 )
             full_shape = torch.Size((batch, *result.output_shape[1:]))
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))

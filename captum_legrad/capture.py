@@ -27,6 +27,14 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
 from .hooks import ScopedHooks
+from .lean import (
+    LeanRecorder,
+    Record,
+    leaf,
+    mlp_output_linear,
+    prune_probabilities,
+    token_mean_linear_hook,
+)
 from .spec import ViTSpec
 
 __all__ = [
@@ -36,7 +44,13 @@ __all__ = [
     "record_attention",
     "capture_blocks",
     "Captured",
+    "ROUTES",
 ]
+
+#: How the attention gradient is obtained: ``"lean"`` (from the attention output, the
+#: probabilities never materialised; :mod:`captum_legrad.lean`) or ``"explicit"`` (the
+#: probabilities computed explicitly and differentiated).
+ROUTES = ("lean", "explicit")
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
 
@@ -226,31 +240,42 @@ def _mode_stack_guard() -> Iterator[None]:
 
 @contextmanager
 def record_attention(
-    modules: Sequence[nn.Module], outputs: Sequence[bool] = ()
-) -> Iterator[List[List[Tensor]]]:
-    """Record the attention probabilities each of ``modules`` computes in its forward.
+    modules: Sequence[nn.Module], route: str = "explicit", outputs: Sequence[bool] = ()
+) -> Iterator[List[List[Record]]]:
+    """Record the attention each of ``modules`` computes in its forward.
 
-    ``outputs[i]`` true: module ``i``'s output *is* the attention (``ViTSpec.output_attentions``)
-    and is recorded as it is. Yields one list per module, filled in call order while the
-    context is open.
+    Yields one list per module, filled in call order while the context is open. With
+    ``route="explicit"`` the records are the probabilities (tensors on the graph); with
+    ``route="lean"`` they are :class:`~captum_legrad.lean.LeanRecord` s (attention output
+    as a leaf, and ``V``), or the probabilities as a leaf where an eager implementation
+    uses them otherwise than in one product with ``V``. ``outputs[i]`` true: module
+    ``i``'s output *is* the attention (``ViTSpec.output_attentions``) and is recorded as it
+    is (on the lean route as a leaf that the rest of the block computes from).
     """
-    records: List[List[Tensor]] = [[] for _ in modules]
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
+    records: List[List[Record]] = [[] for _ in modules]
+    recorder_type = LeanRecorder if route == "lean" else AttentionRecorder
     as_output = list(outputs) + [False] * (len(modules) - len(outputs))
 
-    def keep(sink: List[Tensor]) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                sink.append(output)
+    def keep(sink: List[Record]) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not isinstance(output, Tensor):
+                return None
+            if route == "lean":
+                output = leaf(output)  # the rest of the block computes from it
+            sink.append(output)
+            return output
 
         return hook
 
-    def enter(recorder: AttentionRecorder) -> Callable[..., None]:
+    def enter(recorder: TorchFunctionMode) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             recorder.__enter__()
 
         return hook
 
-    def leave(recorder: AttentionRecorder) -> Callable[..., None]:
+    def leave(recorder: TorchFunctionMode) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             recorder.__exit__(None, None, None)
 
@@ -261,7 +286,7 @@ def record_attention(
             if output:
                 hooks.forward(module, keep(sink))
                 continue
-            recorder = AttentionRecorder(sink)
+            recorder = recorder_type(sink)  # type: ignore[arg-type]
             hooks.forward_pre(module, enter(recorder))
             hooks.forward(module, leave(recorder), always_call=True)
         yield records
@@ -277,12 +302,17 @@ class Captured:
     """
 
     tokens: List[Tensor] = field(default_factory=list)
-    attentions: List[List[Tensor]] = field(default_factory=list)
+    attentions: List[List[Record]] = field(default_factory=list)
 
 
 @contextmanager
 def capture_blocks(
-    spec: ViTSpec, layers: Sequence[int], *, differentiable: bool
+    spec: ViTSpec,
+    layers: Sequence[int],
+    *,
+    differentiable: bool,
+    route: str = "explicit",
+    token_mean_readout: bool = False,
 ) -> Iterator[Captured]:
     """Hook ``spec``'s blocks for one forward and collect ``Z^l`` (and ``A^l``).
 
@@ -291,7 +321,15 @@ def capture_blocks(
     ``detach().requires_grad_()``, so ``∂Z^l/∂A^m = 0`` for ``m ≠ l`` and earlier
     blocks build no graph at all. Block outputs are never changed, so the model
     computes what it always computes.
+
+    With ``route="lean"`` a selected block runs without gradients up to its attention
+    call, whose output becomes the leaf the block's graph starts from
+    (:class:`~captum_legrad.lean.LeanRecorder`); the cut input then needs no grad. If
+    also ``token_mean_readout`` (the scores depend on each ``Z^l`` only through its mean
+    over tokens), the backward through each known block's last MLP linear takes one row
+    per sample (:func:`~captum_legrad.lean.token_mean_linear_hook`).
     """
+    lean = route == "lean"
     selected = {layer: slot for slot, layer in enumerate(layers)}
     captured = Captured(tokens=[torch.empty(0)] * len(layers))
     seen = [False] * len(layers)
@@ -302,11 +340,12 @@ def capture_blocks(
     def block_pre_hook(layer: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
             differentiate = differentiable and layer in selected
-            torch.set_grad_enabled(differentiate)
+            torch.set_grad_enabled(differentiate and not lean)
             if not differentiate:
                 return None
             tokens = spec.tokens
-            cut = tokens.get(args, kwargs).detach().requires_grad_()
+            value = tokens.get(args, kwargs)
+            cut = value.detach() if lean else value.detach().requires_grad_()
             return tokens.replace(args, kwargs, cut)
 
         return hook
@@ -320,6 +359,8 @@ def capture_blocks(
                 tokens = tokens.transpose(0, 1)
             captured.tokens[slot] = tokens if differentiable else tokens.detach()
             seen[slot] = True
+            if lean and differentiable:
+                prune_probabilities(captured.attentions[slot], [tokens])
 
         return hook
 
@@ -328,12 +369,15 @@ def capture_blocks(
 
     attention_modules = [spec.attentions[layer] for layer in layers] if differentiable else []
     outputs = [layer in spec.output_attentions for layer in layers]
-    with record_attention(attention_modules, outputs) as records, ScopedHooks() as hooks:
+    with record_attention(attention_modules, route, outputs) as records, ScopedHooks() as hooks:
         hooks.forward_pre(spec.root, root_pre_hook)
         for index, block in enumerate(spec.blocks):
             hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)
             if index in selected:
                 hooks.forward(block, block_hook(index))
+                linear = mlp_output_linear(block) if lean and token_mean_readout else None
+                if linear is not None and differentiable:
+                    hooks.forward(linear, token_mean_linear_hook(1 if spec.batch_first else 0))
             hooks.forward(block, block_post_hook)
         captured.attentions = records
         yield captured

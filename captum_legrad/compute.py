@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .capture import capture_blocks, record_attention
+from .capture import ROUTES, capture_blocks, record_attention
 from .errors import CaptureError
+from .lean import LeanRecord, Record, prune_probabilities, reduce_lean
 from .spec import PatchLayout, ViTSpec
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "minmax_normalize",
     "empty_prompt_correction",
     "POOLINGS",
+    "ROUTES",
 ]
 
 #: Readouts for the per-layer score: the paper's mean over tokens, or the model's own.
@@ -54,7 +56,7 @@ class ForwardResult:
     def __init__(
         self,
         scores: Tensor,
-        attentions: List[Tensor],
+        attentions: List[Record],
         per_layer_batch: bool,
         layout: PatchLayout,
         layouts: Optional[List[PatchLayout]] = None,
@@ -63,8 +65,9 @@ class ForwardResult:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
         self.scores = scores
-        #: Differentiated attentions: one ``(B, H, Q, N_k)`` tensor per layer, or a single
-        #: ``(L·B, H, Q, N_k)`` tensor for attention-pool readouts.
+        #: Differentiated attentions, one record per layer, or a single one for
+        #: attention-pool readouts (whose batch is ``L·B``): the probabilities ``(B, H, Q,
+        #: N_k)`` (explicit route), or a :class:`~captum_legrad.lean.LeanRecord`.
         self.attentions = attentions
         self.per_layer_batch = per_layer_batch
         #: Where the patches are among the attentions' keys.
@@ -82,7 +85,7 @@ class ForwardResult:
         return self.scores.shape[1:]
 
 
-def _single_record(records: List[Tensor], where: str) -> Tensor:
+def _single_record(records: List[Record], where: str) -> Record:
     if len(records) != 1:
         what = "no" if not records else f"{len(records)}"
         raise CaptureError(
@@ -101,11 +104,24 @@ def run_forward(
     additional_forward_args: Tuple[Any, ...],
     layers: Sequence[int],
     pooling: str,
+    route: str = "lean",
 ) -> ForwardResult:
-    """One forward with capture, then the per-layer readout, ready to differentiate."""
+    """One forward with capture, then the per-layer readout, ready to differentiate.
+
+    ``route`` (:data:`ROUTES`): ``"lean"`` records attention outputs and values (the
+    probabilities are never materialised), ``"explicit"`` the probabilities.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
     pooled_attention = spec.pool_attention is not None
     with torch.enable_grad():
-        with capture_blocks(spec, layers, differentiable=not pooled_attention) as captured:
+        with capture_blocks(
+            spec,
+            layers,
+            differentiable=not pooled_attention,
+            route=route,
+            token_mean_readout=pooling == "mean" and spec.token_mean_readout,
+        ) as captured:
             # The output itself is not needed: scores come from the readout of each layer
             # (models returning ModelOutput objects are fine).
             forward_func(*inputs, *additional_forward_args)
@@ -116,24 +132,31 @@ def run_forward(
     with torch.enable_grad():
         if pooled_attention:
             assert spec.pool_attention is not None
-            tokens = torch.cat(captured.tokens).requires_grad_()
-            with record_attention([spec.pool_attention]) as records:
+            tokens = torch.cat(captured.tokens)
+            if route == "explicit":
+                tokens.requires_grad_()
+            with record_attention([spec.pool_attention], route) as records:
                 scores = readout(tokens, *extra)
+            prune_probabilities(records[0], [scores])
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
         else:
             per_layer = captured.tokens
-            if all(t.shape[1:] == per_layer[0].shape[1:] for t in per_layer):
-                scores = readout(torch.cat(per_layer), *extra)
-            else:  # layers differ in their tokens (ConViT, CaiT: the class token joins late)
+            if route == "lean" or any(t.shape[1:] != per_layer[0].shape[1:] for t in per_layer):
+                # One readout per layer: no stacked copy of every layer's tokens (memory), and
+                # layers may differ in their tokens (ConViT, CaiT: the class token joins late).
                 one = spec.extra_readout_inputs(arguments, batch)
-                scores = torch.cat([readout(t, *one) for t in per_layer])
+                scores = torch.cat([readout(tokens, *one) for tokens in per_layer])
+                captured.tokens.clear()
+            else:
+                scores = readout(torch.cat(per_layer), *extra)
             attentions = [
                 _single_record(records, f"block {layer} ({type(spec.attentions[layer]).__name__})")
                 for layer, records in zip(layers, captured.attentions)
             ]
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    by_keys = {n: spec.patch_layout(arguments, n) for n in {a.shape[-1] for a in attentions}}
-    layouts = [by_keys[a.shape[-1]] for a in attentions] * (n_layers if pooled_attention else 1)
+    keys = [_n_keys(a) for a in attentions]
+    by_keys = {n: spec.patch_layout(arguments, n) for n in set(keys)}
+    layouts = [by_keys[n] for n in keys] * (n_layers if pooled_attention else 1)
     rows = None if spec.score_rows is None or pooled_attention else spec.score_rows(inputs)
     return ForwardResult(
         scores,
@@ -143,6 +166,11 @@ def run_forward(
         layouts=layouts,
         score_rows=rows,
     )
+
+
+def _n_keys(record: Record) -> int:
+    """The number of attention keys of a record (``V``'s tokens on the lean route)."""
+    return int(record.value.shape[-2] if isinstance(record, LeanRecord) else record.shape[-1])
 
 
 def _select(scores: Tensor, index: TargetIndex) -> Tensor:
@@ -172,26 +200,63 @@ def _split_heads(grad: Tensor, rows: int, batched: bool) -> Tensor:
     return grad
 
 
+def _reduce_record(
+    grad: Tensor,
+    record: Record,
+    rows: int,
+    batched: bool,
+    query: Optional[int],
+    extra: Optional[Tensor] = None,
+) -> Tensor:
+    """The gradient w.r.t. one record → ``(k, rows, N_k)`` (``k = 1`` unless ``batched``).
+
+    ``extra``: for a lean record of eager attention, the gradient that reached its
+    probabilities directly.
+    """
+    if isinstance(record, LeanRecord):
+        flat = grad.dim() == (4 if batched else 3)  # heads flattened into the batch
+        reduced = reduce_lean(grad, record.value, query, rows if flat else None, extra=extra)
+    else:
+        reduced = _reduce(_split_heads(grad, rows, batched), query)
+    return reduced if batched else reduced.unsqueeze(0)
+
+
 def _target_keys(
     selected: Tensor, result: ForwardResult, query: Optional[int], retain: bool
 ) -> List[Tensor]:
     """One backward for the ``k`` targets in ``selected`` (L, B, k) → per layer ``(k, B, N_k)``."""
     n_layers, batch, k = selected.shape
     rows = n_layers * batch if result.per_layer_batch else batch
+    inputs = [r.output if isinstance(r, LeanRecord) else r for r in result.attentions]
+    # Eager attention whose probabilities something else used too: their direct gradient.
+    direct: List[Tuple[int, Tensor]] = []
+    for i, record in enumerate(result.attentions):
+        probs = record.probabilities if isinstance(record, LeanRecord) else None
+        if probs is not None:
+            direct.append((i, probs))
+    inputs += [p for _, p in direct]
     with torch.enable_grad():
         if k == 1:
-            grads = torch.autograd.grad(selected.sum(), result.attentions, retain_graph=retain)
-            reduced = [_reduce(_split_heads(g, rows, False), query).unsqueeze(0) for g in grads]
+            grads = torch.autograd.grad(
+                selected.sum(), inputs, retain_graph=retain, allow_unused=bool(direct)
+            )
         else:
             eye = torch.eye(k, dtype=selected.dtype, device=selected.device)
             grads = torch.autograd.grad(
                 selected,
-                result.attentions,
+                inputs,
                 grad_outputs=eye.view(k, 1, 1, k).expand(k, n_layers, batch, k),
                 retain_graph=retain,
                 is_grads_batched=True,
+                allow_unused=bool(direct),
             )
-            reduced = [_reduce(_split_heads(g, rows, True), query) for g in grads]
+    extras: List[Optional[Tensor]] = [None] * len(result.attentions)
+    for (i, _), g in zip(direct, grads[len(result.attentions) :]):
+        extras[i] = g
+    reduced = [
+        _reduce_record(g, r, rows, k > 1, query, e)
+        for g, r, e in zip(grads, result.attentions, extras)
+    ]
     if result.per_layer_batch:
         return list(reduced[0].view(k, n_layers, batch, -1).unbind(1))  # (k, L·B, N_k)
     return reduced
@@ -201,6 +266,8 @@ def _distinct_rows(result: ForwardResult, index: TargetIndex) -> Optional[Tensor
     """``(B, K)`` query rows of the targets if every sample's targets lie on distinct rows."""
     if result.score_rows is None or len(index) != 1:
         return None
+    if any(isinstance(r, LeanRecord) and r.probabilities is not None for r in result.attentions):
+        return None  # eager probabilities used besides their product with V: general path
     rows = result.score_rows.to(index[0].device).gather(1, index[0])
     ordered = rows.sort(dim=1).values
     if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
@@ -213,18 +280,26 @@ def _row_keys(selected: Tensor, result: ForwardResult, rows: Tensor) -> Tensor:
 
     Target ``k`` depends on ``A^l`` only through row ``rows[:, k]``, so the gradient of the
     summed targets holds each target's own gradient in its row (zeros elsewhere): the mean
-    over heads and query rows of its ReLU is that row's ReLU summed over heads ÷ (H·Q).
+    over heads and query rows of its ReLU is that row's ReLU summed over heads ÷ (H·Q). On
+    the lean route the row of ``∂s/∂A`` is the row of ``∂s/∂O`` times ``Vᵀ``.
     """
     batch = rows.shape[0]
+    inputs = [r.output if isinstance(r, LeanRecord) else r for r in result.attentions]
     with torch.enable_grad():
-        grads = torch.autograd.grad(selected.sum(), result.attentions)
+        grads = torch.autograd.grad(selected.sum(), inputs)
     reduced = []
-    for grad in grads:
-        grad = _split_heads(grad, batch, False)  # (B, H, Q, N_k)
-        heads, n_q, n_k = grad.shape[-3:]
-        where = rows.to(grad.device)[:, None, :, None].expand(-1, heads, -1, n_k)
-        picked = grad.gather(-2, where).clamp(min=0).float()  # (B, H, K, N_k)
-        reduced.append((picked.sum(dim=1) / (heads * n_q)).transpose(0, 1))  # (K, B, N_k)
+    for grad, record in zip(grads, result.attentions):
+        grad = _split_heads(grad, batch, False)  # (B, H, Q, N_k) or, lean, (B, H, Q, d)
+        heads, n_q, width = grad.shape[-3:]
+        where = rows.to(grad.device)[:, None, :, None].expand(-1, heads, -1, width)
+        picked = grad.gather(-2, where)  # (B, H, K, ·)
+        if isinstance(record, LeanRecord):
+            # (K, B, H, 1, d) rows of dO → (K, B, N_k), mean over one query row → over all Q
+            per_row = picked.permute(2, 0, 1, 3).unsqueeze(-2)
+            reduced.append(reduce_lean(per_row, record.value) / n_q)
+        else:
+            total = picked.clamp(min=0).float().sum(dim=1) / (heads * n_q)  # (B, K, N_k)
+            reduced.append(total.transpose(0, 1))  # (K, B, N_k)
     return torch.stack(reduced, dim=1)
 
 

@@ -305,6 +305,11 @@ class ViTSpec:
             operation after the attention is per token). Targets on distinct rows then
             share one backward (each target's gradient is its own row of the summed
             gradient). Default None: one batched backward over the targets.
+        token_mean_readout: The ``pooling="mean"`` readout reads each ``Z^l`` only through
+            its mean over all tokens (the adapters' mean readouts). Every token's gradient
+            is then the same, and the lean route's backward through a known block's last
+            MLP linear takes one row per sample. Default False (no assumption); it does
+            not apply with ``pool_attention`` or ``readout_inputs``.
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -331,6 +336,7 @@ class ViTSpec:
     readout_inputs: Optional[Callable[[Tuple[Any, ...]], Tuple[Any, ...]]] = None
     patch_inputs: bool = False
     output_attentions: FrozenSet[int] = frozenset()
+    token_mean_readout: bool = False
     score_rows: Optional[ScoreRowRule] = None
 
     def __post_init__(self) -> None:
@@ -378,6 +384,8 @@ class ViTSpec:
                 "ViTSpec.patch_inputs needs a layout rule: patch sequences carry no image "
                 "size, so the grid of each sample must come from the layout."
             )
+        if self.pool_attention is not None or self.readout_inputs is not None:
+            object.__setattr__(self, "token_mean_readout", False)
         if self.token_input is None:
             object.__setattr__(self, "token_input", TokenInput.of(self.blocks[0]))
         outside = sorted(i for i in self.output_attentions if not 0 <= i < len(self.blocks))

@@ -121,7 +121,7 @@ def test_no_side_effects_when_the_call_raises(where: str, monkeypatch, images) -
     else:  # after the forward, inside the backward stage
         import captum_legrad.compute as compute
 
-        monkeypatch.setattr(compute, "_reduce", _raise)
+        monkeypatch.setattr(compute, "_reduce_record", _raise)
     try:
         with pytest.raises(RuntimeError, match="injected failure"):
             legrad.attribute(images(2), target=1)

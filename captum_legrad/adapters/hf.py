@@ -211,6 +211,7 @@ def _spec(
 
     return ViTSpec(
         family="hf",
+        token_mean_readout=True,
         root=root,
         blocks=blocks,
         attentions=tuple(_attention(block, attention_name) for block in blocks),

@@ -112,6 +112,7 @@ def _vit_spec(visual: Any) -> ViTSpec:
 
     return ViTSpec(
         family="open_clip",
+        token_mean_readout=attn_pool is None,
         root=visual,
         blocks=blocks,
         attentions=tuple(block.attn for block in blocks),

@@ -135,6 +135,7 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
 
     return ViTSpec(
         family="timm",
+        token_mean_readout=attn_pool is None,
         root=vit,
         blocks=blocks,
         attentions=attentions,

@@ -47,6 +47,7 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
 
     return ViTSpec(
         family="torchvision",
+        token_mean_readout=True,
         root=vit,
         blocks=blocks,
         attentions=tuple(block.self_attention for block in blocks),

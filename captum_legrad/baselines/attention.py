@@ -124,6 +124,7 @@ class _ViTBaseline(GradientAttribution):
                 raise CaptureError(
                     f"Expected one attention computation in block {layer}, saw {len(found)}."
                 )
+            assert isinstance(found[0], Tensor)  # the explicit route records probabilities
             attentions.append(found[0])
         return output, attentions
 
