@@ -222,5 +222,7 @@ def test_non_vit_timm_towers_are_refused(name: str) -> None:
     config.pop("custom_text", None)
     with tiny_timm():
         model = open_clip.CustomTextCLIP(**config).eval()
-    with pytest.raises(UnsupportedModelError, match="Vision Transformer"):
+    # The timm adapter refuses the trunk with its reason (what LeGrad needs, and ViTSpec).
+    with pytest.raises(UnsupportedModelError, match="cannot be explained by LeGrad") as info:
         LeGrad(model)
+    assert "global over the patch tokens" in str(info.value) and "ViTSpec" in str(info.value)

@@ -332,7 +332,7 @@ def test_nothing_changes_when_a_resized_call_raises(where: str, monkeypatch) -> 
     else:
         import captum_legrad.compute as compute
 
-        monkeypatch.setattr(compute, "_reduce", _raise)
+        monkeypatch.setattr(compute, "_reduce_record", _raise)
     try:
         with pytest.raises(RuntimeError, match="injected failure"):
             LeGrad(sim).attribute(torch.randn(1, 3, 64, 64), target=1)
