@@ -363,8 +363,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     try:
         loaded = _load(args)
-        if not args.quiet:
-            print(f"model {args.model}: weights {loaded.weights}", file=sys.stderr)
         bar = progress_bar(len(files), "explain: photos", disable=args.quiet or len(files) == 1)
         results = explain_photos(
             loaded,
@@ -384,6 +382,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except BaseException:
         out.cleanup()
         raise
+    print(f"model {args.model}, weights: {loaded.weights}")
     print("\n".join(summary_lines(results, args.out)))
     return 0
 
@@ -560,7 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``captum-legrad``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, reported in one line)
+        return int(stop.code or 0)
     try:
         with _user_errors():
             code: int = args.func(args)

@@ -152,7 +152,9 @@ def load_weights(path: Path) -> Dict[str, Tensor]:
             ) from error
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4"
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:  # the unpickler's errors vary by torch version
             text = _ANSI.sub("", str(error))
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -276,6 +278,8 @@ def _source(weights: Optional[Path], random_weights: bool, pretrained: str) -> T
 def _spatial_size(value: Any) -> Tuple[int, int]:
     """``(H, W)``: the last two entries of a size such as ``(3, H, W)``, or ``(s, s)``."""
     if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return int(value[0]), int(value[0])
         return int(value[-2]), int(value[-1])
     return int(value), int(value)
 
@@ -393,6 +397,16 @@ def load_timm(
     )
 
 
+def _open_clip_view(cfg: Dict[str, Any]) -> View:
+    """The geometry of OpenCLIP's evaluation preprocess (``preprocess_cfg``)."""
+    size = _spatial_size(cfg.get("size", 224))
+    mode = cfg.get("resize_mode") or "shortest"
+    if mode == "squash":
+        return View(crop=size, resize="exact", size=size)
+    edge = max(size) if mode == "longest" else min(size)
+    return View(crop=size, resize=mode, size=(edge, edge))
+
+
 def load_open_clip(
     name: str,
     weights: Optional[Path],
@@ -440,16 +454,7 @@ def load_open_clip(
     visual: Any = model.visual
     cfg = getattr(visual, "preprocess_cfg", {}) or {}
     size = _spatial_size(cfg.get("size", getattr(visual, "image_size", 224)))
-    mode = cfg.get("resize_mode", "shortest")
-    view = View(
-        crop=size,
-        resize="exact" if mode == "squash" else mode,
-        size=size
-        if mode == "squash"
-        else (max(size), max(size))
-        if mode == "longest"
-        else (min(size), min(size)),
-    )
+    view = _open_clip_view(cfg)
 
     def with_prompts(prompts: Sequence[str]) -> nn.Module:
         from ..text import ImageTextSimilarity
