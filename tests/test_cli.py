@@ -28,7 +28,7 @@ behind (the same table is in docs/cli.md):
 | checkpoint of another architecture | do not fit ... missing ... |
 | --model default with another model's weights | do not fit --model default |
 | --device cuda without a GPU | no CUDA GPU is available |
-| pretrained weights, hub unreachable / HF_HUB_OFFLINE=1 | cannot load the pretrained weights ... --weights FILE |
+| pretrained weights, hub unreachable or offline | cannot load the pretrained weights |
 | open_clip name without a tag or weights | names no weights |
 | eval: unwritable --out (before any evaluation) | is a file, not a folder |
 """
@@ -213,9 +213,7 @@ def test_explain_top_k_and_labels(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 0, err
     logits = load_default_model()(normalize(image)[None])[0]
     order = [["ball", "box", "wedge", "plus", "donut"][int(i)] for i in logits.topk(3).indices]
-    assert sorted(p.stem for p in (tmp_path / "o").glob("*.npy")) == sorted(
-        f"s_{n}" for n in order
-    )
+    assert sorted(p.stem for p in (tmp_path / "o").glob("*.npy")) == sorted(f"s_{n}" for n in order)
     assert stdout.splitlines()[0] == "model default, weights: bundled"
     shown = stdout.splitlines()[1]
     assert shown.index(order[0]) < shown.index(order[1]) < shown.index(order[2])
@@ -224,9 +222,7 @@ def test_explain_top_k_and_labels(tmp_path: Path, capsys: pytest.CaptureFixture[
 # --------------------------------------------------------------------------- weights by name
 
 
-def test_timm_pretrained_weights_by_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_timm_pretrained_weights_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """timm:NAME loads timm's pretrained weights: the hub download returns a local file here."""
     from safetensors.torch import save_file
 
@@ -402,6 +398,7 @@ def test_explain_torchvision_matches_direct_call(
     expected = LeGrad(tiny.eval()).attribute(x, target=2, output="map")[0, 0].numpy()
     assert float(expected.max()) == 1.0  # a real map, not the zero map of a zero head
     saved = np.load(tmp_path / "x_class_2.npy")
+    assert (tmp_path / "x_legrad.png").is_file()  # --out is the photo's folder: not overwritten
     np.testing.assert_allclose(saved, project_by_hand(expected, (32, 32), (37, 37), (2, 2)),
                                atol=1e-5)  # fmt: skip
 

@@ -70,7 +70,7 @@ def test_timm_view_is_timms_transform(crop_mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["shortest", "squash"])
 def test_open_clip_view_is_open_clips_preprocess(mode: str) -> None:
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from captum_legrad.eval.models import _open_clip_view
 
     cfg = {"size": (224, 224), "mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": mode}
@@ -147,7 +147,10 @@ def test_output_folder_checks_and_cleans_up(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="cannot create"):
         OutputFolder(tmp_path / "file" / "sub")
     folder = OutputFolder(tmp_path / "a" / "b")
-    assert (tmp_path / "a" / "b").is_dir() and folder.created == [tmp_path / "a", tmp_path / "a" / "b"]
+    assert (tmp_path / "a" / "b").is_dir() and folder.created == [
+        tmp_path / "a",
+        tmp_path / "a" / "b",
+    ]
     folder.cleanup()
     assert not (tmp_path / "a").exists()
     kept = OutputFolder(tmp_path / "c")
@@ -191,7 +194,9 @@ def test_plot_curves_legend_covers_no_curve_and_methods_have_a_colour_bar() -> N
     from captum_legrad import viz
 
     fractions = [0.0, 0.5, 0.9]
-    curves = {name: (torch.tensor([1.0, 0.5, 0.1]), torch.tensor([1.0, 0.9, 0.8])) for name in "ABC"}
+    curves = {
+        name: (torch.tensor([1.0, 0.5, 0.1]), torch.tensor([1.0, 0.9, 0.8])) for name in "ABC"
+    }
     fig = viz.plot_curves(fractions, curves, title="Perturbation curves")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

@@ -276,6 +276,7 @@ def explain_photos(
         warn("the model has random weights: its maps and scores show nothing learned")
     view = loaded.preprocessing()
     names_of = photo_names(files)
+    inputs = {path.resolve() for path in files}
     taken: set = set()
     fixed: Optional[List[int]] = None
     results: List[PhotoResult] = []
@@ -335,6 +336,8 @@ def explain_photos(
         ]
         figure = viz.plot_photo(photo, projected, titles, suptitle=f"{path.name}: LeGrad")
         figure_name = unique_name(base, taken) + f".{fmt}"
+        while (out.path / figure_name).resolve() in inputs:  # never overwrite a photo
+            figure_name = unique_name(f"{base}_legrad", taken) + f".{fmt}"
         result.files.append(out.save_figure(figure_name, figure, fmt))
         results.append(result)
         progress(1)

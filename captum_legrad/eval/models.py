@@ -359,23 +359,24 @@ def load_timm(
     kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     pretrained = weights is None and not random_weights
     spec = f"timm:{name}"
+    if not name.startswith("hf-hub:") and not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
     try:
         with _quiet():
-            model = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as error:  # timm: "Unknown model (...)"
-        raise ModelError(f"unknown timm model {name!r}: {_one_line(str(error))}") from error
-    if pretrained:
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        if not any(cfg.get(k) for k in ("hf_hub_id", "url", "file")):
-            raise ModelError(
-                f"timm has no pretrained weights for {name}: pass --weights FILE or "
-                "--random-weights"
-            )
-        try:
-            with _quiet():
-                model = timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as error:  # hub errors: LocalEntryNotFoundError, URLError, ...
-            raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:  # timm: "Unknown model (...)", or a download error
+        if "Unknown model" in str(error) or not pretrained:
+            raise ModelError(f"unknown timm model {name!r}: {_one_line(str(error))}") from error
+        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+    except Exception as error:  # hub errors: LocalEntryNotFoundError, URLError, ...
+        if not pretrained:
+            raise
+        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    if pretrained and not any(cfg.get(k) for k in ("hf_hub_id", "url", "file", "state_dict")):
+        raise ModelError(
+            f"timm has no pretrained weights for {name}: pass --weights FILE or --random-weights"
+        )
     _load_into(model, weights, spec)
     model.eval()
     from timm.data import create_transform, resolve_data_config
