@@ -484,7 +484,7 @@ def plot_methods(
     cmap: str = "jet",
     panel_size: float = 1.8,
     title: Optional[str] = None,
-    colorbar: bool = True,
+    colorbar: bool = False,
     save: Optional[PathLike] = None,
     dpi: int = 100,
 ) -> Figure:
@@ -516,8 +516,9 @@ def plot_methods(
                     Default: 1.8
         title (str, optional): The figure's title.
                     Default: None
-        colorbar (bool, optional): Add one colour bar for all maps.
-                    Default: True
+        colorbar (bool, optional): Add one colour bar for all maps (right of the panels;
+                    it adds one axes to ``fig.axes``).
+                    Default: False
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.

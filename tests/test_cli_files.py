@@ -208,7 +208,9 @@ def test_plot_curves_legend_covers_no_curve_and_methods_have_a_colour_bar() -> N
         assert not legend.overlaps(ax.get_window_extent(renderer))
     assert fig.get_suptitle() == "Perturbation curves"
     maps = {"LeGrad": torch.rand(2, 8, 8), "GAE": torch.rand(2, 8, 8) * 100}
-    fig = viz.plot_methods(torch.rand(2, 3, 8, 8), maps, ["a", "b"], title="Examples")
+    fig = viz.plot_methods(
+        torch.rand(2, 3, 8, 8), maps, ["a", "b"], title="Examples", colorbar=True
+    )
     assert fig.get_suptitle() == "Examples"
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == 1

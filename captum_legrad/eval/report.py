@@ -102,6 +102,7 @@ def save_examples(
         mean=torch.tensor(loaded.mean),
         std=torch.tensor(loaded.std),
         title=title,
+        colorbar=True,
     )
     _save(figure, path)
     return True
