@@ -194,7 +194,7 @@ class LeGrad(GradientAttribution):
         batch = image.shape[0]
         step = batch if internal_batch_size is None else internal_batch_size
         # A compiled or data-parallel model is explained through the module it wraps, eagerly.
-        forward: Callable[..., Any] = unwrap(self.forward_func)  # type: ignore[assignment]
+        forward: Callable[..., Any] = unwrap(self.forward_func)
         image_forward = self.spec.image_forward
         if image_forward is not None and getattr(image_forward, "__self__", None) is forward:
             forward = image_forward  # e.g. HF CLIPModel, whose forward takes text first

@@ -1,4 +1,4 @@
-"""The ``captum-legrad`` command line: ``demo``, ``explain`` and ``eval``.
+"""The ``captum-legrad`` command line: ``demo``, ``explain``, ``eval`` and ``app``.
 
     captum-legrad demo --out out/demo
     captum-legrad explain cat.jpg --model timm:vit_base_patch16_224 --out out/explain
@@ -387,6 +387,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """``captum-legrad app``: the interactive explorer in the browser."""
+    from .app import ExplorerError, launch
+
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(
+            f"captum-legrad: the explorer will be reachable from other machines on {args.host}",
+            file=sys.stderr,
+        )
+    try:
+        launch(args.model, args.weights, host=args.host, port=args.port)
+    except (ExplorerError, ImportError) as error:
+        raise CLIError(str(error)) from error
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -510,6 +526,22 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", type=Path, required=True, help="output folder")
     explain.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     explain.set_defaults(func=cmd_explain)
+
+    explorer = sub.add_parser(
+        "app",
+        help="the interactive LeGrad explorer in the browser (Gradio, app extra)",
+        description="Upload photos, pick classes or prompts, see LeGrad's maps (docs/app.md).",
+        formatter_class=_Formatter,
+    )
+    explorer.add_argument("--model", default="default", help=model_help)
+    explorer.add_argument(
+        "--weights", type=Path, help="local weights (.safetensors or a torch.save state dict)"
+    )
+    explorer.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 makes it public"
+    )
+    explorer.add_argument("--port", type=int, help="port (default: the first free from 7860)")
+    explorer.set_defaults(func=cmd_app)
 
     ev = sub.add_parser(
         "eval",

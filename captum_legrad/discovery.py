@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections import deque
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from torch import nn
 
@@ -20,10 +20,15 @@ from .errors import UnsupportedModelError
 from .families import FAMILIES
 from .spec import DescribesViT, ViTSpec
 
-__all__ = ["discover", "match_model", "supported_families", "unwrap"]
+__all__ = ["discover", "match_model", "supported_families", "unwrap", "is_compiled"]
 
 
-def unwrap(model: object) -> object:
+def is_compiled(module: object) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return isinstance(module, nn.Module) and type(module).__name__ == "OptimizedModule"
+
+
+def unwrap(model: Any) -> Any:
     """The module a wrapper runs: ``nn.DataParallel`` / ``DistributedDataParallel``
     (``.module``) and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``), repeatedly.
     Anything else is returned as it is."""
@@ -31,7 +36,7 @@ def unwrap(model: object) -> object:
         inner = None
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = model.module
-        elif type(model).__name__ == "OptimizedModule":
+        elif is_compiled(model):
             inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
@@ -62,9 +67,12 @@ def discover(model: object) -> ViTSpec:
     """Find the Vision Transformer in ``model`` and describe it as a :class:`ViTSpec`.
 
     Wrappers (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``) are
-    looked through. The model itself is tried first, then its submodules breadth-first, so
-    a wrapper such as ``nn.Sequential(normalize, vit)`` is recognised too (the scores
-    LeGrad differentiates then come from the inner ViT's head).
+    looked through: LeGrad then runs the module they wrap, eagerly, in the calling thread
+    (``docs/design.md``, "Threads, processes and compiled models"). A compiled *submodule*
+    is refused, since the model's own forward would run it compiled. The model itself is
+    tried first, then its submodules breadth-first, so a wrapper such as
+    ``nn.Sequential(normalize, vit)`` is recognised too (the scores LeGrad differentiates
+    then come from the inner ViT's head).
 
     Args:
         model: A supported ViT (see the model-family table in the documentation), or a
@@ -93,6 +101,13 @@ def discover(model: object) -> ViTSpec:
             f"{type(model).__name__}. Pass the model itself (not a function), or describe "
             "it with spec=ViTSpec(...)."
         )
+    for name, module in model.named_modules():
+        if name and is_compiled(module):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} contains a torch.compile'd module ({name}); LeGrad runs "
+                f"models eagerly and cannot look inside it: pass the uncompiled model (the "
+                f"compiled one's ._orig_mod), or torch.compile the whole model instead."
+            )
     spec = match_model(model)
     if spec is not None:
         return spec

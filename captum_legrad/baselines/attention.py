@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..arguments import check_image, check_output, resolve_layer
 from ..capture import record_attention
 from ..compute import upsample
-from ..discovery import discover
+from ..discovery import discover, unwrap
 from ..errors import CaptureError
 from ..hooks import ScopedHooks
 from ..spec import ViTSpec
@@ -87,7 +87,7 @@ class _ViTBaseline(GradientAttribution):
         """Run the model once, returning its output and ``A^l`` (B, H, N, N) of ``layers``."""
         modules = [self.spec.attentions[layer] for layer in layers]
         with torch.set_grad_enabled(differentiable), record_attention(modules) as records:
-            output = self.forward_func(image, *args)
+            output = unwrap(self.forward_func)(image, *args)
         attentions = []
         for layer, found in zip(layers, records):
             if len(found) != 1:
@@ -362,7 +362,7 @@ class ViTGradCAM(_ViTBaseline):
         image = inputs.detach().requires_grad_()
         with ScopedHooks() as hooks, torch.enable_grad():
             hooks.forward_pre(self.spec.blocks[self.layer], keep, with_kwargs=True)
-            out = self.forward_func(image, *args)
+            out = unwrap(self.forward_func)(image, *args)
             scores = self._scores(out, target)
             tokens = kept["tokens"]
             (grad,) = torch.autograd.grad(scores.sum(), tokens)
