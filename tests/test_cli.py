@@ -57,6 +57,35 @@ from captum_legrad.eval.datasets import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
+_LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Offline, with an empty hub cache, and any attempt to reach another host fails.
+
+    ``HF_HUB_OFFLINE=1`` from conftest.py does not reach huggingface_hub when it was
+    imported before conftest ran (its constant is read at import), so it is set here too.
+    """
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    resolve, connect = socket.getaddrinfo, socket.socket.connect
+
+    def local_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in _LOCAL and host is not None:
+            raise AssertionError(f"a test tried to reach the network: {host}")
+        return resolve(host, *args, **kwargs)
+
+    def connect_local(self: socket.socket, address: Any) -> Any:
+        if isinstance(address, tuple) and address[0] not in _LOCAL:
+            raise AssertionError(f"a test tried to reach the network: {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    monkeypatch.setattr(socket.socket, "connect", connect_local)
 
 
 def save_png(path: Path, image: torch.Tensor) -> None:
