@@ -148,17 +148,6 @@ def _normalise(maps: Tensor) -> Tensor:
     return out.view_as(maps)
 
 
-def _read_image(path: Union[str, Path]) -> Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as handle:
-            array = np.asarray(handle.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ExplorerError(f"{Path(path).name} is not an image this page can read.") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 class Explorer:
     r"""The explorer's work, without the page: preprocess, predict, explain, draw, save.
 
@@ -193,18 +182,27 @@ class Explorer:
     # ------------------------------------------------------------------ inputs
 
     def _images(self, files: Sequence[Union[str, Path]]) -> Tuple[List[str], Tensor, Tensor]:
+        """Names, the pictures as the model sees them (``[0, 1]``, resized and centre-cropped
+        as its preprocessing does) and the model's inputs (its own preprocessing)."""
+        from PIL import Image, UnidentifiedImageError
+
         if not files:
             raise ExplorerError("Upload an image first (or pick an example).")
-        names, pictures = [], []
+        names, pictures, inputs = [], [], []
         for file in files:
-            image = _read_image(file)
-            resized = torch.nn.functional.interpolate(
-                image[None], size=self.loaded.image_size, mode="bilinear", antialias=True
-            )[0].clamp(0, 1)
+            try:
+                with Image.open(file) as handle:
+                    photo = handle.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError) as error:
+                raise ExplorerError(
+                    f"{Path(file).name} is not an image this page can read."
+                ) from error
+            array = np.asarray(photo, dtype=np.float32) / 255.0
+            image = torch.from_numpy(array.copy()).permute(2, 0, 1)
             names.append(Path(file).name)
-            pictures.append(resized)
-        batch = torch.stack(pictures)
-        return names, batch, self.loaded.normalize(batch)
+            pictures.append(self.loaded.preprocessing().apply(image).clamp(0, 1))
+            inputs.append(self.loaded.prepare(photo))
+        return names, torch.stack(pictures), torch.stack(inputs)
 
     def _layers(self, settings: Settings, depth: int) -> Optional[List[int]]:
         if settings.layers == "all":
@@ -513,6 +511,7 @@ def launch(
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     classes: Optional[Sequence[str]] = None,
+    random_weights: bool = False,
     block: bool = True,
 ) -> Any:
     r"""Start the explorer for ``model`` and serve it on ``host:port``.
@@ -531,6 +530,9 @@ def launch(
                     Default: False
         examples (sequence of str, optional): Example images; the bundled model has its own.
         image_size, mean, std, classes: For a bare ``nn.Module``.
+        random_weights (bool, optional): For a named model: random weights instead of the
+                    pretrained ones (which are downloaded by the library when not cached).
+                    Default: False
         block (bool, optional): Block until the server stops (False returns at once, e.g.
                     in tests and notebooks).
                     Default: True
@@ -557,7 +559,11 @@ def launch(
         )
     else:
         try:
-            loaded = load_model(model, Path(weights) if weights is not None else None)
+            loaded = load_model(
+                model,
+                Path(weights) if weights is not None else None,
+                random_weights=random_weights,
+            )
         except ModelError as error:
             raise ExplorerError(str(error)) from error
         if model == "default":
@@ -568,7 +574,9 @@ def launch(
             if examples is None:
                 examples = _example_files(loaded, Path(tempfile.mkdtemp()) / "examples")
         else:
-            description = f"Model: `{model}`."
+            description = f"Model: `{model}` ({loaded.weights or 'weights as loaded'})."
+            if loaded.random_init:
+                description += " Random weights: the maps show nothing the model learned."
     explorer = Explorer(loaded, description=description)
     page = build(explorer, examples)
     gr = _gradio()

@@ -33,7 +33,15 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["denormalize", "overlay", "plot_layers", "plot_targets", "plot_methods", "plot_curves"]
+__all__ = [
+    "denormalize",
+    "overlay",
+    "plot_layers",
+    "plot_targets",
+    "plot_methods",
+    "plot_curves",
+    "plot_photo",
+]
 
 #: A tensor or a NumPy array.
 ArrayLike = Union[Tensor, np.ndarray]
@@ -475,10 +483,15 @@ def plot_methods(
     alpha: float = 0.5,
     cmap: str = "jet",
     panel_size: float = 1.8,
+    title: Optional[str] = None,
+    colorbar: bool = False,
     save: Optional[PathLike] = None,
     dpi: int = 100,
 ) -> Figure:
     r"""Methods side by side: one row per image, the image, then one column per method.
+
+    Each map is min-max scaled to [0, 1] (methods differ in scale by orders of magnitude),
+    so one colour bar serves all panels.
 
     Args:
 
@@ -501,6 +514,11 @@ def plot_methods(
                     Default: "jet"
         panel_size (float, optional): Width and height of one panel in inches.
                     Default: 1.8
+        title (str, optional): The figure's title.
+                    Default: None
+        colorbar (bool, optional): Add one colour bar for all maps (right of the panels;
+                    it adds one axes to ``fig.axes``).
+                    Default: False
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
@@ -547,17 +565,26 @@ def plot_methods(
             axes[row, 0].set_yticks([])
             axes[row, 0].set_ylabel(labels[row], fontsize="small")
         for col, name in enumerate(names, start=1):
+            amap = _map(_tensor(columns[name], name)[row], size, name)
+            low, high = float(np.nanmin(amap)), float(np.nanmax(amap))
+            scaled = (amap - low) / (high - low) if high > low else np.zeros_like(amap)
             _draw(
                 axes[row, col],
                 rgb,
-                _map(_tensor(columns[name], name)[row], size, name),
+                scaled,
                 alpha=alpha,
                 cmap=cmap,
-                vmin=None,
-                vmax=None,
+                vmin=0.0,
+                vmax=1.0,
                 title=name if row == 0 else None,
                 colorbar=False,
             )
+    if title is not None:
+        fig.suptitle(title)
+    if colorbar and names:
+        image = axes[0, 1].get_images()[-1]
+        bar = fig.colorbar(image, ax=axes[:, 1:], fraction=0.03, pad=0.02, shrink=0.9)
+        bar.set_label("relevance (each map min-max scaled)", fontsize="small")
     return _finish(fig, save, dpi)
 
 
@@ -566,7 +593,8 @@ def plot_curves(
     curves: Mapping[str, Tuple[ArrayLike, ArrayLike]],
     *,
     ylabel: str = "accuracy",
-    figsize: Tuple[float, float] = (10.0, 4.0),
+    title: Optional[str] = None,
+    figsize: Tuple[float, float] = (11.0, 4.0),
     save: Optional[PathLike] = None,
     dpi: int = 100,
 ) -> Figure:
@@ -579,15 +607,18 @@ def plot_curves(
                     with one value per fraction.
         ylabel (str, optional): What the curves measure.
                     Default: "accuracy"
+        title (str, optional): The figure's title.
+                    Default: None
         figsize (tuple[float, float], optional): Figure size in inches.
-                    Default: (10.0, 4.0)
+                    Default: (11.0, 4.0)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
                     Default: 100
 
     Returns:
-        *matplotlib.figure.Figure* with two panels (positive, negative).
+        *matplotlib.figure.Figure* with two panels (positive, negative) and the legend
+        outside them, right of the panels, so that it covers no curve.
 
     Examples::
 
@@ -606,7 +637,106 @@ def plot_curves(
         ax.set_xlabel("% of patches removed")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    axes[1].legend(fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    if curves:
+        fig.legend(
+            *axes[0].get_legend_handles_labels(), loc="outside right center", fontsize="small"
+        )
+    return _finish(fig, save, dpi)
+
+
+def plot_photo(
+    photo: Any,
+    maps: ArrayLike,
+    titles: Sequence[str],
+    *,
+    suptitle: Optional[str] = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    panel_height: float = 3.2,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""A photo, then one overlay per target, at the photo's own resolution and aspect.
+
+    Maps are in [0, 1] with ``NaN`` where the model did not see the photo (the border its
+    preprocessing cropped away); that region is greyed and hatched.
+
+    Args:
+
+        photo (PIL.Image, numpy.ndarray or Tensor): The photo: a PIL image, ``(h, w, 3)``
+                    (uint8 or float in [0, 1]) or ``(3, h, w)`` in [0, 1].
+        maps (Tensor or numpy.ndarray): ``(K, h, w)`` maps on the photo, values in [0, 1]
+                    or ``NaN``.
+        titles (sequence of str): One title per map (class name or prompt and score).
+        suptitle (str, optional): The figure's title.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        panel_height (float, optional): Height of a panel in inches (the width follows
+                    the photo's aspect ratio).
+                    Default: 3.2
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``1 + K`` panels, each overlay with a colour bar.
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_photo
+        >>> fig = plot_photo(pil_image, maps, ["tabby cat\\nprobability 0.81"])
+    """
+    if isinstance(photo, (np.ndarray, Tensor)):
+        rgb = _tensor(photo, "photo").float()
+        if rgb.dim() == 3 and rgb.shape[0] in (1, 3) and rgb.shape[-1] not in (1, 3):
+            rgb = rgb.permute(1, 2, 0)
+        array = rgb.numpy()
+        array = array / 255.0 if array.max() > 1.0 else array
+    else:
+        array = np.asarray(photo.convert("RGB"), dtype=np.float32) / 255.0
+    grid = _tensor(maps, "maps").float()
+    if grid.dim() == 2:
+        grid = grid[None]
+    height, width = array.shape[:2]
+    if grid.dim() != 3 or tuple(grid.shape[1:]) != (height, width):
+        raise ValueError(
+            f"maps must be (K, {height}, {width}) like the photo, got {tuple(grid.shape)}"
+        )
+    if len(titles) != grid.shape[0]:
+        raise ValueError(f"{len(titles)} titles for {grid.shape[0]} maps: give one per map.")
+    from matplotlib import colormaps
+
+    colours = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    aspect = width / height
+    panels = 1 + grid.shape[0]
+    fig = _matplotlib()(
+        figsize=(panels * panel_height * aspect * 1.25, panel_height + 0.8), layout="constrained"
+    )
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes[0].imshow(array)
+    axes[0].set_title(f"photo ({width}×{height})", fontsize="small")
+    axes[0].set_axis_off()
+    for ax, amap, title in zip(axes[1:], grid.numpy(), titles):
+        ax.imshow(array)
+        image = ax.imshow(np.ma.masked_invalid(amap), cmap=colours, alpha=alpha, vmin=0, vmax=1)
+        unseen = np.isnan(amap)
+        if unseen.any():
+            grey = np.zeros((height, width, 4), dtype=np.float32)
+            grey[unseen] = (0.5, 0.5, 0.5, 0.75)
+            ax.imshow(grey)
+            ax.contourf(unseen.astype(np.float32), levels=[0.5, 1.5], colors="none", hatches=["//"])
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label("LeGrad relevance", fontsize="small")
+        ax.set_title(title, fontsize="small")
+        ax.set_axis_off()
+    if suptitle is not None:
+        fig.suptitle(suptitle)
     return _finish(fig, save, dpi)
 
 

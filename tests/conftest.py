@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub (timm does), which reads it once at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 from typing import Any, Callable, Dict
 
 import pytest
@@ -10,7 +14,6 @@ import timm
 import torch
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 TINY: Dict[str, Any] = dict(

@@ -1,22 +1,40 @@
 """Loading a model for the command line: ``default`` (the bundled shapes ViT) or
 ``FAMILY:NAME`` for every family of :data:`captum_legrad.families.FAMILIES` (``timm:NAME``,
-``open_clip:NAME``, ``hf:PATH``, ``torchvision:NAME``), with local weights only.
+``open_clip:NAME[/TAG]``, ``hf:ID_OR_PATH``, ``torchvision:NAME``).
+
+Weights come from one of three places, chosen by the caller:
+
+- the library's pretrained weights by their usual name (timm's default tag,
+  an OpenCLIP pretrained tag, a Hugging Face hub id, torchvision's ``DEFAULT`` weights
+  enum), downloaded by the library or taken from its cache;
+- a local file (``weights=``: ``.safetensors`` or a ``torch.save`` state dict);
+- random initialisation, only when asked for (``random_weights=True``).
+
+When the hub cannot be reached (or ``HF_HUB_OFFLINE=1`` and nothing is cached), a loader
+raises :class:`ModelError` with one line that says how to pass local weights.
 
 Each loader returns a :class:`LoadedModel`: the module to explain (scores ``(B, K)``), the
-input size and normalisation, class names when known, and for image-text models a way to
-turn prompts into a model whose scores are the prompts' similarities.
+model's own preprocessing (the library's transform and its geometry, a
+:class:`~captum_legrad.eval.preprocess.View`), class names when known, and for image-text
+models a way to turn prompts into a model whose scores are the prompts' similarities.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
+import logging
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .preprocess import View
 
 __all__ = [
     "LoadedModel",
@@ -53,6 +71,13 @@ class LoadedModel:
                     similarities with the given prompts (then targets index the prompts).
         multilabel: The classes are independent (sigmoid) rather than exclusive (softmax).
         patch_size: The ViT's patch size, for perturbation tests.
+        view: The model's evaluation preprocessing (resize, centre crop).
+        transform: The library's own preprocessing, a PIL image → the normalised input
+                    ``(3, H, W)``; None: ``view`` then ``normalize`` (torch).
+        weights: Where the weights came from, in words (``"pretrained (hub)"``,
+                    ``"file w.pth"``, ``"random"``, ``"bundled"``).
+        random_init: The weights are random (nothing it shows was learned).
+        shapes_model: The bundled synthetic-shapes model (meaningless on photos).
     """
 
     model: nn.Module
@@ -64,6 +89,11 @@ class LoadedModel:
     multilabel: bool = False
     patch_size: Tuple[int, int] = (16, 16)
     extra: Dict[str, Any] = field(default_factory=dict)
+    view: Optional[View] = None
+    transform: Optional[Callable[[Any], Tensor]] = None
+    weights: str = ""
+    random_init: bool = False
+    shapes_model: bool = False
 
     def normalize(self, images: Tensor) -> Tensor:
         """``[0, 1]`` images → the model's input."""
@@ -71,125 +101,379 @@ class LoadedModel:
         std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
         return (images - mean) / std
 
+    def preprocessing(self) -> View:
+        """The :class:`View` (resize and centre crop) of this model's preprocessing."""
+        return self.view if self.view is not None else View(crop=self.image_size)
+
+    def prepare(self, photo: Any) -> Tensor:
+        """A PIL RGB image → the model's normalised input ``(3, H, W)``, as the model expects."""
+        if self.transform is not None:
+            x: Tensor = self.transform(photo)
+            return x.float()
+        import numpy as np
+
+        array = np.asarray(photo, dtype=np.float32) / 255.0
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return self.normalize(self.preprocessing().apply(image))
+
+
+# --------------------------------------------------------------------------- weights
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(_ANSI.sub("", text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
 
 def load_weights(path: Path) -> Dict[str, Tensor]:
     """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``).
 
     Checkpoints that wrap the weights in ``state_dict`` / ``model`` / ``module`` entries, or
     prefix them with ``module.``, are unwrapped.
+
+    Raises:
+        ModelError: The file is missing, not a state dict (a pickled model object, another
+            format) or corrupt; the message is one line.
     """
+    path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise ModelError(
+                f"cannot read weights {path}: not a valid .safetensors file "
+                f"({_one_line(str(error))})"
+            ) from error
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4"
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:  # the unpickler's errors vary by torch version
-            raise ModelError(f"cannot read weights from {path}: {error}") from error
+            text = _ANSI.sub("", str(error))
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            if found:
+                raise ModelError(
+                    f"weights {path} hold a pickled Python object ({found.group(1)}), not a "
+                    "state dict: save them with torch.save(model.state_dict(), PATH) or as "
+                    ".safetensors and pass that file"
+                ) from error
+            raise ModelError(
+                f"cannot read weights {path}: not a PyTorch state dict (.pth, .pt, .bin) or a "
+                ".safetensors file"
+            ) from error
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} does not hold a state dict.")
+    if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
+        raise ModelError(f"weights {path} do not hold a state dict (name → tensor)")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
 
 
+def _examples(names: Sequence[str], count: int = 2) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (", …" if len(names) > count else "")
+
+
 def _load_into(model: nn.Module, path: Optional[Path], name: str) -> None:
+    """Load ``path`` into ``model``; a misfit is described in one line."""
     if path is None:
         return
+    state = load_weights(path)
+    reference = model.state_dict()
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}"
+        for k in reference
+        if k in state and state[k].shape != reference[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_examples(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+        if mismatched:
+            parts.append(
+                f"{len(mismatched)} of another shape, file vs model ({_examples(mismatched)})"
+            )
+        hint = ""
+        head = [
+            k
+            for k in mismatched
+            if k.split(" ")[0].split(".")[-2:][0] in ("head", "fc", "classifier")
+        ]
+        if mismatched and len(head) == len(mismatched) and not missing and not unexpected:
+            classes = state[mismatched[0].split(" ")[0]].shape[0]
+            hint = f"; the file's classifier has {classes} classes: pass --num-classes {classes}"
+        raise ModelError(f"weights {path} do not fit {name}: {'; '.join(parts)} tensors{hint}")
+    state = {k: v.to(reference[k].dtype) for k, v in state.items()}
     try:
-        model.load_state_dict(load_weights(path))
+        model.load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise ModelError(f"weights {path} do not fit {name}: {first}") from error
+        raise ModelError(f"weights {path} do not fit {name}: {_one_line(str(error))}") from error
 
 
 def _import(module: str, extra: str) -> Any:
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError as error:
         raise ModelError(
-            f"this model needs the {module} package: pip install 'captum-legrad[{extra}]'."
+            f"this model needs the {module} package: pip install 'captum-legrad[{extra}]'"
         ) from error
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _unreachable(spec: str, error: Optional[BaseException], how: str) -> ModelError:
+    reason = "HF_HUB_OFFLINE is set" if _offline() else "the hub cannot be reached"
+    if error is not None and not _offline():
+        reason += f" ({_one_line(str(error), 120)})"
+    return ModelError(
+        f"cannot load the pretrained weights of {spec}: {reason} and they are not cached; {how}"
+    )
+
+
+_PASS_WEIGHTS = (
+    "download them where the hub is reachable, or pass a local file with --weights FILE "
+    "(.safetensors or a torch.save state dict), or --random-weights for an untrained model"
+)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the libraries' logging and warnings while a model is built.
+
+    OpenCLIP, for one, logs "No pretrained weights loaded ... initialized randomly" even when
+    the weights are loaded from ``--weights`` right after; what was loaded is reported by
+    the command instead.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _source(weights: Optional[Path], random_weights: bool, pretrained: str) -> Tuple[str, bool]:
+    if weights is not None:
+        return f"file {weights}", False
+    if random_weights:
+        return "random (--random-weights)", True
+    return pretrained, False
 
 
 def _spatial_size(value: Any) -> Tuple[int, int]:
     """``(H, W)``: the last two entries of a size such as ``(3, H, W)``, or ``(s, s)``."""
     if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return int(value[0]), int(value[0])
         return int(value[-2]), int(value[-1])
     return int(value), int(value)
 
 
-def _default(weights: Optional[Path]) -> LoadedModel:
-    from ..data import default_model_config, load_default_model
+# --------------------------------------------------------------------------- loaders
 
+
+def _default(weights: Optional[Path], random_weights: bool = False) -> LoadedModel:
+    from ..data import build_model, default_model_config, load_default_model
+
+    if random_weights:
+        raise ModelError(
+            "--model default is the bundled shapes model with its own weights; "
+            "drop --random-weights"
+        )
     config = default_model_config()
-    if weights is not None and not weights.is_file():
-        raise ModelError(f"weights file not found: {weights}")
-    model = load_default_model(weights)
+    if weights is None:
+        model = load_default_model()
+    else:
+        model = build_model(config)
+        _load_into(model, weights, "--model default (the bundled 64×64 shapes ViT)")
+        model.eval()
     kwargs = config["model_kwargs"]
+    size = _spatial_size(config["image_size"])
     return LoadedModel(
         model=model,
-        image_size=_spatial_size(config["image_size"]),
+        image_size=size,
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         classes=list(config["classes"]),
         multilabel=bool(config.get("multilabel", False)),
         patch_size=_spatial_size(kwargs["patch_size"]),
+        view=View(crop=size),
+        weights="bundled" if weights is None else f"file {weights}",
+        shapes_model=True,
     )
 
 
-def load_timm(name: str, weights: Optional[Path], num_classes: Optional[int]) -> LoadedModel:
-    """A timm model by name, with ``weights`` from a local file."""
+def _timm_view(config: Dict[str, Any]) -> View:
+    """The geometry of ``timm.data.create_transform(**config)`` (evaluation)."""
+    import math
+
+    crop = _spatial_size(config["input_size"])
+    pct = float(config.get("crop_pct") or 0.875)
+    scale = (math.floor(crop[0] / pct), math.floor(crop[1] / pct))
+    mode = config.get("crop_mode") or "center"
+    if mode == "squash":
+        return View(crop=crop, resize="exact", size=scale)
+    if mode == "border":
+        return View(crop=crop, resize="longest", size=(max(scale), max(scale)))
+    return View(crop=crop, resize="shortest", size=(min(scale), min(scale)))
+
+
+def _timm_classes(timm: Any, model: nn.Module) -> Optional[List[str]]:
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+    except Exception:  # no label data for this model
+        return None
+    if info.num_classes() != getattr(model, "num_classes", None):
+        return None
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def load_timm(
+    name: str,
+    weights: Optional[Path],
+    num_classes: Optional[int],
+    random_weights: bool = False,
+) -> LoadedModel:
+    """A timm model by name: timm's pretrained weights, a local file or random weights."""
     timm = _import("timm", "timm")
     kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    pretrained = weights is None and not random_weights
+    spec = f"timm:{name}"
+    if not name.startswith("hf-hub:") and not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as error:  # timm: "Unknown model (...)"
-        raise ModelError(f"unknown timm model {name!r}: {error}") from error
-    _load_into(model, weights, f"timm:{name}")
+        with _quiet():
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:  # timm: "Unknown model (...)", or a download error
+        if "Unknown model" in str(error) or not pretrained:
+            raise ModelError(f"unknown timm model {name!r}: {_one_line(str(error))}") from error
+        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+    except Exception as error:  # hub errors: LocalEntryNotFoundError, URLError, ...
+        if not pretrained:
+            raise
+        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
     cfg = getattr(model, "pretrained_cfg", {}) or {}
+    if pretrained and not any(cfg.get(k) for k in ("hf_hub_id", "url", "file", "state_dict")):
+        raise ModelError(
+            f"timm has no pretrained weights for {name}: pass --weights FILE or --random-weights"
+        )
+    _load_into(model, weights, spec)
+    model.eval()
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, model=model)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
+    source, random_init = _source(weights, random_weights, "pretrained (timm hub)")
     return LoadedModel(
-        model=model.eval(),
-        image_size=_spatial_size(cfg.get("input_size", (3, 224, 224))),
-        mean=tuple(cfg.get("mean", _IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", _IMAGENET_STD)),
+        model=model,
+        image_size=_spatial_size(config["input_size"]),
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        classes=_timm_classes(timm, model),
         patch_size=_spatial_size(patch),
+        view=_timm_view(config),
+        transform=create_transform(**config),
+        weights=source,
+        random_init=random_init,
     )
+
+
+def _open_clip_view(cfg: Dict[str, Any]) -> View:
+    """The geometry of OpenCLIP's evaluation preprocess (``preprocess_cfg``)."""
+    size = _spatial_size(cfg.get("size", 224))
+    mode = cfg.get("resize_mode") or "shortest"
+    if mode == "squash":
+        return View(crop=size, resize="exact", size=size)
+    edge = max(size) if mode == "longest" else min(size)
+    return View(crop=size, resize=mode, size=(edge, edge))
 
 
 def load_open_clip(
-    name: str, weights: Optional[Path], num_classes: Optional[int] = None
+    name: str,
+    weights: Optional[Path],
+    num_classes: Optional[int] = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
-    """An OpenCLIP model by config name, with ``weights`` from a local file."""
+    """An OpenCLIP model ``NAME[/TAG]``: a pretrained tag, a local file or random weights."""
     if num_classes is not None:
-        raise ModelError("--num-classes does not apply to open_clip models (prompts are classes).")
+        raise ModelError("--num-classes does not apply to open_clip models (prompts are classes)")
     open_clip = _import("open_clip", "open_clip")
-    if name not in open_clip.list_models():
-        raise ModelError(f"unknown open_clip model {name!r}; see open_clip.list_models().")
-    model = open_clip.create_model(name, pretrained=None)
-    _load_into(model, weights, f"open_clip:{name}")
+    tag: Optional[str] = None
+    if not name.startswith("hf-hub:") and "/" in name:
+        name, tag = name.split("/", 1)
+    spec = f"open_clip:{name}" + (f"/{tag}" if tag else "")
+    if not name.startswith("hf-hub:") and name not in open_clip.list_models():
+        raise ModelError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    hub = name.startswith("hf-hub:")
+    tags = [] if hub else list(open_clip.list_pretrained_tags_by_model(name))
+    if tag is not None and (weights is not None or random_weights):
+        raise ModelError(f"{spec} names pretrained weights: drop --weights / --random-weights")
+    if tag is not None and tag not in tags:
+        raise ModelError(
+            f"unknown pretrained tag {tag!r} for open_clip:{name}; "
+            f"tags: {', '.join(tags) or 'none'}"
+        )
+    if tag is None and not hub and weights is None and not random_weights:
+        example = f"open_clip:{name}/{tags[0]}" if tags else f"open_clip:{name}"
+        raise ModelError(
+            f"open_clip:{name} names no weights: add a pretrained tag ({example}; tags: "
+            f"{', '.join(tags[:6]) or 'none'}{', …' if len(tags) > 6 else ''}), "
+            "or pass --weights FILE or --random-weights"
+        )
+    try:
+        with _quiet():
+            model, _, transform = open_clip.create_model_and_transforms(
+                name, pretrained=tag, weights_only=True
+            )
+    except Exception as error:  # download errors surface as RuntimeError / OSError
+        if tag is None and not hub:
+            raise ModelError(f"cannot build open_clip:{name}: {_one_line(str(error))}") from error
+        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+    _load_into(model, weights, spec)
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     visual: Any = model.visual
     cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    size = _spatial_size(cfg.get("size", getattr(visual, "image_size", 224)))
+    view = _open_clip_view(cfg)
 
     def with_prompts(prompts: Sequence[str]) -> nn.Module:
         from ..text import ImageTextSimilarity
 
         return ImageTextSimilarity.from_prompts(model, list(prompts), tokenizer)
 
+    source, random_init = _source(weights, random_weights, f"pretrained ({tag or name})")
     return LoadedModel(
         model=model,
-        image_size=_spatial_size(getattr(visual, "image_size", 224)),
+        image_size=size,
         mean=tuple(cfg.get("mean", _CLIP_MEAN)),
         std=tuple(cfg.get("std", _CLIP_STD)),
         with_prompts=with_prompts,
         patch_size=_spatial_size(getattr(visual, "patch_size", 16)),
+        view=view,
+        transform=transform,
+        weights=source,
+        random_init=random_init,
     )
 
 
@@ -205,29 +489,100 @@ class _Logits(nn.Module):
         return logits
 
 
+def _field(size: Any, key: str) -> Optional[int]:
+    value = getattr(size, key, None)
+    if value is None and isinstance(size, dict):
+        value = size.get(key)
+    return int(value) if value is not None else None
+
+
+def _hf_view(processor: Any, image_size: Tuple[int, int]) -> View:
+    """The geometry of an HF image processor: resize (exact or shortest edge), centre crop."""
+    size = getattr(processor, "size", None)
+    do_crop = bool(getattr(processor, "do_center_crop", False))
+    crop_size = getattr(processor, "crop_size", None)
+    crop = image_size
+    if do_crop and crop_size is not None and _field(crop_size, "height"):
+        crop = (int(_field(crop_size, "height") or 0), int(_field(crop_size, "width") or 0))
+    if size is not None and _field(size, "shortest_edge"):
+        edge = int(_field(size, "shortest_edge") or 0)
+        return View(crop=crop, resize="shortest", size=(edge, edge))
+    if size is not None and _field(size, "height"):
+        exact = (int(_field(size, "height") or 0), int(_field(size, "width") or 0))
+        return View(crop=crop if do_crop else exact, resize="exact", size=exact)
+    return View(crop=crop, resize="exact", size=crop)
+
+
 def load_hf(
-    path_text: str, weights: Optional[Path] = None, num_classes: Optional[int] = None
+    name: str,
+    weights: Optional[Path] = None,
+    num_classes: Optional[int] = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
-    """A transformers model from a local folder (``config.json`` and weights)."""
+    """A transformers model from a local folder or a hub id (``google/vit-base-patch16-224``)."""
     if weights is not None:
-        raise ModelError("hf:PATH loads the weights in the folder; drop --weights.")
+        raise ModelError("hf:PATH loads the weights in the folder; drop --weights")
     if num_classes is not None:
-        raise ModelError("hf:PATH takes its classes from the folder's config; drop --num-classes.")
-    path = Path(path_text)
-    if not path.is_dir():
-        raise ModelError(f"hf:PATH must be a local model folder (config.json): {path} not found")
+        raise ModelError("hf:PATH takes its classes from the folder's config; drop --num-classes")
+    path = Path(name)
+    local = path.is_dir()
+    if not local and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ModelError(
+            f"hf:PATH must be a local model folder (config.json) or a hub id ORG/NAME: "
+            f"{name} not found"
+        )
     transformers = _import("transformers", "transformers")
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    processor_file = path / "preprocessor_config.json"
-    processor: Dict[str, Any] = (
-        json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    how = "save it with save_pretrained where the hub is reachable and pass hf:FOLDER"
+    source = str(path) if local else name
+    try:
+        with _quiet():
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+    except OSError as error:
+        if local:
+            raise ModelError(
+                f"cannot read the model folder {path}: {_one_line(str(error))}"
+            ) from error
+        raise _unreachable(f"hf:{name}", error, how) from error
+    text_model = config.model_type in ("clip", "siglip", "siglip2")
+    loader = transformers.AutoModel if text_model else transformers.AutoModelForImageClassification
+    try:
+        with _quiet():
+            if random_weights:
+                model = loader.from_config(config).eval()
+            else:
+                model = loader.from_pretrained(source, local_files_only=local).eval()
+            try:
+                processor: Any = transformers.AutoImageProcessor.from_pretrained(
+                    source, local_files_only=local
+                )
+            except (OSError, ValueError):
+                processor = None
+    except OSError as error:
+        if local:
+            raise ModelError(
+                f"cannot read the model folder {path}: {_one_line(str(error))}"
+            ) from error
+        raise _unreachable(f"hf:{name}", error, how) from error
+    vision = config.vision_config if text_model else config
+    image_size = _spatial_size(getattr(vision, "image_size", 224))
+    mean = tuple(getattr(processor, "image_mean", None) or _IMAGENET_MEAN)
+    std = tuple(getattr(processor, "image_std", None) or _IMAGENET_STD)
+    view = _hf_view(processor, image_size)
+    transform: Optional[Callable[[Any], Tensor]] = None
+    if processor is not None:
+
+        def transform(photo: Any) -> Tensor:
+            pixels: Tensor = processor(images=photo, return_tensors="pt")["pixel_values"][0]
+            return pixels
+
+    weights_text = (
+        "random (--random-weights)"
+        if random_weights
+        else (f"folder {path}" if local else "pretrained (Hugging Face hub)")
     )
-    mean = tuple(processor.get("image_mean", _IMAGENET_MEAN))
-    std = tuple(processor.get("image_std", _IMAGENET_STD))
-    if config.model_type in ("clip", "siglip"):
-        model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        vision = config.vision_config
+    if text_model:
+        with _quiet():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
 
         def with_prompts(prompts: Sequence[str]) -> nn.Module:
             from ..text import ImageTextSimilarity
@@ -236,49 +591,106 @@ def load_hf(
 
         return LoadedModel(
             model=model,
-            image_size=_spatial_size(vision.image_size),
+            image_size=image_size,
             mean=mean,
             std=std,
             with_prompts=with_prompts,
             patch_size=_spatial_size(vision.patch_size),
+            view=view,
+            transform=transform,
+            weights=weights_text,
+            random_init=random_weights,
         )
-    model = transformers.AutoModelForImageClassification.from_pretrained(
-        str(path), local_files_only=True
-    ).eval()
     labels = getattr(config, "id2label", None) or {}
     return LoadedModel(
         model=_Logits(model).eval(),
-        image_size=_spatial_size(getattr(config, "image_size", 224)),
+        image_size=image_size,
         mean=mean,
         std=std,
         classes=[labels[i] for i in sorted(labels)] if labels else None,
         patch_size=_spatial_size(getattr(config, "patch_size", 16)),
+        view=view,
+        transform=transform,
+        weights=weights_text,
+        random_init=random_weights,
     )
 
 
+def _torchvision_cached(url: str) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+
+
 def load_torchvision(
-    name: str, weights: Optional[Path], num_classes: Optional[int] = None
+    name: str,
+    weights: Optional[Path],
+    num_classes: Optional[int] = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
-    """A torchvision ViT by builder name (``vit_b_16``), with ``weights`` from a local file."""
+    """A torchvision ViT by builder name (``vit_b_16``): ``DEFAULT`` weights, a file or random."""
     torchvision = _import("torchvision", "torchvision")
     from torchvision.models.vision_transformer import VisionTransformer
+    from torchvision.transforms._presets import ImageClassification
 
-    kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-    except ValueError as error:  # "Unknown model name"
-        raise ModelError(f"unknown torchvision model {name!r}: {error}") from error
+        enum: Any = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        enum = None
+    kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    pretrained = weights is None and not random_weights
+    spec = f"torchvision:{name}"
+    if pretrained and enum is None:
+        try:
+            torchvision.models.get_model_builder(name)
+        except ValueError as error:
+            raise ModelError(f"unknown torchvision model {name!r}: {error}") from error
+        raise ModelError(f"torchvision has no pretrained weights for {name}: pass --weights FILE")
+    if pretrained and _offline() and not _torchvision_cached(enum.url):
+        raise _unreachable(spec, None, _PASS_WEIGHTS)
+    try:
+        with _quiet():
+            model = torchvision.models.get_model(
+                name, weights=enum if pretrained else None, **kwargs
+            )
+    except ValueError as error:  # "Unknown model name", or num_classes against the weights
+        if "Unknown model" in str(error) or "unknown" in str(error).lower():
+            raise ModelError(
+                f"unknown torchvision model {name!r}: {_one_line(str(error))}"
+            ) from error
+        raise ModelError(f"cannot build {spec}: {_one_line(str(error))}") from error
+    except Exception as error:  # the download: URLError, HTTPError, OSError
+        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
     if not isinstance(model, VisionTransformer):
         raise ModelError(
-            f"torchvision:{name} is not a VisionTransformer; LeGrad explains the vit_* models."
+            f"torchvision:{name} is not a VisionTransformer; LeGrad explains the vit_* models"
         )
-    _load_into(model, weights, f"torchvision:{name}")
+    _load_into(model, weights, spec)
+    size = _spatial_size(model.image_size)
+    if enum is not None:
+        transform = enum.transforms()
+        crop = _spatial_size(transform.crop_size)
+        resize = int(transform.resize_size[0])
+        if crop != size:  # the weights' preset is for another size than this model's
+            transform = ImageClassification(
+                crop_size=size[0], resize_size=round(size[0] * resize / crop[0])
+            )
+    else:
+        transform = ImageClassification(crop_size=size[0], resize_size=round(size[0] * 256 / 224))
+    resize_edge = int(transform.resize_size[0])
+    categories = list(enum.meta.get("categories", [])) if enum is not None else []
+    heads: Any = model.heads
+    outputs = int(heads.head.out_features) if hasattr(heads, "head") else None
+    source, random_init = _source(weights, random_weights, f"pretrained ({enum})")
     return LoadedModel(
         model=model.eval(),
-        image_size=_spatial_size(model.image_size),
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        image_size=size,
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+        classes=categories if categories and outputs == len(categories) else None,
         patch_size=_spatial_size(model.patch_size),
+        view=View(crop=size, resize="shortest", size=(resize_edge, resize_edge)),
+        transform=lambda photo: transform(photo),
+        weights=source,
+        random_init=random_init,
     )
 
 
@@ -291,35 +703,43 @@ def model_choices() -> str:
 
 
 def load_model(
-    spec: str, weights: Optional[Path] = None, num_classes: Optional[int] = None
+    spec: str,
+    weights: Optional[Path] = None,
+    num_classes: Optional[int] = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
-    """Load ``default`` or ``FAMILY:NAME`` (see :func:`model_choices`) without network access.
+    """Load ``default`` or ``FAMILY:NAME`` (see :func:`model_choices`).
 
-    The loader of each family is named in its :data:`~captum_legrad.families.FAMILIES` row.
+    Without ``weights`` or ``random_weights`` the library's pretrained weights are loaded
+    (downloaded by the library when the hub is reachable, else from its cache). The loader of
+    each family is named in its :data:`~captum_legrad.families.FAMILIES` row.
 
     Raises:
-        ModelError: An unknown specification or model name, a missing weights file, weights
-            that do not fit, or a missing optional dependency (naming the extra).
+        ModelError: An unknown specification or model name, a missing, corrupt or
+            misfitting weights file, pretrained weights that cannot be downloaded, or a
+            missing optional dependency (naming the extra). The message is one line.
     """
     from ..families import family
 
+    if weights is not None and random_weights:
+        raise ModelError("--weights and --random-weights exclude each other")
     if spec == "default":
         if num_classes is not None:
             raise ModelError(
                 "--model default is the bundled shapes model with its own classes; "
-                "drop --num-classes."
+                "drop --num-classes"
             )
-        return _default(weights)
+        return _default(weights, random_weights)
     prefix, colon, name = spec.partition(":")
     if not colon or not name:
-        raise ModelError(f"unknown model {spec!r}: use {model_choices()}.")
+        raise ModelError(f"unknown model {spec!r}: use {model_choices()}")
     try:
         row = family(prefix)
     except KeyError:
         row = None
     if row is None or row.loader is None:
-        raise ModelError(f"unknown model family {prefix!r} in {spec!r}: use {model_choices()}.")
+        raise ModelError(f"unknown model family {prefix!r} in {spec!r}: use {model_choices()}")
     module_name, _, function = row.loader.partition(":")
     loader = getattr(importlib.import_module(module_name), function)
-    loaded: LoadedModel = loader(name, weights, num_classes)
+    loaded: LoadedModel = loader(name, weights, num_classes, random_weights=random_weights)
     return loaded

@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import viz
+from .files import atomic_path
 from .harness import COLUMNS, METHODS, EvalOutcome
 from .metrics import DEFAULT_FRACTIONS
 from .models import LoadedModel
@@ -50,9 +51,12 @@ def markdown_table(results: Results) -> str:
 
 
 def write_csv(path: Path, results: Results) -> None:
-    """Every measured value, one row per method."""
+    """Every measured value, one row per method (written atomically)."""
     keys = sorted({key for row in results.values() for key in row})
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with (
+        atomic_path(path) as temporary,
+        open(temporary, "w", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(["method", *keys])
         for name, row in results.items():
@@ -64,7 +68,8 @@ def write_report(out: Path, title: str, description: List[str], results: Results
     table = markdown_table(results)
     text = "\n".join([f"# {title}", "", *description, "", table, ""])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text, encoding="utf-8")
+    with atomic_path(out / "results.md") as temporary:
+        temporary.write_text(text, encoding="utf-8")
     write_csv(out / "results.csv", results)
     return table
 
@@ -75,6 +80,7 @@ def save_examples(
     outcome: EvalOutcome,
     methods: Optional[Sequence[str]] = None,
     classes: Optional[Sequence[str]] = None,
+    title: Optional[str] = "Example explanations (white: the object's outline)",
 ) -> bool:
     """The kept example pairs, the image and one overlay per method; False if none were kept."""
     batch, maps = outcome.example_batch, outcome.example_maps
@@ -88,23 +94,33 @@ def save_examples(
         str(classes[int(t)]) if classes is not None else str(int(t)) for t in batch.targets[:n]
     ]
     masks = batch.masks[:n].cpu() if batch.masks is not None else None
-    viz.plot_methods(
+    figure = viz.plot_methods(
         batch.images[:n].cpu(),
         shown,
         labels,
         masks=masks,
         mean=torch.tensor(loaded.mean),
         std=torch.tensor(loaded.std),
-        save=path,
+        title=title,
+        colorbar=True,
     )
+    _save(figure, path)
     return True
 
 
-def save_curves(path: Path, outcome: EvalOutcome) -> bool:
+def _save(figure: Any, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(
+            temporary, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight"
+        )
+
+
+def save_curves(path: Path, outcome: EvalOutcome, title: Optional[str] = None) -> bool:
     """The mean perturbation curves of every method; False if none were measured."""
     curves = outcome.curves()
     if not curves:
         return False
     named = {_display_name(name): value for name, value in curves.items()}
-    viz.plot_curves(DEFAULT_FRACTIONS, named, save=path)
+    heading = "Perturbation curves" + (f": {title}" if title else "")
+    _save(viz.plot_curves(DEFAULT_FRACTIONS, named, title=heading), path)
     return True

@@ -24,6 +24,7 @@ def run_evaluation(
     *,
     show_progress: bool = True,
     examples: int = 0,
+    description: str = "",
 ) -> EvalOutcome:
     """Evaluate this process's shard of ``factories`` and reduce over processes.
 
@@ -39,15 +40,16 @@ def run_evaluation(
         examples (int, optional): Keep the maps of this many pairs of this process's first
                     batch (for a figure).
                     Default: 0
+        description (str, optional): The progress bar's text.
+                    Default: "" (``eval [rank r/w]: batches``)
 
     Returns:
         The :class:`~captum_legrad.eval.harness.EvalOutcome`, summed over all processes.
     """
     methods = build_methods(model, method_names)
     mine = distributed.shard(list(factories), context)
-    bar = progress_bar(
-        len(mine), f"eval [rank {context.rank}/{context.world}] batches", disable=not show_progress
-    )
+    text = description or f"eval [rank {context.rank}/{context.world}]: batches"
+    bar = progress_bar(len(mine), text, disable=not show_progress)
     outcome = evaluate_batches(
         model,
         methods,

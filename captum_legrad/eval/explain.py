@@ -1,0 +1,359 @@
+"""``captum-legrad explain``: LeGrad maps of photos, shown on the photos.
+
+For every photo:
+
+1. the photo is preprocessed as the model expects (:meth:`LoadedModel.prepare
+   <captum_legrad.eval.models.LoadedModel.prepare>`: the library's own transform: resize,
+   centre crop, normalisation);
+2. the model scores it; the targets are the given classes (indices or names) or prompts,
+   or else the model's ``top_k`` predicted classes;
+3. :meth:`LeGrad.attribute_multi <captum_legrad.LeGrad.attribute_multi>` gives one map per
+   target on the model's input (``output="map"``, min-max normalised to [0, 1]);
+4. each map is projected back onto the photo at its own resolution and aspect ratio
+   (:meth:`Geometry.project <captum_legrad.eval.preprocess.Geometry.project>`), ``NaN``
+   where the crop cut the photo away;
+5. the projected maps are saved as ``<photo>_<target>.npy`` (float32, ``(h, w)``) and drawn
+   in one figure per photo, ``<photo>.<format>``: the photo, then one overlay per target,
+   titled with the class name or prompt and the model's probability or similarity, with a
+   colour bar; the cropped-away border is greyed and hatched.
+
+File names never collide: photos that share a stem (``pic.jpg``, ``pic.png``) keep their
+extension in the name, and targets whose names clean up to the same text get a suffix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .files import OutputFolder, unique_name
+from .models import LoadedModel
+
+__all__ = [
+    "ExplainError",
+    "IMAGE_EXTENSIONS",
+    "PhotoResult",
+    "image_files",
+    "photo_names",
+    "read_labels",
+    "resolve_target",
+    "explain_photos",
+    "check_photos",
+    "summary_lines",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ExplainError(ValueError):
+    """A problem with what was asked (a file, a target); reported in one line."""
+
+
+@dataclass
+class PhotoResult:
+    """What was explained in one photo and where it was written.
+
+    Attributes:
+        photo: The photo file.
+        targets: The explained class indices (or prompt indices).
+        names: Their class names or prompts.
+        scores: The model's probability (softmax, or sigmoid for multi-label models) or,
+                    for prompts, the cosine similarity.
+        files: The files written for this photo.
+    """
+
+    photo: Path
+    targets: List[int]
+    names: List[str]
+    scores: List[float]
+    files: List[Path] = field(default_factory=list)
+
+
+def image_files(path: Path) -> List[Path]:
+    """The image file ``path``, or the images in the folder ``path`` (sorted)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ExplainError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+        return files
+    raise ExplainError(f"no such image or folder: {path}")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:60] or "target"
+
+
+def photo_names(files: Sequence[Path]) -> Dict[Path, str]:
+    """A distinct base name per photo: its stem, with the extension where stems collide."""
+    stems: Dict[str, int] = {}
+    for path in files:
+        stems[path.stem.lower()] = stems.get(path.stem.lower(), 0) + 1
+    taken: set = set()
+    names = {}
+    for path in files:
+        base = _safe(path.stem)
+        if stems[path.stem.lower()] > 1:
+            base = f"{base}_{_safe(path.suffix.lstrip('.'))}"
+        names[path] = unique_name(base, taken)
+    return names
+
+
+def read_labels(path: Path) -> List[str]:
+    """Class names from a text file, one per line (line ``i`` names class ``i``)."""
+    if not path.is_file():
+        raise ExplainError(f"labels file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ExplainError(f"cannot read labels file {path}: {error}") from error
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ExplainError(f"labels file {path} is empty: write one class name per line")
+    return [line.strip() for line in lines]
+
+
+def resolve_target(text: str, classes: Optional[Sequence[str]], outputs: int) -> int:
+    """A ``--target`` entry (an index or a class name) → a class index.
+
+    A name matches a class name, or one of its comma-separated synonyms (ImageNet's "tabby,
+    tabby cat"), ignoring case.
+
+    Raises:
+        ExplainError: An index out of range, or a name that matches no class or several.
+    """
+    try:
+        index = int(text)
+    except ValueError:
+        index = None
+    if index is not None:
+        if not 0 <= index < outputs:
+            raise ExplainError(
+                f"target {index} is out of range: the model has {outputs} outputs "
+                f"(0..{outputs - 1})"
+            )
+        return index
+    if not classes:
+        raise ExplainError(
+            f"--target {text!r} is a name, but this model has no class names: give a class "
+            "index, or the names with --labels FILE"
+        )
+    wanted = " ".join(text.lower().split())
+    hits = [
+        i
+        for i, name in enumerate(classes)
+        if wanted == name.lower() or wanted in [s.strip().lower() for s in name.split(",")]
+    ]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        listed = ", ".join(f"{i} ({classes[i]})" for i in hits)
+        raise ExplainError(f"--target {text!r} names several classes: {listed}; give the index")
+    words = {s.strip().lower(): i for i, name in enumerate(classes) for s in name.split(",")}
+    close = difflib.get_close_matches(wanted, list(words), n=3, cutoff=0.6)
+    hint = (
+        "; did you mean " + ", ".join(f"{c!r} ({words[c]})" for c in close) + "?" if close else ""
+    )
+    raise ExplainError(f"unknown class name {text!r} for this model{hint}")
+
+
+def _open_photo(path: Path) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ExplainError(f"cannot read image {path}: {error}") from error
+
+
+def check_photos(files: Sequence[Path]) -> None:
+    """Open every photo's header (cheap) so that an unreadable file stops the run first."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as handle:
+                handle.verify()
+        except Exception as error:  # PIL raises many kinds for a broken file
+            raise ExplainError(f"cannot read image {path}: {error}") from error
+
+
+def _scores(raw: Tensor, loaded: LoadedModel, prompts: bool) -> Tensor:
+    if prompts:
+        return raw
+    if loaded.multilabel:
+        return raw.sigmoid()
+    return raw.softmax(dim=-1)
+
+
+def _title(name: str, score: float, prompts: bool, multilabel: bool) -> str:
+    what = "similarity" if prompts else ("probability (sigmoid)" if multilabel else "probability")
+    return f"{name}\n{what} {score:.3f}"
+
+
+def explain_photos(
+    loaded: LoadedModel,
+    files: Sequence[Path],
+    out: OutputFolder,
+    *,
+    targets: Optional[Sequence[str]] = None,
+    prompts: Optional[Sequence[str]] = None,
+    top_k: int = 1,
+    labels: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[int]] = None,
+    fmt: str = "png",
+    device: Optional[torch.device] = None,
+    warn: Callable[[str], None] = lambda message: None,
+    progress: Callable[[int], Any] = lambda n: None,
+) -> List[PhotoResult]:
+    r"""Explain each photo and write its maps and figure into ``out``.
+
+    Args:
+        loaded (LoadedModel): The model (:func:`~captum_legrad.eval.models.load_model`).
+        files (Sequence[Path]): The photos.
+        out (OutputFolder): Where to write.
+        targets (Sequence[str], optional): Class indices or names (``--target``).
+                    Default: None
+        prompts (Sequence[str], optional): Text prompts (image-text models, ``--prompt``).
+                    Default: None
+        top_k (int, optional): Without targets or prompts, explain the ``top_k`` highest
+                    scoring classes of each photo.
+                    Default: 1
+        labels (Sequence[str], optional): Class names replacing the model's (``--labels``).
+                    Default: None
+        layers (Sequence[int], optional): LeGrad's blocks.
+                    Default: None (all)
+        fmt (str, optional): Figure format, ``png``, ``jpg`` or ``pdf``.
+                    Default: "png"
+        device (torch.device, optional): Where to run.
+                    Default: None (CPU)
+        warn (callable, optional): Called with each warning (one line).
+        progress (callable, optional): Called with 1 after each photo.
+
+    Returns:
+        One :class:`PhotoResult` per photo.
+
+    Raises:
+        ExplainError: Bad targets, prompts, labels or images; the message is one line.
+    """
+    from .. import viz
+    from ..attribution import LeGrad
+
+    if top_k < 1:
+        raise ExplainError(f"--top-k must be at least 1, got {top_k}")
+    check_photos(files)
+    if prompts:
+        if loaded.with_prompts is None:
+            raise ExplainError(
+                "this model has no text tower: use --target CLASS instead of --prompt"
+            )
+        repeated = sorted({p for p in prompts if list(prompts).count(p) > 1})
+        if repeated:
+            raise ExplainError(f"--prompt {repeated[0]!r} is given twice")
+        model = loaded.with_prompts(list(prompts)).eval()
+        classes: Optional[List[str]] = list(prompts)
+    else:
+        if loaded.with_prompts is not None:
+            raise ExplainError('this is an image-text model: give --prompt "a photo of a cat" ...')
+        model = loaded.model
+        classes = list(labels) if labels is not None else loaded.classes
+    device = device if device is not None else torch.device("cpu")
+    model = model.to(device).eval()
+    try:
+        legrad = LeGrad(model, layers=layers)
+    except (TypeError, ValueError) as error:
+        raise ExplainError(" ".join(str(error).split())) from error
+    if loaded.random_init:
+        warn("the model has random weights: its maps and scores show nothing learned")
+    view = loaded.preprocessing()
+    names_of = photo_names(files)
+    inputs = {path.resolve() for path in files}
+    taken: set = set()
+    fixed: Optional[List[int]] = None
+    results: List[PhotoResult] = []
+    for path in files:
+        photo = _open_photo(path)
+        x = loaded.prepare(photo)[None].to(device)
+        with torch.no_grad():
+            raw = model(x)[0].float().cpu()
+        outputs = int(raw.shape[-1])
+        if labels is not None and len(labels) != outputs:
+            raise ExplainError(
+                f"--labels has {len(labels)} names but the model has {outputs} outputs"
+            )
+        scores = _scores(raw, loaded, bool(prompts))
+        if prompts:
+            chosen = list(range(len(prompts)))
+        elif targets:
+            if fixed is None:
+                fixed = [resolve_target(t, classes, outputs) for t in targets]
+                doubled = sorted({t for t in fixed if fixed.count(t) > 1})
+                if doubled:
+                    raise ExplainError(f"--target names class {doubled[0]} more than once")
+            chosen = fixed
+        else:
+            chosen = [int(i) for i in raw.topk(min(top_k, outputs)).indices]
+        if loaded.shapes_model:
+            width, height = photo.size
+            if (height, width) != loaded.image_size or not bool((raw > 0).any()):
+                warn(
+                    f"--model default is a tiny model trained on synthetic "
+                    f"{loaded.image_size[0]}×{loaded.image_size[1]} shapes "
+                    f"({', '.join(loaded.classes or [])}); {path.name} "
+                    f"({width}×{height}{'' if bool((raw > 0).any()) else ', no shape detected'})"
+                    " is not such an image, so its classes and maps mean nothing here: use a "
+                    "pretrained model, e.g. --model timm:vit_base_patch16_224"
+                )
+        maps = legrad.attribute_multi(x, targets=chosen, output="map")[0]
+        geometry = view.geometry(photo.size[1], photo.size[0])
+        projected = geometry.project(maps.float().cpu())
+        names = [
+            classes[t] if classes is not None and t < len(classes) else f"class {t}" for t in chosen
+        ]
+        result = PhotoResult(
+            photo=path,
+            targets=chosen,
+            names=names,
+            scores=[float(scores[t]) for t in chosen],
+        )
+        base = names_of[path]
+        for k, name in enumerate(names):
+            label = name.split(",")[0] if not prompts else name
+            file_name = unique_name(f"{base}_{_safe(label)}", taken) + ".npy"
+            result.files.append(out.save_npy(file_name, projected[k].numpy().astype("float32")))
+        titles = [
+            _title(name, score, bool(prompts), loaded.multilabel)
+            for name, score in zip(names, result.scores)
+        ]
+        figure = viz.plot_photo(photo, projected, titles, suptitle=f"{path.name}: LeGrad")
+        figure_name = unique_name(base, taken) + f".{fmt}"
+        while (out.path / figure_name).resolve() in inputs:  # never overwrite a photo
+            figure_name = unique_name(f"{base}_legrad", taken) + f".{fmt}"
+        result.files.append(out.save_figure(figure_name, figure, fmt))
+        results.append(result)
+        progress(1)
+    return results
+
+
+def summary_lines(results: Sequence[PhotoResult], out: Path) -> List[str]:
+    """One line per photo: what was explained, with its score, and the files written."""
+    lines = []
+    for result in results:
+        what = "; ".join(
+            f"{name.split(',')[0]} ({score:.2f})"
+            for name, score in zip(result.names, result.scores)
+        )
+        files = ", ".join(p.name for p in result.files)
+        lines.append(f"{result.photo.name}: {what} → {files}")
+    count = sum(len(r.files) for r in results)
+    lines.append(f"wrote {count} files to {out}")
+    return lines
