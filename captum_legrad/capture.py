@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
-from .hooks import ScopedHooks
+from .hooks import ScopedHooks, mode_stack_guard
 from .lean import (
     LeanRecorder,
     Record,
@@ -228,17 +228,6 @@ class AttentionRecorder(TorchFunctionMode):
 
 
 @contextmanager
-def _mode_stack_guard() -> Iterator[None]:
-    """Pop any torch-function mode an interrupted forward left on the stack."""
-    depth = torch._C._len_torch_function_stack()
-    try:
-        yield
-    finally:
-        while torch._C._len_torch_function_stack() > depth:
-            torch._C._pop_torch_function_stack()
-
-
-@contextmanager
 def record_attention(
     modules: Sequence[nn.Module], route: str = "explicit", outputs: Sequence[bool] = ()
 ) -> Iterator[List[List[Record]]]:
@@ -281,7 +270,7 @@ def record_attention(
 
         return hook
 
-    with _mode_stack_guard(), ScopedHooks() as hooks:
+    with mode_stack_guard(), ScopedHooks() as hooks:
         for module, sink, output in zip(modules, records, as_output):
             if output:
                 hooks.forward(module, keep(sink))

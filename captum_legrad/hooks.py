@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import threading
+from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Callable, List, Optional, Type
+from typing import Any, Callable, Iterator, List, Optional, Type
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ScopedHooks"]
+__all__ = ["ScopedHooks", "mode_stack_guard"]
 
 
 class ScopedHooks:
@@ -86,3 +88,14 @@ class ScopedHooks:
         traceback: Optional[TracebackType],
     ) -> None:
         self.remove()
+
+
+@contextmanager
+def mode_stack_guard() -> Iterator[None]:
+    """Pop any torch-function mode an interrupted forward left on this thread's stack."""
+    depth = torch._C._len_torch_function_stack()
+    try:
+        yield
+    finally:
+        while torch._C._len_torch_function_stack() > depth:
+            torch._C._pop_torch_function_stack()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .hooks import ScopedHooks
+from .hooks import ScopedHooks, mode_stack_guard
 
 __all__ = [
     "InputSize",
@@ -201,17 +201,6 @@ def substitute_during(
     return enter
 
 
-@contextmanager
-def _mode_stack_guard() -> Iterator[None]:
-    """Pop any torch-function mode an interrupted forward left on the stack."""
-    depth = torch._C._len_torch_function_stack()
-    try:
-        yield
-    finally:
-        while torch._C._len_torch_function_stack() > depth:
-            torch._C._pop_torch_function_stack()
-
-
 def _multiple(size: int, patch: int) -> int:
     return max(patch, size // patch * patch)
 
@@ -263,6 +252,6 @@ def at_input_size(
             "resize_pos_embed=True to resample the position embedding for the call "
             f"({rule.mechanism}; the model then runs outside its training resolution)."
         )
-    with _mode_stack_guard(), ScopedHooks() as hooks:
+    with mode_stack_guard(), ScopedHooks() as hooks:
         rule.enter(hooks, (height, width))
         yield
