@@ -25,13 +25,14 @@ The work is done by :class:`Explorer`, plain Python that the tests call without 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -113,6 +114,13 @@ class Explanation:
 
 
 ProgressFn = Callable[[float, str], None]
+
+
+def _at_size(spec: ViTSpec, x: Tensor) -> ContextManager[None]:
+    """Run the model at ``x``'s size outside LeGrad (scores, Captum's Saliency)."""
+    from .resize import at_input_size
+
+    return at_input_size(spec.input_size, (int(x.shape[-2]), int(x.shape[-1])), family=spec.family)
 
 
 def _colour(heat: np.ndarray) -> np.ndarray:
@@ -266,13 +274,13 @@ class Explorer:
             assert self.loaded.with_prompts is not None
             model = self.loaded.with_prompts(prompts).eval()
             spec = discover(model)
-            with torch.no_grad():
+            with torch.no_grad(), _at_size(spec, x):
                 scores = model(x)
             targets = [list(range(len(prompts)))] * x.shape[0]
             return model, spec, scores, targets, prompts
         model = self.loaded.model
         assert self._spec is not None
-        with torch.no_grad():
+        with torch.no_grad(), _at_size(self._spec, x):
             scores = model(x)
         if settings.what.strip():
             chosen = self._class_targets(settings.what, scores.shape[-1])
@@ -343,8 +351,11 @@ class Explorer:
             for step, baseline in enumerate(chosen):
                 report(0.6 + 0.3 * step / len(chosen), baseline)
                 method = METHODS[BASELINES[baseline]][1](model, spec)
+                # The attention baselines resize by themselves; Captum's Saliency runs the model.
+                sized = _at_size(spec, x) if baseline == "Saliency" else contextlib.nullcontext()
                 for k in range(index.shape[1]):
-                    attr = method.attribute(x, target=index[:, k])
+                    with sized:
+                        attr = method.attribute(x, target=index[:, k])
                     heat = _normalise(attr.detach().float().mean(dim=1))
                     for b, name in enumerate(names):
                         caption = f"{baseline} — {name}: {labels[int(index[b, k])]}"
@@ -512,6 +523,7 @@ def launch(
     std: Sequence[float] = (0.229, 0.224, 0.225),
     classes: Optional[Sequence[str]] = None,
     random_weights: bool = False,
+    explain_size: Optional[Tuple[int, ...]] = None,
     block: bool = True,
 ) -> Any:
     r"""Start the explorer for ``model`` and serve it on ``host:port``.
@@ -530,6 +542,10 @@ def launch(
                     Default: False
         examples (sequence of str, optional): Example images; the bundled model has its own.
         image_size, mean, std, classes: For a bare ``nn.Module``.
+        explain_size (tuple, optional): Explain at this input size ``(H, W)`` (or ``(S,)``)
+                    instead of the model's own, e.g. 448 on a 224 model for finer maps
+                    (:meth:`~captum_legrad.eval.models.LoadedModel.at_size`).
+                    Default: None
         random_weights (bool, optional): For a named model: random weights instead of the
                     pretrained ones (which are downloaded by the library when not cached).
                     Default: False
@@ -577,6 +593,12 @@ def launch(
             description = f"Model: `{model}` ({loaded.weights or 'weights as loaded'})."
             if loaded.random_init:
                 description += " Random weights: the maps show nothing the model learned."
+    if explain_size:
+        try:
+            loaded = loaded.at_size((explain_size[0], explain_size[-1]))
+        except ModelError as error:
+            raise ExplorerError(str(error)) from error
+        description += f" Explained at {loaded.image_size[0]}×{loaded.image_size[1]}."
     explorer = Explorer(loaded, description=description)
     page = build(explorer, examples)
     gr = _gradio()

@@ -141,11 +141,18 @@ def _eval_config(
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .eval.models import load_model
+    from .eval.models import ModelError, load_model
 
-    return load_model(
+    loaded = load_model(
         args.model, args.weights, args.num_classes, random_weights=args.random_weights
     )
+    size = getattr(args, "image_size", None)
+    if size:
+        try:
+            loaded = loaded.at_size((size[0], size[-1]))
+        except ModelError as error:
+            raise CLIError(str(error)) from error
+    return loaded
 
 
 def _written(out: Path, files: Sequence[Path]) -> str:
@@ -403,6 +410,7 @@ def cmd_app(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             random_weights=args.random_weights,
+            explain_size=tuple(args.image_size[:2]) if args.image_size else None,
         )
     except (ExplorerError, ImportError) as error:
         raise CLIError(str(error)) from error
@@ -529,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("png", "jpg", "pdf"), default="png", help="figure file format"
     )
     explain.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    explain.add_argument(
+        "--image-size",
+        type=_positive,
+        nargs="+",
+        metavar="PIXELS",
+        help="explain at this input size (H [W]), e.g. 448 on a 224 model for finer maps; "
+        "the position embedding is resampled for the call (default: the model's own)",
+    )
     explain.add_argument("--out", type=Path, required=True, help="output folder")
     explain.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     explain.set_defaults(func=cmd_explain)
@@ -547,6 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 makes it public"
     )
     explorer.add_argument("--port", type=int, help="port (default: the first free from 7860)")
+    explorer.add_argument(
+        "--image-size",
+        type=_positive,
+        nargs="+",
+        metavar="PIXELS",
+        help="explain at this input size (H [W]), e.g. 448 on a 224 model for finer maps; "
+        "the position embedding is resampled for the call (default: the model's own)",
+    )
     explorer.add_argument(
         "--random-weights",
         action="store_true",
@@ -593,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-perturbation", action="store_true", help="skip perturbation tests")
     ev.add_argument("--no-plots", action="store_true", help="no curves.png / examples.png")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ev.add_argument(
+        "--image-size",
+        type=_positive,
+        nargs="+",
+        metavar="PIXELS",
+        help="explain at this input size (H [W]), e.g. 448 on a 224 model for finer maps; "
+        "the position embedding is resampled for the call (default: the model's own)",
+    )
     ev.add_argument("--out", type=Path, required=True, help="output folder")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

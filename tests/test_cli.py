@@ -768,3 +768,23 @@ def test_openimages_pipeline_p_miou(tmp_path: Path) -> None:
         table[cls] += point_counts(heat, torch.tensor(points) * 32, torch.tensor(positive))
     expected = float(100 * (table[:, 0] / table.sum(1)).mean())
     assert results["legrad"]["p_miou"] == pytest.approx(expected)
+
+
+def test_explain_at_another_image_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--image-size 128 on the 64×64 bundled model: LeGrad at 128² (finer grid), as a direct
+    call with the position embedding resampled; a size off the patch grid is one line."""
+    from captum_legrad.data import ShapesDataset, load_default_model, normalize
+
+    picture = ShapesDataset(1, seed=3, image_size=128)[0].image  # (3, 128, 128) in [0, 1]
+    save_png(tmp_path / "big.png", picture)
+    argv = ["explain", str(tmp_path / "big.png"), "--model", "default", "--target", "2"]
+    code, _, err = run([*argv, "--image-size", "128", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    (saved,) = sorted((tmp_path / "o").glob("*.npy"))
+    x = normalize(load_image(tmp_path / "big.png"))[None]
+    expected = LeGrad(load_default_model()).attribute(x, target=2, output="map")[0, 0]
+    assert expected.shape == (128, 128)
+    np.testing.assert_allclose(np.load(saved), expected.numpy(), atol=1e-5)
+    code, _, err = run([*argv, "--image-size", "100", "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "not a multiple of the model's 8x8 patches" in err
+    assert len(err.strip().splitlines()) == 1

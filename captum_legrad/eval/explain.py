@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..resize import at_input_size
 from .files import OutputFolder, unique_name
 from .models import LoadedModel
 
@@ -283,7 +284,11 @@ def explain_photos(
     for path in files:
         photo = _open_photo(path)
         x = loaded.prepare(photo)[None].to(device)
-        with torch.no_grad():
+        size = (int(x.shape[-2]), int(x.shape[-1]))  # --image-size: outside the training size
+        with (
+            torch.no_grad(),
+            at_input_size(legrad.spec.input_size, size, family=legrad.spec.family),
+        ):
             raw = model(x)[0].float().cpu()
         outputs = int(raw.shape[-1])
         if labels is not None and len(labels) != outputs:

@@ -22,6 +22,7 @@ models a way to turn prompts into a model whose scores are the prompts' similari
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -104,6 +105,32 @@ class LoadedModel:
     def preprocessing(self) -> View:
         """The :class:`View` (resize and centre crop) of this model's preprocessing."""
         return self.view if self.view is not None else View(crop=self.image_size)
+
+    def at_size(self, size: Tuple[int, int]) -> LoadedModel:
+        """The same model explained at another input size ``(H, W)`` (``--image-size``).
+
+        The preprocessing keeps its framing, scaled: a "resize the shorter side to 256,
+        centre-crop 224" model at 448 resizes to 512 and crops 448. The library's own
+        transform is replaced by this scaled view (bilinear, antialiased) and the model's
+        normalisation. LeGrad then resamples the position embedding for each call
+        (``resize_pos_embed``); the model runs outside its training resolution.
+        """
+        height, width = int(size[0]), int(size[1])
+        if height < 1 or width < 1:
+            raise ModelError(f"--image-size must be positive, got {height}x{width}")
+        if height % self.patch_size[0] or width % self.patch_size[1]:
+            raise ModelError(
+                f"--image-size {height}x{width} is not a multiple of the model's "
+                f"{self.patch_size[0]}x{self.patch_size[1]} patches"
+            )
+        view = self.preprocessing()
+        scale_h, scale_w = height / view.crop[0], width / view.crop[1]
+        scaled = View(
+            crop=(height, width),
+            resize=view.resize,
+            size=(round(view.size[0] * scale_h), round(view.size[1] * scale_w)),
+        )
+        return dataclasses.replace(self, image_size=(height, width), view=scaled, transform=None)
 
     def prepare(self, photo: Any) -> Tensor:
         """A PIL RGB image → the model's normalised input ``(3, H, W)``, as the model expects."""
