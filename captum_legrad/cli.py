@@ -368,6 +368,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"captum-legrad: warning: {message}", file=sys.stderr)
 
+    if args.ask is not None:
+        return _ask(args, files, out)
     try:
         loaded = _load(args)
         bar = progress_bar(len(files), "explain: photos", disable=args.quiet or len(files) == 1)
@@ -391,6 +393,38 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise
     print(f"model {args.model}, weights: {loaded.weights}")
     print("\n".join(summary_lines(results, args.out)))
+    return 0
+
+
+def _ask(args: argparse.Namespace, files: Sequence[Path], out: Any) -> int:
+    """``explain --ask``: a vision-language model's answer, one map per token."""
+    from .eval.ask import ask_photos, load_vlm
+    from .eval.models import ModelError
+
+    if not args.ask.strip():
+        raise CLIError("--ask needs a question")
+    try:
+        model, processor = load_vlm(args.model, args.random_weights)
+        answers = ask_photos(
+            model,
+            processor,
+            files,
+            out,
+            args.ask,
+            answer=args.answer,
+            max_new_tokens=args.max_new_tokens,
+            layers=args.layers,
+            fmt=args.format,
+        )
+    except ModelError as error:
+        out.cleanup()
+        raise CLIError(str(error)) from error
+    except BaseException:
+        out.cleanup()
+        raise
+    for path, text in answers:
+        print(f"{path.name}: {args.ask} → {text}")
+    print(out.summary())
     return 0
 
 
@@ -518,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
         "labels or --labels (default: the top-k predicted classes)",
     )
     what.add_argument(
+        "--ask",
+        metavar="QUESTION",
+        help="a vision-language model (--model hf:..., LLaVA-1.5 / PaliGemma / Gemma 3): "
+        "explain its answer to QUESTION, one map per answer token",
+    )
+    what.add_argument(
         "--prompt", nargs="+", metavar="TEXT", help="text prompts (image-text models)"
     )
     explain.add_argument(
@@ -544,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PIXELS",
         help="explain at this input size (H [W]), e.g. 448 on a 224 model for finer maps; "
         "the position embedding is resampled for the call (default: the model's own)",
+    )
+    explain.add_argument("--answer", help="with --ask: explain this answer (default: generated)")
+    explain.add_argument(
+        "--max-new-tokens", type=_positive, default=32, help="with --ask: longest answer"
     )
     explain.add_argument("--out", type=Path, required=True, help="output folder")
     explain.add_argument("--quiet", action="store_true", help="no progress bar or notes")

@@ -788,3 +788,78 @@ def test_explain_at_another_image_size(tmp_path: Path, capsys: pytest.CaptureFix
     code, _, err = run([*argv, "--image-size", "100", "--out", str(tmp_path / "p")], capsys)
     assert code == 2 and "not a multiple of the model's 8x8 patches" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _tiny_llava_folder(folder: Path) -> Any:
+    """A tiny random LLaVA-1.5 with a real (offline-built) processor, saved as hf:FOLDER."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<eos>", "<image>", *[f"w{i}" for i in range(60)]]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=63,
+        ),
+        image_token_id=2,
+    )
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def test_explain_ask_a_vlm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--ask: the answer's tokens, one map each, equal to explain_answer on the same folder."""
+    from captum_legrad.vlm import explain_answer
+
+    model, processor = _tiny_llava_folder(tmp_path / "llava")
+    save_png(
+        tmp_path / "pic.png", torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(1))
+    )
+    argv = ["explain", str(tmp_path / "pic.png"), "--model", f"hf:{tmp_path / 'llava'}"]
+    argv += ["--ask", "w3 w4", "--max-new-tokens", "3", "--out", str(tmp_path / "o")]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "pic.png") as handle:
+        photo = handle.convert("RGB")
+    expected = explain_answer(model, processor, photo, "<image> w3 w4", max_new_tokens=3)
+    assert f"pic.png: w3 w4 → {expected.text}" in stdout
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "pic_answer.npy"), expected.maps, atol=1e-6)
+    assert (tmp_path / "o" / "pic_answer.png").stat().st_size > 0
+    code, _, err = run(
+        [*argv[:3], "timm:vit_tiny_patch16_224", *argv[4:-2], "--out", str(tmp_path / "p")], capsys
+    )
+    assert code == 2 and "--ask needs a vision-language model from transformers" in err
+    assert not (tmp_path / "p").exists()
