@@ -31,6 +31,7 @@ from .lean import (
     LeanRecorder,
     Record,
     leaf,
+    mha_projections,
     mlp_output_linear,
     prune_probabilities,
     token_mean_linear_hook,
@@ -146,22 +147,18 @@ def explicit_mha(
     tgt_len, batch, embed_dim = query.shape
     src_len = key.shape[0]
     head_dim = embed_dim // num_heads
-    if use_separate_proj_weight:
-        assert q_proj_weight is not None and k_proj_weight is not None
-        assert v_proj_weight is not None
-        weights_qkv = (q_proj_weight, k_proj_weight, v_proj_weight)
-    else:
-        assert in_proj_weight is not None
-        weights_qkv = tuple(in_proj_weight.chunk(3))  # type: ignore[assignment]
-    biases: Tuple[Optional[Tensor], ...] = (
-        tuple(in_proj_bias.chunk(3)) if in_proj_bias is not None else (None, None, None)
+    q, k, v = mha_projections(
+        query,
+        key,
+        value,
+        num_heads,
+        in_proj_weight,
+        in_proj_bias,
+        use_separate_proj_weight,
+        q_proj_weight,
+        k_proj_weight,
+        v_proj_weight,
     )
-    q = F.linear(query, weights_qkv[0], biases[0])
-    k = F.linear(key, weights_qkv[1], biases[1])
-    v = F.linear(value, weights_qkv[2], biases[2])
-    q = q.view(tgt_len, batch, num_heads, head_dim).permute(1, 2, 0, 3)
-    k = k.view(src_len, batch, num_heads, head_dim).permute(1, 2, 0, 3)
-    v = v.view(src_len, batch, num_heads, head_dim).permute(1, 2, 0, 3)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
     if attn_mask is not None:
         if attn_mask.dim() == 3:

@@ -50,6 +50,7 @@ __all__ = [
     "Record",
     "LeanRecorder",
     "lean_mha",
+    "mha_projections",
     "reduce_lean",
     "prune_probabilities",
     "REDUCE_CHUNK_ELEMENTS",
@@ -121,7 +122,7 @@ def leaf(tensor: Tensor) -> Tensor:
     return leaf
 
 
-def _mha_projections(
+def mha_projections(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -237,7 +238,7 @@ def lean_mha(
             key_padding_mask = key_padding_mask.unsqueeze(0)
     tgt_len, batch, embed_dim = query.shape
     with torch.no_grad():
-        q, k, v = _mha_projections(
+        q, k, v = mha_projections(
             query,
             key,
             value,
