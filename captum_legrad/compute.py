@@ -141,7 +141,14 @@ def run_forward(
             attentions = [_single_record(records[0], type(spec.pool_attention).__name__)]
         else:
             per_layer = captured.tokens
-            if route == "lean" or any(t.shape[1:] != per_layer[0].shape[1:] for t in per_layer):
+            if pooling == "mean" and spec.token_mean_readout:
+                # The readout reads each layer only through its mean over tokens, and the
+                # mean over one token is that token: one batched readout of the means (one
+                # pass through the head, whatever the layer count), the same scores.
+                means = [tokens.mean(dim=1, keepdim=True) for tokens in per_layer]
+                captured.tokens.clear()
+                scores = readout(torch.cat(means))
+            elif route == "lean" or any(t.shape[1:] != per_layer[0].shape[1:] for t in per_layer):
                 # One readout per layer: no stacked copy of every layer's tokens (memory), and
                 # layers may differ in their tokens (ConViT, CaiT: the class token joins late).
                 one = spec.extra_readout_inputs(arguments, batch)

@@ -471,23 +471,46 @@ def mlp_output_linear(block: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
+class _SharedRowBackward(torch.autograd.Function):
+    """Identity on the linear's output ``y``; its backward gives the linear's input the
+    gradient ``mean_n(dY_n) · W``, broadcast to every token (see
+    :func:`token_mean_linear_hook`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: int
+    ) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.token_dim, ctx.input_shape = token_dim, inputs.shape
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        row = grad.mean(dim=ctx.token_dim, keepdim=True) @ weight.to(grad.dtype)
+        return row.expand(ctx.input_shape), None, None, None
+
+
 def token_mean_linear_hook(token_dim: int) -> Callable[..., Any]:
     """Forward hook for that linear: same output, backward through one row per sample.
 
     With ``pooling="mean"`` the score depends on ``Z^l`` only through its mean over
     tokens, so ``∂s/∂Z^l_n`` is the same for every token ``n``, and so is the gradient
-    ``g`` at this linear's output. Its input gradient ``Wᵀ g`` is then
-    ``Wᵀ mean_n(g_n) = ∂/∂h_n of mean_n(W h_n + b)``, one row instead of ``N``: the hook
-    returns ``y.detach() + (r − r.detach())`` with ``r = W·mean_n(h_n) + b``, which
-    equals ``y`` exactly (``r − r.detach()`` is zero) and carries that gradient.
+    ``g`` at this linear's output ``y_n = W h_n + b``. Its input gradient ``Wᵀ g`` is then
+    ``mean_n(dY_n) · W`` for every token: one row instead of ``N``. The hook returns ``y``
+    unchanged (a view, no copy) through :class:`_SharedRowBackward`, whose backward
+    computes that row and broadcasts it; nothing extra runs in the forward.
     """
 
     def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and args):
             return None
+        inputs = args[0]
+        if not (isinstance(inputs, Tensor) and inputs.requires_grad):
+            return None
         linear: Any = module
-        mean = args[0].mean(dim=token_dim, keepdim=True)
-        row = F.linear(mean, linear.weight, linear.bias)
-        return output.detach() + (row - row.detach())
+        return _SharedRowBackward.apply(inputs, output.detach(), linear.weight, token_dim)
 
     return hook
