@@ -477,7 +477,7 @@ class _SharedRowBackward(torch.autograd.Function):
     :func:`token_mean_linear_hook`)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: int
     ) -> Tensor:
         ctx.save_for_backward(weight)
