@@ -13,7 +13,6 @@ torch-function mode stack belong to the thread that sets them.
 
 from __future__ import annotations
 
-import functools
 import threading
 from contextlib import contextmanager
 from types import TracebackType
@@ -44,7 +43,6 @@ class ScopedHooks:
     def _own(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         owner = self._owner
 
-        @functools.wraps(hook)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             if threading.get_ident() != owner:
                 return None  # another thread's forward of the same module
