@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,40 @@ def round_robin(
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def flop_counts(fns: Mapping[str, Callable[[], object]]) -> Dict[str, float]:
+    """Floating-point operations of one call of each callable (the formulas of
+    ``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and backward;
+    element-wise ops are not counted).
+
+    Independent of the machine and its load, so the ratios of these counts are the floor the
+    timed ratios approach when every callable runs its matmuls at the same rate. A plain
+    dispatch mode (not ``FlopCounterMode``, whose module tracker rejects legrad-torch's
+    hooked modules).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        total = 0.0
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += float(formula(*args, **kwargs, out_val=out))
+            return out
+
+    counts: Dict[str, float] = {}
+    for name, fn in fns.items():
+        with Counter() as counter:
+            fn()
+        counts[name] = counter.total
+    return counts
 
 
 def medians(times: Mapping[str, Sequence[float]]) -> Dict[str, float]:

@@ -51,6 +51,7 @@ from _common import (  # the benchmarks folder is not a package
     RESULT_PREFIX,
     current_rss_mib,
     ensure_repo_on_path,
+    flop_counts,
     load_average,
     machine_line,
     markdown_table,
@@ -292,6 +293,7 @@ def run_clip_timing(args: argparse.Namespace) -> None:
     emit(
         {
             "medians": medians(times),
+            "flops": flop_counts(fns),
             "open_clip": version("open_clip_torch"),
             "legrad_torch": version("legrad-torch"),
             "torch": torch.__version__,
@@ -358,7 +360,7 @@ def cost_section(args: argparse.Namespace, model: nn.Module, x: Tensor) -> List[
     log(f"cost: {len(fns)} callables x {args.repeats} rounds")
     med = medians(round_robin(fns, args.repeats))
     if args.core:
-        return core_cost_lines(args, x, med, depth)
+        return core_cost_lines(args, x, med, depth, flop_counts(fns))
     k64_warmup = 0 if args.quick else 1  # the model and the code paths are warm by now
     log(f"K=64: multi64 vs a single call x {args.k64_repeats} rounds")
     med64 = medians(
@@ -443,7 +445,11 @@ def cost_section(args: argparse.Namespace, model: nn.Module, x: Tensor) -> List[
 
 
 def core_cost_lines(
-    args: argparse.Namespace, x: Tensor, med: Dict[str, float], depth: int
+    args: argparse.Namespace,
+    x: Tensor,
+    med: Dict[str, float],
+    depth: int,
+    flops: Dict[str, float],
 ) -> List[str]:
     """The cost table of ``--core``: forward, both routes, last two layers."""
     fwd = med["forward"]
@@ -455,7 +461,8 @@ def core_cost_lines(
     ):
         value = med[key] / fwd
         goal_text, met = goal_cell(value, GOALS["all_layers"]) if goal else ("", "")
-        rows.append([label, seconds(med[key]), seconds(fwd), ratio(value), goal_text, met])
+        floor = ratio(flops[key] / flops["forward"])
+        rows.append([label, seconds(med[key]), seconds(fwd), ratio(value), floor, goal_text, met])
     value = med["legrad_all"] / med["legrad_all_explicit"]
     rows.append(
         [
@@ -463,6 +470,7 @@ def core_cost_lines(
             seconds(med["legrad_all"]),
             seconds(med["legrad_all_explicit"]),
             ratio(value),
+            ratio(flops["legrad_all"] / flops["legrad_all_explicit"]),
             "",
             "",
         ]
@@ -470,9 +478,14 @@ def core_cost_lines(
     return [
         f"## Cost: `{args.model}`, random init, batch 1, {x.shape[-2]}×{x.shape[-1]} (`--core`)",
         "",
-        markdown_table(["measure", "ours, s", "compared, s", "ratio", "goal", "met"], rows),
+        markdown_table(
+            ["measure", "ours, s", "compared, s", "ratio", "FLOP ratio", "goal", "met"], rows
+        ),
         "",
         f"Medians of {args.repeats} alternating rounds after one warm-up call each; target 3. "
+        f"FLOP ratio: the same quotient of counted FLOPs (`torch.utils.flop_counter`: matmuls, "
+        f"convolution and attention; the forward is {flops['forward'] / 1e9:.1f} GFLOP), the "
+        "floor the timed ratio reaches when the backward's matmuls run at the forward's rate. "
         "`--core` times only these four callables (Saliency, GradCAM and the K-target rows "
         "are in a run without `--core`).",
     ]
@@ -653,8 +666,20 @@ def reference_section(args: argparse.Namespace) -> List[str]:
     if result is None:
         return [title, "", f"Failed: {error}"]
     med = result["medians"]
+    flops: Dict[str, float] = result.get("flops", {})
     rows = []
+    floors: List[str] = []
     for k, key in ((1, "ref1"), (8, "ref8")):
+        if flops:
+            ours_flops = flops[f"ours_clip{k}"] / flops["clip_forward"]
+            ref_time = med[f"ref_clip{k}"] / med["clip_forward"]
+            floors.append(
+                f"{k} prompt{'s' if k > 1 else ''}: ours does {ratio(ours_flops)} a forward's "
+                f"FLOPs (legrad-torch {ratio(flops[f'ref_clip{k}'] / flops['clip_forward'])}); "
+                f"at the forward's FLOP rate ours takes at least {ratio(ours_flops)} a forward, "
+                f"so ours ÷ legrad-torch ≥ {ratio(ours_flops / ref_time)} against its measured "
+                f"{ratio(ref_time)}."
+            )
         value = med[f"ours_clip{k}"] / med[f"ref_clip{k}"]
         rows.append(
             [
@@ -681,6 +706,8 @@ def reference_section(args: argparse.Namespace) -> List[str]:
         ", `attribute` for 1 prompt, `attribute_multi` for 8. legrad-torch: `LeWrapper(deepcopy"
         "(model), layer_index=-2).compute_legrad(text_embedding=T, image=x)`. No-grad "
         f"`encode_image`: {seconds(med['clip_forward'])} s.",
+        *(["", "FLOP floor (counted once per callable with `torch.utils.flop_counter`'s formulas):", ""] if floors else []),
+        *[f"- {line}" for line in floors],
     ]
 
 
