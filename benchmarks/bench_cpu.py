@@ -85,6 +85,7 @@ GOALS = {
 #: Issue #11, scaling with the input size: LeGrad ÷ forward at 672²; peak memory above the
 #: model at 896² (1 target) and at 1024² (8 targets by attribute_multi), MiB.
 SIZE_GOALS = {"ratio_672": 1.8, "mem_896": 1.5 * 1024, "mem_1024_multi8": 4.0 * 1024}
+FLOP_NOTE = "counted once per callable with `torch.utils.flop_counter`'s formulas"
 #: Memory workers per input size (``--worker size_METHOD --size S``).
 SIZE_WORKERS = ("size_forward", "size_lean", "size_explicit", "size_multi8")
 
@@ -706,7 +707,7 @@ def reference_section(args: argparse.Namespace) -> List[str]:
         ", `attribute` for 1 prompt, `attribute_multi` for 8. legrad-torch: `LeWrapper(deepcopy"
         "(model), layer_index=-2).compute_legrad(text_embedding=T, image=x)`. No-grad "
         f"`encode_image`: {seconds(med['clip_forward'])} s.",
-        *(["", "FLOP floor (counted once per callable with `torch.utils.flop_counter`'s formulas):", ""] if floors else []),
+        *(["", f"FLOP floor ({FLOP_NOTE}):", ""] if floors else []),
         *[f"- {line}" for line in floors],
     ]
 
