@@ -108,6 +108,27 @@ def _parameters(name: str, kwargs: Dict[str, Any]) -> Optional[int]:
     return sum(p.numel() for p in model.parameters())
 
 
+def _fit_to_patches(name: str, kwargs: Dict[str, Any], size: int) -> int:
+    """``size`` rounded down to a multiple of the configuration's patch size (LeGrad takes
+    inputs that are a multiple of it: 56 for 14-pixel patches); ``size`` where the patch
+    size cannot be read."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    except Exception:
+        return size
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None) or getattr(model, "patch_size", None)
+    if patch is None:
+        return size
+    p_h, p_w = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[-1]))
+    if p_h != p_w or p_h > size:
+        return size
+    return size // p_h * p_h
+
+
 def build(name: str) -> Tuple[torch.nn.Module, torch.Tensor, str]:
     """The smallest configuration of ``name`` that timm builds and runs forward (none
     larger than :data:`MAX_PARAMS` parameters is built)."""
@@ -126,6 +147,9 @@ def build(name: str) -> Tuple[torch.nn.Module, torch.Tensor, str]:
     ]
     failures = []
     for kwargs, img_size in attempts:
+        if img_size is not None:
+            img_size = _fit_to_patches(name, kwargs, img_size)
+            kwargs = {**kwargs, "img_size": img_size}
         count = _parameters(name, kwargs)
         if count is not None and count > MAX_PARAMS:
             failures.append(f"{count / 1e6:.0f}M parameters with {kwargs or 'defaults'}: skipped")
