@@ -1,5 +1,6 @@
 """timm adapter: ``VisionTransformer`` (vit_*, deit*, DINOv2 with registers, SigLIP MAP,
-avg-pool heads, dynamic image sizes), ``Eva``, ``Beit`` and ``VisionTransformerRelPos``.
+avg-pool heads, dynamic image sizes, parallel-attention and differential-attention blocks),
+``Eva``, ``Beit`` and ``VisionTransformerRelPos``.
 
 These classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
 head``; ``forward_head`` is the model's own readout. CaiT, ConViT, XCiT, SAM and the VLM

@@ -10,7 +10,11 @@ refusals.
 * ``VisionTransformerSAM``: the global-attention blocks only (windowed blocks attend
   within padded windows).
 * The VLM vision towers timm ships as classifiers: ``Qwen3VitClassifier``,
-  ``Gemma4VitClassifier``, ``DeepseekVitClassifier`` (RoPE, an ``encoder`` wrapper).
+  ``Gemma4VitClassifier``, ``DeepseekVitClassifier`` (RoPE, an ``encoder`` wrapper;
+  Gemma4's ``encoder_pool="soft"`` through the model's own soft-token pooler).
+* For ``VisionTransformer`` blocks (:func:`block_attentions`): ``ParallelThingsBlock``'s
+  branches as head groups of one attention, and differential attention's ``A`` through
+  ``O = A·V`` at the input of its ``sub_norm``.
 
 Every other timm model (hierarchical, windowed, convolutional, MLP) is refused with
 :class:`~captum_legrad.errors.UnsupportedModelError` saying why. Classes an old timm
