@@ -427,3 +427,17 @@ def test_gemma4_soft_readout_is_the_model_on_non_square_grids() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     maps = LeGrad(model).attribute_layers(x, target=[0, 3])
     assert maps.shape == (2, 2, 6, 9) and maps.abs().max() > 0
+
+
+@pytest.mark.parametrize("key", ["parallel", "diff"])
+def test_attention_baselines_refuse_split_attentions(key: str) -> None:
+    # Rollout / raw attention / Chefer need A as one probability tensor: say so, do not
+    # silently use one branch or one softmax.
+    from captum_legrad import CaptureError
+    from captum_legrad.baselines import AttentionRollout, GenericAttention
+
+    model = build(key)
+    x = images(key, batch=1)
+    for baseline in (AttentionRollout(model), GenericAttention(model)):
+        with pytest.raises(CaptureError, match="LeGrad itself explains"):
+            baseline.attribute(x, target=0)
