@@ -5,8 +5,9 @@ vision towers; batch ≡ single, fused ≡ eager, no side effects; refusals with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import timm
@@ -441,3 +442,41 @@ def test_attention_baselines_refuse_split_attentions(key: str) -> None:
     for baseline in (AttentionRollout(model), GenericAttention(model)):
         with pytest.raises(CaptureError, match="LeGrad itself explains"):
             baseline.attribute(x, target=0)
+
+
+@pytest.mark.parametrize("key", ["diff", "diff_parallel", "parallel"])
+def test_eager_path_matches_oracle(key: str) -> None:
+    # timm's non-fused path: one softmax over 2H heads, A = P1 - lambda P2 formed inline, then
+    # matmul with V (differential); softmax and matmul per branch (parallel).
+    _, family, patch, _, _ = FAMILIES[key]
+    model = build(key)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    x = images(key, batch=2)
+    target = torch.tensor([4, 1])
+    calls: List[str] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            if func is sdpa:
+                calls.append("sdpa")
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        ours = LeGrad(model).attribute_layers(x, target=target)
+    assert not calls  # the eager path ran
+    _close_layers(ours, timm_oracle_layer_maps(model, family, x, target, patch))
+
+
+def test_spec_validates_the_new_fields() -> None:
+    spec = discover(build("diff"))
+    with pytest.raises(ValueError, match="parallel_attentions names blocks"):
+        dataclasses.replace(spec, parallel_attentions=frozenset({5}))
+    with pytest.raises(ValueError, match="product_inputs names blocks"):
+        dataclasses.replace(spec, product_inputs={-1: spec.blocks[0]})
+    with pytest.raises(ValueError, match=r"must map to nn\.Modules"):
+        dataclasses.replace(spec, product_inputs={0: "sub_norm"})  # type: ignore[dict-item]
