@@ -480,3 +480,16 @@ def test_spec_validates_the_new_fields() -> None:
         dataclasses.replace(spec, product_inputs={-1: spec.blocks[0]})
     with pytest.raises(ValueError, match=r"must map to nn\.Modules"):
         dataclasses.replace(spec, product_inputs={0: "sub_norm"})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("pool", ["", "none"])
+def test_gemma4_per_token_logits_take_token_class_targets(pool: str) -> None:
+    name, _, _, _, kwargs = FAMILIES["gemma4"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs, "global_pool": pool})
+    model = randomize(model).eval()
+    x = images("gemma4", batch=2)
+    with pytest.raises(Exception, match="needs 2 index"):
+        LeGrad(model).attribute(x, target=1)
+    maps = LeGrad(model).attribute_layers(x, target=[(3, 1), (0, 4)])
+    assert maps.shape == (2, 2, 4, 4) and maps.abs().max() > 0
