@@ -47,6 +47,16 @@ Row = Tuple[str, str, str, str, str]
 SMALL = dict(depth=3, embed_dim=32, num_heads=2)
 #: Configurations larger than this (counted on the meta device first) are not built.
 MAX_PARAMS = 150_000_000
+#: Per-model additions to the shrunk configurations (those with ``depth=3``), by name
+#: substring: what the small depth would otherwise break. SAM: its global-attention block
+#: indices (5/7, 11/15, ... for large/huge) lie beyond depth 3, so one global block is put
+#: at index 2 (where ``samvit_base`` has its first); Sapiens2: its per-block key/value head
+#: counts have one entry per block of the full depth, so three are given (grouped-query
+#: attention in the middle block, full attention around it, as Sapiens2 is built).
+VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
+    ("samvit_", dict(global_attn_indexes=(2,))),
+    ("_sapiens2", dict(num_kv_heads=(2, 1, 2))),
+)
 #: Substrings of small model names, most preferred first.
 PREFERRED = ("tiny", "nano", "pico", "femto", "atto", "xxs", "xs", "small", "_s", "base")
 
@@ -98,20 +108,48 @@ def _parameters(name: str, kwargs: Dict[str, Any]) -> Optional[int]:
     return sum(p.numel() for p in model.parameters())
 
 
+def _fit_to_patches(name: str, kwargs: Dict[str, Any], size: int) -> int:
+    """``size`` rounded down to a multiple of the configuration's patch size (LeGrad takes
+    inputs that are a multiple of it: 56 for 14-pixel patches); ``size`` where the patch
+    size cannot be read."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    except Exception:
+        return size
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None) or getattr(model, "patch_size", None)
+    if patch is None:
+        return size
+    p_h, p_w = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[-1]))
+    if p_h != p_w or p_h > size:
+        return size
+    return size // p_h * p_h
+
+
 def build(name: str) -> Tuple[torch.nn.Module, torch.Tensor, str]:
     """The smallest configuration of ``name`` that timm builds and runs forward (none
     larger than :data:`MAX_PARAMS` parameters is built)."""
     import timm
 
+    extra: Dict[str, Any] = {}
+    for part, kwargs in VARIANTS:
+        if part in name:
+            extra.update(kwargs)
     attempts: List[Tuple[Dict[str, Any], Optional[int]]] = [
-        ({**SMALL, "img_size": 64}, 64),
-        (dict(SMALL), None),
-        ({"depth": 3, "img_size": 64}, 64),
+        ({**SMALL, **extra, "img_size": 64}, 64),
+        ({**SMALL, **extra}, None),
+        ({"depth": 3, **extra, "img_size": 64}, 64),
         ({"img_size": 64}, 64),
         ({}, None),
     ]
     failures = []
     for kwargs, img_size in attempts:
+        if img_size is not None:
+            img_size = _fit_to_patches(name, kwargs, img_size)
+            kwargs = {**kwargs, "img_size": img_size}
         count = _parameters(name, kwargs)
         if count is not None and count > MAX_PARAMS:
             failures.append(f"{count / 1e6:.0f}M parameters with {kwargs or 'defaults'}: skipped")

@@ -27,6 +27,7 @@ from .arguments import (
     check_patches,
     resolve_layers,
 )
+from .capture import check_route
 from .compute import (
     POOLINGS,
     ROUTES,
@@ -165,6 +166,7 @@ class LeGrad(GradientAttribution):
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
+        check_route(self.spec, route)  # differential attention: lean only
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.pooling = pooling
         self.resize_pos_embed = bool(resize_pos_embed)

@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import CaptureError
 from .hooks import ScopedHooks, mode_stack_guard
 from .lean import (
+    LeanRecord,
     LeanRecorder,
     Record,
     leaf,
@@ -40,6 +41,8 @@ from .spec import ViTSpec
 
 __all__ = [
     "AttentionRecorder",
+    "ValueRecorder",
+    "check_route",
     "explicit_sdpa",
     "explicit_mha",
     "record_attention",
@@ -190,6 +193,84 @@ def explicit_mha(
     return out, weights, probs
 
 
+_MATMUL: Tuple[Callable[..., Any], ...] = (
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.bmm,
+    torch.Tensor.bmm,
+)
+
+
+class ValueRecorder(TorchFunctionMode):
+    """Keeps the value operand of the last attention product computed while it is active
+    (``F.scaled_dot_product_attention``'s ``value``, or the right operand of ``matmul``),
+    and switches gradients off like :class:`~captum_legrad.lean.LeanRecorder`: the lean
+    route of :attr:`~captum_legrad.spec.ViTSpec.product_inputs`, where the attention
+    output becomes a leaf at the input of another module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: Optional[Tensor] = None
+
+    def __enter__(self) -> ValueRecorder:
+        self.value = None
+        torch.set_grad_enabled(False)
+        super().__enter__()
+        return self
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.value = args[2] if len(args) > 2 else kwargs["value"]
+        elif func in _MATMUL and len(args) > 1 and isinstance(args[1], Tensor):
+            self.value = args[1]
+        return func(*args, **kwargs)
+
+
+def _product_record(recorder: ValueRecorder, output: Tensor, where: str) -> LeanRecord:
+    """The lean record of an attention output ``O = A·V`` ``(B, H, Q, d)`` met at the input
+    of a module, with the ``V`` the recorder kept."""
+    value = recorder.value
+    if (
+        value is None
+        or output.dim() != value.dim()
+        or output.shape[:-2] != value.shape[:-2]
+        or output.shape[-1] != value.shape[-1]
+    ):
+        seen = "no value" if value is None else f"a value of shape {tuple(value.shape)}"
+        raise CaptureError(
+            f"{where} received {tuple(output.shape)} as its input, and the attention saw "
+            f"{seen}: the input is not the attention output O = A·V whose V was recorded."
+        )
+    value = value.detach()
+    if value.untyped_storage().nbytes() > value.numel() * value.element_size():
+        value = value.clone()  # a view of a packed qkv: keep V only
+    return LeanRecord(leaf(output), value)
+
+
+def check_route(spec: ViTSpec, route: str) -> None:
+    """Refuse ``route="explicit"`` for a spec with :attr:`~ViTSpec.product_inputs`.
+
+    Raises:
+        ValueError: the route cannot explain the model.
+    """
+    if route == "explicit" and spec.product_inputs:
+        raise ValueError(
+            f"route='explicit' cannot explain blocks {sorted(spec.product_inputs)} of this "
+            f"{spec.family} model: their attention matrix (differential attention, "
+            "A = softmax1 - lambda * softmax2) is never computed as one tensor, so there is "
+            "nothing explicit to differentiate. Use the lean route (route='lean', the "
+            "default): it differentiates A exactly through dO·Vᵀ (docs/method.md)."
+        )
+
+
 class AttentionRecorder(TorchFunctionMode):
     """Records the attention probabilities computed while it is active.
 
@@ -226,7 +307,10 @@ class AttentionRecorder(TorchFunctionMode):
 
 @contextmanager
 def record_attention(
-    modules: Sequence[nn.Module], route: str = "explicit", outputs: Sequence[bool] = ()
+    modules: Sequence[nn.Module],
+    route: str = "explicit",
+    outputs: Sequence[bool] = (),
+    products: Sequence[Optional[nn.Module]] = (),
 ) -> Iterator[List[List[Record]]]:
     """Record the attention each of ``modules`` computes in its forward.
 
@@ -237,12 +321,21 @@ def record_attention(
     uses them otherwise than in one product with ``V``. ``outputs[i]`` true: module
     ``i``'s output *is* the attention (``ViTSpec.output_attentions``) and is recorded as it
     is (on the lean route as a leaf that the rest of the block computes from).
+    ``products[i]`` a module: module ``i``'s attention output ``O = A·V`` is the first input
+    of that module (``ViTSpec.product_inputs``); lean route only, recorded as a
+    :class:`~captum_legrad.lean.LeanRecord` with the ``V`` of the last attention product.
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
     records: List[List[Record]] = [[] for _ in modules]
     recorder_type = LeanRecorder if route == "lean" else AttentionRecorder
     as_output = list(outputs) + [False] * (len(modules) - len(outputs))
+    at_input = list(products) + [None] * (len(modules) - len(products))
+    if route != "lean" and any(m is not None for m in at_input):
+        raise ValueError(
+            "Attention outputs recorded at a module's input (ViTSpec.product_inputs) need "
+            "route='lean'."
+        )
 
     def keep(sink: List[Record]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -252,6 +345,17 @@ def record_attention(
                 output = leaf(output)  # the rest of the block computes from it
             sink.append(output)
             return output
+
+        return hook
+
+    def at(recorder: ValueRecorder, sink: List[Record], where: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Tuple[Any, ...]) -> Any:
+            if not args or not isinstance(args[0], Tensor) or recorder.value is None:
+                return None  # not inside the attention's own forward
+            record = _product_record(recorder, args[0], where)
+            recorder.value = None
+            sink.append(record)
+            return (record.output, *args[1:])
 
         return hook
 
@@ -268,11 +372,17 @@ def record_attention(
         return hook
 
     with mode_stack_guard(), ScopedHooks() as hooks:
-        for module, sink, output in zip(modules, records, as_output):
+        for module, sink, output, product in zip(modules, records, as_output, at_input):
             if output:
                 hooks.forward(module, keep(sink))
                 continue
-            recorder = recorder_type(sink)  # type: ignore[arg-type]
+            recorder: TorchFunctionMode
+            if product is not None:
+                values = ValueRecorder()
+                hooks.forward_pre(product, at(values, sink, type(product).__name__))
+                recorder = values
+            else:
+                recorder = recorder_type(sink)  # type: ignore[arg-type]
             hooks.forward_pre(module, enter(recorder))
             hooks.forward(module, leave(recorder), always_call=True)
         yield records
@@ -355,7 +465,13 @@ def capture_blocks(
 
     attention_modules = [spec.attentions[layer] for layer in layers] if differentiable else []
     outputs = [layer in spec.output_attentions for layer in layers]
-    with record_attention(attention_modules, route, outputs) as records, ScopedHooks() as hooks:
+    products = [spec.product_inputs.get(layer) for layer in layers] if differentiable else []
+    if differentiable:
+        check_route(spec, route)
+    with (
+        record_attention(attention_modules, route, outputs, products) as records,
+        ScopedHooks() as hooks,
+    ):
         hooks.forward_pre(spec.root, root_pre_hook)
         for index, block in enumerate(spec.blocks):
             hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)

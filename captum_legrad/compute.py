@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .capture import ROUTES, capture_blocks, record_attention
 from .errors import CaptureError
+from .groups import head_groups, merge_head_groups
 from .lean import LeanRecord, Record, prune_probabilities, reduce_lean
 from .spec import PatchLayout, ViTSpec
 
@@ -61,6 +62,8 @@ class ForwardResult:
         layout: PatchLayout,
         layouts: Optional[List[PatchLayout]] = None,
         score_rows: Optional[Tensor] = None,
+        owners: Optional[List[int]] = None,
+        weights: Optional[List[float]] = None,
     ) -> None:
         #: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum indexes
         #: a model output.
@@ -78,6 +81,11 @@ class ForwardResult:
         #: ``(B, C)``: the one query row each score column depends on, or None
         #: (:attr:`~captum_legrad.spec.ViTSpec.score_rows`).
         self.score_rows = score_rows
+        #: With head groups (:attr:`~captum_legrad.spec.ViTSpec.parallel_attentions`): the
+        #: layer of each record in ``attentions`` and its share of that layer's heads
+        #: (:mod:`captum_legrad.groups`); ``None``: one record per layer.
+        self.owners = owners
+        self.weights = weights
 
     @property
     def output_shape(self) -> torch.Size:
@@ -129,6 +137,8 @@ def run_forward(
     n_layers, batch = len(layers), inputs[0].shape[0]
     arguments = (*inputs, *additional_forward_args)
     extra = spec.extra_readout_inputs(arguments, n_layers * batch)  # e.g. padding masks
+    owners: List[int] = []
+    weights: List[float] = []
     with torch.enable_grad():
         if pooled_attention:
             assert spec.pool_attention is not None
@@ -156,10 +166,18 @@ def run_forward(
                 captured.tokens.clear()
             else:
                 scores = readout(torch.cat(per_layer), *extra)
-            attentions = [
-                _single_record(records, f"block {layer} ({type(spec.attentions[layer]).__name__})")
-                for layer, records in zip(layers, captured.attentions)
-            ]
+            attentions = []
+            for slot, (layer, calls) in enumerate(zip(layers, captured.attentions)):
+                where = f"block {layer} ({type(spec.attentions[layer]).__name__})"
+                if layer in spec.parallel_attentions:  # head groups of one attention
+                    groups, shares = head_groups(calls, batch, where)
+                    owners += [slot] * len(groups)
+                    weights += shares
+                    attentions += groups
+                else:
+                    owners.append(slot)
+                    weights.append(1.0)
+                    attentions.append(_single_record(calls, where))
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
     keys = [_n_keys(a) for a in attentions]
     by_keys = {n: spec.patch_layout(arguments, n) for n in set(keys)}
@@ -172,6 +190,8 @@ def run_forward(
         layout=layouts[0],
         layouts=layouts,
         score_rows=rows,
+        owners=owners if len(owners) > n_layers else None,
+        weights=weights if len(owners) > n_layers else None,
     )
 
 
@@ -271,7 +291,7 @@ def _target_keys(
 
 def _distinct_rows(result: ForwardResult, index: TargetIndex) -> Optional[Tensor]:
     """``(B, K)`` query rows of the targets if every sample's targets lie on distinct rows."""
-    if result.score_rows is None or len(index) != 1:
+    if result.score_rows is None or len(index) != 1 or result.owners is not None:
         return None
     if any(isinstance(r, LeanRecord) and r.probabilities is not None for r in result.attentions):
         return None  # eager probabilities used besides their product with V: general path
@@ -341,6 +361,8 @@ def layer_maps(
         for layer, layout in enumerate(result.layouts)
     ]
     maps = torch.stack(per_layer, dim=1)  # (K, L, B, g_h, g_w)
+    if result.owners is not None and result.weights is not None:  # head groups → layers
+        maps = merge_head_groups(maps, result.owners, result.weights, result.scores.shape[0])
     return maps.permute(2, 0, 1, 3, 4).detach()
 
 

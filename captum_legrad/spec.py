@@ -11,12 +11,13 @@ by hand and pass it as ``LeGrad(model, spec=...)``. This module imports no adapt
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import (
     Any,
     Callable,
     Dict,
     FrozenSet,
+    Mapping,
     Optional,
     Protocol,
     Sequence,
@@ -305,6 +306,21 @@ class ViTSpec:
             operation after the attention is per token). Targets on distinct rows then
             share one backward (each target's gradient is its own row of the summed
             gradient). Default None: one batched backward over the targets.
+        parallel_attentions: Blocks (indices) whose attention module runs several attention
+            calls side by side whose outputs are summed into the residual stream, each
+            through its own output projection (timm's ``ParallelThingsBlock``). Those
+            calls are one multi-head attention whose heads are all their heads
+            (concatenated heads followed by one projection are the sum of per-group
+            projections), so ``A^l`` is their heads together: the layer's map is the mean
+            over all of them. Default: none (exactly one attention call per block).
+        product_inputs: For blocks whose ``A^l`` no single attention call computes
+            (timm's differential attention, ``A = softmax₁ − λ·softmax₂``): block index →
+            the module inside ``attentions[l]`` whose first input is the attention output
+            ``O^l = A^l V^l`` ``(B, H, N, d)``; ``V^l`` is the value of the last attention
+            product inside ``attentions[l]`` (``F.scaled_dot_product_attention``'s
+            ``value`` or the right operand of ``matmul``). Only the lean route can explain
+            these blocks (``∂s/∂A = dO·Vᵀ`` holds whatever ``A`` is); ``route="explicit"``
+            is refused. Default: none.
         token_mean_readout: The ``pooling="mean"`` readout reads each ``Z^l`` only through
             its mean over all tokens (the adapters' mean readouts). Every token's gradient
             is then the same, and the lean route's backward through a known block's last
@@ -338,6 +354,8 @@ class ViTSpec:
     output_attentions: FrozenSet[int] = frozenset()
     token_mean_readout: bool = False
     score_rows: Optional[ScoreRowRule] = None
+    parallel_attentions: FrozenSet[int] = frozenset()
+    product_inputs: Mapping[int, nn.Module] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -388,12 +406,21 @@ class ViTSpec:
             object.__setattr__(self, "token_mean_readout", False)
         if self.token_input is None:
             object.__setattr__(self, "token_input", TokenInput.of(self.blocks[0]))
-        outside = sorted(i for i in self.output_attentions if not 0 <= i < len(self.blocks))
-        if outside:
-            raise ValueError(
-                f"ViTSpec.output_attentions names blocks {outside}, but there are "
-                f"{len(self.blocks)} blocks: give indices 0..{len(self.blocks) - 1}."
-            )
+        for name, indices in (
+            ("output_attentions", self.output_attentions),
+            ("parallel_attentions", self.parallel_attentions),
+            ("product_inputs", self.product_inputs),
+        ):
+            outside = sorted(i for i in indices if not 0 <= i < len(self.blocks))
+            if outside:
+                raise ValueError(
+                    f"ViTSpec.{name} names blocks {outside}, but there are "
+                    f"{len(self.blocks)} blocks: give indices 0..{len(self.blocks) - 1}."
+                )
+        mapped = self.product_inputs.values()
+        bad = [type(m).__name__ for m in mapped if not isinstance(m, nn.Module)]
+        if bad:
+            raise ValueError(f"ViTSpec.product_inputs must map to nn.Modules, got {bad[0]}.")
 
     @property
     def num_layers(self) -> int:

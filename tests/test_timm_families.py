@@ -5,8 +5,9 @@ vision towers; batch ≡ single, fused ≡ eager, no side effects; refusals with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import timm
@@ -89,6 +90,45 @@ FAMILIES: Dict[str, Tuple[str, str, int, int, Dict[str, Any]]] = {
         ),
     ),
     "deepseek": ("deepseek_vit_412m", "deepseek", 8, 32, dict(img_size=32, patch_size=8, depth=2)),
+    "gemma4_soft": (
+        "gemma4_vit_167m",
+        "gemma4_soft",
+        8,
+        48,
+        dict(
+            img_size=48,
+            patch_size=8,
+            depth=2,
+            head_dim=16,
+            intermediate_size=64,
+            position_embedding_size=64,
+            encoder_pool="soft",
+            pooling_kernel_size=3,
+        ),
+    ),
+    # ParallelThingsBlock: two attentions per block, head groups of one attention
+    "parallel": (
+        "vit_small_patch16_18x2_224",
+        "parallel",
+        8,
+        32,
+        dict(img_size=32, patch_size=8, depth=2, init_values=None),
+    ),
+    # DiffAttention in Block (LayerScale off: its 1e-5 init would shrink every map)
+    "diff": (
+        "vit_dwee_patch16_reg1_gap_256",
+        "diff",
+        8,
+        32,
+        dict(img_size=32, patch_size=8, depth=2, init_values=None),
+    ),
+    "diff_parallel": (
+        "vit_dpwee_patch16_reg1_gap_256",
+        "diff",
+        8,
+        32,
+        dict(img_size=32, patch_size=8, depth=2, init_values=None),
+    ),
     "deepseek_align": (
         "deepseek_vit_412m_align",
         "deepseek",
@@ -125,7 +165,7 @@ def _close_layers(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 #: Families whose two readouts differ; the others (SAM, the VLM towers) read out through the
 #: model's own pooling for both.
-TWO_READOUTS = ("beit", "relpos", "cait", "convit", "xcit")
+TWO_READOUTS = ("beit", "relpos", "cait", "convit", "xcit", "parallel", "diff", "diff_parallel")
 CASES = [(key, "mean") for key in sorted(FAMILIES)] + [(key, "model") for key in TWO_READOUTS]
 
 
@@ -169,7 +209,22 @@ def test_cait_and_convit_specs() -> None:
     assert discover(build("sam")).num_layers == 2  # the global blocks only
 
 
-@pytest.mark.parametrize("key", ["beit", "cait", "convit", "xcit", "sam", "qwen3_merge", "gemma4"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "beit",
+        "cait",
+        "convit",
+        "xcit",
+        "sam",
+        "qwen3_merge",
+        "gemma4",
+        "gemma4_soft",
+        "parallel",
+        "diff",
+        "diff_parallel",
+    ],
+)
 def test_batch_equals_single(key: str) -> None:
     model = build(key)
     x = images(key, batch=2)
@@ -232,8 +287,11 @@ def test_sam_without_global_blocks_is_refused() -> None:
         ("twins_svt_small", dict(depths=(1, 1, 1, 1)), "hierarchical"),
         ("xcit_nano_12_p16_224", dict(cls_attn_layers=0, depth=1), "channels"),
         ("qwen3_vit_88m_enc", dict(depth=1, out_features=8), "no classification head"),
-        ("vit_small_patch16_18x2_224", dict(depth=1, embed_dim=32, num_heads=2), "in parallel"),
-        ("vit_dwee_patch16_reg1_gap_256", dict(depth=1, embed_dim=32, num_heads=2), "differential"),
+        (
+            "vit_small_patch16_18x2_224",
+            dict(depth=1, embed_dim=32, num_heads=2, attn_layer="diff"),
+            "several differential attentions in parallel",
+        ),
     ],
 )
 def test_refusals_say_why_and_what_to_do(name: str, kwargs: Dict[str, Any], reason: str) -> None:
@@ -301,3 +359,137 @@ def test_a_refused_submodule_does_not_hide_a_vit_beside_it() -> None:
 
     spec = discover(Hybrid())
     assert spec.family == "timm" and spec.num_layers == 3
+
+
+# ------------------------------------------- parallel, differential, Gemma4 soft pooling
+
+
+def test_parallel_and_differential_specs() -> None:
+    parallel = discover(build("parallel"))
+    assert parallel.parallel_attentions == frozenset({0, 1}) and not parallel.product_inputs
+    assert [type(a).__name__ for a in parallel.attentions] == ["ParallelThingsBlock"] * 2
+    for key, owner in (("diff", "DiffAttention"), ("diff_parallel", "DiffParallelScalingBlock")):
+        model = build(key)
+        spec = discover(model)
+        assert not spec.parallel_attentions and sorted(spec.product_inputs) == [0, 1]
+        for layer, module in spec.product_inputs.items():
+            assert type(spec.attentions[layer]).__name__ == owner
+            assert module is spec.attentions[layer].sub_norm  # its input is O = A·V
+
+
+@pytest.mark.parametrize("key", ["parallel", "gemma4_soft"])
+def test_lean_equals_explicit(key: str) -> None:
+    from test_routes import _assert_routes_equal
+
+    model = build(key)
+    x = images(key, batch=2)
+    _assert_routes_equal(
+        lambda route: LeGrad(model, route=route), x, torch.tensor([1, 4]), [0, 2, 3]
+    )
+
+
+@pytest.mark.parametrize("key", ["diff", "diff_parallel"])
+def test_differential_attention_explicit_route_is_refused(key: str) -> None:
+    model = build(key)
+    with pytest.raises(ValueError, match="route='lean'") as info:
+        LeGrad(model, route="explicit")
+    assert "differential attention" in str(info.value)
+    legrad = LeGrad(model)
+    legrad.route = "explicit"  # set after construction: refused at the call too
+    with pytest.raises(ValueError, match="route='lean'"):
+        legrad.attribute(images(key, batch=1), target=0)
+
+
+@pytest.mark.parametrize("key", ["diff", "diff_parallel", "parallel"])
+def test_layer_subsets_of_parallel_and_differential(key: str) -> None:
+    _, family, patch, _, _ = FAMILIES[key]
+    model = build(key)
+    x = images(key, batch=2)
+    target = torch.tensor([2, 0])
+    ours = LeGrad(model, [1]).attribute_layers(x, target=target)
+    _close_layers(ours, timm_oracle_layer_maps(model, family, x, target, patch, [1]))
+
+
+def test_gemma4_soft_readout_is_the_model_on_non_square_grids() -> None:
+    # The soft pooler bins tokens by their (x, y) positions; LeGrad rebuilds them from the
+    # image size: the last layer's readout must be the model's output, also for 48x72.
+    model = build("gemma4_soft")
+    spec = discover(model)
+    x = torch.randn(2, 3, 48, 72, generator=torch.Generator().manual_seed(3))
+    last: Dict[str, torch.Tensor] = {}
+    handle = spec.blocks[-1].register_forward_hook(lambda m, a, out: last.setdefault("z", out))
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        got = spec.model_readout(last["z"], *spec.extra_readout_inputs((x,), 2))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    maps = LeGrad(model).attribute_layers(x, target=[0, 3])
+    assert maps.shape == (2, 2, 6, 9) and maps.abs().max() > 0
+
+
+@pytest.mark.parametrize("key", ["parallel", "diff"])
+def test_attention_baselines_refuse_split_attentions(key: str) -> None:
+    # Rollout / raw attention / Chefer need A as one probability tensor: say so, do not
+    # silently use one branch or one softmax.
+    from captum_legrad import CaptureError
+    from captum_legrad.baselines import AttentionRollout, GenericAttention
+
+    model = build(key)
+    x = images(key, batch=1)
+    for baseline in (AttentionRollout(model), GenericAttention(model)):
+        with pytest.raises(CaptureError, match="LeGrad itself explains"):
+            baseline.attribute(x, target=0)
+
+
+@pytest.mark.parametrize("key", ["diff", "diff_parallel", "parallel"])
+def test_eager_path_matches_oracle(key: str) -> None:
+    # timm's non-fused path: one softmax over 2H heads, A = P1 - lambda P2 formed inline, then
+    # matmul with V (differential); softmax and matmul per branch (parallel).
+    _, family, patch, _, _ = FAMILIES[key]
+    model = build(key)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    x = images(key, batch=2)
+    target = torch.tensor([4, 1])
+    calls: List[str] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            if func is sdpa:
+                calls.append("sdpa")
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        ours = LeGrad(model).attribute_layers(x, target=target)
+    assert not calls  # the eager path ran
+    _close_layers(ours, timm_oracle_layer_maps(model, family, x, target, patch))
+
+
+def test_spec_validates_the_new_fields() -> None:
+    spec = discover(build("diff"))
+    with pytest.raises(ValueError, match="parallel_attentions names blocks"):
+        dataclasses.replace(spec, parallel_attentions=frozenset({5}))
+    with pytest.raises(ValueError, match="product_inputs names blocks"):
+        dataclasses.replace(spec, product_inputs={-1: spec.blocks[0]})
+    with pytest.raises(ValueError, match=r"must map to nn\.Modules"):
+        dataclasses.replace(spec, product_inputs={0: "sub_norm"})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("pool", ["", "none"])
+def test_gemma4_per_token_logits_take_token_class_targets(pool: str) -> None:
+    name, _, _, _, kwargs = FAMILIES["gemma4"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs, "global_pool": pool})
+    model = randomize(model).eval()
+    x = images("gemma4", batch=2)
+    with pytest.raises(Exception, match="needs 2 index"):
+        LeGrad(model).attribute(x, target=1)
+    maps = LeGrad(model).attribute_layers(x, target=[(3, 1), (0, 4)])
+    assert maps.shape == (2, 2, 4, 4) and maps.abs().max() > 0

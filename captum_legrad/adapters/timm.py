@@ -1,5 +1,6 @@
 """timm adapter: ``VisionTransformer`` (vit_*, deit*, DINOv2 with registers, SigLIP MAP,
-avg-pool heads, dynamic image sizes), ``Eva``, ``Beit`` and ``VisionTransformerRelPos``.
+avg-pool heads, dynamic image sizes, parallel-attention and differential-attention blocks),
+``Eva``, ``Beit`` and ``VisionTransformerRelPos``.
 
 These classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
 head``; ``forward_head`` is the model's own readout. CaiT, ConViT, XCiT, SAM and the VLM
@@ -112,11 +113,12 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     patch_size = pair(patch_embed.patch_size)
     floor = floor_grid(patch_size)
     blocks = tuple(vit.blocks)
-    from .timm_families import refuse_blocks
+    from .timm_families import block_attentions
 
-    refuse_blocks(vit, blocks)
+    parallel, products = block_attentions(vit, blocks)
     # Blocks without a separate ``attn`` module (parallel variants) compute attention
-    # inline; recording inside the whole block finds it there.
+    # inline; recording inside the whole block finds it there (``ParallelThingsBlock``:
+    # every branch's attention, head groups of one attention).
     attentions = tuple(getattr(block, "attn", block) for block in blocks)
     attn_pool: Optional[nn.Module] = getattr(vit, "attn_pool", None)
 
@@ -147,4 +149,6 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         pool_attention=attn_pool,
         token_input=TokenInput("x"),
         input_size=_input_size(vit, patch_size),
+        parallel_attentions=parallel,
+        product_inputs=products,
     )

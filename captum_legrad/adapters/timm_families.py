@@ -10,7 +10,11 @@ refusals.
 * ``VisionTransformerSAM``: the global-attention blocks only (windowed blocks attend
   within padded windows).
 * The VLM vision towers timm ships as classifiers: ``Qwen3VitClassifier``,
-  ``Gemma4VitClassifier``, ``DeepseekVitClassifier`` (RoPE, an ``encoder`` wrapper).
+  ``Gemma4VitClassifier``, ``DeepseekVitClassifier`` (RoPE, an ``encoder`` wrapper;
+  Gemma4's ``encoder_pool="soft"`` through the model's own soft-token pooler).
+* For ``VisionTransformer`` blocks (:func:`block_attentions`): ``ParallelThingsBlock``'s
+  branches as head groups of one attention, and differential attention's ``A`` through
+  ``O = A·V`` at the input of its ``sub_norm``.
 
 Every other timm model (hierarchical, windowed, convolutional, MLP) is refused with
 :class:`~captum_legrad.errors.UnsupportedModelError` saying why. Classes an old timm
@@ -22,7 +26,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -104,9 +108,6 @@ _REASONS: Dict[str, str] = {
     "classifier variant (gemma4_vit_*) or add a head and describe it with a ViTSpec",
     "DeepseekVitEncoder": "the encoder variant (_enc) has no classification head; explain the "
     "classifier variant (deepseek_vit_*) or add a head and describe it with a ViTSpec",
-    "Gemma4VitClassifier": "its soft-token pooler (encoder_pool='soft') pools by NaFlex "
-    "position ids, which LeGrad cannot rebuild for a layer's tokens; build it with "
-    "encoder_pool='' (the default)",
 }
 
 #: timm model classes another adapter handles (they are not refused here).
@@ -153,31 +154,48 @@ def refusal_reason(model: nn.Module) -> str:
     )
 
 
-def refuse_blocks(model: nn.Module, blocks: Tuple[nn.Module, ...]) -> None:
-    """Refuse ViTs whose blocks have no single attention ``A^l``.
+def block_attentions(
+    model: nn.Module, blocks: Tuple[nn.Module, ...]
+) -> Tuple[FrozenSet[int], Dict[int, nn.Module]]:
+    """How each block's attention is recorded, beyond one attention call per block.
+
+    Returns:
+        ``(parallel, products)``: the blocks that run several attentions side by side
+        (``ParallelThingsBlock``: head groups of one attention,
+        :attr:`~captum_legrad.spec.ViTSpec.parallel_attentions`), and, for differential
+        attention (``DiffAttention``, ``DiffParallelScalingBlock``), the module whose
+        input is ``O = (softmax₁ − λ·softmax₂)·V``: its ``sub_norm``
+        (:attr:`~captum_legrad.spec.ViTSpec.product_inputs`).
 
     Raises:
-        UnsupportedModelError: parallel attention branches (``ParallelThingsBlock``) or
-            differential attention (``DiffAttention``, ``DiffParallelScalingBlock``).
+        UnsupportedModelError: a block with parallel *differential* attentions.
     """
-    for block in blocks:
-        kinds = {type(m).__name__ for m in block.modules()}
+    parallel = set()
+    products: Dict[int, nn.Module] = {}
+    for index, block in enumerate(blocks):
+        differential = [
+            m
+            for m in block.modules()
+            if type(m).__name__ in ("DiffAttention", "DiffParallelScalingBlock")
+        ]
         if type(block).__name__ == "ParallelThingsBlock":
-            reason = (
-                f"its blocks run {len(getattr(block, 'attns', ()))} attention layers in "
-                "parallel (ParallelThingsBlock), and LeGrad differentiates one attention "
-                "per block"
+            parallel.add(index)
+        if len(differential) > 1 or (differential and index in parallel):
+            raise UnsupportedModelError(
+                f"timm {type(model).__name__} cannot be explained by LeGrad: its blocks run "
+                "several differential attentions in parallel, which LeGrad does not combine. "
+                f"{NEEDS} {HOW}"
             )
-        elif kinds & {"DiffAttention", "DiffParallelScalingBlock"}:
-            reason = (
-                "its differential attention forms A = softmax1 - lambda * softmax2 outside any "
-                "module LeGrad can record (two softmaxes per block)"
-            )
-        else:
-            continue
-        raise UnsupportedModelError(
-            f"timm {type(model).__name__} cannot be explained by LeGrad: {reason}. {NEEDS} {HOW}"
-        )
+        if differential:
+            sub_norm = getattr(differential[0], "sub_norm", None)
+            if not isinstance(sub_norm, nn.Module):
+                raise UnsupportedModelError(
+                    f"timm {type(model).__name__} cannot be explained by LeGrad: its "
+                    "differential attention has no sub_norm module, whose input is the "
+                    f"attention output LeGrad differentiates. {NEEDS} {HOW}"
+                )
+            products[index] = sub_norm
+    return frozenset(parallel), products
 
 
 def refuse(model: nn.Module) -> UnsupportedModelError:
@@ -377,13 +395,17 @@ def _square(z: Tensor) -> Tuple[int, int]:
     return side, side
 
 
-def _vlm(vit: Any, post: Callable[[Tensor], Tensor]) -> ViTSpec:
+def _vlm(
+    vit: Any,
+    post: Callable[..., Tensor],
+    readout_inputs: Optional[Callable[[Tuple[Any, ...]], Tuple[Any, ...]]] = None,
+) -> ViTSpec:
     encoder = vit.encoder
     blocks = tuple(encoder.blocks)
     patch_size = pair(encoder.patch_embed.patch_size)
 
-    def readout(z: Tensor) -> Tensor:
-        return vit.forward_head(post(z))
+    def readout(z: Tensor, *extra: Any) -> Tensor:
+        return vit.forward_head(post(z, *extra))
 
     return ViTSpec(
         family="timm",
@@ -396,6 +418,7 @@ def _vlm(vit: Any, post: Callable[[Tensor], Tensor]) -> ViTSpec:
         patch_size=patch_size,
         grid=floor_grid(patch_size),
         token_input=TokenInput("x"),
+        readout_inputs=readout_inputs,
     )
 
 
@@ -426,9 +449,39 @@ def _deepseek(vit: Any) -> ViTSpec:
 
 
 def _gemma4(vit: Any) -> Optional[ViTSpec]:
-    if vit.encoder_pool == "soft":
-        raise refuse(vit)
-    return _vlm(vit, lambda z: z)
+    if vit.encoder_pool != "soft":
+        return _vlm(vit, lambda z: z)
+    # encoder_pool="soft": the encoder's pooler averages the tokens of each k x k cell of
+    # the patch grid (by their (x, y) positions), scales by sqrt(D) and, for the
+    # standardised variants, applies std_bias / std_scale; the classifier then averages
+    # the cells. A weighted mean over tokens, so a readout: the positions are those
+    # timm's patch embedding gives an image's dense grid, rebuilt from the image size.
+    encoder = vit.encoder
+    p_h, p_w = pair(encoder.patch_embed.patch_size)
+
+    def image_grid(arguments: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        image = arguments[0] if arguments else None
+        if not isinstance(image, Tensor) or image.dim() != 4:
+            raise UnsupportedModelError(
+                "A Gemma4VitClassifier with encoder_pool='soft' is explained on image "
+                "tensors (B, C, H, W): its soft-token pooler needs the patch grid. Pass "
+                "images, or build it with encoder_pool='' (the default)."
+            )
+        return ((image.shape[-2] // p_h, image.shape[-1] // p_w),)
+
+    def soft_pool(z: Tensor, grid: Tuple[int, int]) -> Tensor:
+        rows, cols = torch.meshgrid(
+            torch.arange(grid[0], device=z.device),
+            torch.arange(grid[1], device=z.device),
+            indexing="ij",
+        )
+        positions = torch.stack((cols, rows), dim=-1).reshape(1, -1, 2)  # Gemma4's (x, y)
+        pooled, _ = encoder.pooler(z, positions.expand(z.shape[0], -1, -1), None)
+        if encoder.std_bias is not None:
+            pooled = (pooled - encoder.std_bias) * encoder.std_scale
+        return pooled
+
+    return _vlm(vit, soft_pool, image_grid)
 
 
 # ------------------------------------------------------------------------- match

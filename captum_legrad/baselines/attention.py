@@ -111,6 +111,18 @@ class _ViTBaseline(GradientAttribution):
         differentiable: bool,
     ) -> Tuple[Any, List[Tensor]]:
         """Run the model once, returning its output and ``A^l`` (B, H, N, N) of ``layers``."""
+        split = [
+            layer
+            for layer in layers
+            if layer in self.spec.parallel_attentions or layer in self.spec.product_inputs
+        ]
+        if split:
+            raise CaptureError(
+                f"{self.get_name()} needs each block's attention probabilities as one tensor, "
+                f"but blocks {split} of this {self.spec.family} model compute their attention "
+                "as parallel head groups or as a differential matrix (softmax1 - lambda * "
+                "softmax2) that is never one tensor. LeGrad itself explains these blocks."
+            )
         modules = [self.spec.attentions[layer] for layer in layers]
         with (
             torch.set_grad_enabled(differentiable),
