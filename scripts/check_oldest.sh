@@ -51,7 +51,8 @@ FAMILY_TESTS=(
     tests/test_routes.py tests/test_side_effects.py tests/test_properties.py
     tests/test_concurrency.py tests/test_resize.py tests/test_custom_spec.py
     tests/test_errors.py tests/test_capture_and_spec.py tests/test_api.py
-    tests/test_baselines.py tests/test_reference_2x.py tests/test_versions.py
+    tests/test_baselines.py tests/test_reference_2x.py tests/test_chunking_precision.py
+    tests/test_cli.py tests/test_cli_files.py tests/test_versions.py
 )
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
