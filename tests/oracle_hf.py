@@ -165,7 +165,9 @@ def hf_readout(model: nn.Module, z: Tensor, pooling: str) -> tuple[Tensor, Optio
         norm = vision_tower(model).post_layernorm
         if mean:
             return m.classifier(norm(z.mean(dim=1))), None
-        return m.classifier(norm(z).mean(dim=1)), None
+        # transformers < 4.43 averaged the tokens from the second on (no class token there)
+        version = tuple(int(p) for p in tf.__version__.split(".")[:2])
+        return m.classifier(norm(z)[:, 0 if version >= (4, 43) else 1 :].mean(dim=1)), None
     if isinstance(model, _cls("SiglipModel", "SiglipVisionModel")):
         vision = vision_tower(model)
         if getattr(vision, "use_head", hasattr(vision, "head")):

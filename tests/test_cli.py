@@ -35,6 +35,7 @@ behind (the same table is in docs/cli.md):
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -48,6 +49,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _versions import require
 from PIL import Image
 
 from captum_legrad import LeGrad
@@ -339,9 +341,12 @@ def test_open_clip_prompts_with_local_weights(
     open_clip = pytest.importorskip("open_clip")
     import json
 
+    from test_open_clip import known_options  # without options open_clip < 2.23 lacks
+
     from captum_legrad import ImageTextSimilarity
 
     config: Dict[str, Any] = json.loads((ROOT / "tests/fixtures/reference/config.json").read_text())
+    config = known_options(config)
     config["text_cfg"]["vocab_size"] = 49408  # the real tokenizer's vocabulary
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "TinyCLIP", config)
     torch.manual_seed(0)
@@ -357,6 +362,8 @@ def test_open_clip_prompts_with_local_weights(
     with Image.open(tmp_path / "x.png") as handle:
         x = preprocess(handle.convert("RGB"))[None]
     tokenizer = open_clip.get_tokenizer("TinyCLIP")
+    if getattr(tokenizer, "context_length", None) is None:  # open_clip < 2.23: always 77
+        tokenizer = functools.partial(tokenizer, context_length=model.context_length)
     sim = ImageTextSimilarity.from_prompts(model, ["a cat", "a dog"], tokenizer)
     heat = LeGrad(sim).attribute(x, target=1, output="map")[0, 0].numpy()
     # 40×30 (h×w): shortest edge 30 → 32, long int(32 * 40 / 30) = 42; crop 32 at top 5
@@ -844,6 +851,7 @@ def test_explain_ask_a_vlm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     """--ask: the answer's tokens, one map each, equal to explain_answer on the same folder."""
     from captum_legrad.vlm import explain_answer
 
+    require("transformers", "LlavaModel", since="transformers 4.52")  # the VLM layout
     model, processor = _tiny_llava_folder(tmp_path / "llava")
     save_png(
         tmp_path / "pic.png", torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(1))

@@ -10,6 +10,7 @@ from typing import Any, Callable, Tuple
 import numpy as np
 import pytest
 import torch
+from _versions import require
 from PIL import Image
 
 from captum_legrad.eval.files import OutputError, OutputFolder, atomic_path, unique_name
@@ -75,6 +76,7 @@ def test_open_clip_view_is_open_clips_preprocess(mode: str) -> None:
 
     cfg = {"size": (224, 224), "mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": mode}
     cfg["interpolation"] = "bicubic"
+    require("open_clip.transform", "PreprocessCfg", since="open-clip-torch 2.23")
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)

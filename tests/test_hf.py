@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -18,6 +18,13 @@ from torch import Tensor, nn
 
 tf = pytest.importorskip("transformers")
 
+from _versions import (  # noqa: E402
+    expect_size_refused,
+    hf_attn,
+    hf_interpolates,
+    reason,
+    require_hf,
+)
 from conftest import make_model  # noqa: E402
 from oracle_hf import (  # noqa: E402
     finalize,
@@ -136,21 +143,23 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def make_hf(key: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+def make_hf(key: str, attn: Optional[str] = None, seed: int = 0) -> nn.Module:
+    """``attn=None``: ``sdpa`` where the release has it for the class, else ``eager``."""
     class_name, make_config, extra = BUILDERS[key]
-    model_class = getattr(tf, class_name, None)
-    if model_class is None:
-        pytest.skip(f"transformers {tf.__version__} has no {class_name}")
+    model_class = require_hf(class_name)
+    attn = hf_attn(model_class, attn)
     config = make_config()
     config._attn_implementation = attn  # the user's choice, which LeGrad leaves alone
     torch.manual_seed(seed)
     model = model_class(config, **extra)
+    if not getattr(config, "vision_use_head", True) and hasattr(vision_tower(model), "head"):
+        pytest.skip(reason("transformers", "SigLIP vision_use_head=False", "transformers 4.41"))
     assert model.config._attn_implementation == attn
     return _randomize(model, seed).eval()
 
 
 @functools.cache
-def cached(key: str, attn: str = "sdpa") -> nn.Module:
+def cached(key: str, attn: Optional[str] = None) -> nn.Module:
     """Shared read-only instance (tests that check side effects build their own)."""
     return make_hf(key, attn)
 
@@ -404,6 +413,11 @@ def test_dynamic_non_square(key: str, size: Tuple[int, int]) -> None:
     model = cached(key)
     x = images(2, *size)
     target = torch.tensor([0, 3])
+    if not hf_interpolates(model):
+        since = {"clip_vision": "transformers 4.46", "siglip_vision": "transformers 4.41"}
+        expect_size_refused(
+            lambda: legrad(key, model).attribute(x, target=target), model, since.get(key, "?")
+        )
     args = _interpolate_args(model)
     kwargs = {"interpolate_pos_encoding": True} if args else {}
     for pooling in ("mean", "model"):

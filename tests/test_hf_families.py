@@ -10,7 +10,7 @@ both are checked against the independent oracle in ``tests/oracle_hf_families.py
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -19,6 +19,12 @@ from torch import Tensor, nn
 
 tf = pytest.importorskip("transformers")
 
+from _versions import (  # noqa: E402
+    expect_size_refused,
+    hf_attn,
+    hf_interpolates,
+    require_hf,
+)
 from oracle_hf import finalize  # noqa: E402
 from oracle_hf_families import (  # noqa: E402
     aimv2_head_by_hand,
@@ -132,12 +138,12 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def make(key: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
-    """A fresh model; ``attn="sdpa"`` and ``"eager"`` carry the same weights."""
+def make(key: str, attn: Optional[str] = None, seed: int = 0) -> nn.Module:
+    """A fresh model; ``attn="sdpa"`` and ``"eager"`` carry the same weights (``None``:
+    ``sdpa`` where the release has it for the class, else ``eager``)."""
     class_name, make_config, extra = BUILDERS[key]
-    model_class = getattr(tf, class_name, None)
-    if model_class is None:
-        pytest.skip(f"transformers {tf.__version__} has no {class_name}")
+    model_class = require_hf(class_name)
+    attn = hf_attn(model_class, attn)
     models = []
     for implementation in ("eager", attn):
         config = make_config()
@@ -152,7 +158,7 @@ def make(key: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
 
 
 @functools.cache
-def cached(key: str, attn: str = "sdpa") -> nn.Module:
+def cached(key: str, attn: Optional[str] = None) -> nn.Module:
     """Shared read-only instance (tests that check side effects build their own)."""
     return make(key, attn)
 
@@ -340,6 +346,10 @@ def test_mae_map_is_in_image_order_and_deterministic() -> None:
 def test_mae_other_size_with_interpolation() -> None:
     model = cached("mae")
     x, target = images(2, 32, 48), torch.tensor([0, 3])
+    if not hf_interpolates(model):
+        expect_size_refused(
+            lambda: LeGrad(model).attribute(x, target=target), model, "transformers 4.42"
+        )
     ours = LeGrad(model).attribute(
         x, target=target, additional_forward_args=(None, True), output="map"
     )
@@ -376,6 +386,10 @@ def test_mae_with_masking_and_pretraining_are_refused() -> None:
 def test_non_square(key: str) -> None:
     model, eager = cached(key), cached(key, "eager")
     x, target = images(2, 32, 48), torch.tensor([0, 3])
+    if not hf_interpolates(model):
+        expect_size_refused(
+            lambda: LeGrad(model).attribute(x, target=target), model, "transformers 4.42"
+        )
     kwargs = {} if key == "dinov3" else {"interpolate_pos_encoding": True}
     args = () if key == "dinov3" else (None, True)  # (labels, interpolate_pos_encoding)
     for pooling in ("mean", "model"):
@@ -490,6 +504,7 @@ def test_hierarchical_families_are_refused(key: str) -> None:
 
 
 def test_dinov3_backbone_is_refused() -> None:
+    require_hf("DINOv3ViTBackbone")
     config = tf.DINOv3ViTConfig(**_V, out_features=["stage2"])
     with pytest.raises(UnsupportedModelError, match="DINOv3ViTModel"):
         discover(tf.DINOv3ViTBackbone(config))

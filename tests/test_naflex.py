@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from captum_legrad import ImageTextSimilarity, LeGrad, discover
 from captum_legrad.errors import CaptureError
+from tests._versions import require, require_hf, require_timm_model
 from tests.oracle_naflex import finalize_one, naflexvit_layer_maps, siglip2_layer_maps
 
 tf = pytest.importorskip("transformers")
@@ -56,6 +57,7 @@ def _vision_config(head: bool = True) -> Any:
 
 
 def _siglip2(kind: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    require_hf("Siglip2VisionModel")
     torch.manual_seed(seed)
     if kind == "model":
         text = dict(
@@ -254,6 +256,7 @@ NAFLEX_TINY = dict(
 
 
 def _naflexvit(arch: str, seed: int = 0, **extra: Any) -> nn.Module:
+    require_timm_model(arch)
     torch.manual_seed(seed)
     model = timm.create_model(arch, **NAFLEX_TINY, **extra)
     gen = torch.Generator().manual_seed(seed)
@@ -316,6 +319,7 @@ def test_naflexvit_patch_dict_matches_oracle(arch: str, pooling: str) -> None:
 
 @pytest.mark.parametrize("arch", NAFLEX_ARCHS)
 def test_naflexvit_image_input_matches_oracle_and_patches(arch: str) -> None:
+    require("timm.models.naflexvit", since="timm 1.0.16")
     from timm.models.naflexvit import batch_patchify
 
     model = _naflexvit(arch)
@@ -404,6 +408,7 @@ def test_siglip2_baselines_batch_equals_single(method: str) -> None:
 def test_naflexvit_baselines_patches_equal_images(method: str) -> None:
     """The same images as (B, C, H, W) and as timm's patch dictionary give the same maps;
     in a padded batch each sample gets what it gets alone."""
+    require("timm.models.naflexvit", since="timm 1.0.16")
     from timm.models.naflexvit import batch_patchify
 
     from captum_legrad import baselines

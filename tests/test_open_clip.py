@@ -4,7 +4,9 @@ layout, and parity with the reference package ``legrad-torch`` 1.1 (golden fixtu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import inspect
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -13,6 +15,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from _versions import reason
 from oracle import _attention_pool_by_hand
 from oracle_mha import block_attention_maps, finish, pool_attention_maps, relevance
 from safetensors.torch import load_file
@@ -25,8 +28,47 @@ FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 GEN = torch.Generator().manual_seed(0)
 
 
+#: Options open_clip 2.23 added, with the value that means what an older release always does.
+_OLDER_BEHAVIOUR = {
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "no_causal_mask": False,
+    "proj_bias": False,
+    "mlp_ratio": 4.0,  # the text tower's, fixed before 2.23
+}
+_OLDER_POOL = {"vision_cfg": "tok", "text_cfg": "argmax"}
+
+
+def known_options(config: dict) -> dict:
+    """``config`` for the installed open_clip: options an older release lacks are dropped
+    where their value is that release's fixed behaviour (else the test is skipped)."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    config = copy.deepcopy(config)
+    queries = config["vision_cfg"].pop("attn_pooler_queries", None)
+    if queries is not None:
+        config["vision_cfg"].update(pooler_queries(queries))
+    for tower, cfg_class in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        fields = {f.name for f in dataclasses.fields(cfg_class)}
+        older = {**_OLDER_BEHAVIOUR, "pool_type": _OLDER_POOL[tower]}
+        for key in [k for k in config[tower] if k not in fields]:
+            value = config[tower].pop(key)
+            if key not in older or older[key] != value:
+                pytest.skip(reason("open_clip", f"{tower}.{key}={value!r}", "open-clip-torch 2.23"))
+    return config
+
+
+def pooler_queries(n: int) -> dict:
+    """The CoCa attention pooler's query count (``n_queries`` before open_clip 2.23)."""
+    from open_clip.model import CLIPVisionCfg
+
+    fields = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
+    return {"attn_pooler_queries" if "attn_pooler_queries" in fields else "n_queries": n}
+
+
 def clip_model() -> open_clip.CLIP:
-    config = json.loads((FIXTURES / "config.json").read_text())
+    config = known_options(json.loads((FIXTURES / "config.json").read_text()))
     model = open_clip.CLIP(**config)
     model.load_state_dict(load_file(FIXTURES / "model.safetensors"), strict=True)
     return model.eval()
@@ -45,7 +87,7 @@ def coca_model() -> nn.Module:
             patch_size=8,
             image_size=32,
             attentional_pool=True,
-            attn_pooler_queries=4,
+            **pooler_queries(4),
             attn_pooler_heads=2,
             output_tokens=True,
         ),
@@ -61,11 +103,39 @@ def siglip_tower(monkeypatch: pytest.MonkeyPatch, proj: str) -> nn.Module:
     )
     monkeypatch.setattr(tm.timm, "create_model", tiny)
     torch.manual_seed(0)
-    tower = tm.TimmModel(
-        "vit_base_patch16_siglip_224", embed_dim=24, image_size=32, pool="map", proj=proj
-    )
+    try:
+        tower = tm.TimmModel(
+            "vit_base_patch16_siglip_224", embed_dim=24, image_size=32, pool="map", proj=proj
+        )
+    except AssertionError as error:  # proj="none": open_clip 2.23
+        what = f"TimmModel proj={proj!r} ({error})"
+        pytest.skip(reason("open_clip", what, "open-clip-torch 2.23"))
     monkeypatch.undo()
     return tower.eval()
+
+
+def require_map_head(tower: nn.Module) -> None:
+    """Skip where the SigLIP tower lost its MAP head: timm < 1.0.11's
+    ``reset_classifier(0, global_pool="map")`` drops ``attn_pool`` (the model then reads the
+    first token), which open_clip < 2.23's TimmModel calls. The oracles need the head."""
+    if getattr(tower, "trunk", None) is not None and tower.trunk.attn_pool is None:
+        pytest.skip(
+            f"timm {timm_version()} drops the MAP head in reset_classifier(global_pool='map') "
+            "(fixed in timm 1.0.11); SigLIP towers need open-clip-torch 2.23"
+        )
+
+
+def timm_version() -> str:
+    from _versions import version
+
+    return version("timm")
+
+
+def has_batch_first() -> bool:
+    """open_clip >= 2.26 builds batch-first transformers; older ones are sequence-first."""
+    from open_clip.transformer import Transformer
+
+    return "batch_first" in inspect.signature(Transformer.__init__).parameters
 
 
 def sequence_first(model: open_clip.CLIP) -> open_clip.CLIP:
@@ -73,6 +143,8 @@ def sequence_first(model: open_clip.CLIP) -> open_clip.CLIP:
     from open_clip.transformer import Transformer
 
     seq = copy.deepcopy(model)
+    if not has_batch_first():  # this release has no other layout
+        return seq
     old = seq.visual.transformer
     new = Transformer(width=40, layers=3, heads=5, mlp_ratio=4.0, batch_first=False)
     new.load_state_dict(old.state_dict())
@@ -111,6 +183,8 @@ def clip_oracle(model, x, prompts, target, layers: Optional[List[int]], pooling:
 @pytest.mark.parametrize("layers", [None, [-2, -1]])
 @pytest.mark.parametrize("layout", ["batch_first", "sequence_first"])
 def test_clip_matches_oracle(pooling: str, layers, layout: str) -> None:
+    if layout == "batch_first" and not has_batch_first():
+        pytest.skip(reason("open_clip", "batch-first Transformer", "open-clip-torch 2.26"))
     model = clip_model() if layout == "batch_first" else sequence_first(clip_model())
     assert discover(model).batch_first is (layout == "batch_first")
     x, prompts = torch.randn(3, 3, 32, 32, generator=GEN), text()
@@ -125,6 +199,8 @@ def test_clip_matches_oracle(pooling: str, layers, layout: str) -> None:
 
 
 def test_sequence_first_equals_batch_first() -> None:
+    if not has_batch_first():
+        pytest.skip(reason("open_clip", "batch-first Transformer", "open-clip-torch 2.26"))
     x, prompts = torch.randn(2, 3, 32, 32, generator=GEN), text()
     a = LeGrad(ImageTextSimilarity(clip_model(), prompts)).attribute_multi(x, targets=range(4))
     seq = sequence_first(clip_model())
@@ -208,8 +284,9 @@ def test_coca_matches_oracle(layers) -> None:
 
     blocks = list(visual.transformer.resblocks)
     ids = list(range(3)) if layers is None else [1, 2]
+    batch_first = getattr(visual.transformer, "batch_first", False)  # < 2.26: (N, B, D)
     per_layer = pool_attention_maps(
-        lambda: visual(x), blocks, visual.attn_pool.attn, score, ids, (4, 4), query=0
+        lambda: visual(x), blocks, visual.attn_pool.attn, score, ids, (4, 4), 0, batch_first
     )
     legrad = LeGrad(ImageTextSimilarity(model, prompts), layers)
     ours = legrad.attribute_layers(x, target=target)
@@ -230,6 +307,7 @@ def test_coca_matches_oracle(layers) -> None:
 def test_siglip_timm_tower_matches_oracle(monkeypatch: pytest.MonkeyPatch, proj: str) -> None:
     tower = siglip_tower(monkeypatch, proj)
     trunk = tower.trunk
+    require_map_head(tower)
     spec = discover(tower)
     assert spec.family == "open_clip" and spec.num_prefix_tokens == 0
     dim = 24 if proj == "linear" else trunk.num_features

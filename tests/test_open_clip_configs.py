@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 open_clip = pytest.importorskip("open_clip")
 
+from _versions import require_open_clip_config  # noqa: E402
 from oracle_mha import block_attention_maps, finish, pool_attention_maps  # noqa: E402
+from test_open_clip import pooler_queries  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 
 from captum_legrad import ImageTextSimilarity, LeGrad, UnsupportedModelError, discover  # noqa: E402
@@ -34,12 +36,13 @@ GEN = torch.Generator().manual_seed(0)
 
 def tiny_config(name: str) -> Dict[str, Any]:
     """``name``'s OpenCLIP configuration with a tiny image and text tower."""
+    require_open_clip_config(name)
     config = copy.deepcopy(open_clip.get_model_config(name))
     config["embed_dim"] = 16
     vision = config["vision_cfg"]
     vision.update(width=32, layers=2, head_width=16, patch_size=8, image_size=32)
     if "attn_pooler_heads" in vision:
-        vision.update(attn_pooler_heads=2, attn_pooler_queries=4)
+        vision.update(attn_pooler_heads=2, **pooler_queries(4))
     for tower in ("text_cfg", "multimodal_cfg"):
         if tower in config:
             config[tower].update(width=32, heads=2, layers=1, context_length=16, vocab_size=100)
@@ -88,6 +91,7 @@ def image_size(config: Dict[str, Any]) -> int:
 
 
 def build_timm(name: str) -> nn.Module:
+    require_open_clip_config(name)
     config = copy.deepcopy(open_clip.get_model_config(name))
     config["embed_dim"] = 16
     config["vision_cfg"]["image_size"] = image_size(config)
@@ -145,6 +149,7 @@ def test_vision_transformer_configs_match_oracle(name: str, pooling: str) -> Non
         expected = F.normalize(model.encode_image(x), dim=-1) @ F.normalize(prompts, dim=-1).T
         torch.testing.assert_close(sim(x), expected, atol=1e-5, rtol=1e-5)
     blocks = list(visual.transformer.resblocks)
+    batch_first = getattr(visual.transformer, "batch_first", False)  # < 2.26: (N, B, D)
     if kind == "attn_pool":  # CoCa: the pooler's first query, ln_post after it, both poolings
 
         def pool_score(z: Tensor) -> Tensor:
@@ -152,7 +157,14 @@ def test_vision_transformer_configs_match_oracle(name: str, pooling: str) -> Non
             return cosine(pooled @ visual.proj, prompts, target)
 
         per_layer = pool_attention_maps(
-            lambda: visual(x), blocks, visual.attn_pool.attn, pool_score, [0, 1], (4, 4), query=0
+            lambda: visual(x),
+            blocks,
+            visual.attn_pool.attn,
+            pool_score,
+            [0, 1],
+            (4, 4),
+            query=0,
+            batch_first=batch_first,
         )
     else:
 
@@ -160,7 +172,7 @@ def test_vision_transformer_configs_match_oracle(name: str, pooling: str) -> Non
             return cosine(readout_by_hand(visual, z, kind, pooling), prompts, target)
 
         per_layer = block_attention_maps(
-            lambda: visual(x), blocks, [b.attn for b in blocks], score, [0, 1], (4, 4)
+            lambda: visual(x), blocks, [b.attn for b in blocks], score, [0, 1], (4, 4), batch_first
         )
     legrad = LeGrad(sim, pooling=pooling)
     ours = legrad.attribute_layers(x, target=target)
@@ -217,6 +229,7 @@ def test_modified_resnet_is_refused() -> None:
 
 @pytest.mark.parametrize("name", ["convnext_tiny", "MobileCLIP-S1", "swin_base_patch4_window7_224"])
 def test_non_vit_timm_towers_are_refused(name: str) -> None:
+    require_open_clip_config(name)
     config = copy.deepcopy(open_clip.get_model_config(name))
     config["text_cfg"].update(width=32, heads=2, layers=1)
     config.pop("custom_text", None)

@@ -19,12 +19,17 @@ from torch import Tensor, nn
 
 tf = pytest.importorskip("transformers")
 
+from _versions import requires  # noqa: E402
 from oracle_vlm import answer_logits, finalize, oracle_answer_maps  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 
 from captum_legrad import LeGrad, UnsupportedModelError  # noqa: E402
 from captum_legrad.capture import explicit_sdpa  # noqa: E402
 from captum_legrad.vlm import AnswerLogits, explain_answer  # noqa: E402
+
+#: The VLMs' base-model layout (``model.model``) that AnswerLogits reads; older releases are
+#: refused (tests/test_versions.py).
+pytestmark = requires("transformers", "LlavaModel", since="transformers 4.52")
 
 IMAGE = 63  # the image placeholder id of every tiny model below
 TOL = 2e-5

@@ -168,12 +168,54 @@ def _image_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
 _FLAG = "interpolate_pos_encoding"
 
 
-def _input_size(embeddings: Any, config: Any, patch_size: Tuple[int, int]) -> InputSize:
+def _fixed_grid(root: nn.Module, embeddings: Any) -> bool:
+    """Position information learned for one grid and no way to interpolate it: a position
+    table without ``interpolate_pos_encoding``, or a relative-position bias whose forward
+    takes no window size (BEiT / data2vec before transformers 4.42)."""
+    for module in root.modules():
+        if type(module).__name__.endswith("RelativePositionBias"):
+            forward = getattr(type(module), "forward", None)
+            if forward is not None and len(inspect.signature(forward).parameters) <= 1:
+                return True
+    if callable(getattr(embeddings, _FLAG, None)):
+        return False
+    for name in ("position_embeddings", "position_embedding"):
+        if isinstance(getattr(embeddings, name, None), (nn.Parameter, nn.Embedding)):
+            return True
+    return False
+
+
+def _cannot_resize(embeddings: Any, native: Tuple[int, int]) -> Callable[..., None]:
+    """Position information for one grid only (:func:`_fixed_grid`: transformers 4.40's
+    CLIP, SigLIP, BEiT, DeiT, ViT-MAE; AIMv2 with ``is_native=False``):
+    the model runs at its native size only, and other sizes are refused with what to do."""
+
+    def enter(hooks: ScopedHooks, size: Tuple[int, int]) -> None:
+        import transformers
+
+        raise ValueError(
+            f"The input is {size[0]}x{size[1]} pixels but this model was built for "
+            f"{native[0]}x{native[1]}, and {type(embeddings).__name__} of transformers "
+            f"{transformers.__version__} cannot interpolate its learned position embedding "
+            f"(or relative-position bias) to another grid. Resize the images to "
+            f"{native[0]}x{native[1]}. (SigLIP from transformers 4.41, DeiT, BEiT and ViT-MAE "
+            "from 4.42 and CLIP from 4.46 interpolate: upgrade transformers for those.)"
+        )
+
+    return enter
+
+
+def _input_size(
+    root: nn.Module, embeddings: Any, config: Any, patch_size: Tuple[int, int]
+) -> InputSize:
     """The embeddings' own ``interpolate_pos_encoding``, switched on for the call."""
     native = pair(config.image_size)
     forward = getattr(type(embeddings), "forward", None)
     names = list(inspect.signature(forward).parameters) if forward is not None else []
-    if _FLAG not in names:  # DINOv2: interpolates whenever the size differs
+    if _FLAG not in names:
+        if _fixed_grid(root, embeddings):
+            return InputSize(native, patch_size, enter=_cannot_resize(embeddings, native))
+        # DINOv2 interpolates whenever the size differs, DINOv3's RoPE takes any size
         return InputSize(native, patch_size, mechanism="the model's own interpolation")
     position = names.index(_FLAG) - 1  # without self
 
@@ -223,7 +265,7 @@ def _spec(
         pool_attention=pool_attention,
         image_forward=image_forward,
         token_input=TokenInput("hidden_states"),
-        input_size=_input_size(vit.embeddings, vit.config, patch_size),
+        input_size=_input_size(root, vit.embeddings, vit.config, patch_size),
         layout=layout,
     )
 
@@ -390,9 +432,14 @@ def _match_siglip(model: nn.Module) -> Optional[ViTSpec]:
         classifier_model: Any = model
         tower = _vision_tower(model)
         norm: Any = tower.post_layernorm
+        # The classifier averages all tokens; transformers < 4.43 averaged them from the
+        # second on (``sequence_output[:, 1:]``, although SigLIP has no class token): the
+        # model's own readout is what that release computes. Its forward pools inline, so
+        # there is no attribute to detect this by.
+        first = 0 if _version_at_least(4, 43) else 1
 
         def norm_then_mean_logits(tokens: Tensor) -> Tensor:
-            return classifier_model.classifier(norm(tokens).mean(dim=1))
+            return classifier_model.classifier(norm(tokens)[:, first:].mean(dim=1))
 
         def mean_then_norm_logits(tokens: Tensor) -> Tensor:
             return classifier_model.classifier(norm(tokens.mean(dim=1)))

@@ -136,6 +136,17 @@ def describe(model: nn.Module) -> VLMParts:
             "with its lm_head). Pass one of these, or describe another VLM with a ViTSpec."
         )
     m: Any = model
+    base = getattr(m, "model", None)
+    if not isinstance(getattr(base, "language_model", None), nn.Module):
+        import transformers
+
+        raise UnsupportedModelError(
+            f"{name} of transformers {transformers.__version__} has the layout before "
+            "transformers 4.52: no base model (model.model with vision_tower, "
+            "multi_modal_projector and language_model), and older releases expand the image "
+            "placeholder inside the forward, so the image-token positions are not in the "
+            "prompt. LeGrad's answer maps need transformers >= 4.52: upgrade transformers."
+        )
     config = m.config
     vision = config.vision_config
     layers, norm = _language_parts(m)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from ..resize import InputSize, resample_position_embedding, substitute_during
@@ -40,6 +41,36 @@ def _is_timm_vit(model: nn.Module) -> bool:
 _STRICT_SIZE = ("Input height (", "Input width (")
 
 
+def _rebuild_rope_table(rope: Any, grid: Tuple[int, int], cached: Tensor) -> Optional[Tensor]:
+    """timm < 1.0's static ``RotaryEmbeddingCat``: it keeps no frequency bands (``bands``
+    is ``None``), only the table built once by ``build_rotary_pos_embed`` from its ``dim``,
+    ``temperature``, ``max_res``, ``in_pixels`` and ``ref_feat_shape``; the same call for the
+    new grid gives what a ``dynamic_img_size=True`` Eva of that release computes. ``None``
+    where that is not certain (pixel bands, whose spacing the module does not keep)."""
+    if getattr(rope, "in_pixels", True) and not hasattr(rope, "linear_bands"):
+        return None
+    try:
+        from timm.layers.pos_embed_sincos import build_rotary_pos_embed
+    except ImportError:
+        return None
+    try:
+        sin, cos = build_rotary_pos_embed(
+            feat_shape=list(grid),
+            dim=int(rope.dim),
+            max_res=int(getattr(rope, "max_res", 224)),
+            temperature=float(getattr(rope, "temperature", 10000.0)),
+            linear_bands=bool(getattr(rope, "linear_bands", False)),
+            in_pixels=bool(rope.in_pixels),
+            ref_feat_shape=getattr(rope, "ref_feat_shape", None),
+            dtype=cached.dtype,
+            device=cached.device,
+        )
+    except (AttributeError, TypeError):
+        return None
+    table: Tensor = torch.cat((sin, cos), -1)
+    return table if table.shape[-1] == cached.shape[-1] else None
+
+
 def _rope_replacements(rope: Any, grid: Tuple[int, int]) -> List[Tuple[Tensor, Tensor]]:
     """Eva's cached rotary table(s) rebuilt for ``grid`` from the module's own bands."""
     if rope is None:
@@ -51,6 +82,10 @@ def _rope_replacements(rope: Any, grid: Tuple[int, int]) -> List[Tuple[Tensor, T
     if isinstance(sin, Tensor) and isinstance(cos, Tensor) and hasattr(rope, "_build_embed"):
         new_sin, new_cos = rope._build_embed(list(grid), rope.bands, dtype=sin.dtype)
         return [(sin, new_sin), (cos, new_cos)]
+    if isinstance(cached, Tensor) and getattr(rope, "bands", None) is None:
+        rebuilt = _rebuild_rope_table(rope, grid, cached)
+        if rebuilt is not None:
+            return [(cached, rebuilt)]
     raise ValueError(
         f"This Eva's rotary embedding ({type(rope).__name__}) cannot be rebuilt for another "
         "input size by LeGrad. Build the model with dynamic_img_size=True (timm then handles "

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -467,21 +469,34 @@ def load_open_clip(
             f"{', '.join(tags[:6]) or 'none'}{', …' if len(tags) > 6 else ''}), "
             "or pass --weights FILE or --random-weights"
         )
+    create = open_clip.create_model_and_transforms
+    # open_clip < 2.27 has no weights_only (its torch.load then uses torch's default, which
+    # is weights_only=True from torch 2.6 on)
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(create).parameters else {}
     try:
         with _quiet():
-            model, _, transform = open_clip.create_model_and_transforms(
-                name, pretrained=tag, weights_only=True
-            )
+            model, _, transform = create(name, pretrained=tag, **safe)
     except Exception as error:  # download errors surface as RuntimeError / OSError
         if tag is None and not hub:
             raise ModelError(f"cannot build open_clip:{name}: {_one_line(str(error))}") from error
         raise _unreachable(spec, error, _PASS_WEIGHTS) from error
     _load_into(model, weights, spec)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer: Callable[..., Any] = open_clip.get_tokenizer(name)
+    context = getattr(model, "context_length", None)
+    if isinstance(context, int) and getattr(tokenizer, "context_length", None) is None:
+        # open_clip < 2.23 hands out its plain tokenize function: 77 tokens whatever the
+        # model's context; give it the model's
+        tokenizer = functools.partial(tokenizer, context_length=context)
     visual: Any = model.visual
-    cfg = getattr(visual, "preprocess_cfg", {}) or {}
-    size = _spatial_size(cfg.get("size", getattr(visual, "image_size", 224)))
+    cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    # open_clip < 2.23 has no preprocess_cfg: its preprocess resizes the shortest edge to the
+    # tower's image_size and crops, with the tower's image_mean / image_std
+    cfg.setdefault("size", getattr(visual, "image_size", 224))
+    for key in ("mean", "std"):
+        if getattr(visual, f"image_{key}", None) is not None:
+            cfg.setdefault(key, tuple(getattr(visual, f"image_{key}")))
+    size = _spatial_size(cfg["size"])
     view = _open_clip_view(cfg)
 
     def with_prompts(prompts: Sequence[str]) -> nn.Module:
