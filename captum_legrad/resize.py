@@ -224,8 +224,9 @@ def at_input_size(
         family: The model family, for messages.
 
     Raises:
-        ValueError: ``size`` is not a multiple of the patch size (and the model does not
-            pad), or is not the native size while ``resize_pos_embed=False``.
+        ValueError: ``size`` is not a multiple of the patch size (and is not the native
+            size, and the model does not pad), or is not the native size while
+            ``resize_pos_embed=False``.
     """
     if rule is None:
         yield
@@ -233,14 +234,17 @@ def at_input_size(
     height, width = int(size[0]), int(size[1])
     p_h, p_w = rule.patch_size
     name = f"{family} model" if family else "model"
-    if not rule.pads and (height % p_h or width % p_w):
+    native = (height, width) == tuple(rule.native)
+    # the native size always runs as the model was built for it, even when it is not a
+    # multiple of the patch (SigLIP so400m/14 at 384: the patch embedding drops the last
+    # 6 pixels, as it does outside LeGrad)
+    if not native and not rule.pads and (height % p_h or width % p_w):
         raise ValueError(
             f"The input is {height}x{width} pixels, not a multiple of the {name}'s {p_h}x{p_w} "
             f"patches. Resize or crop the images to a multiple of the patch size (e.g. "
             f"{_multiple(height, p_h)}x{_multiple(width, p_w)}); the native size is "
             f"{rule.native[0]}x{rule.native[1]}."
         )
-    native = (height, width) == tuple(rule.native)
     if native or rule.enter is None:
         yield
         return

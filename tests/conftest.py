@@ -16,6 +16,15 @@ from torch import nn
 
 torch.set_num_threads(2)
 
+
+def assert_not_vacuous(ref: torch.Tensor, lead: int = 2) -> None:
+    """No map of an oracle is all zeros: over the ``lead`` leading dims (sample and layer or
+    target), every slice has a non-zero value. A comparison with an all-zero map passes for
+    any all-zero answer (and LeGrad warns about such maps, an error in this suite)."""
+    zero = ~ref.flatten(start_dim=lead).any(dim=-1)
+    assert not zero.any(), f"oracle maps all zeros at {zero.nonzero().tolist()}: vacuous"
+
+
 TINY: Dict[str, Any] = dict(
     pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5
 )

@@ -133,15 +133,33 @@ def test_siglip2_mean_pooling_and_layers_match_oracle() -> None:
         torch.testing.assert_close(per_layer[b, :, :h, :w], ref, rtol=1e-4, atol=1e-7)
 
 
-def test_siglip2_sdpa_equals_eager() -> None:
+@pytest.mark.parametrize("kind", [*SIGLIP2_KINDS, "model", "similarity"])
+def test_siglip2_sdpa_equals_eager(kind: str) -> None:
+    """Per-sample grids (a padded batch of two grids), and the patch-sequence input form."""
     pixels, mask, shapes = _siglip2_batch()
-    maps = [
-        LeGrad(_siglip2("vision_head", attn)).attribute(
-            pixels, 3, (mask, shapes), output="grid", normalize=False
+    grids, inputs = [], []
+    for attn in ("sdpa", "eager"):
+        model: Any = _siglip2("model" if kind == "similarity" else kind, attn)
+        explained: nn.Module = model
+        if kind == "similarity":
+            ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                text = model.get_text_features(input_ids=ids)
+            explained = ImageTextSimilarity(model, getattr(text, "pooler_output", text))
+        legrad = LeGrad(explained)
+        target = torch.tensor([2, 0])
+        grids.append(
+            legrad.attribute(pixels, target, (mask, shapes), output="grid", normalize=False)
         )
-        for attn in ("sdpa", "eager")
-    ]
-    torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-7)
+        inputs.append(legrad.attribute(pixels, target, (mask, shapes), output="input"))
+    assert grids[1].shape == (2, 1, 3, 4)
+    for b, (h, w) in enumerate(SHAPES.tolist()):  # each sample's own grid is not all zeros
+        assert grids[1][b, 0, :h, :w].abs().max() > 0
+    torch.testing.assert_close(
+        grids[0], grids[1], rtol=1e-4, atol=1e-4 * float(grids[1].abs().max())
+    )
+    assert inputs[1].shape == pixels.shape
+    torch.testing.assert_close(inputs[0], inputs[1], atol=1e-5, rtol=0)
 
 
 def test_siglip2_batch_equals_single_and_chunks() -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _versions import reason
+from conftest import assert_not_vacuous
 from oracle import _attention_pool_by_hand
 from oracle_mha import block_attention_maps, finish, pool_attention_maps, relevance
 from safetensors.torch import load_file
@@ -191,6 +192,7 @@ def test_clip_matches_oracle(pooling: str, layers, layout: str) -> None:
     target = torch.tensor([0, 3, 1])
     legrad = LeGrad(ImageTextSimilarity(model, prompts), layers, pooling=pooling)
     per_layer = clip_oracle(model, x, prompts, target, layers, pooling)
+    assert_not_vacuous(per_layer)
     ours = legrad.attribute_layers(x, target=target)
     assert (ours - per_layer).abs().max() <= 1e-4 * per_layer.abs().max()
     assert (
@@ -288,6 +290,7 @@ def test_coca_matches_oracle(layers) -> None:
     per_layer = pool_attention_maps(
         lambda: visual(x), blocks, visual.attn_pool.attn, score, ids, (4, 4), 0, batch_first
     )
+    assert_not_vacuous(per_layer)
     legrad = LeGrad(ImageTextSimilarity(model, prompts), layers)
     ours = legrad.attribute_layers(x, target=target)
     assert (ours - per_layer).abs().max() <= 1e-4 * per_layer.abs().max()
@@ -337,6 +340,7 @@ def test_siglip_timm_tower_matches_oracle(monkeypatch: pytest.MonkeyPatch, proj:
             (g,) = torch.autograd.grad(cosine(embedding, prompts, target).sum(), attn)
             maps.append(relevance(g, (4, 4)))
     per_layer = torch.stack(maps, 1)
+    assert_not_vacuous(per_layer)
     legrad = LeGrad(ImageTextSimilarity(tower, prompts))
     ours = legrad.attribute_layers(x, target=target)
     assert (ours - per_layer).abs().max() <= 1e-4 * per_layer.abs().max()

@@ -473,3 +473,47 @@ def test_siglip_tower_equals_a_dynamic_trunk(monkeypatch: pytest.MonkeyPatch) ->
     assert_state_identical(before, tower)
     torch.testing.assert_close(seen[0], embedding, atol=1e-5, rtol=1e-5)
     assert (ours - finish(torch.stack(maps, 1), (64, 48))).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------ native size
+
+
+def _native_not_a_multiple() -> Dict[str, Any]:
+    """Models built at 36x36 with 8x8 patches (a 4x4 grid; the last 4 pixels are unused,
+    as in SigLIP so400m/14 at 384) and the same weights built at 32x32."""
+
+    def timm_pair() -> Tuple[nn.Module, nn.Module]:
+        return make_model("vit", img_size=36), make_model("vit")
+
+    def open_clip_pair() -> Tuple[nn.Module, nn.Module]:
+        models = []
+        for size in (36, 32):
+            torch.manual_seed(0)
+            models.append(
+                open_clip.transformer.VisionTransformer(
+                    image_size=size, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0,
+                    output_dim=16,
+                ).eval()
+            )  # fmt: skip
+        models[1].load_state_dict(models[0].state_dict())
+        return models[0], models[1]
+
+    return {"timm": timm_pair, "open_clip": open_clip_pair}
+
+
+@pytest.mark.parametrize("family", sorted(_native_not_a_multiple()))
+def test_native_size_that_is_not_a_multiple_of_the_patch(family: str) -> None:
+    """The native size runs as the model was built for it, patch multiple or not: the map
+    is the one of the 32x32 pixels its patch embedding sees; other such sizes are refused."""
+    model, cropped = _native_not_a_multiple()[family]()
+    x = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the model itself only sees the top-left 32x32 pixels
+        torch.testing.assert_close(model(x), cropped(x[..., :32, :32]), atol=1e-5, rtol=1e-5)
+    ours = LeGrad(model).attribute(x, target=1, output="grid", normalize=False)
+    ref = LeGrad(cropped).attribute(x[..., :32, :32], target=1, output="grid", normalize=False)
+    assert ours.shape == (2, 1, 4, 4)
+    assert ref.abs().max() > 0, "reference map is all zeros; the comparison would be vacuous"
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert LeGrad(model).attribute(x, target=1, output="map").shape == (2, 1, 36, 36)
+    with pytest.raises(ValueError, match="not a multiple"):
+        LeGrad(model).attribute(torch.randn(1, 3, 44, 44), target=1)

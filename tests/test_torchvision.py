@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import assert_not_vacuous, randomize
 from oracle_mha import block_attention_maps, finish
 from test_side_effects import assert_unchanged, snapshot
 from torchvision.models import VisionTransformer, vit_b_16
@@ -48,6 +48,7 @@ def test_matches_oracle(pooling: str, layers) -> None:
     x, target = torch.randn(3, 3, 32, 32), torch.tensor([1, 4, 0])
     legrad = LeGrad(model, layers, pooling=pooling)
     per_layer, final = oracle(model, x, target, layers, pooling)
+    assert_not_vacuous(per_layer)
     ours = legrad.attribute_layers(x, target=target)
     assert (ours - per_layer).abs().max() <= 1e-4 * per_layer.abs().max()
     assert (legrad.attribute(x, target=target, output="map") - final).abs().max() <= 1e-5

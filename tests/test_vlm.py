@@ -20,6 +20,7 @@ from torch import Tensor, nn
 tf = pytest.importorskip("transformers")
 
 from _versions import requires  # noqa: E402
+from conftest import assert_not_vacuous  # noqa: E402
 from oracle_vlm import answer_logits, finalize, oracle_answer_maps  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 
@@ -207,6 +208,7 @@ def test_maps_match_oracle(name: str, attn: str) -> None:
     grid = MODELS[name][2]
     expected = oracle_answer_maps(model, batch, positions, answers, keys, grid)  # (B,T,L,g,g)
     assert expected.sum(dim=(0, 1, 3, 4)).gt(0).all(), "an oracle layer map is all zero"
+    assert_not_vacuous(expected, lead=3)  # every (sample, answer token, layer)
     legrad = LeGrad(AnswerLogits(model, ids, answers, mask))
     raw = legrad.attribute_multi(pixels, targets=range(3), output="grid", normalize=False)
     torch.testing.assert_close(raw, expected.sum(2), rtol=1e-4, atol=TOL * expected.abs().max())
@@ -233,6 +235,7 @@ def test_last_layer_only(name: str) -> None:
     batch, positions, keys = oracle_batch(name, prompts, answers, pixels)
     grid = MODELS[name][2]
     expected = oracle_answer_maps(model, batch, positions, answers, keys, grid, layers=[-1])
+    assert_not_vacuous(expected, lead=3)
     maps = LeGrad(AnswerLogits(model, ids, answers, mask), layers=[-1]).attribute_multi(
         pixels, targets=range(3)
     )
@@ -248,6 +251,8 @@ def test_whole_answer(name: str) -> None:
     grid = MODELS[name][2]
     per_token = oracle_answer_maps(model, batch, positions, answers, keys, grid)
     of_sum = oracle_answer_maps(model, batch, positions, answers, keys, grid, summed=True)
+    assert_not_vacuous(per_token, lead=3)
+    assert_not_vacuous(of_sum, lead=3)
     whole = LeGrad(AnswerLogits(model, ids, answers, mask, reduce="sum")).attribute(
         pixels, output="grid", normalize=False
     )
@@ -533,6 +538,7 @@ def test_llava_full_strategy_skips_cls() -> None:
     keys = torch.arange(3, 19)[None]  # positions 3..18: the 16 patches after CLS (position 2)
     positions = torch.arange(s - 1, s + 1)[None]
     expected = oracle_answer_maps(model, batch, positions, answers, keys, (4, 4))
+    assert_not_vacuous(expected, lead=3)
     maps = LeGrad(AnswerLogits(model, ids, answers)).attribute_multi(
         pixels, targets=range(2), output="grid", normalize=False
     )
@@ -567,6 +573,7 @@ def test_paligemma2_softcapping() -> None:
     explained = AnswerLogits(model, ids, answers, mask)
     torch.testing.assert_close(explained(pixels), logits, rtol=1e-4, atol=1e-5)
     expected = oracle_answer_maps(model, batch, positions, answers, keys, (4, 4), softcap=0.5)
+    assert_not_vacuous(expected, lead=3)
     maps = LeGrad(explained).attribute_multi(
         pixels, targets=range(3), output="grid", normalize=False
     )
@@ -625,6 +632,7 @@ def test_gemma3_pools_four_by_four() -> None:
         "gemma3", [prompt("gemma3")], torch.tensor([[7, 8]]), pixels
     )
     expected = oracle_answer_maps(model, batch, positions, torch.tensor([[7, 8]]), keys, (4, 4))
+    assert_not_vacuous(expected, lead=3)
     maps = LeGrad(explained).attribute_multi(pixels, targets=range(2))
     assert maps.shape == (1, 2, 64, 64)
     torch.testing.assert_close(maps, finalize(expected, (64, 64)), rtol=1e-4, atol=1e-4)
