@@ -477,9 +477,7 @@ class _SharedRowBackward(torch.autograd.Function):
     :func:`token_mean_linear_hook`)."""
 
     @staticmethod
-    def forward(
-        ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: int
-    ) -> Tensor:
+    def forward(ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: int) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.token_dim, ctx.input_shape = token_dim, inputs.shape
         return output.view_as(output)
