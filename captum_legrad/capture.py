@@ -28,9 +28,11 @@ from torch.overrides import TorchFunctionMode
 from .errors import CaptureError
 from .hooks import ScopedHooks, mode_stack_guard
 from .lean import (
+    MATMUL_FUNCTIONS,
     LeanRecord,
     LeanRecorder,
     Record,
+    compact_value,
     leaf,
     mha_projections,
     mlp_output_linear,
@@ -193,15 +195,6 @@ def explicit_mha(
     return out, weights, probs
 
 
-_MATMUL: Tuple[Callable[..., Any], ...] = (
-    torch.matmul,
-    torch.Tensor.matmul,
-    torch.Tensor.__matmul__,
-    torch.bmm,
-    torch.Tensor.bmm,
-)
-
-
 class ValueRecorder(TorchFunctionMode):
     """Keeps the value operand of the last attention product computed while it is active
     (``F.scaled_dot_product_attention``'s ``value``, or the right operand of ``matmul``),
@@ -229,7 +222,7 @@ class ValueRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.value = args[2] if len(args) > 2 else kwargs["value"]
-        elif func in _MATMUL and len(args) > 1 and isinstance(args[1], Tensor):
+        elif func in MATMUL_FUNCTIONS and len(args) > 1 and isinstance(args[1], Tensor):
             self.value = args[1]
         return func(*args, **kwargs)
 
@@ -249,10 +242,7 @@ def _product_record(recorder: ValueRecorder, output: Tensor, where: str) -> Lean
             f"{where} received {tuple(output.shape)} as its input, and the attention saw "
             f"{seen}: the input is not the attention output O = A·V whose V was recorded."
         )
-    value = value.detach()
-    if value.untyped_storage().nbytes() > value.numel() * value.element_size():
-        value = value.clone()  # a view of a packed qkv: keep V only
-    return LeanRecord(leaf(output), value)
+    return LeanRecord(leaf(output), compact_value(value))
 
 
 def check_route(spec: ViTSpec, route: str) -> None:

@@ -49,6 +49,8 @@ __all__ = [
     "LeanRecord",
     "Record",
     "LeanRecorder",
+    "MATMUL_FUNCTIONS",
+    "compact_value",
     "lean_mha",
     "mha_projections",
     "reduce_lean",
@@ -63,7 +65,8 @@ __all__ = [
 REDUCE_CHUNK_ELEMENTS = 1 << 24
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
-_MATMUL: Tuple[Callable[..., Any], ...] = (
+#: The products eager attention forms ``A·V`` with.
+MATMUL_FUNCTIONS: Tuple[Callable[..., Any], ...] = (
     torch.matmul,
     torch.Tensor.matmul,
     torch.Tensor.__matmul__,
@@ -106,7 +109,7 @@ def _argument(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str
     return args[index] if len(args) > index else kwargs[name]
 
 
-def _compact(value: Tensor) -> Tensor:
+def compact_value(value: Tensor) -> Tensor:
     """``value`` detached, copied if it views a larger buffer (timm's packed ``qkv``), so
     that keeping ``V`` does not keep ``Q`` and ``K`` alive."""
     value = value.detach()
@@ -274,7 +277,7 @@ def lean_mha(
         out = record @ v
         weights = record.mean(dim=1) if average_attn_weights else record
     else:
-        record = LeanRecord(leaf(out), _compact(v))
+        record = LeanRecord(leaf(out), compact_value(v))
         out = record.output
     out = out.permute(2, 0, 1, 3).reshape(tgt_len, batch, embed_dim)
     out = F.linear(out, out_proj_weight, out_proj_bias)
@@ -315,7 +318,7 @@ class LeanRecorder(TorchFunctionMode):
             value = _argument(args, kwargs, 2, "value")
             with torch.no_grad():
                 out = func(*args, **kwargs)
-            record = LeanRecord(leaf(out), _compact(value))
+            record = LeanRecord(leaf(out), compact_value(value))
             self.records.append(record)
             return record.output
         if func is F.multi_head_attention_forward:
@@ -324,12 +327,12 @@ class LeanRecorder(TorchFunctionMode):
             return out, weights
         pending = self._pending
         if pending is not None and args and args[0] is pending:
-            if func in _MATMUL:
+            if func in MATMUL_FUNCTIONS:
                 with torch.no_grad():
                     out = func(*args, **kwargs)
                 probs = self.records[self._pending_slot]
                 assert isinstance(probs, Tensor)
-                record = LeanRecord(leaf(out), _compact(args[1]), probs)
+                record = LeanRecord(leaf(out), compact_value(args[1]), probs)
                 self.records[self._pending_slot] = record
                 self._pending = None
                 return record.output
