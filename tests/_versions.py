@@ -72,6 +72,8 @@ TIMM_SINCE = {
     "qwen3_vit_": "timm 1.0.30",
     "deepseek_vit_": "timm 1.0.30",
     "vit_dwee_": "timm 1.0.23",
+    "vit_dpwee_": "timm 1.0.23",
+    "vit_dlittle_": "timm 1.0.23",
 }
 
 

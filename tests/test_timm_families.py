@@ -299,6 +299,8 @@ def test_sam_without_global_blocks_is_refused() -> None:
 )
 def test_refusals_say_why_and_what_to_do(name: str, kwargs: Dict[str, Any], reason: str) -> None:
     require_timm_model(name)
+    if kwargs.get("attn_layer") == "diff":  # differential attention came with vit_dwee
+        require_timm_model("vit_dwee_patch16_reg1_gap_256")
     model = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(UnsupportedModelError, match=reason) as info:
         LeGrad(model)
@@ -489,6 +491,7 @@ def test_spec_validates_the_new_fields() -> None:
 @pytest.mark.parametrize("pool", ["", "none"])
 def test_gemma4_per_token_logits_take_token_class_targets(pool: str) -> None:
     name, _, _, _, kwargs = FAMILIES["gemma4"]
+    require_timm_model(name)
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs, "global_pool": pool})
     model = randomize(model).eval()
