@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,10 @@ from .lean import (
     Record,
     compact_value,
     leaf,
+    linear_input_grad_hooks,
     mha_projections,
     mlp_output_linear,
     prune_probabilities,
-    token_mean_linear_hook,
 )
 from .spec import ViTSpec
 
@@ -413,7 +413,8 @@ def capture_blocks(
     (:class:`~captum_legrad.lean.LeanRecorder`); the cut input then needs no grad. If
     also ``token_mean_readout`` (the scores depend on each ``Z^l`` only through its mean
     over tokens), the backward through each known block's last MLP linear takes one row
-    per sample (:func:`~captum_legrad.lean.token_mean_linear_hook`).
+    per sample; every ``nn.Linear`` of a selected block computes only its input gradient
+    (:func:`~captum_legrad.lean.linear_input_grad_hooks`).
     """
     lean = route == "lean"
     selected = {layer: slot for slot, layer in enumerate(layers)}
@@ -463,13 +464,23 @@ def capture_blocks(
         ScopedHooks() as hooks,
     ):
         hooks.forward_pre(spec.root, root_pre_hook)
+        linears: Set[int] = set()
         for index, block in enumerate(spec.blocks):
             hooks.forward_pre(block, block_pre_hook(index), with_kwargs=True)
             if index in selected:
                 hooks.forward(block, block_hook(index))
-                linear = mlp_output_linear(block) if lean and token_mean_readout else None
-                if linear is not None and differentiable:
-                    hooks.forward(linear, token_mean_linear_hook(1 if spec.batch_first else 0))
+                if lean and differentiable:
+                    shared_row = mlp_output_linear(block) if token_mean_readout else None
+                    for linear in block.modules():
+                        if type(linear) is not nn.Linear or id(linear) in linears:
+                            continue  # a linear shared between blocks is hooked once
+                        linears.add(id(linear))
+                        token_dim = None
+                        if linear is shared_row:
+                            token_dim = 1 if spec.batch_first else 0
+                        pre_hook, hook = linear_input_grad_hooks(token_dim)
+                        hooks.forward_pre(linear, pre_hook)
+                        hooks.forward(linear, hook, always_call=True)
             hooks.forward(block, block_post_hook)
         captured.attentions = records
         yield captured

@@ -57,7 +57,7 @@ __all__ = [
     "prune_probabilities",
     "REDUCE_CHUNK_ELEMENTS",
     "mlp_output_linear",
-    "token_mean_linear_hook",
+    "linear_input_grad_hooks",
 ]
 
 #: Elements of one chunk of ``dO · Vᵀ`` (targets × batch × heads × queries × keys) in
@@ -474,13 +474,16 @@ def mlp_output_linear(block: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
-class _SharedRowBackward(torch.autograd.Function):
-    """Identity on the linear's output ``y``; its backward gives the linear's input the
-    gradient ``mean_n(dY_n) · W``, broadcast to every token (see
-    :func:`token_mean_linear_hook`)."""
+class _LinearInputGrad(torch.autograd.Function):
+    """A linear's output ``y = W x + b``, computed without a graph, put on the graph of its
+    input only: the backward gives ``dX = dY · W`` (no weight or bias gradient, and ``x`` is
+    not kept for one), or with ``token_dim`` the shared row ``mean_n(dY_n) · W`` broadcast
+    to every token (see :func:`linear_input_grad_hooks`)."""
 
     @staticmethod
-    def forward(ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: int) -> Tensor:
+    def forward(
+        ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: Optional[int]
+    ) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.token_dim, ctx.input_shape = token_dim, inputs.shape
         return output.view_as(output)
@@ -490,28 +493,46 @@ class _SharedRowBackward(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        row = grad.mean(dim=ctx.token_dim, keepdim=True) @ weight.to(grad.dtype)
+        weight = weight.to(grad.dtype)
+        if ctx.token_dim is None:
+            return grad @ weight, None, None, None
+        row = grad.mean(dim=ctx.token_dim, keepdim=True) @ weight
         return row.expand(ctx.input_shape), None, None, None
 
 
-def token_mean_linear_hook(token_dim: int) -> Callable[..., Any]:
-    """Forward hook for that linear: same output, backward through one row per sample.
+def linear_input_grad_hooks(
+    token_dim: Optional[int] = None,
+) -> Tuple[Callable[..., Any], Callable[..., Any]]:
+    """A forward pre-hook and a forward hook for an ``nn.Linear`` inside a selected block
+    on the lean route: the same output, and a backward that computes only what LeGrad needs.
 
-    With ``pooling="mean"`` the score depends on ``Z^l`` only through its mean over
-    tokens, so ``∂s/∂Z^l_n`` is the same for every token ``n``, and so is the gradient
-    ``g`` at this linear's output ``y_n = W h_n + b``. Its input gradient ``Wᵀ g`` is then
-    ``mean_n(dY_n) · W`` for every token: one row instead of ``N``. The hook returns ``y``
-    unchanged (a view, no copy) through :class:`_SharedRowBackward`, whose backward
-    computes that row and broadcasts it; nothing extra runs in the forward.
+    The pre-hook runs the linear without a graph; the hook (registered with
+    ``always_call=True``) restores the grad mode and, where gradients flow, returns the
+    output through :class:`_LinearInputGrad`, whose backward is the input gradient
+    ``dY · W``. No weight gradient is ever asked for (``autograd.grad`` asks only for the
+    attention outputs), so the linear's input need not be kept for one: the forward keeps
+    less memory (fewer fresh pages to fault in on every call).
+
+    ``token_dim`` (the block's last MLP linear, ``pooling="mean"``): the score depends on
+    ``Z^l`` only through its mean over tokens, so ``∂s/∂Z^l_n`` is the same for every token
+    ``n``, and so is the gradient ``g`` at this linear's output ``y_n = W h_n + b``. Its input
+    gradient ``Wᵀ g`` is then ``mean_n(dY_n) · W`` for every token: one row instead of ``N``.
     """
+    modes: List[bool] = []  # grad mode before each (possibly nested) call of the linear
+
+    def pre_hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
+        modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
 
     def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and args):
+        enabled = modes.pop() if modes else torch.is_grad_enabled()
+        torch.set_grad_enabled(enabled)
+        if not (enabled and isinstance(output, Tensor) and args):
             return None
         inputs = args[0]
         if not (isinstance(inputs, Tensor) and inputs.requires_grad):
             return None
         linear: Any = module
-        return _SharedRowBackward.apply(inputs, output.detach(), linear.weight, token_dim)
+        return _LinearInputGrad.apply(inputs, output, linear.weight, token_dim)
 
-    return hook
+    return pre_hook, hook

@@ -421,18 +421,19 @@ def test_one_row_mlp_backward_is_used_and_exact(
     import captum_legrad.capture as capture
 
     calls: List[Tuple[int, ...]] = []
-    original = capture.token_mean_linear_hook
+    original = capture.linear_input_grad_hooks
 
-    def counting(token_dim: int) -> Callable[..., Any]:
-        hook = original(token_dim)
+    def counting(token_dim: Optional[int] = None) -> Tuple[Callable[..., Any], ...]:
+        pre_hook, hook = original(token_dim)
 
         def wrapped(module: nn.Module, args: Any, output: Any) -> Any:
-            calls.append(tuple(output.shape))
+            if token_dim is not None and isinstance(output, torch.Tensor):
+                calls.append(tuple(output.shape))  # the one-row backward's linear
             return hook(module, args, output)
 
-        return wrapped
+        return pre_hook, wrapped
 
-    monkeypatch.setattr(capture, "token_mean_linear_hook", counting)
+    monkeypatch.setattr(capture, "linear_input_grad_hooks", counting)
     model = _family_models()[family]()
     spec = discover(model)
     legrad = LeGrad(model)
@@ -444,3 +445,51 @@ def test_one_row_mlp_backward_is_used_and_exact(
     calls.clear()
     LeGrad(model, pooling="model").attribute_layers(x, target=[0, 1])
     assert not calls  # the model's own pooling is not a token mean
+
+
+def test_linear_shared_between_blocks_and_called_twice() -> None:
+    """Every ``nn.Linear`` of a selected block computes only its input gradient on the lean
+    route: a linear shared by two blocks is hooked once, one called twice in a block gets
+    its gradient from both calls, and the maps equal the explicit route's."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, embed_dim=32, num_heads=2
+    ).eval()
+    model.blocks[2].mlp.fc1 = model.blocks[1].mlp.fc1  # shared between blocks 1 and 2
+    proj = model.blocks[0].attn.proj
+
+    class Twice(nn.Module):  # block 0's projection applied twice
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.proj(self.proj(x))
+
+    model.blocks[0].attn.proj = Twice()
+    x = torch.randn(2, 3, 32, 32, generator=GEN)
+    lean = LeGrad(model).attribute_layers(x, target=[1, 2])
+    explicit = LeGrad(model, route="explicit").attribute_layers(x, target=[1, 2])
+    assert explicit.flatten(2).abs().amax(-1).min() > 0  # every layer's map is non-zero
+    assert (lean - explicit).abs().max() <= LAYER_RTOL * explicit.abs().max()
+    assert torch.is_grad_enabled()  # the grad mode is what it was before the calls
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_linear_hooks_restore_grad_mode_when_the_forward_raises() -> None:
+    """The pre-hook switches gradients off for the linear; its hook (always called) puts the
+    mode back also when the linear's forward raises."""
+    pre_hook, hook = lean_module.linear_input_grad_hooks()
+    linear = nn.Linear(4, 3)
+    linear.register_forward_pre_hook(pre_hook)
+    linear.register_forward_hook(hook, always_call=True)
+    with torch.enable_grad():
+        with pytest.raises(RuntimeError):
+            linear(torch.randn(2, 5))  # wrong width
+        assert torch.is_grad_enabled()
+        x = torch.randn(2, 4, requires_grad=True)
+        (grad,) = torch.autograd.grad(linear(x).sum(), x)
+    torch.testing.assert_close(grad, torch.ones(2, 3) @ linear.weight.detach())
