@@ -33,6 +33,7 @@ from .lean import (
     LeanRecorder,
     Record,
     compact_value,
+    eager_probabilities,
     leaf,
     linear_input_grad_hooks,
     mha_projections,
@@ -57,8 +58,6 @@ __all__ = [
 #: probabilities never materialised; :mod:`captum_legrad.lean`) or ``"explicit"`` (the
 #: probabilities computed explicitly and differentiated).
 ROUTES = ("lean", "explicit")
-
-_SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
 
 
 def explicit_sdpa(
@@ -290,7 +289,7 @@ class AttentionRecorder(TorchFunctionMode):
             self.records.append(probs)
             return out, weights
         result = func(*args, **kwargs)
-        if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() in (3, 4):
+        if eager_probabilities(func, result):
             self.records.append(result)
         return result
 

@@ -23,11 +23,11 @@ from torch.overrides import TorchFunctionMode
 from .adapters.common import floor_grid, pair
 from .errors import UnsupportedModelError
 from .hooks import ScopedHooks
+from .lean import eager_probabilities
 from .spec import Readout, TokenInput, ViTSpec
 
 __all__ = ["find_attentions", "vit_spec"]
 
-_SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
 _POOLS = ("token", "avg")
 
 
@@ -47,9 +47,11 @@ class _Watcher(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         result = func(*args, **(kwargs or {}))
-        attention = func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward
-        if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() in (3, 4):
-            attention = True
+        attention = (
+            func is F.scaled_dot_product_attention
+            or func is F.multi_head_attention_forward
+            or eager_probabilities(func, result)
+        )
         if attention and self.stack:
             self.calls.append((self.stack[0][0], self.stack[-1][1]))
         return result

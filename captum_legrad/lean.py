@@ -51,6 +51,7 @@ __all__ = [
     "LeanRecorder",
     "MATMUL_FUNCTIONS",
     "compact_value",
+    "eager_probabilities",
     "lean_mha",
     "mha_projections",
     "reduce_lean",
@@ -65,6 +66,15 @@ __all__ = [
 REDUCE_CHUNK_ELEMENTS = 1 << 24
 
 _SOFTMAX: Tuple[Callable[..., Any], ...] = (torch.Tensor.softmax, torch.softmax, F.softmax)
+
+
+def eager_probabilities(func: Callable[..., Any], result: Any) -> bool:
+    """Whether ``func`` returning ``result`` formed eager attention probabilities: a
+    ``softmax`` whose result is 4-D ``(B, H, Q, N_k)`` or 3-D (heads flattened into the
+    batch)."""
+    return func in _SOFTMAX and isinstance(result, Tensor) and result.dim() in (3, 4)
+
+
 #: The products eager attention forms ``A·V`` with.
 MATMUL_FUNCTIONS: Tuple[Callable[..., Any], ...] = (
     torch.matmul,
@@ -341,7 +351,7 @@ class LeanRecorder(TorchFunctionMode):
                 self._pending = result if isinstance(result, Tensor) else None
                 return result
         result = func(*args, **kwargs)
-        if func in _SOFTMAX and isinstance(result, Tensor) and result.dim() in (3, 4):
+        if eager_probabilities(func, result):
             probs = leaf(result)
             self.records.append(probs)
             self._pending, self._pending_slot = probs, len(self.records) - 1
