@@ -579,16 +579,12 @@ def load_hf(
     try:
         with _quiet():
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
-    except OSError as error:
-        if local:
-            raise ModelError(
-                f"cannot read the model folder {path}: {_one_line(str(error))}"
-            ) from error
-        raise _unreachable(f"hf:{name}", error, how) from error
-    text_model = config.model_type in ("clip", "siglip", "siglip2")
-    loader = transformers.AutoModel if text_model else transformers.AutoModelForImageClassification
-    try:
-        with _quiet():
+            text_model = config.model_type in ("clip", "siglip", "siglip2")
+            loader = (
+                transformers.AutoModel
+                if text_model
+                else transformers.AutoModelForImageClassification
+            )
             if random_weights:
                 model = loader.from_config(config).eval()
             else:
