@@ -26,7 +26,7 @@ from torch import Tensor
 from .capture import ROUTES, capture_blocks, record_attention
 from .errors import CaptureError
 from .groups import head_groups, merge_head_groups
-from .lean import LeanRecord, Record, prune_probabilities, reduce_lean
+from .lean import LeanRecord, Record, prune_probabilities, record_keys, reduce_lean
 from .spec import PatchLayout, ViTSpec
 
 __all__ = [
@@ -179,7 +179,7 @@ def run_forward(
                     weights.append(1.0)
                     attentions.append(_single_record(calls, where))
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    keys = [_n_keys(a) for a in attentions]
+    keys = [record_keys(a) for a in attentions]
     by_keys = {n: spec.patch_layout(arguments, n) for n in set(keys)}
     layouts = [by_keys[n] for n in keys] * (n_layers if pooled_attention else 1)
     rows = None if spec.score_rows is None or pooled_attention else spec.score_rows(inputs)
@@ -193,11 +193,6 @@ def run_forward(
         owners=owners if len(owners) > n_layers else None,
         weights=weights if len(owners) > n_layers else None,
     )
-
-
-def _n_keys(record: Record) -> int:
-    """The number of attention keys of a record (``V``'s tokens on the lean route)."""
-    return int(record.value.shape[-2] if isinstance(record, LeanRecord) else record.shape[-1])
 
 
 def _select(scores: Tensor, index: TargetIndex) -> Tensor:

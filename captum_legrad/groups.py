@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import CaptureError
-from .lean import LeanRecord, Record
+from .lean import LeanRecord, Record, record_keys
 
 __all__ = ["head_count", "head_groups", "merge_head_groups"]
 
@@ -44,7 +44,7 @@ def head_groups(records: List[Record], batch: int, where: str) -> Tuple[List[Rec
             f"Expected attention computations in {where} during the forward, saw none. "
             "LeGrad records F.scaled_dot_product_attention calls and 4-D softmax results."
         )
-    keys = {int(r.value.shape[-2] if isinstance(r, LeanRecord) else r.shape[-1]) for r in records}
+    keys = {record_keys(r) for r in records}
     if len(keys) != 1:
         raise CaptureError(
             f"The parallel attention calls in {where} attend over different keys "

@@ -51,6 +51,7 @@ __all__ = [
     "LeanRecorder",
     "MATMUL_FUNCTIONS",
     "compact_value",
+    "record_keys",
     "eager_probabilities",
     "lean_mha",
     "mha_projections",
@@ -113,6 +114,11 @@ class LeanRecord:
 #: What an attention call leaves for the backward: the probabilities ``A`` (a tensor on
 #: the graph, explicit route and eager fallback) or a :class:`LeanRecord`.
 Record = Union[Tensor, LeanRecord]
+
+
+def record_keys(record: Record) -> int:
+    """The number of attention keys of a record (``V``'s tokens on the lean route)."""
+    return int(record.value.shape[-2] if isinstance(record, LeanRecord) else record.shape[-1])
 
 
 def _argument(args: Sequence[Any], kwargs: Dict[str, Any], index: int, name: str) -> Any:
