@@ -8,36 +8,50 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._core.options import AttributeOptions
     from .attribution import LeGrad
+    from .custom import find_attentions, vit_spec
     from .discovery import discover
     from .errors import CaptureError, TargetError, UnsupportedModelError
-    from .spec import PatchLayout, TokenInput, ViTSpec
-    from .text import ImageTextSimilarity
-    from .vlm import AnswerLogits
+    from .scores.text import ImageTextSimilarity
+    from .scores.vlm import AnswerExplanation, AnswerLogits, explain_answer
+    from .spec import DescribesViT, PatchLayout, TokenInput, ViTSpec
 
 # The names are imported on first use (PEP 562), so that ``import captum_legrad.cli`` (and
 # ``captum-legrad --help``) does not import torch.
 _EXPORTS = {
     "LeGrad": "attribution",
+    "AttributeOptions": "_core.options",
     "discover": "discovery",
+    "vit_spec": "custom",
+    "find_attentions": "custom",
     "CaptureError": "errors",
     "TargetError": "errors",
     "UnsupportedModelError": "errors",
+    "DescribesViT": "spec",
     "PatchLayout": "spec",
     "TokenInput": "spec",
     "ViTSpec": "spec",
-    "ImageTextSimilarity": "text",
-    "AnswerLogits": "vlm",
+    "ImageTextSimilarity": "scores.text",
+    "AnswerLogits": "scores.vlm",
+    "AnswerExplanation": "scores.vlm",
+    "explain_answer": "scores.vlm",
 }
 
 __all__ = [
     "LeGrad",
+    "AttributeOptions",
     "discover",
+    "vit_spec",
+    "find_attentions",
     "ViTSpec",
     "TokenInput",
     "PatchLayout",
+    "DescribesViT",
     "ImageTextSimilarity",
     "AnswerLogits",
+    "AnswerExplanation",
+    "explain_answer",
     "UnsupportedModelError",
     "TargetError",
     "CaptureError",

@@ -118,7 +118,7 @@ ProgressFn = Callable[[float, str], None]
 
 def _at_size(spec: ViTSpec, x: Tensor) -> ContextManager[None]:
     """Run the model at ``x``'s size outside LeGrad (scores, Captum's Saliency)."""
-    from .resize import at_input_size
+    from ._core.resize import at_input_size
 
     return at_input_size(spec.input_size, (int(x.shape[-2]), int(x.shape[-1])), family=spec.family)
 

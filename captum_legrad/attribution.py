@@ -1,10 +1,13 @@
-"""LeGrad as a Captum attribution: argument handling, targets and output shapes."""
+"""LeGrad as a Captum attribution: the public surface (``LeGrad``).
+
+Argument handling, Captum's target forms and the output forms live here; the computation is
+:mod:`captum_legrad._core.compute`, the output shaping :mod:`captum_legrad._core.maps`.
+"""
 
 from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,34 +22,20 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from .arguments import (
-    check_image,
-    check_internal_batch_size,
-    check_interpolate_mode,
-    check_output,
-    check_patches,
-    resolve_layers,
-)
-from .capture import check_route
-from .compute import (
-    POOLINGS,
-    ROUTES,
-    aggregate_layers,
-    empty_prompt_correction,
-    grid_mask,
-    layer_maps,
-    minmax_normalize,
-    patch_rows,
-    run_forward,
-    upsample,
-    upsample_each,
-)
+from ._core.arguments import check_image, check_patches, resolve_layers
+from ._core.compute import layer_maps, run_forward
+from ._core.maps import aggregate_layers, empty_maps, empty_prompt_correction, finish, grid_mask
+from ._core.options import AttributeOptions, check_pooling, check_route
+from ._core.resize import at_input_size
+from ._core.routes import get_route
+from ._core.targets import TargetIndex, count_targets, multi_target_index, target_index
 from .discovery import discover, unwrap
-from .resize import at_input_size
 from .spec import PatchLayout, ViTSpec
-from .targets import Index, count_targets, multi_target_index, target_index
 
 __all__ = ["LeGrad", "AttributeOptions"]
+
+#: Builds the target index of a call for a model output of the given shape.
+MakeIndex = Callable[[torch.Size, torch.device], TargetIndex]
 
 
 def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
@@ -56,48 +45,34 @@ def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
     return arg
 
 
-@dataclass(frozen=True)
-class AttributeOptions:
-    """The options of one ``attribute`` / ``attribute_multi`` call, validated.
-
-    Attributes:
-        interpolate_mode: Upsampling mode from the patch grid to the input size.
-        normalize: Min-max normalise each (sample, target) map.
-        output: ``"input"``, ``"map"`` or ``"grid"``.
-        empty_target: The "empty prompt" target of the SigLIP correction, or None.
-        empty_threshold: Threshold of that correction.
-        internal_batch_size: At most this many samples per forward and (sample, target)
-            maps per backward; None for everything at once.
-    """
-
-    interpolate_mode: str = "bilinear"
-    normalize: bool = True
-    output: str = "input"
-    empty_target: Optional[object] = None
-    empty_threshold: float = 0.8
-    internal_batch_size: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        check_output(self.output)
-        check_interpolate_mode(self.interpolate_mode)
-        check_internal_batch_size(self.internal_batch_size)
-
-
 class LeGrad(GradientAttribution):
-    r"""LeGrad: attention-gradient explanations for Vision Transformers.
+    r"""LeGrad: the sensitivity of a Vision Transformer's own feature formation.
 
-    For every selected layer ``l`` the layer's own tokens ``Z^l`` are read out through
-    the model's head, ``s^l = readout(Z^l)[target]``; the gradient of ``s^l`` with
-    respect to block ``l``'s attention probabilities ``A^l`` is passed through a ReLU,
-    averaged over heads and query rows, the prefix keys (CLS, registers) are dropped,
-    and the patch maps of all selected layers are summed, upsampled to the input and
-    min-max normalised per sample and target.
+    For every selected block :math:`l` with residual stream :math:`Z^l` and attention
+    probabilities :math:`A^l` (heads :math:`h`, query rows :math:`i`), the layer's tokens are
+    read out through the model's head, :math:`s^l = \mathrm{head}(\mathrm{norm}(\mathrm{mean}
+    \, Z^l))[\mathrm{target}]`, and
 
-    All selected layers come from one forward and one backward (per target); several
-    targets for the same images reuse the forward. Attention modules using fused
-    attention (``F.scaled_dot_product_attention``) are supported: the probabilities
-    are computed explicitly for the duration of the call only, and the model is left
-    exactly as it was.
+    .. math::
+
+        E^l = \frac{1}{H N_q} \sum_{h, i} \max\!\left(\frac{\partial s^l}{\partial A^l_{h,i,:}},
+        0\right), \qquad
+        \mathrm{LeGrad} = \mathrm{norm}_{[0,1]}\,\mathrm{up}\Big(\sum_{l} E^l_{\text{patches}}\Big),
+
+    the prefix keys (CLS, registers) dropped, the patch keys laid out on the patch grid,
+    upsampled to the input and min-max normalised per sample and target
+    (``docs/method.md``).
+
+    All selected layers come from one forward and one backward: every selected block's
+    input is cut from the graph, so :math:`\partial s^l / \partial A^m = 0` for
+    :math:`m \ne l`. On the default lean route the model's own attention (fused
+    ``F.scaled_dot_product_attention`` included) runs as it is and the gradient is formed
+    from the attention output :math:`O^l = A^l V^l`, :math:`\partial s^l/\partial A^l =
+    (\partial s^l/\partial O^l)\, {V^l}^\top`, in query chunks: the :math:`N \times N`
+    matrix is never materialised and memory grows linearly with the tokens.
+    ``route="explicit"`` differentiates the probabilities themselves (the cross-check).
+    Several targets for the same images reuse the forward; the model is left exactly as it
+    was.
 
     More details about the approach can be found in the following paper:
         https://arxiv.org/abs/2404.03214
@@ -132,8 +107,8 @@ class LeGrad(GradientAttribution):
                     from the attention output, ``∂s/∂A = (∂s/∂O)·Vᵀ``, never
                     materialising the attention matrix (the model's fused attention
                     runs as it is); ``"explicit"`` computes the probabilities
-                    explicitly and differentiates them. Both give the same maps (to
-                    float rounding); see the design notes for which models use which.
+                    and differentiates them. Both give the same maps (to float
+                    rounding); see the design notes for which models use which.
                     Default: "lean"
 
     Examples::
@@ -159,19 +134,15 @@ class LeGrad(GradientAttribution):
         route: str = "lean",
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
+        self.pooling = check_pooling(pooling)
+        self.route = check_route(route)
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
-        check_route(self.spec, route)  # differential attention: lean only
+        get_route(self.route).refuse(self.spec)  # differential attention: lean only
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
-        self.pooling = pooling
         self.resize_pos_embed = bool(resize_pos_embed)
         self._warned_zero = False
-        self.route = route
 
     @classmethod
     def get_name(cls) -> str:
@@ -184,9 +155,8 @@ class LeGrad(GradientAttribution):
     # ------------------------------------------------------------------ internals
 
     def _prepare(
-        self, inputs: Any, additional_forward_args: Any, internal_batch_size: Optional[int]
+        self, inputs: Any, additional_forward_args: Any
     ) -> Tuple[Tuple[Tensor, ...], Tuple[Any, ...]]:
-        check_internal_batch_size(internal_batch_size)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "LeGrad needs gradients, which cannot be taken inside torch.inference_mode(); "
@@ -218,7 +188,7 @@ class LeGrad(GradientAttribution):
         self,
         inputs: Tuple[Tensor, ...],
         args: Tuple[Any, ...],
-        make_index: Callable[[torch.Size, torch.device], Index],
+        make_index: MakeIndex,
         internal_batch_size: Optional[int],
     ) -> Tuple[Tensor, Optional[PatchLayout]]:
         """(B, K, L, g_h, g_w) per-layer maps for the targets ``make_index`` names.
@@ -295,60 +265,22 @@ class LeGrad(GradientAttribution):
             stacklevel=level,
         )
 
-    def _finish(
-        self,
-        maps: Tensor,
-        layout: Optional[PatchLayout],
-        image: Tensor,
-        options: AttributeOptions,
-    ) -> Tensor:
-        """(B, K, g_h, g_w) grid maps → the requested output (B, K, ...) (``"input"``: the map).
-
-        Per-sample grids (``layout`` given): each sample is upsampled to its own size
-        ``grid · patch_size`` and normalised over its own pixels; the batch is padded to
-        its largest size with zeros (``docs/design.md``).
-        """
-        if layout is None or layout.grids is None:
-            if options.output != "grid":
-                maps = upsample(maps, (image.shape[-2], image.shape[-1]), options.interpolate_mode)
-            if options.normalize:
-                maps = minmax_normalize(maps)
-            return maps.to(image.dtype)
-        if options.output == "grid":
-            valid = grid_mask(layout.grids, layout.grid, maps.device)
-        else:
-            maps, valid = upsample_each(
-                maps, layout.grids, self.spec.patch_size, options.interpolate_mode
-            )
-        if options.normalize:
-            maps = minmax_normalize(maps, valid)
-        if options.output == "input" and image.dim() == 3:
-            maps = patch_rows(maps, layout, image, self.spec.patch_size)
-        return maps.to(image.dtype)
-
     def _grid_maps(
         self,
         inputs: Tuple[Tensor, ...],
         args: Tuple[Any, ...],
-        make_index: Callable[[torch.Size, torch.device], Index],
-        k: int,
+        make_index: MakeIndex,
         options: AttributeOptions,
     ) -> Tuple[Tensor, Optional[PatchLayout]]:
         """(B, K, g_h, g_w) layer-summed maps, with the empty-prompt correction if asked,
         and the per-sample layout (``None`` for one grid)."""
-        image = inputs[0]
-        if image.shape[0] == 0:
-            if image.dim() != 4:
-                return image.new_zeros((0, k, 0, 0)), None
-            g_h, g_w = self.spec.grid_size(image.shape[-2], image.shape[-1])
-            return image.new_zeros((0, k, g_h, g_w)), None
         batch_size = options.internal_batch_size
         empty_target = options.empty_target
         if empty_target is None:
             maps, layout = self._maps(inputs, args, make_index, batch_size)
             return aggregate_layers(maps), layout
 
-        def with_empty(shape: torch.Size, device: torch.device) -> Index:
+        def with_empty(shape: torch.Size, device: torch.device) -> TargetIndex:
             extra = target_index(empty_target, shape, device)
             return tuple(torch.cat(both, dim=1) for both in zip(make_index(shape, device), extra))
 
@@ -361,6 +293,38 @@ class LeGrad(GradientAttribution):
             maps[:, :-1], maps[:, -1:], options.empty_threshold, valid
         )
         return corrected, layout
+
+    def _explain(
+        self,
+        inputs: Any,
+        additional_forward_args: Any,
+        make_index: MakeIndex,
+        k: int,
+        options: AttributeOptions,
+        per_target: bool,
+    ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """The maps in ``options.output``'s form, and the formatted inputs."""
+        formatted, args = self._prepare(inputs, additional_forward_args)
+        image = formatted[0]
+        if image.shape[0] == 0:
+            grid_maps = empty_maps(image, k, self._grid(image))
+            layout = None
+        else:
+            grid_maps, layout = self._grid_maps(formatted, args, make_index, options)
+        maps = finish(
+            grid_maps,
+            layout,
+            image,
+            output=options.output,
+            patch_size=self.spec.patch_size,
+            interpolate_mode=options.interpolate_mode,
+            normalize=options.normalize,
+            per_target=per_target,
+        )
+        return maps, formatted
+
+    def _grid(self, image: Tensor) -> Tuple[int, int]:
+        return self.spec.grid_size(image.shape[-2], image.shape[-1]) if image.dim() == 4 else (0, 0)
 
     # ------------------------------------------------------------------ public API
 
@@ -436,24 +400,16 @@ class LeGrad(GradientAttribution):
         options = AttributeOptions(
             interpolate_mode, normalize, output, empty_target, empty_threshold, internal_batch_size
         )
-        is_tuple = _is_tuple(inputs)
-        formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
-        image = formatted[0]
-        grid_maps, layout = self._grid_maps(
-            formatted,
-            args,
+        maps, formatted = self._explain(
+            inputs,
+            additional_forward_args,
             lambda shape, device: target_index(target, shape, device),
             1,
             options,
+            per_target=False,
         )
-        attributions = self._finish(grid_maps, layout, image, options)
-        if output == "input":
-            if image.dim() == 3:  # NaFlex patch sequence: already in the input's form
-                attributions = attributions[:, 0]
-            else:
-                attributions = attributions.repeat(1, image.shape[1], 1, 1)
         rest = tuple(torch.zeros_like(t) for t in formatted[1:])
-        return _format_output(is_tuple, (attributions, *rest))
+        return _format_output(_is_tuple(inputs), (maps, *rest))
 
     @log_usage()
     def attribute_multi(
@@ -507,19 +463,15 @@ class LeGrad(GradientAttribution):
             interpolate_mode, normalize, output, empty_target, empty_threshold, internal_batch_size
         )
         k = count_targets(targets)
-        formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
-        image = formatted[0]
-        grid_maps, layout = self._grid_maps(
-            formatted,
-            args,
+        maps, _ = self._explain(
+            inputs,
+            additional_forward_args,
             lambda shape, device: multi_target_index(targets, shape, device),
             k,
             options,
+            per_target=True,
         )
-        attributions = self._finish(grid_maps, layout, image, options)
-        if output == "input" and image.dim() == 4:
-            attributions = attributions.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
-        return attributions
+        return maps
 
     @log_usage()
     def attribute_layers(
@@ -553,15 +505,15 @@ class LeGrad(GradientAttribution):
 
             >>> per_layer = LeGrad(model).attribute_layers(images, target=3)
         """
-        formatted, args = self._prepare(inputs, additional_forward_args, internal_batch_size)
+        options = AttributeOptions(output="grid", internal_batch_size=internal_batch_size)
+        formatted, args = self._prepare(inputs, additional_forward_args)
         image = formatted[0]
         if image.shape[0] == 0:
-            g_h, g_w = (0, 0) if image.dim() != 4 else self.spec.grid_size(*image.shape[-2:])
-            return image.new_zeros((0, len(self.layers), g_h, g_w), dtype=torch.float32)
+            return empty_maps(image, 1, self._grid(image), len(self.layers)).float()[:, 0]
         maps, _ = self._maps(
             formatted,
             args,
             lambda shape, device: target_index(target, shape, device),
-            internal_batch_size,
+            options.internal_batch_size,
         )
         return maps[:, 0]

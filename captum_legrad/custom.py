@@ -16,14 +16,13 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ._core.attention import is_attention
+from ._core.hooks import ScopedHooks
 from .adapters.common import floor_grid, pair
 from .errors import UnsupportedModelError
-from .hooks import ScopedHooks
-from .lean import eager_probabilities
 from .spec import Readout, TokenInput, ViTSpec
 
 __all__ = ["find_attentions", "vit_spec"]
@@ -47,12 +46,7 @@ class _Watcher(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         result = func(*args, **(kwargs or {}))
-        attention = (
-            func is F.scaled_dot_product_attention
-            or func is F.multi_head_attention_forward
-            or eager_probabilities(func, result)
-        )
-        if attention and self.stack:
+        if is_attention(func, result) and self.stack:
             self.calls.append((self.stack[0][0], self.stack[-1][1]))
         return result
 

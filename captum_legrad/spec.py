@@ -28,8 +28,8 @@ from typing import (
 import torch
 from torch import Tensor, nn
 
+from ._core.resize import InputSize
 from .errors import CaptureError
-from .resize import InputSize
 
 __all__ = [
     "ViTSpec",
@@ -292,7 +292,7 @@ class ViTSpec:
             being key ``PatchLayout.row_offset + r``), described per sample by ``layout``
             (NaFlex: timm ``NaFlexVit``, HF SigLIP2).
         input_size: How the model runs at input sizes other than its training size (a
-            :class:`~captum_legrad.resize.InputSize`: the native size, the patch size and
+            :class:`~captum_legrad.internals.InputSize`: the native size, the patch size and
             the hooks that resample the position embedding for one call). ``None`` (the
             default, e.g. for custom specs): LeGrad runs the model at whatever size it is
             given and checks nothing.
@@ -323,9 +323,15 @@ class ViTSpec:
             is refused. Default: none.
         token_mean_readout: The ``pooling="mean"`` readout reads each ``Z^l`` only through
             its mean over all tokens (the adapters' mean readouts). Every token's gradient
-            is then the same, and the lean route's backward through a known block's last
-            MLP linear takes one row per sample. Default False (no assumption); it does
-            not apply with ``pool_attention`` or ``readout_inputs``.
+            is then the same, and the lean route's backward through a block's
+            :attr:`mlp_outputs` linear takes one row per sample. Default False (no
+            assumption); it does not apply with ``pool_attention`` or ``readout_inputs``.
+        mlp_outputs: Block index → the ``nn.Linear`` inside that block whose output reaches
+            the block's output token-wise: the block computes ``x + t(W h + b)`` with that
+            linear ``W h + b`` and ``t`` acting alike on every token (dropout in eval mode,
+            LayerScale, drop path, the residual add). With :attr:`token_mean_readout`, the
+            lean route's backward through it is one row per sample (exact). The adapters
+            name it for the block classes they know; default: none (no assumption).
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -356,6 +362,7 @@ class ViTSpec:
     score_rows: Optional[ScoreRowRule] = None
     parallel_attentions: FrozenSet[int] = frozenset()
     product_inputs: Mapping[int, nn.Module] = field(default_factory=dict)
+    mlp_outputs: Mapping[int, nn.Module] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -410,6 +417,7 @@ class ViTSpec:
             ("output_attentions", self.output_attentions),
             ("parallel_attentions", self.parallel_attentions),
             ("product_inputs", self.product_inputs),
+            ("mlp_outputs", self.mlp_outputs),
         ):
             outside = sorted(i for i in indices if not 0 <= i < len(self.blocks))
             if outside:
@@ -421,6 +429,14 @@ class ViTSpec:
         bad = [type(m).__name__ for m in mapped if not isinstance(m, nn.Module)]
         if bad:
             raise ValueError(f"ViTSpec.product_inputs must map to nn.Modules, got {bad[0]}.")
+        for index, linear in self.mlp_outputs.items():
+            if type(linear) is not nn.Linear or not any(
+                m is linear for m in self.blocks[index].modules()
+            ):
+                raise ValueError(
+                    f"ViTSpec.mlp_outputs[{index}] must be an nn.Linear inside block {index}, "
+                    f"got {type(linear).__name__}."
+                )
 
     @property
     def num_layers(self) -> int:
@@ -432,6 +448,14 @@ class ViTSpec:
         """:attr:`token_input`, resolved."""
         assert self.token_input is not None  # set in __post_init__
         return self.token_input
+
+    def mlp_output(self, layer: int) -> Optional[nn.Module]:
+        """Block ``layer``'s :attr:`mlp_outputs` linear, or None: none is named, or the block
+        is in training mode (dropout then acts differently on every token)."""
+        linear = self.mlp_outputs.get(layer)
+        if linear is None or self.blocks[layer].training:
+            return None
+        return linear
 
     def read(self, pooling: str) -> Readout:
         """The readout of ``pooling`` (``"mean"`` or ``"model"``)."""

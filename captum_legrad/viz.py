@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .compute import upsample
+from ._core.maps import upsample
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -797,7 +797,7 @@ def plot_answer(
 
     Examples::
 
-        >>> from captum_legrad.vlm import explain_answer
+        >>> from captum_legrad import explain_answer
         >>> from captum_legrad.viz import plot_answer
         >>> result = explain_answer(vlm, processor, image, prompt)
         >>> fig = plot_answer(result.pixel_values, result.maps, result.tokens,

@@ -199,7 +199,7 @@ def test_layer_selection_and_order(vit: torch.nn.Module, images) -> None:
 
 
 def test_sum_and_mean_aggregation_agree_after_normalisation(vit: torch.nn.Module, images) -> None:
-    from captum_legrad.compute import minmax_normalize
+    from captum_legrad.internals import minmax_normalize
 
     per_layer = LeGrad(vit).attribute_layers(images(2), target=1)
     torch.testing.assert_close(

@@ -11,8 +11,8 @@ from conftest import make_model
 from torch import Tensor, nn
 
 from captum_legrad import LeGrad, ViTSpec, discover
-from captum_legrad.capture import explicit_sdpa, record_attention
 from captum_legrad.errors import CaptureError
+from captum_legrad.internals import ProbabilityRecord, explicit_sdpa, record_attention
 
 
 @pytest.mark.parametrize("case", ["plain", "bool_mask", "float_mask", "causal", "scale", "gqa"])
@@ -46,12 +46,13 @@ def test_recorder_sees_fused_and_eager_attention() -> None:
     x = torch.randn(1, 3, 32, 32)
     model.blocks[1].attn.fused_attn = False  # eager softmax path in one block
     try:
-        with record_attention([b.attn for b in model.blocks]) as records:
+        with record_attention([b.attn for b in model.blocks], "explicit") as records:
             model(x)
     finally:
         model.blocks[1].attn.fused_attn = True
     assert [len(r) for r in records] == [1, 1, 1]
-    assert all(r[0].shape == (1, 2, 17, 17) for r in records)
+    assert all(isinstance(r[0], ProbabilityRecord) for r in records)
+    assert all(r[0].leaf.shape == (1, 2, 17, 17) for r in records)
     assert torch._C._len_torch_function_stack() == 0
 
 

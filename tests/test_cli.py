@@ -849,7 +849,7 @@ def _tiny_llava_folder(folder: Path) -> Any:
 
 def test_explain_ask_a_vlm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--ask: the answer's tokens, one map each, equal to explain_answer on the same folder."""
-    from captum_legrad.vlm import explain_answer
+    from captum_legrad import explain_answer
 
     require("transformers", "LlavaModel", since="transformers 4.52")  # the VLM layout
     model, processor = _tiny_llava_folder(tmp_path / "llava")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from captum_legrad import LeGrad, UnsupportedModelError, discover
 from captum_legrad.baselines import GenericAttention, ViTGradCAM
-from captum_legrad.hooks import ScopedHooks
+from captum_legrad.internals import ScopedHooks
 
 
 def _torchvision_vit() -> nn.Module:

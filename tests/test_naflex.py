@@ -376,7 +376,7 @@ def test_naflexvit_batch_equals_single_and_chunks(extra: Dict[str, Any]) -> None
 
 
 def test_naflexvit_model_unchanged_and_dict_helper() -> None:
-    from captum_legrad.adapters.timm_naflex import naflex_arguments
+    from captum_legrad.adapters.timm.naflex import naflex_arguments
 
     model = _naflexvit("naflexvit_base_patch16_map", pos_embed_use_grid_sample=True)
     before = _state(model)

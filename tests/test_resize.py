@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
 from captum_legrad import ImageTextSimilarity, LeGrad, discover
-from captum_legrad.resize import resample_position_embedding
+from captum_legrad.internals import resample_position_embedding
 
 GEN = torch.Generator().manual_seed(11)
 #: Larger (the authors' 2x), non-square, and one side smaller than native (antialias).
@@ -348,7 +348,7 @@ def test_nothing_changes_and_the_native_forward_still_works(family: str) -> None
     )
 
 
-def _raise(*_: object) -> None:
+def _raise(*_: object, **__: object) -> None:
     raise RuntimeError("injected failure")
 
 
@@ -364,9 +364,9 @@ def test_nothing_changes_when_a_resized_call_raises(where: str, monkeypatch) -> 
     elif where == "block":
         handle = visual.transformer.resblocks[1].register_forward_hook(_raise)
     else:
-        import captum_legrad.compute as compute
+        from captum_legrad.internals import OutputRecord
 
-        monkeypatch.setattr(compute, "_reduce_record", _raise)
+        monkeypatch.setattr(OutputRecord, "reduce", _raise)
     try:
         with pytest.raises(RuntimeError, match="injected failure"):
             LeGrad(sim).attribute(torch.randn(1, 3, 64, 64), target=1)

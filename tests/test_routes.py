@@ -20,10 +20,17 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from captum_legrad import LeGrad, discover
-from captum_legrad import lean as lean_module
-from captum_legrad.capture import record_attention
-from captum_legrad.compute import _reduce_record, run_forward
-from captum_legrad.lean import LeanRecord, prune_probabilities
+from captum_legrad.internals import (
+    LinearInputGrad,
+    OutputRecord,
+    ProbabilityRecord,
+    capture_blocks,
+    linear_input_grad_hooks,
+    prune_direct,
+    record_attention,
+    reduce_lean,
+    run_forward,
+)
 
 #: Per-layer maps are raw gradients (1e-7 to 1e-2 in scale): relative to their maximum.
 LAYER_RTOL = 1e-5
@@ -148,7 +155,7 @@ def test_which_records_each_family_makes(key: str, attn: str, kinds: set) -> Non
     spec = discover(model)
     x = torch.randn(1, 3, 32, 32, generator=GEN)
     result = run_forward(spec, model, (x,), (), (0, 1, 2), "mean", "lean")
-    got = {"lean" if isinstance(r, LeanRecord) else "probabilities" for r in result.attentions}
+    got = {"lean" if isinstance(p.record, OutputRecord) else "probabilities" for p in result.parts}
     assert got == kinds
 
 
@@ -204,14 +211,11 @@ def _route_maps(module: nn.Module, x: Tensor, route: str, weight: Tensor) -> Tup
         out = module(inp)
         score = (out * weight).sum()
         (record,) = records[0]
-        prune_probabilities(records[0], [out])
-        leaves = [record.output] if isinstance(record, LeanRecord) else [record]
-        probs = record.probabilities if isinstance(record, LeanRecord) else None
-        if probs is not None:
-            leaves.append(probs)
+        prune_direct(records[0], [out])
+        leaves = [record.leaf] if record.direct is None else [record.leaf, record.direct]
         grads = torch.autograd.grad(score, leaves)
     extra = grads[1] if len(grads) > 1 else None
-    return _reduce_record(grads[0], record, x.shape[0], False, None, extra)[0], record
+    return record.reduce(grads[0], rows=x.shape[0], batched=False, direct=extra)[0], record
 
 
 @pytest.mark.parametrize(
@@ -240,10 +244,10 @@ def test_attention_kinds(kind: str) -> None:
     weight = torch.randn(2, n, 16, generator=GEN)
     ref, ref_record = _route_maps(toy, x, "explicit", weight)
     got, record = _route_maps(toy, x, "lean", weight)
-    assert not isinstance(ref_record, LeanRecord)
-    assert isinstance(record, LeanRecord)
+    assert isinstance(ref_record, ProbabilityRecord)
+    assert isinstance(record, OutputRecord)
     # eager probabilities used beyond A·V stay alive (their direct gradient is added)
-    live = record.probabilities is not None
+    live = record.direct is not None
     assert live is (kind == "eager_other_use")
     assert got.dtype == torch.float32 and got.shape == (2, n)
     assert ref.abs().max() > 0
@@ -294,10 +298,9 @@ def test_multihead_attention(need_weights: bool, mask: Optional[str], batch_firs
             torch.testing.assert_close(out.detach(), plain, atol=1e-5, rtol=1e-5)
             (record,) = records[0]
             if route == "lean":
-                assert isinstance(record, LeanRecord) is not need_weights
-            leaf = record.output if isinstance(record, LeanRecord) else record
-            (grad,) = torch.autograd.grad((out * weight).sum(), leaf)
-        maps[route] = _reduce_record(grad, record, b, False, None)[0]
+                assert isinstance(record, OutputRecord) is not need_weights
+            (grad,) = torch.autograd.grad((out * weight).sum(), record.leaf)
+        maps[route] = record.reduce(grad, rows=b, batched=False)[0]
     ref = maps["explicit"]
     assert ref.abs().max() > 0
     torch.testing.assert_close(maps["lean"], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -320,10 +323,10 @@ def test_reduce_lean_accumulates_in_float32_and_chunks() -> None:
     v = torch.randn(2, 3, 40, 8, generator=GEN)
     expected = (g.double() @ v.double().transpose(-2, -1)).clamp(min=0).mean(dim=(-3, -2))
     for chunk in (1, 37, 1 << 24):
-        got = lean_module.reduce_lean(g, v, chunk_elements=chunk)
+        got = reduce_lean(g, v, chunk_elements=chunk)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
-    half = lean_module.reduce_lean(g.bfloat16(), v.bfloat16(), chunk_elements=100)
+    half = reduce_lean(g.bfloat16(), v.bfloat16(), chunk_elements=100)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half.double(), expected, rtol=0.05, atol=0.05)
 
@@ -357,7 +360,7 @@ def test_lean_route_never_builds_the_attention_matrix(
     route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 48x48 input, patch 8: N = 37 tokens; reduce in chunks of fewer than N query rows.
-    monkeypatch.setattr(lean_module, "REDUCE_CHUNK_ELEMENTS", 2 * 37 * 16)
+    monkeypatch.setattr(OutputRecord, "chunk_elements", 2 * 37 * 16)
     model = make_model("vit_dynamic")
     x = torch.randn(1, 3, 48, 48, generator=GEN)
     legrad = LeGrad(model, route=route)
@@ -398,8 +401,6 @@ def _family_models() -> Dict[str, Callable[[], nn.Module]]:
 @pytest.mark.parametrize("family", sorted(_family_models()))
 def test_mean_readout_gradient_is_the_same_for_every_token(family: str) -> None:
     """What the one-row MLP backward relies on: the adapters' mean readouts."""
-    from captum_legrad.capture import capture_blocks
-
     model = _family_models()[family]()
     spec = discover(model)
     x = torch.randn(2, 3, 32, 32, generator=GEN)
@@ -418,22 +419,17 @@ def test_mean_readout_gradient_is_the_same_for_every_token(family: str) -> None:
 def test_one_row_mlp_backward_is_used_and_exact(
     family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import captum_legrad.capture as capture
-
     calls: List[Tuple[int, ...]] = []
-    original = capture.linear_input_grad_hooks
+    original = LinearInputGrad.forward
 
-    def counting(token_dim: Optional[int] = None) -> Tuple[Callable[..., Any], ...]:
-        pre_hook, hook = original(token_dim)
+    def counting(
+        ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: Optional[int]
+    ) -> Tensor:
+        if token_dim is not None:
+            calls.append(tuple(output.shape))  # the one-row backward's linear
+        return original(ctx, inputs, output, weight, token_dim)
 
-        def wrapped(module: nn.Module, args: Any, output: Any) -> Any:
-            if token_dim is not None and isinstance(output, torch.Tensor):
-                calls.append(tuple(output.shape))  # the one-row backward's linear
-            return hook(module, args, output)
-
-        return pre_hook, wrapped
-
-    monkeypatch.setattr(capture, "linear_input_grad_hooks", counting)
+    monkeypatch.setattr(LinearInputGrad, "forward", staticmethod(counting))
     model = _family_models()[family]()
     spec = discover(model)
     legrad = LeGrad(model)
@@ -482,7 +478,7 @@ def test_linear_shared_between_blocks_and_called_twice() -> None:
 def test_linear_hooks_restore_grad_mode_when_the_forward_raises() -> None:
     """The pre-hook switches gradients off for the linear; its hook (always called) puts the
     mode back also when the linear's forward raises."""
-    pre_hook, hook = lean_module.linear_input_grad_hooks()
+    pre_hook, hook = linear_input_grad_hooks()
     linear = nn.Linear(4, 3)
     linear.register_forward_pre_hook(pre_hook)
     linear.register_forward_hook(hook, always_call=True)

@@ -100,7 +100,7 @@ def test_fused_flag_is_really_on_during_the_call(vit: nn.Module, images) -> None
     assert seen == [vit.blocks[0].attn.fused_attn] and seen[0] is True
 
 
-def _raise(*_: object) -> None:
+def _raise(*_: object, **__: object) -> None:
     raise RuntimeError("injected failure")
 
 
@@ -119,9 +119,9 @@ def test_no_side_effects_when_the_call_raises(where: str, monkeypatch, images) -
     elif where == "head":
         handle = model.head.register_forward_hook(_raise)
     else:  # after the forward, inside the backward stage
-        import captum_legrad.compute as compute
+        from captum_legrad.internals import OutputRecord
 
-        monkeypatch.setattr(compute, "_reduce_record", _raise)
+        monkeypatch.setattr(OutputRecord, "reduce", _raise)
     try:
         with pytest.raises(RuntimeError, match="injected failure"):
             legrad.attribute(images(2), target=1)

@@ -31,7 +31,7 @@ def test_old_llava_layout_is_refused_with_what_to_do() -> None:
     tf = pytest.importorskip("transformers")
     if hasattr(tf, "LlavaModel"):
         pytest.skip(f"transformers {tf.__version__} has the base-model layout (4.52+)")
-    from captum_legrad.vlm import AnswerLogits
+    from captum_legrad import AnswerLogits
 
     vision = tf.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

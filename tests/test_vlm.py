@@ -24,9 +24,8 @@ from conftest import assert_not_vacuous  # noqa: E402
 from oracle_vlm import answer_logits, finalize, oracle_answer_maps  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 
-from captum_legrad import LeGrad, UnsupportedModelError  # noqa: E402
-from captum_legrad.capture import explicit_sdpa  # noqa: E402
-from captum_legrad.vlm import AnswerLogits, explain_answer  # noqa: E402
+from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError, explain_answer  # noqa: E402
+from captum_legrad.internals import explicit_sdpa  # noqa: E402
 
 #: The VLMs' base-model layout (``model.model``) that AnswerLogits reads; older releases are
 #: refused (tests/test_versions.py).

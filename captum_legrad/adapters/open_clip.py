@@ -24,7 +24,7 @@ Swin).
 Other input sizes (the authors run CLIP at 448² on 224² models): ``positional_embedding`` is
 resampled for the call as the reference does (timm's ``resample_abs_pos_embed``: bicubic,
 antialias, the class row kept), in the calling thread only, without writing it into the
-model (:mod:`captum_legrad.resize`); SigLIP towers use the timm trunk's rule.
+model (:mod:`captum_legrad._core.resize`); SigLIP towers use the timm trunk's rule.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from .._core.resize import InputSize, resample_position_embedding, substitute_during
 from ..errors import UnsupportedModelError
-from ..resize import InputSize, resample_position_embedding, substitute_during
 from ..spec import TokenInput, ViTSpec
-from .common import floor_grid, pair
+from .common import floor_grid, mlp_outputs, pair
 
 __all__ = ["match"]
 
@@ -127,6 +127,7 @@ def _vit_spec(visual: Any) -> ViTSpec:
         # ``q_x`` (ResidualAttentionBlock) or ``x`` (CustomResidualAttentionBlock)
         token_input=TokenInput.of(blocks[0]),
         input_size=_input_size(visual, patch),
+        mlp_outputs=mlp_outputs(blocks, {"ResidualAttentionBlock": ("mlp.c_proj",)}),
     )
 
 

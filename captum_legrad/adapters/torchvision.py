@@ -6,7 +6,7 @@ Blocks are ``encoder.layers``; each block's ``self_attention`` is an
 
 Other input sizes: ``encoder.pos_embedding`` is resampled for the call (bicubic with
 antialias, the class token's row kept) and the model's image-size assertions are waived,
-in the calling thread only (:mod:`captum_legrad.resize`).
+in the calling thread only (:mod:`captum_legrad._core.resize`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-from ..resize import InputSize, resample_position_embedding, substitute_during
+from .._core.resize import InputSize, resample_position_embedding, substitute_during
 from ..spec import TokenInput, ViTSpec
-from .common import floor_grid
+from .common import floor_grid, mlp_outputs
 
 __all__ = ["match"]
 
@@ -65,4 +65,5 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
             ),
             mechanism="encoder.pos_embedding resampled bicubic with antialias for the call",
         ),
+        mlp_outputs=mlp_outputs(blocks, {"EncoderBlock": ("mlp.3",)}),
     )

@@ -7,7 +7,7 @@ per image, repeated over the channels), or ``output="map"`` for ``(B, 1, H, W)``
 Gradient methods (Captum's, summed over channels): :class:`SaliencyMap`,
 :class:`InputXGradientMap`, :class:`IntegratedGradientsMap` (and :class:`ChannelSummed` for
 any other). Attention methods, reusing :func:`~captum_legrad.discover` and
-:func:`~captum_legrad.capture.record_attention`: :class:`RawAttention`,
+:func:`~captum_legrad.internals.record_attention`: :class:`RawAttention`,
 :class:`AttentionRollout`, :class:`GenericAttention` (Chefer et al. 2021) and
 :class:`ViTGradCAM`.
 """

@@ -1,10 +1,10 @@
 """Attention-based baselines for Vision Transformers, through Captum's ``attribute`` interface.
 
 All of them find the model's blocks with :func:`~captum_legrad.discover` and read the
-attention probabilities with :func:`~captum_legrad.capture.record_attention` on
+attention probabilities (recorded on the explicit route, as LeGrad records them) on
 ``spec.attentions`` (fused attention included, nothing about the model changed), so they
 support every model family LeGrad supports, at any input size LeGrad takes (the position
-embedding resampled for the call, :mod:`captum_legrad.resize`).
+embedding resampled for the call).
 
 - :class:`RawAttention`: last layer's attention, mean over heads, the CLS row (the mean over
   query rows for models without prefix tokens). Class-agnostic.
@@ -30,15 +30,16 @@ from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from ..arguments import check_image, check_output, check_patches, resolve_layer
-from ..capture import record_attention
-from ..compute import patch_rows, upsample, upsample_each
+from .._core.arguments import check_image, check_patches, resolve_layer
+from .._core.capture import record_attention
+from .._core.hooks import ScopedHooks
+from .._core.maps import finish
+from .._core.options import check_output
+from .._core.resize import at_input_size
+from .._core.targets import select_targets
 from ..discovery import discover, unwrap
 from ..errors import CaptureError
-from ..hooks import ScopedHooks
-from ..resize import at_input_size
 from ..spec import PatchLayout, ViTSpec
-from ..targets import select_targets
 
 __all__ = ["RawAttention", "AttentionRollout", "GenericAttention", "ViTGradCAM"]
 
@@ -84,19 +85,16 @@ class _ViTBaseline(GradientAttribution):
     def _finish(
         self, grid: Tensor, image: Tensor, output: str, layout: Optional[PatchLayout] = None
     ) -> Tensor:
-        grid = grid.detach().to(image.dtype)
-        if output == "grid":
-            return grid
-        if layout is None or layout.grids is None:
-            maps = upsample(grid, (image.shape[-2], image.shape[-1]), "bilinear")
-        else:  # per-sample grids: each at its own size, padded with zeros (docs/design.md)
-            maps, _ = upsample_each(grid, layout.grids, self.spec.patch_size)
-        if output == "map":
-            return maps
-        if image.dim() == 3:
-            assert layout is not None
-            return patch_rows(maps, layout, image, self.spec.patch_size)[:, 0]
-        return maps.expand(-1, image.shape[1], -1, -1).contiguous()
+        """Grid maps → ``output`` as LeGrad shapes them, not normalised (Captum's methods
+        are not)."""
+        return finish(
+            grid.detach(),
+            layout,
+            image,
+            output=output,
+            patch_size=self.spec.patch_size,
+            normalize=False,
+        )
 
     def _sized(self, image: Tensor) -> ContextManager[None]:
         """The model at ``image``'s size for the call (position embedding resampled)."""
@@ -127,7 +125,7 @@ class _ViTBaseline(GradientAttribution):
         with (
             torch.set_grad_enabled(differentiable),
             self._sized(image),
-            record_attention(modules) as records,
+            record_attention(modules, route="explicit") as records,
         ):
             output = unwrap(self.forward_func)(image, *args)
         attentions = []
@@ -136,8 +134,8 @@ class _ViTBaseline(GradientAttribution):
                 raise CaptureError(
                     f"Expected one attention computation in block {layer}, saw {len(found)}."
                 )
-            assert isinstance(found[0], Tensor)  # the explicit route records probabilities
-            attentions.append(found[0])
+            record = found[0]  # the explicit route records the probabilities
+            attentions.append(record.leaf)
         return output, attentions
 
     def _scores(self, output: Any, target: TargetType) -> Tensor:

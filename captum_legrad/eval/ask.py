@@ -1,5 +1,5 @@
 """``captum-legrad explain PHOTO --model hf:VLM --ask QUESTION``: which image regions each
-word of a vision-language model's answer came from (:mod:`captum_legrad.vlm`)."""
+word of a vision-language model's answer came from (:mod:`captum_legrad.scores.vlm`)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def ask_photos(
     from PIL import Image
 
     from .. import viz
-    from ..vlm import explain_answer
+    from ..scores.vlm import explain_answer
 
     prompt = vlm_prompt(processor, question)
     image_processor = getattr(processor, "image_processor", None)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..resize import at_input_size
+from .._core.resize import at_input_size
 from .files import OutputFolder, unique_name
 from .models import LoadedModel
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..compute import minmax_normalize
+from .._core.maps import minmax_normalize
 
 __all__ = [
     "DEFAULT_FRACTIONS",

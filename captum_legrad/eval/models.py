@@ -500,7 +500,7 @@ def load_open_clip(
     view = _open_clip_view(cfg)
 
     def with_prompts(prompts: Sequence[str]) -> nn.Module:
-        from ..text import ImageTextSimilarity
+        from ..scores.text import ImageTextSimilarity
 
         return ImageTextSimilarity.from_prompts(model, list(prompts), tokenizer)
 
@@ -623,7 +623,7 @@ def load_hf(
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
 
         def with_prompts(prompts: Sequence[str]) -> nn.Module:
-            from ..text import ImageTextSimilarity
+            from ..scores.text import ImageTextSimilarity
 
             return ImageTextSimilarity.from_prompts(model, list(prompts), tokenizer)
 

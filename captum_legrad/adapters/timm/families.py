@@ -31,9 +31,9 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
-from ..spec import TokenInput, ViTSpec
-from .common import floor_grid, pair
+from ...errors import UnsupportedModelError
+from ...spec import TokenInput, ViTSpec
+from ..common import floor_grid, pair
 
 __all__ = ["match_other", "refusal_reason"]
 
@@ -487,7 +487,7 @@ def _gemma4(vit: Any) -> Optional[ViTSpec]:
 # ------------------------------------------------------------------------- match
 
 #: (class name, timm module, describer): tried in order.
-_FAMILIES: Tuple[Tuple[str, str, Callable[[Any], Optional[ViTSpec]]], ...] = (
+_DESCRIBED: Tuple[Tuple[str, str, Callable[[Any], Optional[ViTSpec]]], ...] = (
     ("Cait", "cait", _cait),
     ("ConVit", "convit", _convit),
     ("Xcit", "xcit", _xcit),
@@ -501,7 +501,7 @@ _FAMILIES: Tuple[Tuple[str, str, Callable[[Any], Optional[ViTSpec]]], ...] = (
 def match_other(model: nn.Module) -> Optional[ViTSpec]:
     """Describe one of the families above; refuse any other timm model; ``None`` for a
     module that is not a timm model (or one another adapter handles)."""
-    for name, module, describe in _FAMILIES:
+    for name, module, describe in _DESCRIBED:
         if _is(model, name, module):
             spec = describe(model)
             if spec is None:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .discovery import discover
-from .hooks import ScopedHooks
-from .spec import ViTSpec
+from .._core.hooks import ScopedHooks
+from ..discovery import discover
+from ..spec import ViTSpec
 
 __all__ = ["ImageTextSimilarity"]
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .errors import CaptureError
-from .spec import PatchLayout, ViTSpec
+from ..errors import CaptureError
+from ..spec import PatchLayout, ViTSpec
 
 if TYPE_CHECKING:
-    from .adapters.hf_vlm import VLMParts
+    from ..adapters.hf.vlm import VLMParts
 
 __all__ = ["AnswerLogits", "AnswerExplanation", "explain_answer"]
 
@@ -140,7 +140,7 @@ class AnswerLogits(nn.Module):
         super().__init__()
         if reduce not in _REDUCES:
             raise ValueError(f"reduce must be None or 'sum', got {reduce!r}.")
-        from .adapters.hf_vlm import describe  # adapters load when a model needs them
+        from ..adapters.hf.vlm import describe  # adapters load when a model needs them
 
         self.parts: VLMParts = describe(model)
         self.model = model
@@ -456,7 +456,7 @@ def explain_answer(
         >>> plot_answer(result.pixel_values, result.maps, result.tokens,
         ...             answer_map=result.answer_map)
     """
-    from .attribution import LeGrad
+    from ..attribution import LeGrad
 
     tokenizer = _tokenizer(processor)
     batch = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -503,7 +503,7 @@ def explain_answer(
     legrad = LeGrad(explained, layers=layers)
     t = answer_ids.numel()
     grids = legrad.attribute_multi(pixel_values, targets=list(range(t)), normalize=False)
-    from .compute import minmax_normalize
+    from .._core.maps import minmax_normalize
 
     maps = minmax_normalize(grids)[0]
     answer_map = minmax_normalize(grids.sum(dim=1, keepdim=True))[0, 0]

@@ -14,11 +14,18 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .errors import TargetError
+from ..errors import TargetError
 
-__all__ = ["target_index", "multi_target_index", "count_targets", "select_targets"]
+__all__ = [
+    "TargetIndex",
+    "target_index",
+    "multi_target_index",
+    "count_targets",
+    "select_targets",
+]
 
-Index = Tuple[Tensor, ...]
+#: ``(B, K)`` long index tensors, one per non-batch output dimension, naming the targets.
+TargetIndex = Tuple[Tensor, ...]
 
 
 def _fail(target: object, output_shape: torch.Size, why: str) -> TargetError:
@@ -64,7 +71,7 @@ def _as_entry(value: object, target: object, output_shape: torch.Size) -> Tuple[
 
 def _to_index(
     entries: Sequence[Sequence[Tuple[int, ...]]], output_shape: torch.Size, device: torch.device
-) -> Index:
+) -> TargetIndex:
     """``entries[b][k]`` (tuples) → one ``(B, K)`` tensor per output dimension, wrapped."""
     dims = tuple(output_shape[1:])
     table = torch.tensor(entries, dtype=torch.long).reshape(len(entries), -1, len(dims))
@@ -85,7 +92,7 @@ def _validated_tensor(target: Tensor, output_shape: torch.Size) -> Tensor:
     return target
 
 
-def target_index(target: object, output_shape: torch.Size, device: torch.device) -> Index:
+def target_index(target: object, output_shape: torch.Size, device: torch.device) -> TargetIndex:
     """Validate a Captum ``target`` for an output of ``output_shape``; ``(B, 1)`` indices.
 
     Raises:
@@ -132,7 +139,7 @@ def target_index(target: object, output_shape: torch.Size, device: torch.device)
 
 def multi_target_index(
     targets: Union[Sequence[object], Tensor], output_shape: torch.Size, device: torch.device
-) -> Index:
+) -> TargetIndex:
     """``K`` targets for every sample → ``(B, K)`` indices.
 
     ``targets`` is a sequence of ``K`` ints or tuples (the same for every sample), a 1-D

@@ -11,7 +11,7 @@ the call, since other threads may run the same model at the same time:
   models take any size as built, HF ``interpolate_pos_encoding`` is switched on in the
   keyword arguments of the calling thread's call of the embeddings module
   (``InputSize.enter`` registers a forward pre-hook through
-  :class:`~captum_legrad.hooks.ScopedHooks`);
+  :class:`~captum_legrad._core.hooks.ScopedHooks`);
 * otherwise (OpenCLIP, torchvision, static timm ViT and Eva) a ``TorchFunctionMode``,
   pushed by a forward pre-hook of the module that uses the embedding and popped by its
   forward hook, both acting only in the calling thread, hands every torch function that

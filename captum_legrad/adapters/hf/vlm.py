@@ -3,7 +3,7 @@
 :func:`describe` recognises the supported VLMs and returns a :class:`VLMParts`: the
 language model's decoder layers (LeGrad's blocks) and their attention modules, the final
 norm and ``lm_head`` (the logit-lens readout), the image-token id, and the rule from an
-image's size to the image-token grid. :class:`~captum_legrad.vlm.AnswerLogits` turns it
+image's size to the image-token grid. :class:`~captum_legrad.AnswerLogits` turns it
 into a :class:`~captum_legrad.ViTSpec`. Supported, one image per sample at the model's
 fixed resolution:
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Tuple, cast
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ...errors import UnsupportedModelError
 
 __all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
 

@@ -1,8 +1,8 @@
 """Argument rules shared by :class:`~captum_legrad.LeGrad` and the baselines.
 
-One place checks block indices, images and output options, so that the same mistake
-gets the same Captum-style error from every method. Targets are checked by
-:mod:`captum_legrad.targets`.
+One place checks block indices and images, so that the same mistake gets the same
+Captum-style error from every method. Targets are checked by :mod:`.targets`, the options
+(route, pooling, output, ...) by :mod:`.options`.
 """
 
 from __future__ import annotations
@@ -12,22 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = [
-    "OUTPUTS",
-    "INTERPOLATE_MODES",
-    "resolve_layers",
-    "resolve_layer",
-    "check_image",
-    "check_patches",
-    "check_output",
-    "check_interpolate_mode",
-    "check_internal_batch_size",
-]
-
-#: The output forms: the input's shape, one map ``(B, 1, H, W)``, the patch grid.
-OUTPUTS = ("input", "map", "grid")
-#: ``torch.nn.functional.interpolate`` modes for upsampling the patch grid.
-INTERPOLATE_MODES = ("bilinear", "nearest", "nearest-exact", "bicubic", "area")
+__all__ = ["resolve_layers", "resolve_layer", "check_image", "check_patches"]
 
 
 def resolve_layer(layer: object, depth: int) -> int:
@@ -110,24 +95,3 @@ def check_patches(patches: Tensor, method: str = "LeGrad") -> Tensor:
     if not _finite(patches):
         raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite patches.")
     return patches
-
-
-def check_output(output: object) -> str:
-    """``output`` if it is one of :data:`OUTPUTS`."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
-    return str(output)
-
-
-def check_interpolate_mode(mode: object) -> str:
-    """``mode`` if it is one of :data:`INTERPOLATE_MODES`."""
-    if mode not in INTERPOLATE_MODES:
-        raise ValueError(f"interpolate_mode must be one of {INTERPOLATE_MODES}, got {mode!r}.")
-    return str(mode)
-
-
-def check_internal_batch_size(value: object) -> Optional[int]:
-    """``None`` or a positive int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"internal_batch_size must be a positive int or None, got {value!r}.")
-    return value

@@ -24,9 +24,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import CaptureError
-from ..spec import PatchLayout, TokenInput, ViTSpec
-from .common import pair
+from ...errors import CaptureError
+from ...spec import PatchLayout, TokenInput, ViTSpec
+from ..common import pair
 
 __all__ = ["match", "naflex_arguments", "naflex_layout"]
 
@@ -141,7 +141,7 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
             raise CaptureError(
                 "NaFlexVit patch input needs its coordinates and validity: call "
                 "attribute(patches, target, additional_forward_args=(patch_coord, patch_valid)) "
-                "(captum_legrad.adapters.timm_naflex.naflex_arguments splits timm's dictionary)."
+                "(captum_legrad.adapters.timm.naflex.naflex_arguments splits timm's dictionary)."
             )
         offset = n_keys - first.shape[1]
         if offset not in (0, n_prefix):

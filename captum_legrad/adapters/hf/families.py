@@ -50,19 +50,14 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import CaptureError, UnsupportedModelError
-from ..spec import PatchLayout, ViTSpec
-from .common import floor_grid, pair
+from ...errors import CaptureError, UnsupportedModelError
+from ...spec import PatchLayout, ViTSpec
+from ..common import floor_grid, pair
+from . import common
 
 __all__ = ["match", "refuse"]
 
 Readout = Callable[[Tensor], Tensor]
-
-
-def _hf() -> Any:
-    from . import hf
-
-    return hf
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -147,7 +142,7 @@ def _spec(
     root: nn.Module, readouts: Tuple[Readout, Optional[Readout]], prefix: int, **extra: Any
 ) -> ViTSpec:
     model_readout, mean_readout = readouts
-    return _hf()._spec(
+    return common.build_spec(
         root,
         "attention",
         mean_readout=mean_readout,
@@ -161,9 +156,9 @@ def _spec(
 
 
 def _match_deit(model: nn.Module) -> Optional[ViTSpec]:
-    hf, module = _hf(), "deit.modeling_deit"
+    module = "deit.modeling_deit"
     m: Any = model
-    if hf._is_instance_of(model, module, "DeiTForImageClassificationWithTeacher"):
+    if common.is_instance_of(model, module, "DeiTForImageClassificationWithTeacher"):
         base: Any = m.deit
 
         def both(features_cls: Tensor, features_dist: Tensor) -> Tensor:
@@ -178,11 +173,11 @@ def _match_deit(model: nn.Module) -> Optional[ViTSpec]:
             return both(normed, normed)
 
         return _spec(base, (model_readout, mean_readout), 2)
-    if hf._is_instance_of(model, module, "DeiTForImageClassification"):
+    if common.is_instance_of(model, module, "DeiTForImageClassification"):
         base = m.deit
         readouts = _cls_or_pooler(base, base.layernorm)  # its DeiTModel has no pooler
         return _spec(base, _classify(m.classifier, readouts), 2)
-    if hf._is_instance_of(model, module, "DeiTModel"):
+    if common.is_instance_of(model, module, "DeiTModel"):
         return _spec(model, _cls_or_pooler(m, m.layernorm), 2)
     return None
 
@@ -209,16 +204,15 @@ def _beit_readouts(base: Any) -> Tuple[Readout, Readout]:
 
 
 def _match_beit(model: nn.Module) -> Optional[ViTSpec]:
-    hf = _hf()
     m: Any = model
     for module, prefix, inner in (
         ("beit.modeling_beit", "Beit", "beit"),
         ("data2vec.modeling_data2vec_vision", "Data2VecVision", "data2vec_vision"),
     ):
-        if hf._is_instance_of(model, module, f"{prefix}ForImageClassification"):
+        if common.is_instance_of(model, module, f"{prefix}ForImageClassification"):
             base = getattr(m, inner)
             return _spec(base, _classify(m.classifier, _beit_readouts(base)), 1)
-        if hf._is_instance_of(model, module, f"{prefix}Model"):
+        if common.is_instance_of(model, module, f"{prefix}Model"):
             return _spec(model, _beit_readouts(m), 1)
     return None
 
@@ -227,22 +221,22 @@ def _match_beit(model: nn.Module) -> Optional[ViTSpec]:
 
 
 def _match_msn(model: nn.Module) -> Optional[ViTSpec]:
-    hf, module = _hf(), "vit_msn.modeling_vit_msn"
+    module = "vit_msn.modeling_vit_msn"
     m: Any = model
-    if hf._is_instance_of(model, module, "ViTMSNForImageClassification"):
+    if common.is_instance_of(model, module, "ViTMSNForImageClassification"):
         base = m.vit
         return _spec(base, _classify(m.classifier, _cls_or_pooler(base, base.layernorm)), 1)
-    if hf._is_instance_of(model, module, "ViTMSNModel"):
+    if common.is_instance_of(model, module, "ViTMSNModel"):
         return _spec(model, _cls_or_pooler(m, m.layernorm), 1)
     return None
 
 
 def _match_ijepa(model: nn.Module) -> Optional[ViTSpec]:
-    hf, module = _hf(), "ijepa.modeling_ijepa"
+    module = "ijepa.modeling_ijepa"
     m: Any = model
-    if hf._is_instance_of(model, module, "IJepaForImageClassification"):
+    if common.is_instance_of(model, module, "IJepaForImageClassification"):
         base: Any = m.ijepa
-    elif hf._is_instance_of(model, module, "IJepaModel"):
+    elif common.is_instance_of(model, module, "IJepaModel"):
         base = m
     else:
         return None
@@ -265,14 +259,14 @@ def _match_ijepa(model: nn.Module) -> Optional[ViTSpec]:
 
 
 def _match_dinov3(model: nn.Module) -> Optional[ViTSpec]:
-    hf, module = _hf(), "dinov3_vit.modeling_dinov3_vit"
-    if hf._is_instance_of(model, module, "DINOv3ViTBackbone"):
+    module = "dinov3_vit.modeling_dinov3_vit"
+    if common.is_instance_of(model, module, "DINOv3ViTBackbone"):
         raise UnsupportedModelError(
             "DINOv3ViTBackbone returns feature maps, not scores LeGrad can explain; load the "
             "same weights as DINOv3ViTModel (DINOv3ViTModel.from_pretrained(...)) and explain "
             "that (its targets are the dimensions of the CLS embedding)."
         )
-    if not hf._is_instance_of(model, module, "DINOv3ViTModel"):
+    if not common.is_instance_of(model, module, "DINOv3ViTModel"):
         return None
     m: Any = model
     prefix = 1 + int(getattr(m.config, "num_register_tokens", 0) or 0)
@@ -339,14 +333,14 @@ def _mae_layout(patch: Tuple[int, int]) -> Callable[[Tuple[Any, ...], int], Patc
 
 
 def _match_mae(model: nn.Module) -> Optional[ViTSpec]:
-    hf, module = _hf(), "vit_mae.modeling_vit_mae"
-    if hf._is_instance_of(model, module, "ViTMAEForPreTraining"):
+    module = "vit_mae.modeling_vit_mae"
+    if common.is_instance_of(model, module, "ViTMAEForPreTraining"):
         raise UnsupportedModelError(
             "ViTMAEForPreTraining outputs a pixel reconstruction of randomly masked patches, "
             "not scores LeGrad can explain; explain its encoder, model.vit (a ViTMAEModel, "
             "built with mask_ratio=0.0)."
         )
-    if not hf._is_instance_of(model, module, "ViTMAEModel"):
+    if not common.is_instance_of(model, module, "ViTMAEModel"):
         return None
     m: Any = model
     ratio = float(getattr(m.config, "mask_ratio", 0.0) or 0.0)
@@ -357,7 +351,7 @@ def _match_mae(model: nn.Module) -> Optional[ViTSpec]:
             "with mask_ratio=0.0 (ViTMAEModel.from_pretrained(name, mask_ratio=0.0)); LeGrad "
             "then fixes the patch order itself."
         )
-    patch = hf._patch_size(m.embeddings, m.config)
+    patch = common.patch_size_of(m.embeddings, m.config)
     return _spec(
         model,
         _cls_or_pooler(m, m.layernorm),
@@ -371,12 +365,12 @@ def _match_mae(model: nn.Module) -> Optional[ViTSpec]:
 
 
 def _match_aimv2(model: nn.Module) -> Optional[ViTSpec]:
-    hf, module = _hf(), "aimv2.modeling_aimv2"
+    module = "aimv2.modeling_aimv2"
     m: Any = model
-    if hf._is_instance_of(model, module, "Aimv2Model"):
+    if common.is_instance_of(model, module, "Aimv2Model"):
         tower: Any = m.vision_model
         projection: Optional[nn.Module] = m.visual_projection
-    elif hf._is_instance_of(model, module, "Aimv2VisionModel"):
+    elif common.is_instance_of(model, module, "Aimv2VisionModel"):
         tower, projection = m, None
     else:
         return None
@@ -384,7 +378,7 @@ def _match_aimv2(model: nn.Module) -> Optional[ViTSpec]:
     def project(pooled: Tensor) -> Tensor:
         return projection(pooled) if projection is not None else pooled
 
-    image_forward = hf._image_forward(model)
+    image_forward = common.image_features_forward(model)
     head: Optional[nn.Module] = getattr(tower, "head", None) if tower.use_head else None
     if head is not None:
         pool: nn.Module = head

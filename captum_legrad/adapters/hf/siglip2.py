@@ -28,10 +28,16 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import CaptureError
-from ..spec import PatchLayout, TokenInput, ViTSpec
-from .common import floor_grid, pair
-from .hf import _attention, _blocks, _image_forward, _is_instance_of, _vision_tower
+from ...errors import CaptureError
+from ...spec import PatchLayout, TokenInput, ViTSpec
+from ..common import floor_grid, pair
+from .common import (
+    attention_of,
+    image_features_forward,
+    is_instance_of,
+    layers_of,
+    vision_tower,
+)
 
 __all__ = ["match", "masked_mean", "siglip2_layout"]
 
@@ -85,12 +91,12 @@ def siglip2_layout(spatial_shapes: Tensor, mask: Tensor, n_keys: int, pooled: bo
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
     """Describe a transformers SigLIP2 model; ``None`` for anything else."""
-    classification = _is_instance_of(model, _MODULE, "Siglip2ForImageClassification")
-    if not classification and not _is_instance_of(
+    classification = is_instance_of(model, _MODULE, "Siglip2ForImageClassification")
+    if not classification and not is_instance_of(
         model, _MODULE, "Siglip2Model", "Siglip2VisionModel", "Siglip2VisionTransformer"
     ):
         return None
-    tower = _vision_tower(model)
+    tower = vision_tower(model)
     vision: Any = tower
     norm: Any = vision.post_layernorm
     pool: Optional[nn.Module] = None
@@ -131,20 +137,20 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         _, mask, spatial_shapes = _arguments(arguments)
         return siglip2_layout(spatial_shapes, mask, n_keys, pooled=pool is not None)
 
-    blocks = _blocks(tower)
+    blocks = layers_of(tower)
     patch_size = pair(vision.embeddings.patch_size)
     return ViTSpec(
         family="hf",
         root=tower,
         blocks=blocks,
-        attentions=tuple(_attention(block, "self_attn") for block in blocks),
+        attentions=tuple(attention_of(block, "self_attn") for block in blocks),
         readout=None if pool is not None else mean_readout,
         model_readout=model_readout,
         num_prefix_tokens=0,
         patch_size=patch_size,
         grid=floor_grid(patch_size),
         pool_attention=pool,
-        image_forward=_image_forward(model),
+        image_forward=image_features_forward(model),
         token_input=TokenInput("hidden_states"),
         layout=layout,
         readout_inputs=readout_inputs,

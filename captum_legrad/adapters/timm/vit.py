@@ -4,14 +4,14 @@ avg-pool heads, dynamic image sizes, parallel-attention and differential-attenti
 
 These classes share the layout ``patch_embed → blocks[i].attn → norm → pool → fc_norm →
 head``; ``forward_head`` is the model's own readout. CaiT, ConViT, XCiT, SAM and the VLM
-vision towers are described in :mod:`.timm_families`, which also refuses every other timm
+vision towers are described in :mod:`.families`, which also refuses every other timm
 model with the reason.
 
 Input sizes: ``dynamic_img_size=True`` models resample their position embedding (and Eva
 its rotary embedding) by themselves. For static models LeGrad does what timm's dynamic path
 does, for the call only: ``pos_embed`` resampled as ``resample_abs_pos_embed`` does, Eva's
 rotary table rebuilt for the new grid from the model's own frequency bands, and the strict
-``PatchEmbed`` size assertion waived (:mod:`captum_legrad.resize`).
+``PatchEmbed`` size assertion waived (:mod:`captum_legrad._core.resize`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..resize import InputSize, resample_position_embedding, substitute_during
-from ..spec import TokenInput, ViTSpec
-from .common import floor_grid, pair
+from ..._core.resize import InputSize, resample_position_embedding, substitute_during
+from ...spec import TokenInput, ViTSpec
+from ..common import floor_grid, mlp_outputs, pair
+from .families import block_attentions
 
-__all__ = ["match"]
+__all__ = ["match", "MLP_OUTPUTS"]
+
+#: Block classes whose output is ``x + t(W h + b)`` (:func:`~..common.mlp_outputs`), and the
+#: path of that last MLP linear.
+MLP_OUTPUTS = {"Block": ("mlp.fc2",), "EvaBlock": ("mlp.fc2",)}
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
@@ -128,28 +133,15 @@ def _input_size(vit: Any, patch_size: Tuple[int, int]) -> Optional[InputSize]:
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:
-    """Describe a timm ViT; ``None`` for a module that is not a timm model.
-
-    Raises:
-        UnsupportedModelError: a timm model without global token attention (hierarchical,
-            windowed, convolutional), with the reason.
-    """
+    """Describe a timm ``VisionTransformer``, ``Eva``, ``Beit`` or ``VisionTransformerRelPos``;
+    ``None`` for any other module."""
     if not _is_timm_vit(model):
-        from .timm_naflex import match as match_naflex  # NaFlexVit: per-sample grids
-
-        naflex = match_naflex(model)
-        if naflex is not None:
-            return naflex
-        from .timm_families import match_other
-
-        return match_other(model)
+        return None
     vit: Any = model  # timm's module attributes are untyped
     patch_embed = vit.patch_embed
     patch_size = pair(patch_embed.patch_size)
     floor = floor_grid(patch_size)
     blocks = tuple(vit.blocks)
-    from .timm_families import block_attentions
-
     parallel, products = block_attentions(vit, blocks)
     # Blocks without a separate ``attn`` module (parallel variants) compute attention
     # inline; recording inside the whole block finds it there (``ParallelThingsBlock``:
@@ -186,4 +178,5 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
         input_size=_input_size(vit, patch_size),
         parallel_attentions=parallel,
         product_inputs=products,
+        mlp_outputs=mlp_outputs(blocks, MLP_OUTPUTS),
     )
