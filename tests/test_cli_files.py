@@ -54,7 +54,7 @@ def check_geometry(
 def test_timm_view_is_timms_transform(crop_mode: str) -> None:
     from timm.data import create_transform
 
-    from captum_legrad.eval.models import _timm_view
+    from captum_legrad.eval.models import timm_view
 
     config = {
         "input_size": (3, 224, 224),
@@ -64,7 +64,7 @@ def test_timm_view_is_timms_transform(crop_mode: str) -> None:
         "crop_pct": 0.875,
         "crop_mode": crop_mode,
     }
-    view = _timm_view(config)
+    view = timm_view(config)
     assert view.geometry(200, 300).resized == ((256, 384) if crop_mode == "center" else (256, 256))
     check_geometry(view, create_transform(**config), config["mean"], config["std"])
 
@@ -72,7 +72,7 @@ def test_timm_view_is_timms_transform(crop_mode: str) -> None:
 @pytest.mark.parametrize("mode", ["shortest", "squash"])
 def test_open_clip_view_is_open_clips_preprocess(mode: str) -> None:
     pytest.importorskip("open_clip")
-    from captum_legrad.eval.models import _open_clip_view
+    from captum_legrad.eval.models import open_clip_view
 
     cfg = {"size": (224, 224), "mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": mode}
     cfg["interpolation"] = "bicubic"
@@ -80,13 +80,13 @@ def test_open_clip_view_is_open_clips_preprocess(mode: str) -> None:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-    check_geometry(_open_clip_view(cfg), transform, cfg["mean"], cfg["std"])
+    check_geometry(open_clip_view(cfg), transform, cfg["mean"], cfg["std"])
 
 
 def test_torchvision_and_hf_views() -> None:
     torchvision = pytest.importorskip("torchvision")
     transformers = pytest.importorskip("transformers")
-    from captum_legrad.eval.models import _hf_view
+    from captum_legrad.eval.models import hf_view
 
     preset = torchvision.models.ViT_B_16_Weights.DEFAULT.transforms()
     view = View(crop=(224, 224), resize="shortest", size=(256, 256))
@@ -95,7 +95,7 @@ def test_torchvision_and_hf_views() -> None:
         transformers.ViTImageProcessor(),  # stretches to 224×224
         transformers.CLIPImageProcessor(),  # shortest edge 224, centre crop 224
     ):
-        hf_view = _hf_view(processor, (224, 224))
+        hf_view = hf_view(processor, (224, 224))
 
         def transform(photo: Any, processor: Any = processor) -> torch.Tensor:
             pixels: torch.Tensor = processor(images=photo, return_tensors="pt")["pixel_values"]

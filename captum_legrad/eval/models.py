@@ -347,7 +347,7 @@ def _default(weights: Optional[Path], random_weights: bool = False) -> LoadedMod
     )
 
 
-def _timm_view(config: Dict[str, Any]) -> View:
+def timm_view(config: Dict[str, Any]) -> View:
     """The geometry of ``timm.data.create_transform(**config)`` (evaluation)."""
     import math
 
@@ -420,14 +420,14 @@ def load_timm(
         std=tuple(config["std"]),
         classes=_timm_classes(timm, model),
         patch_size=_spatial_size(patch),
-        view=_timm_view(config),
+        view=timm_view(config),
         transform=create_transform(**config),
         weights=source,
         random_init=random_init,
     )
 
 
-def _open_clip_view(cfg: Dict[str, Any]) -> View:
+def open_clip_view(cfg: Dict[str, Any]) -> View:
     """The geometry of OpenCLIP's evaluation preprocess (``preprocess_cfg``)."""
     size = _spatial_size(cfg.get("size", 224))
     mode = cfg.get("resize_mode") or "shortest"
@@ -497,7 +497,7 @@ def load_open_clip(
         if getattr(visual, f"image_{key}", None) is not None:
             cfg.setdefault(key, tuple(getattr(visual, f"image_{key}")))
     size = _spatial_size(cfg["size"])
-    view = _open_clip_view(cfg)
+    view = open_clip_view(cfg)
 
     def with_prompts(prompts: Sequence[str]) -> nn.Module:
         from ..scores.text import ImageTextSimilarity
@@ -538,7 +538,7 @@ def _field(size: Any, key: str) -> Optional[int]:
     return int(value) if value is not None else None
 
 
-def _hf_view(processor: Any, image_size: Tuple[int, int]) -> View:
+def hf_view(processor: Any, image_size: Tuple[int, int]) -> View:
     """The geometry of an HF image processor: resize (exact or shortest edge), centre crop."""
     size = getattr(processor, "size", None)
     do_crop = bool(getattr(processor, "do_center_crop", False))
@@ -605,7 +605,7 @@ def load_hf(
     image_size = _spatial_size(getattr(vision, "image_size", 224))
     mean = tuple(getattr(processor, "image_mean", None) or _IMAGENET_MEAN)
     std = tuple(getattr(processor, "image_std", None) or _IMAGENET_STD)
-    view = _hf_view(processor, image_size)
+    view = hf_view(processor, image_size)
     transform: Optional[Callable[[Any], Tensor]] = None
     if processor is not None:
 
