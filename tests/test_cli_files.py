@@ -95,13 +95,13 @@ def test_torchvision_and_hf_views() -> None:
         transformers.ViTImageProcessor(),  # stretches to 224×224
         transformers.CLIPImageProcessor(),  # shortest edge 224, centre crop 224
     ):
-        hf_view = hf_view(processor, (224, 224))
+        processor_view = hf_view(processor, (224, 224))
 
         def transform(photo: Any, processor: Any = processor) -> torch.Tensor:
             pixels: torch.Tensor = processor(images=photo, return_tensors="pt")["pixel_values"]
             return pixels[0]
 
-        check_geometry(hf_view, transform, processor.image_mean, processor.image_std)
+        check_geometry(processor_view, transform, processor.image_mean, processor.image_std)
 
 
 def test_projection_of_a_ramp_and_the_border() -> None:
