@@ -22,7 +22,14 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from ._core.arguments import check_image, check_patches, resolve_layers
+from ._core.arguments import (
+    check_image,
+    check_inputs_are_tensors,
+    check_patches,
+    dtype_mismatch,
+    image_format,
+    resolve_layers,
+)
 from ._core.compute import layer_maps, run_forward
 from ._core.maps import aggregate_layers, empty_maps, empty_prompt_correction, finish, grid_mask
 from ._core.options import AttributeOptions, check_pooling, check_route
@@ -142,6 +149,7 @@ class LeGrad(GradientAttribution):
         get_route(self.route).refuse(self.spec)  # differential attention: lean only
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.resize_pos_embed = bool(resize_pos_embed)
+        self._format = image_format(self.spec.root, self.spec.blocks)
         self._warned_zero = False
 
     @classmethod
@@ -162,13 +170,14 @@ class LeGrad(GradientAttribution):
                 "LeGrad needs gradients, which cannot be taken inside torch.inference_mode(); "
                 "call attribute() outside it (an outer torch.no_grad() is fine)."
             )
+        check_inputs_are_tensors(inputs)
         formatted = _format_tensor_into_tuples(inputs)
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
         if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4:
             check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
         else:
-            check_image(formatted[0])
+            check_image(formatted[0], expected=self._format)
         batch = formatted[0].shape[0]
         for extra in formatted[1:]:
             if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
@@ -209,21 +218,27 @@ class LeGrad(GradientAttribution):
         parts, layouts = [], []
         for start in range(0, batch, step):
             rows = slice(start, min(batch, start + step))
-            with at_input_size(
-                self.spec.input_size,
-                (image.shape[-2], image.shape[-1]),
-                resize_pos_embed=self.resize_pos_embed,
-                family=self.spec.family,
-            ):
-                result = run_forward(
-                    self.spec,
-                    forward,
-                    tuple(t[rows] for t in inputs),
-                    tuple(_slice_batch(arg, batch, rows) for arg in args),
-                    self.layers,
-                    self.pooling,
-                    self.route,
-                )
+            try:
+                with at_input_size(
+                    self.spec.input_size,
+                    (image.shape[-2], image.shape[-1]),
+                    resize_pos_embed=self.resize_pos_embed,
+                    family=self.spec.family,
+                ):
+                    result = run_forward(
+                        self.spec,
+                        forward,
+                        tuple(t[rows] for t in inputs),
+                        tuple(_slice_batch(arg, batch, rows) for arg in args),
+                        self.layers,
+                        self.pooling,
+                        self.route,
+                    )
+            except RuntimeError as error:
+                clearer = dtype_mismatch(image, self._format, error)
+                if clearer is not None:
+                    raise clearer from error
+                raise
             full_shape = torch.Size((batch, *result.output_shape[1:]))
             index = tuple(i[rows] for i in make_index(full_shape, result.scores.device))
             chunk = None if internal_batch_size is None else internal_batch_size // len(index[0])

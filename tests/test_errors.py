@@ -36,6 +36,7 @@ def test_two_vits_are_ambiguous() -> None:
     "target, needle",
     [
         (5, "out of range"),
+        (-1, "out of range"),
         (-6, "out of range"),
         ([1, 2, 3], "one entry per sample"),
         (torch.tensor([1, 2, 3]), "one entry per sample"),
@@ -108,6 +109,52 @@ def test_baselines_raise_the_errors_legrad_raises(vit: torch.nn.Module, images) 
 def test_bad_inputs(vit: torch.nn.Module, bad: torch.Tensor, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         LeGrad(vit).attribute(bad, target=1)
+
+
+def test_a_negative_target_gets_the_out_of_range_message(vit: torch.nn.Module, images) -> None:
+    """Captum's own methods fail on negative targets; LeGrad refuses them like 5 (not the
+    last class, silently)."""
+    x = images(2)
+    for call in (
+        lambda t: LeGrad(vit).attribute(x, target=t),
+        lambda t: LeGrad(vit).attribute_multi(x, targets=[0, t]),
+    ):
+        with pytest.raises(TargetError) as negative:
+            call(-1)
+        with pytest.raises(TargetError) as large:
+            call(5)
+        assert "index -1 is out of range for size 5 (valid: 0..4)" in str(negative.value)
+        assert (
+            str(negative.value).split(": ", 1)[1].replace("-1", "5")
+            == str(large.value).split(": ", 1)[1]
+        )
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda: torch.zeros(2, 32, 32, 3), r"channels-last .* x\.permute\(0, 3, 1, 2\)"),
+        (
+            lambda: torch.zeros(2, 1, 32, 32),
+            r"1 channel \(grayscale\).* x\.expand\(-1, 3, -1, -1\)",
+        ),
+        (lambda: torch.zeros(2, 4, 32, 32), r"have 4 channels; the model takes \(B, 3, H, W\)"),
+        (lambda: torch.zeros(3, 32, 32), r"one image of shape \(3, 32, 32\).* x\.unsqueeze\(0\)"),
+        (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.float64), r"torch\.float64 .*x\.float\(\)"),
+        (lambda: __import__("numpy").zeros((2, 3, 32, 32)), r"numpy array .* torch\.from_numpy"),
+    ],
+)
+def test_input_mistakes_get_one_sentence_with_the_fix(
+    vit: torch.nn.Module, make: object, needle: str
+) -> None:
+    """What was given, what the model expects, how to fix it: for LeGrad and the baselines."""
+    from captum_legrad.baselines import GenericAttention
+
+    bad = make()  # type: ignore[operator]
+    for method in (LeGrad(vit), GenericAttention(vit)):
+        with pytest.raises(ValueError, match=needle) as info:
+            method.attribute(bad, target=1)
+        assert "\n" not in str(info.value)
 
 
 def test_inference_mode_is_refused(vit: torch.nn.Module, images) -> None:

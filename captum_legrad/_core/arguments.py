@@ -7,12 +7,22 @@ Captum-style error from every method. Targets are checked by :mod:`.targets`, th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["resolve_layers", "resolve_layer", "check_image", "check_patches"]
+__all__ = [
+    "resolve_layers",
+    "resolve_layer",
+    "ImageFormat",
+    "image_format",
+    "check_inputs_are_tensors",
+    "check_image",
+    "check_patches",
+    "dtype_mismatch",
+]
 
 
 def resolve_layer(layer: object, depth: int) -> int:
@@ -54,14 +64,74 @@ def resolve_layers(layers: Optional[Sequence[int]], depth: int) -> Tuple[int, ..
     return tuple(sorted(resolved))
 
 
-def check_image(image: object, method: str = "LeGrad") -> Tensor:
-    """A finite floating point image batch ``(B, C, H, W)``, or a ``ValueError`` saying why not."""
+@dataclass(frozen=True)
+class ImageFormat:
+    """What a model's patch embedding takes: its input channels and its weights' dtype
+    (``None`` where the model has no patch-embedding convolution to read them from)."""
+
+    channels: Optional[int] = None
+    dtype: Optional[torch.dtype] = None
+
+
+def image_format(root: nn.Module, blocks: Sequence[nn.Module]) -> ImageFormat:
+    """The :class:`ImageFormat` of a ViT: its patch embedding is the first ``Conv2d``
+    outside the blocks whose stride equals its kernel size (the structure every ViT has;
+    no family knowledge)."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    for module in root.modules():
+        if isinstance(module, nn.Conv2d) and id(module) not in inside:
+            if tuple(module.kernel_size) == tuple(module.stride):
+                return ImageFormat(module.in_channels, module.weight.dtype)
+    return ImageFormat()
+
+
+def check_inputs_are_tensors(inputs: Any, method: str = "LeGrad") -> None:
+    """A ``ValueError`` for numpy arrays (and tuples of them), naming the conversion."""
+    items = inputs if isinstance(inputs, tuple) else (inputs,)
+    for item in items:
+        if type(item).__module__ == "numpy" and hasattr(item, "shape"):
+            raise ValueError(
+                f"inputs is a numpy array of shape {tuple(item.shape)}; {method} takes torch "
+                "tensors (B, C, H, W): pass torch.from_numpy(x).float() (for an (H, W, C) "
+                "image: torch.from_numpy(x).permute(2, 0, 1)[None].float())."
+            )
+
+
+def check_image(
+    image: object, method: str = "LeGrad", expected: Optional[ImageFormat] = None
+) -> Tensor:
+    """A finite floating point image batch ``(B, C, H, W)`` in the format the model takes,
+    or a ``ValueError`` saying what was given, what the model expects and how to fix it."""
     if not isinstance(image, Tensor):
         raise ValueError(f"inputs must be tensors, got {type(image).__name__}.")
+    expected = expected or ImageFormat()
+    channels = expected.channels
+    if image.dim() == 3 and (channels is None or image.shape[0] == channels):
+        raise ValueError(
+            f"{method} explains image batches (B, C, H, W), got one image of shape "
+            f"{tuple(image.shape)}: add the batch dimension with x.unsqueeze(0)."
+        )
     if image.dim() != 4:
         raise ValueError(
             f"{method} explains images: the first input must be (B, C, H, W), got shape "
             f"{tuple(image.shape)}."
+        )
+    if channels is not None and image.shape[1] != channels:
+        given = tuple(image.shape)
+        if image.shape[-1] == channels:
+            raise ValueError(
+                f"inputs of shape {given} look channels-last (B, H, W, C); the model takes "
+                f"(B, C, H, W) with C = {channels}: pass x.permute(0, 3, 1, 2)."
+            )
+        if image.shape[1] == 1:
+            raise ValueError(
+                f"inputs of shape {given} have 1 channel (grayscale); the model takes "
+                f"{channels} channels: pass x.expand(-1, {channels}, -1, -1) (or convert the "
+                "image to RGB before preprocessing)."
+            )
+        raise ValueError(
+            f"inputs of shape {given} have {image.shape[1]} channels; the model takes "
+            f"(B, {channels}, H, W)."
         )
     if not image.is_floating_point():
         raise ValueError(
@@ -71,6 +141,24 @@ def check_image(image: object, method: str = "LeGrad") -> Tensor:
     if not _finite(image):
         raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite images.")
     return image
+
+
+def dtype_mismatch(
+    image: Tensor, expected: ImageFormat, error: BaseException
+) -> Optional[ValueError]:
+    """The one-line error for a forward that failed on an image whose dtype differs from the
+    model's weights (timm, OpenCLIP and torchvision do not cast their inputs; transformers
+    models do, so they never get here), or None if ``error`` is something else."""
+    if expected.dtype is None or image.dtype == expected.dtype:
+        return None
+    text = str(error).lower()
+    if not any(word in text for word in ("dtype", "type", "double", "float", "half")):
+        return None
+    return ValueError(
+        f"inputs are {image.dtype} but the model's weights are {expected.dtype}: convert the "
+        f"images with x.to({expected.dtype}) (x.float() for float32), or the model with "
+        "model.to(x.dtype)."
+    )
 
 
 def _finite(tensor: Tensor) -> bool:

@@ -44,8 +44,12 @@ def _check_entry(entry: Tuple[int, ...], target: object, output_shape: torch.Siz
             f"after the batch), got {len(entry)}.",
         )
     for value, size in zip(entry, dims):
-        if not -size <= value < size:
-            raise _fail(target, output_shape, f"index {value} is out of range for size {size}.")
+        if not 0 <= value < size:
+            raise _fail(
+                target,
+                output_shape,
+                f"index {value} is out of range for size {size} (valid: 0..{size - 1}).",
+            )
 
 
 def _as_entry(value: object, target: object, output_shape: torch.Size) -> Tuple[int, ...]:
@@ -72,11 +76,9 @@ def _as_entry(value: object, target: object, output_shape: torch.Size) -> Tuple[
 def _to_index(
     entries: Sequence[Sequence[Tuple[int, ...]]], output_shape: torch.Size, device: torch.device
 ) -> TargetIndex:
-    """``entries[b][k]`` (tuples) → one ``(B, K)`` tensor per output dimension, wrapped."""
+    """``entries[b][k]`` (tuples) → one ``(B, K)`` tensor per output dimension."""
     dims = tuple(output_shape[1:])
     table = torch.tensor(entries, dtype=torch.long).reshape(len(entries), -1, len(dims))
-    sizes = torch.tensor(dims, dtype=torch.long)
-    table = torch.remainder(table, sizes)  # negative indices as in Python indexing
     return tuple(table[..., d].to(device) for d in range(len(dims)))
 
 

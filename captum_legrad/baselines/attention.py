@@ -30,7 +30,14 @@ from captum._utils.typing import TargetType
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from .._core.arguments import check_image, check_patches, resolve_layer
+from .._core.arguments import (
+    check_image,
+    check_inputs_are_tensors,
+    check_patches,
+    dtype_mismatch,
+    image_format,
+    resolve_layer,
+)
 from .._core.capture import record_attention
 from .._core.hooks import ScopedHooks
 from .._core.maps import finish
@@ -52,16 +59,28 @@ class _ViTBaseline(GradientAttribution):
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
+        self._format = image_format(self.spec.root, self.spec.blocks)
 
     def attribute_future(self) -> None:
         raise NotImplementedError(f"attribute_future is not implemented for {self.get_name()}")
 
     def _check(self, inputs: Tensor, output: str) -> None:
         check_output(output)
+        check_inputs_are_tensors(inputs, self.get_name())
         if self.spec.patch_inputs and isinstance(inputs, Tensor) and inputs.dim() != 4:
             check_patches(inputs, self.get_name())  # NaFlex patch sequence
         else:
-            check_image(inputs, self.get_name())
+            check_image(inputs, self.get_name(), self._format)
+
+    def _forward(self, image: Tensor, args: Tuple[Any, ...]) -> Any:
+        """The model on ``image``; a dtype mismatch gets LeGrad's one-line error."""
+        try:
+            return unwrap(self.forward_func)(image, *args)
+        except RuntimeError as error:
+            clearer = dtype_mismatch(image, self._format, error)
+            if clearer is not None:
+                raise clearer from error
+            raise
 
     def _layout(self, image: Tensor, args: Tuple[Any, ...], n_keys: int) -> PatchLayout:
         """The patch keys among ``n_keys`` (per sample for NaFlex inputs), unscaled (the
@@ -127,7 +146,7 @@ class _ViTBaseline(GradientAttribution):
             self._sized(image),
             record_attention(modules, route="explicit") as records,
         ):
-            output = unwrap(self.forward_func)(image, *args)
+            output = self._forward(image, args)
         attentions = []
         for layer, found in zip(layers, records):
             if len(found) != 1:
@@ -408,7 +427,7 @@ class ViTGradCAM(_ViTBaseline):
         image = inputs.detach().requires_grad_()
         with self._sized(image), ScopedHooks() as hooks, torch.enable_grad():
             hooks.forward_pre(self.spec.blocks[self.layer], keep, with_kwargs=True)
-            out = unwrap(self.forward_func)(image, *args)
+            out = self._forward(image, args)
             scores = self._scores(out, target)
             tokens = kept["tokens"]
             (grad,) = torch.autograd.grad(scores.sum(), tokens)
