@@ -103,10 +103,13 @@ class Captured:
     ``tokens[i]`` is ``Z`` of the i-th selected block (batch-first); with
     ``differentiable=True`` it is on the autograd graph back to that block's own
     attention records ``attentions[i]`` (and to nothing earlier: block inputs are cut).
+    A block with :attr:`~captum_legrad.spec.ViTSpec.sites` has its records in
+    ``sites[i]`` instead, one list per site.
     """
 
     tokens: List[Tensor] = field(default_factory=list)
     attentions: List[List[AttentionRecord]] = field(default_factory=list)
+    sites: Dict[int, List[List[AttentionRecord]]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -161,7 +164,10 @@ def capture_blocks(
             captured.tokens[slot] = tokens if differentiable else tokens.detach()
             seen[slot] = True
             if differentiable:
-                chosen.block_done(captured.attentions[slot], tokens)
+                records = list(captured.attentions[slot])
+                for site in captured.sites.get(slot, []):
+                    records += site
+                chosen.block_done(records, tokens)
 
         return hook
 
@@ -171,11 +177,21 @@ def capture_blocks(
     modules: List[nn.Module] = []
     outputs: List[bool] = []
     products: List[Optional[nn.Module]] = []
+    owners: List[Tuple[int, Optional[int]]] = []  # (slot, site) of each recorded module
     if differentiable:
         chosen.refuse(spec)
-        modules = [spec.attentions[layer] for layer in layers]
-        outputs = [layer in spec.output_attentions for layer in layers]
-        products = [spec.product_inputs.get(layer) for layer in layers]
+        for slot, layer in enumerate(layers):
+            sites = spec.sites.get(layer, ())
+            for index, site in enumerate(sites):
+                modules.append(site.module)
+                outputs.append(False)
+                products.append(None)
+                owners.append((slot, index))
+            if not sites:
+                modules.append(spec.attentions[layer])
+                outputs.append(layer in spec.output_attentions)
+                products.append(spec.product_inputs.get(layer))
+                owners.append((slot, None))
     with record_attention(modules, chosen, outputs, products) as records, ScopedHooks() as hooks:
         hooks.forward_pre(spec.root, root_pre_hook)
         hooked: Set[int] = set()
@@ -187,7 +203,12 @@ def capture_blocks(
                     mlp = spec.mlp_output(index) if token_mean_readout else None
                     chosen.hook_block(hooks, block, mlp, token_dim, hooked)
             hooks.forward(block, block_post_hook)
-        captured.attentions = records
+        captured.attentions = [[] for _ in layers]
+        for (slot, site_index), sink in zip(owners, records):
+            if site_index is None:
+                captured.attentions[slot] = sink
+            else:
+                captured.sites.setdefault(slot, []).append(sink)
         yield captured
     missing = [layers[slot] for slot, ok in enumerate(seen) if not ok]
     if missing:
