@@ -76,14 +76,14 @@ class ImageFormat:
 
 
 def image_format(root: nn.Module, blocks: Sequence[nn.Module]) -> ImageFormat:
-    """The :class:`ImageFormat` of a ViT: its patch embedding is the first ``Conv2d``
-    outside the blocks whose stride equals its kernel size (the structure every ViT has;
-    no family knowledge)."""
+    """The :class:`ImageFormat` of a ViT: the first ``Conv2d`` outside the blocks is the one
+    the image enters (a patch embedding, or the first convolution of a stem: XCiT,
+    ViTamin), so its input channels are the image's (the structure every ViT has; no family
+    knowledge)."""
     inside = {id(m) for block in blocks for m in block.modules()}
     for module in root.modules():
         if isinstance(module, nn.Conv2d) and id(module) not in inside:
-            if tuple(module.kernel_size) == tuple(module.stride):
-                return ImageFormat(module.in_channels, module.weight.dtype)
+            return ImageFormat(module.in_channels, module.weight.dtype)
     return ImageFormat()
 
 
