@@ -63,6 +63,7 @@ def record_attention(
     route: Union[str, Route] = "lean",
     outputs: Sequence[bool] = (),
     products: Sequence[Optional[nn.Module]] = (),
+    later: Sequence[bool] = (),
 ) -> Iterator[List[List[AttentionRecord]]]:
     """Record the attention each of ``modules`` computes in its forward.
 
@@ -77,18 +78,25 @@ def record_attention(
             (``ViTSpec.output_attentions``) and is recorded as it is.
         products: ``products[i]`` a module: module ``i``'s attention output ``O = A·V`` is
             the first input of that module (``ViTSpec.product_inputs``; lean route only).
+        later: ``later[i]`` true: module ``i`` is a later attention site of its block
+            (:meth:`~.routes.Route.later_recorder`).
     """
     chosen = get_route(route)
     records: List[List[AttentionRecord]] = [[] for _ in modules]
     as_output = list(outputs) + [False] * (len(modules) - len(outputs))
     at_input = list(products) + [None] * (len(modules) - len(products))
+    is_later = list(later) + [False] * (len(modules) - len(later))
     with mode_stack_guard(), ScopedHooks() as hooks:
-        for module, sink, output, product in zip(modules, records, as_output, at_input):
+        for module, sink, output, product, late in zip(
+            modules, records, as_output, at_input, is_later
+        ):
             if output:
                 hooks.forward(module, _keep_output(chosen, sink))
                 continue
             if product is not None:
                 recorder = chosen.hook_product(hooks, module, product, sink)
+            elif late:
+                recorder = chosen.later_recorder(sink)
             else:
                 recorder = chosen.recorder(sink)
             hooks.forward_pre(module, _enter(recorder))
@@ -192,7 +200,11 @@ def capture_blocks(
                 outputs.append(layer in spec.output_attentions)
                 products.append(spec.product_inputs.get(layer))
                 owners.append((slot, None))
-    with record_attention(modules, chosen, outputs, products) as records, ScopedHooks() as hooks:
+    later = [site is not None and site > 0 for _, site in owners]
+    with (
+        record_attention(modules, chosen, outputs, products, later) as records,
+        ScopedHooks() as hooks,
+    ):
         hooks.forward_pre(spec.root, root_pre_hook)
         hooked: Set[int] = set()
         for index, block in enumerate(spec.blocks):
