@@ -45,6 +45,14 @@ __all__ = ["LeGrad", "AttributeOptions"]
 MakeIndex = Callable[[torch.Size, torch.device], TargetIndex]
 
 
+def _pad_to(maps: Tensor, grid: Sequence[int]) -> Tensor:
+    """``(…, *own)`` maps padded with zeros at the end of each grid axis to ``grid``."""
+    pad: list = []
+    for axis in range(len(grid)):
+        pad = [0, int(grid[axis]) - maps.shape[maps.dim() - len(grid) + axis], *pad]
+    return torch.nn.functional.pad(maps, pad)
+
+
 def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
     """A chunk of an additional forward argument: tensors with the batch on dim 0 are cut."""
     if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch:
@@ -177,7 +185,7 @@ class LeGrad(GradientAttribution):
         if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4:
             check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
         else:
-            check_image(formatted[0], expected=self._format)
+            check_image(formatted[0], expected=self._format, axes=self.spec.input_axes)
         batch = formatted[0].shape[0]
         for extra in formatted[1:]:
             if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
@@ -250,10 +258,7 @@ class LeGrad(GradientAttribution):
             return maps, None
         sizes = [part.shape[0] for part in parts]
         layout = PatchLayout.concat(layouts, sizes)
-        g_h, g_w = layout.grid
-        parts = [
-            torch.nn.functional.pad(p, (0, g_w - p.shape[-1], 0, g_h - p.shape[-2])) for p in parts
-        ]
+        parts = [_pad_to(p, layout.grid) for p in parts]
         maps = torch.cat(parts).to(image.device)
         self._warn_if_zero(maps)
         return maps, layout
@@ -335,11 +340,15 @@ class LeGrad(GradientAttribution):
             interpolate_mode=options.interpolate_mode,
             normalize=options.normalize,
             per_target=per_target,
+            axes=self.spec.input_axes,
+            patch_stride=self.spec.patch_stride,
         )
         return maps, formatted
 
-    def _grid(self, image: Tensor) -> Tuple[int, int]:
-        return self.spec.grid_size(image.shape[-2], image.shape[-1]) if image.dim() == 4 else (0, 0)
+    def _grid(self, inputs: Tensor) -> Tuple[int, ...]:
+        """The patch grid of ``inputs`` (zeros for patch sequences, whose grid is per sample)."""
+        axes = self.spec.input_axes
+        return self.spec.input_grid(inputs) if inputs.dim() == axes.ndim else (0,) * len(axes.grid)
 
     # ------------------------------------------------------------------ public API
 

@@ -40,14 +40,66 @@ __all__ = [
     "GridRule",
     "LayoutRule",
     "ScoreRowRule",
+    "InputAxes",
+    "AttentionSite",
 ]
 
 #: Maps the residual stream ``Z`` of one layer, ``(B, N, D)`` batch-first, to
 #: scores ``(B, ...)`` (logits or similarities) whose columns ``target`` selects.
 Readout = Callable[[Tensor], Tensor]
 
-#: Maps the input's spatial size ``(H, W)`` to the patch grid ``(g_h, g_w)``.
-GridRule = Callable[[int, int], Tuple[int, int]]
+#: Maps the sizes of the input's grid axes (:attr:`InputAxes.grid`: ``(H, W)`` for images,
+#: ``(T, H, W)`` for video, ``(F, T)`` for spectrograms) to the patch grid.
+GridRule = Callable[..., Tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class InputAxes:
+    """Where the patch grid lies in the model's main input tensor.
+
+    Attributes:
+        grid: The input dimensions of the grid's axes, in the grid's (token) order: ``(2,
+            3)`` for images ``(B, C, H, W)``; ``(1, 3, 4)`` for HF video ``(B, T, C, H,
+            W)``; ``(2, 1)`` for an Audio Spectrogram Transformer's ``(B, time, mel)``
+            input, whose tokens run over frequency first.
+        channels: The channel dimension (repeated in ``output="input"``), or None.
+        name: What one input is, for messages (``"image"``, ``"video"``, ``"spectrogram"``).
+    """
+
+    grid: Tuple[int, ...] = (2, 3)
+    channels: Optional[int] = 1
+    name: str = "image"
+
+    def __post_init__(self) -> None:
+        dims = [*self.grid, *(() if self.channels is None else (self.channels,))]
+        if not self.grid or min(dims) < 1 or len(set(dims)) != len(dims):
+            raise ValueError(
+                f"InputAxes needs distinct input dimensions >= 1 (0 is the batch) for the grid "
+                f"{self.grid} and the channels {self.channels}."
+            )
+
+    @property
+    def ndim(self) -> int:
+        """The dimensions of one input batch."""
+        return 1 + len(self.grid) + (0 if self.channels is None else 1)
+
+    def sizes(self, inputs: Tensor) -> Tuple[int, ...]:
+        """The sizes of the grid axes of ``inputs``, in grid order."""
+        return tuple(int(inputs.shape[d]) for d in self.grid)
+
+    def shape(self) -> str:
+        """The expected layout, e.g. ``(B, C, H, W)``."""
+        names = {0: "B"}
+        letters = {2: ("H", "W"), 3: ("T", "H", "W")}.get(len(self.grid))
+        for i, d in enumerate(self.grid):
+            names[d] = letters[i] if letters else f"G{i}"
+        if self.channels is not None:
+            names[self.channels] = "C"
+        return "(" + ", ".join(names[d] for d in range(self.ndim)) + ")"
+
+
+#: Images ``(B, C, H, W)``.
+IMAGE_AXES = InputAxes()
 
 
 @dataclass(frozen=True)
@@ -103,20 +155,35 @@ class TokenInput:
         return args, {**kwargs, self.name: value}
 
 
+def _cells(grid: Sequence[int]) -> int:
+    total = 1
+    for size in grid:
+        total *= int(size)
+    return total
+
+
+def _shape(grid: Sequence[int]) -> str:
+    return "x".join(str(int(g)) for g in grid)
+
+
 @dataclass(frozen=True)
 class PatchLayout:
     """Where the patches are among an attention's keys, for one batch.
 
+    The grid may have any rank: ``(g_h, g_w)`` for images, ``(t, g_h, g_w)`` for video,
+    ``(f, t)`` for spectrograms, ``(n,)`` for a sequence.
+
     Attributes:
-        keys: Key positions of the patch tokens in row-major grid order: ``(n,)`` when every
-            sample has the same layout, or ``(B, n)`` per sample. With ``grids``, ``-1``
-            marks grid cells a sample does not have (its own grid is smaller than
-            ``grid``): padding keys never appear.
-        grid: The patch grid ``(g_h, g_w)``; ``keys`` holds ``g_h · g_w`` positions. With
-            ``grids``: the batch's padded grid, at least every sample's own grid.
-        grids: Optional per-sample grids ``(B, 2)`` (NaFlex: variable patch grids). Sample
-            ``b``'s patches fill the top-left ``grids[b]`` corner of ``grid``; the other
-            cells are ``-1`` in ``keys`` and zero in :meth:`gather`'s result.
+        keys: Positions of the patch tokens in row-major grid order: ``(n,)`` when every
+            sample has the same layout, or ``(B, n)`` per sample. A position indexes the
+            sample's attention values flattened over ``(rows, N_k)``: with ``rows = 1`` it
+            is the key. With ``grids``, ``-1`` marks grid cells a sample does not have (its
+            own grid is smaller than ``grid``): padding keys never appear.
+        grid: The patch grid; ``keys`` holds ``prod(grid)`` positions. With ``grids``: the
+            batch's padded grid, at least every sample's own grid.
+        grids: Optional per-sample grids ``(B, rank)`` (NaFlex: variable patch grids).
+            Sample ``b``'s patches fill the leading ``grids[b]`` corner of ``grid``; the
+            other cells are ``-1`` in ``keys`` and zero in :meth:`gather`'s result.
         scale: Optional per-sample factor ``(B,)`` that :meth:`gather` applies. With
             padded query rows (whose gradients are zero), the mean over all query rows is
             the mean over the sample's own rows times ``valid / N_q``; ``scale = N_q /
@@ -125,28 +192,39 @@ class PatchLayout:
         row_offset: For patch-sequence inputs (``ViTSpec.patch_inputs``): the key of input
             row 0, so row ``r`` is key ``row_offset + r`` (the prefix count for
             self-attention; 0 for an attention pool that sees only the patches).
+        rows: The attention's batch rows per sample: an attention computed separately per
+            frame or per spatial position (TimeSformer's divided attention) has ``B ·
+            rows`` rows, each sample's consecutive; ``keys`` then index the sample's
+            ``rows × N_k`` values. Default 1.
     """
 
     keys: Tensor
-    grid: Tuple[int, int]
+    grid: Tuple[int, ...]
     grids: Optional[Tensor] = None
     scale: Optional[Tensor] = None
     row_offset: int = 0
+    rows: int = 1
 
     def __post_init__(self) -> None:
-        g_h, g_w = self.grid
-        if self.keys.dim() not in (1, 2) or self.keys.shape[-1] != g_h * g_w:
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        n = _cells(self.grid)
+        if len(self.grid) == 0 or self.keys.dim() not in (1, 2) or self.keys.shape[-1] != n:
             raise ValueError(
-                f"PatchLayout.keys must be (n,) or (B, n) with n = {g_h}x{g_w} = {g_h * g_w} "
+                f"PatchLayout.keys must be (n,) or (B, n) with n = {_shape(self.grid)} = {n} "
                 f"positions, got shape {tuple(self.keys.shape)}."
             )
+        if self.rows < 1:
+            raise ValueError(f"PatchLayout.rows must be >= 1, got {self.rows}.")
         if self.grids is not None:
-            if self.keys.dim() != 2 or tuple(self.grids.shape) != (self.keys.shape[0], 2):
+            rank = len(self.grid)
+            if self.keys.dim() != 2 or tuple(self.grids.shape) != (self.keys.shape[0], rank):
                 raise ValueError(
-                    "PatchLayout.grids must be (B, 2), one grid per sample, with (B, n) keys; "
-                    f"got grids {tuple(self.grids.shape)} and keys {tuple(self.keys.shape)}."
+                    f"PatchLayout.grids must be (B, {rank}), one grid per sample, with (B, n) "
+                    f"keys; got grids {tuple(self.grids.shape)} and keys "
+                    f"{tuple(self.keys.shape)}."
                 )
-            if bool((self.grids[:, 0] > g_h).any()) or bool((self.grids[:, 1] > g_w).any()):
+            limit = torch.tensor(self.grid, dtype=self.grids.dtype)
+            if bool((self.grids.cpu() > limit).any()):
                 raise ValueError(
                     f"PatchLayout.grid {self.grid} must hold every per-sample grid; got "
                     f"{self.grids.tolist()}."
@@ -164,16 +242,18 @@ class PatchLayout:
         return int(self.keys.shape[0]) if self.keys.dim() == 2 else None
 
     def sample_grids(self, batch: int) -> Tensor:
-        """Each sample's own grid ``(batch, 2)`` (``grid`` for all without ``grids``)."""
+        """Each sample's own grid ``(batch, rank)`` (``grid`` for all without ``grids``)."""
         if self.grids is not None:
             return self.grids
-        return torch.tensor([self.grid], dtype=torch.long).expand(batch, 2)
+        return torch.tensor([self.grid], dtype=torch.long).expand(batch, len(self.grid))
 
     def gather(self, values: Tensor) -> Tensor:
-        """``(…, B, N_k)`` values over the keys → ``(…, B, g_h, g_w)`` over the patches.
+        """``(…, B·rows, N_k)`` values over the keys → ``(…, B, *grid)`` over the patches.
 
         Cells marked ``-1`` (outside a sample's own grid) are zero.
         """
+        if self.rows != 1:
+            values = values.unflatten(-2, (-1, self.rows)).flatten(-2)  # (…, B, rows·N_k)
         keys = self.keys.to(values.device)
         if keys.dim() == 1:
             patches = values.index_select(-1, keys)
@@ -186,27 +266,33 @@ class PatchLayout:
                 patches = patches * self.scale.to(patches).unsqueeze(-1)
         return patches.unflatten(-1, self.grid)
 
-    def padded(self, grid: Tuple[int, int]) -> PatchLayout:
+    def padded(self, grid: Sequence[int]) -> PatchLayout:
         """This layout per sample over the larger grid ``grid`` (new cells ``-1``)."""
-        g_h, g_w = self.grid
-        if grid[0] < g_h or grid[1] < g_w:
-            raise ValueError(f"Cannot pad the grid {self.grid} to the smaller {grid}.")
+        grid = tuple(int(g) for g in grid)
+        if len(grid) != len(self.grid) or any(a < b for a, b in zip(grid, self.grid)):
+            raise ValueError(f"Cannot pad the grid {self.grid} to {grid}.")
         batch = self.batch
         if batch is None:
             raise ValueError("padded() needs a per-sample layout ((B, n) keys).")
-        keys = self.keys.new_full((batch, grid[0], grid[1]), -1)
-        keys[:, :g_h, :g_w] = self.keys.view(batch, g_h, g_w)
+        keys = self.keys.new_full((batch, *grid), -1)
+        keys[(slice(None), *(slice(0, g) for g in self.grid))] = self.keys.view(batch, *self.grid)
         return PatchLayout(
-            keys.flatten(1), grid, self.sample_grids(batch), self.scale, self.row_offset
+            keys.flatten(1),
+            grid,
+            self.sample_grids(batch),
+            self.scale,
+            self.row_offset,
+            self.rows,
         )
 
     @staticmethod
     def concat(layouts: Sequence[PatchLayout], batches: Sequence[int]) -> PatchLayout:
         """One per-sample layout for consecutive chunks of ``batches[i]`` samples each.
 
-        Chunks may have different grids: all are padded to the largest.
+        Chunks may have different grids (of one rank): all are padded to the largest.
         """
-        grid = (max(lay.grid[0] for lay in layouts), max(lay.grid[1] for lay in layouts))
+        rank = len(layouts[0].grid)
+        grid = tuple(max(lay.grid[d] for lay in layouts) for d in range(rank))
         parts = []
         for layout, batch in zip(layouts, batches):
             keys = layout.keys if layout.keys.dim() == 2 else layout.keys.expand(batch, -1)
@@ -214,8 +300,9 @@ class PatchLayout:
             if scale is None:
                 scale = torch.ones(batch)
             per_sample = PatchLayout(
-                keys, layout.grid, layout.sample_grids(batch), scale, layout.row_offset
-            )
+                keys, layout.grid, layout.sample_grids(batch), scale, layout.row_offset,
+                layout.rows,
+            )  # fmt: skip
             parts.append(per_sample.padded(grid))
         return PatchLayout(
             torch.cat([p.keys.cpu() for p in parts]),
@@ -223,6 +310,7 @@ class PatchLayout:
             torch.cat([p.sample_grids(0).cpu() for p in parts]),
             torch.cat([p.scale.cpu() for p in parts if p.scale is not None]),
             layouts[0].row_offset,
+            layouts[0].rows,
         )
 
 
@@ -233,6 +321,23 @@ LayoutRule = Callable[[Tuple[Any, ...], int], PatchLayout]
 #: ``inputs → (B, C)`` long tensor: for each score column, the one query row of the
 #: attention it depends on (see :attr:`ViTSpec.score_rows`).
 ScoreRowRule = Callable[[Tuple[Any, ...]], Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One of several attention modules of a block whose maps make the block's map
+    (:attr:`ViTSpec.sites`; TimeSformer: the temporal and the spatial attention).
+
+    Attributes:
+        module: The module whose forward computes this attention (one call per forward).
+        layout: Where this attention's keys land on the patch grid, for a batch
+            (:data:`LayoutRule`; e.g. ``rows > 1`` for an attention computed per frame).
+        share: Its weight in the block's map: the block's ``E^l`` is ``Σ share · E``.
+    """
+
+    module: nn.Module
+    layout: LayoutRule
+    share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -248,9 +353,9 @@ class ViTSpec:
         blocks: The transformer blocks, in order. The output of block ``l`` (or its first
             element) is the residual stream ``Z^l``.
         attentions: For each block, the module whose forward computes that block's
-            attention probabilities ``A^l`` (B, heads, N, N). The module may use
-            ``F.scaled_dot_product_attention`` (LeGrad computes it explicitly during
-            the call) or an explicit ``softmax`` (recorded as is).
+            attention probabilities ``A^l`` (B, heads, N, N): with
+            ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` or an explicit
+            ``softmax`` (``captum_legrad.internals.attention_kind``).
         readout: ``pooling="mean"`` readout: ``Z`` (B, N, D) to scores, through the
             mean over all tokens, the final norm and the head. ``None`` with
             ``pool_attention``: an attention-pool readout has no mean-pooled variant, so
@@ -259,9 +364,11 @@ class ViTSpec:
             so that the last layer's score equals the model output.
         num_prefix_tokens: ``P``, the tokens before the patch tokens (CLS,
             distillation, registers).
-        patch_size: ``(p_h, p_w)`` in pixels.
-        grid: Rule giving the patch grid ``(g_h, g_w)`` for an input of size
-            ``(H, W)``; dynamic sizes and non-square grids are normal.
+        patch_size: The input cells one patch spans along each grid axis: ``(p_h, p_w)``
+            pixels for images, ``(tubelet, p_h, p_w)`` for video.
+        grid: Rule giving the patch grid for the sizes of the input's grid axes
+            (:attr:`input_axes`): ``grid(H, W) -> (g_h, g_w)`` for images; dynamic sizes
+            and non-square grids are normal.
         pool_attention: For attention-pool readouts (SigLIP's MAP head, CoCa): the
             pooler module. The differentiated attention at layer ``l`` is then the
             pooler's attention computed on ``Z^l`` inside the readout, not block
@@ -326,6 +433,18 @@ class ViTSpec:
             is then the same, and the lean route's backward through a block's
             :attr:`mlp_outputs` linear takes one row per sample. Default False (no
             assumption); it does not apply with ``pool_attention`` or ``readout_inputs``.
+        input_axes: Where the grid's axes and the channels are in the main input
+            (:class:`InputAxes`). Default: images ``(B, C, H, W)``.
+        patch_stride: The step between neighbouring patches along each grid axis, for
+            patch embeddings whose patches overlap (the Audio Spectrogram Transformer:
+            16×16 patches every 10 cells). ``output="map"`` / ``"input"`` then give each
+            input cell the mean of the maps of the patches covering it. Default None:
+            the patches tile the input (stride = ``patch_size``).
+        sites: Blocks with several attention modules whose maps make the block's map
+            (TimeSformer's divided space-time attention): block index → its
+            :class:`AttentionSite` s, each recorded on its own and laid out by its own
+            rule; the block's ``E^l`` is their share-weighted sum. ``attentions[l]`` of
+            such a block is not recorded. Default: none.
         mlp_outputs: Block index → the ``nn.Linear`` inside that block whose output reaches
             the block's output token-wise: the block computes ``x + t(W h + b)`` with that
             linear ``W h + b`` and ``t`` acting alike on every token (dropout in eval mode,
@@ -346,7 +465,7 @@ class ViTSpec:
     readout: Optional[Readout]
     model_readout: Readout
     num_prefix_tokens: int
-    patch_size: Tuple[int, int]
+    patch_size: Tuple[int, ...]
     grid: GridRule
     pool_attention: Optional[nn.Module] = None
     pool_query: Optional[int] = None
@@ -363,6 +482,9 @@ class ViTSpec:
     parallel_attentions: FrozenSet[int] = frozenset()
     product_inputs: Mapping[int, nn.Module] = field(default_factory=dict)
     mlp_outputs: Mapping[int, nn.Module] = field(default_factory=dict)
+    input_axes: InputAxes = IMAGE_AXES
+    patch_stride: Optional[Tuple[int, ...]] = None
+    sites: Mapping[int, Tuple[AttentionSite, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -382,10 +504,18 @@ class ViTSpec:
             raise ValueError(
                 f"ViTSpec.num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}."
             )
-        if len(self.patch_size) != 2 or min(self.patch_size) < 1:
+        rank = len(self.input_axes.grid)
+        if len(self.patch_size) != rank or min(self.patch_size) < 1:
             raise ValueError(
-                f"ViTSpec.patch_size must be (p_h, p_w) with positive sizes, got "
-                f"{self.patch_size!r}."
+                f"ViTSpec.patch_size must give a positive size for each of the {rank} grid "
+                f"axes ({self.input_axes.name}), got {self.patch_size!r}."
+            )
+        if self.patch_stride is not None and (
+            len(self.patch_stride) != rank or min(self.patch_stride) < 1
+        ):
+            raise ValueError(
+                f"ViTSpec.patch_stride must give a positive step for each of the {rank} grid "
+                f"axes, got {self.patch_stride!r}."
             )
         if self.pool_query is not None and self.pool_attention is None:
             raise ValueError(
@@ -418,6 +548,7 @@ class ViTSpec:
             ("parallel_attentions", self.parallel_attentions),
             ("product_inputs", self.product_inputs),
             ("mlp_outputs", self.mlp_outputs),
+            ("sites", self.sites),
         ):
             outside = sorted(i for i in indices if not 0 <= i < len(self.blocks))
             if outside:
@@ -436,6 +567,15 @@ class ViTSpec:
                 raise ValueError(
                     f"ViTSpec.mlp_outputs[{index}] must be an nn.Linear inside block {index}, "
                     f"got {type(linear).__name__}."
+                )
+        for index, sites in self.sites.items():
+            if not sites or not all(
+                isinstance(site, AttentionSite) and isinstance(site.module, nn.Module)
+                for site in sites
+            ):
+                raise ValueError(
+                    f"ViTSpec.sites[{index}] must be a non-empty tuple of AttentionSite s "
+                    "(module, layout rule, share)."
                 )
 
     @property
@@ -478,10 +618,14 @@ class ViTSpec:
             extra.append(value)
         return tuple(extra)
 
-    def grid_size(self, height: int, width: int) -> Tuple[int, int]:
-        """Patch grid ``(g_h, g_w)`` for an input of ``height`` × ``width`` pixels."""
-        g_h, g_w = self.grid(height, width)
-        return int(g_h), int(g_w)
+    def grid_size(self, *sizes: int) -> Tuple[int, ...]:
+        """The patch grid for an input whose grid axes have ``sizes`` (``height, width``
+        for images)."""
+        return tuple(int(g) for g in self.grid(*sizes))
+
+    def input_grid(self, inputs: Tensor) -> Tuple[int, ...]:
+        """The patch grid of the input batch ``inputs`` (:attr:`input_axes`)."""
+        return self.grid_size(*self.input_axes.sizes(inputs))
 
     def patch_layout(self, inputs: Tuple[Any, ...], n_keys: int) -> PatchLayout:
         """The patch keys among ``n_keys`` attention keys for a forward on ``inputs``.
@@ -492,16 +636,16 @@ class ViTSpec:
         """
         if self.layout is not None:
             return self.layout(inputs, n_keys)
-        image = inputs[0]
-        g_h, g_w = self.grid_size(image.shape[-2], image.shape[-1])
-        n_prefix = n_keys - g_h * g_w
+        grid = self.input_grid(inputs[0])
+        n = _cells(grid)
+        n_prefix = n_keys - n
         if n_prefix not in (0, self.num_prefix_tokens):
             raise CaptureError(
-                f"The attention has {n_keys} keys but the patch grid is {g_h}x{g_w} "
-                f"({g_h * g_w} patches) with {self.num_prefix_tokens} prefix tokens; check "
+                f"The attention has {n_keys} keys but the patch grid is {_shape(grid)} "
+                f"({n} patches) with {self.num_prefix_tokens} prefix tokens; check "
                 "the ViTSpec's grid rule and num_prefix_tokens."
             )
-        return PatchLayout(torch.arange(n_prefix, n_keys), (g_h, g_w))
+        return PatchLayout(torch.arange(n_prefix, n_keys), grid)
 
 
 @runtime_checkable

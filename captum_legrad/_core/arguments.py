@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..spec import IMAGE_AXES, InputAxes
+
 __all__ = [
     "resolve_layers",
     "resolve_layer",
@@ -98,12 +100,18 @@ def check_inputs_are_tensors(inputs: Any, method: str = "LeGrad") -> None:
 
 
 def check_image(
-    image: object, method: str = "LeGrad", expected: Optional[ImageFormat] = None
+    image: object,
+    method: str = "LeGrad",
+    expected: Optional[ImageFormat] = None,
+    axes: InputAxes = IMAGE_AXES,
 ) -> Tensor:
-    """A finite floating point image batch ``(B, C, H, W)`` in the format the model takes,
-    or a ``ValueError`` saying what was given, what the model expects and how to fix it."""
+    """A finite floating point input batch in the layout the model takes (``(B, C, H, W)``
+    for images, ``axes`` in general), or a ``ValueError`` saying what was given, what the
+    model expects and how to fix it."""
     if not isinstance(image, Tensor):
         raise ValueError(f"inputs must be tensors, got {type(image).__name__}.")
+    if axes != IMAGE_AXES:
+        return _check_input(image, method, axes)
     expected = expected or ImageFormat()
     channels = expected.channels
     if image.dim() == 3 and (channels is None or image.shape[0] == channels):
@@ -141,6 +149,26 @@ def check_image(
     if not _finite(image):
         raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite images.")
     return image
+
+
+def _check_input(inputs: Tensor, method: str, axes: InputAxes) -> Tensor:
+    """The checks of :func:`check_image` for a video or spectrogram batch."""
+    if inputs.dim() != axes.ndim:
+        hint = ""
+        if inputs.dim() == axes.ndim - 1:
+            hint = ": for one input, add the batch dimension with x.unsqueeze(0)"
+        raise ValueError(
+            f"{method} explains {axes.name} batches {axes.shape()} for this model, got shape "
+            f"{tuple(inputs.shape)}{hint}."
+        )
+    if not inputs.is_floating_point():
+        raise ValueError(
+            f"inputs must be floating point, got dtype {inputs.dtype}; convert with x.float() "
+            f"(and prepare the {axes.name} as the model's processor does)."
+        )
+    if not _finite(inputs):
+        raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite inputs.")
+    return inputs
 
 
 def dtype_mismatch(

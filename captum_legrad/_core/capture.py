@@ -63,6 +63,7 @@ def record_attention(
     route: Union[str, Route] = "lean",
     outputs: Sequence[bool] = (),
     products: Sequence[Optional[nn.Module]] = (),
+    later: Sequence[bool] = (),
 ) -> Iterator[List[List[AttentionRecord]]]:
     """Record the attention each of ``modules`` computes in its forward.
 
@@ -77,18 +78,25 @@ def record_attention(
             (``ViTSpec.output_attentions``) and is recorded as it is.
         products: ``products[i]`` a module: module ``i``'s attention output ``O = A·V`` is
             the first input of that module (``ViTSpec.product_inputs``; lean route only).
+        later: ``later[i]`` true: module ``i`` is a later attention site of its block
+            (:meth:`~.routes.Route.later_recorder`).
     """
     chosen = get_route(route)
     records: List[List[AttentionRecord]] = [[] for _ in modules]
     as_output = list(outputs) + [False] * (len(modules) - len(outputs))
     at_input = list(products) + [None] * (len(modules) - len(products))
+    is_later = list(later) + [False] * (len(modules) - len(later))
     with mode_stack_guard(), ScopedHooks() as hooks:
-        for module, sink, output, product in zip(modules, records, as_output, at_input):
+        for module, sink, output, product, late in zip(
+            modules, records, as_output, at_input, is_later
+        ):
             if output:
                 hooks.forward(module, _keep_output(chosen, sink))
                 continue
             if product is not None:
                 recorder = chosen.hook_product(hooks, module, product, sink)
+            elif late:
+                recorder = chosen.later_recorder(sink)
             else:
                 recorder = chosen.recorder(sink)
             hooks.forward_pre(module, _enter(recorder))
@@ -103,10 +111,13 @@ class Captured:
     ``tokens[i]`` is ``Z`` of the i-th selected block (batch-first); with
     ``differentiable=True`` it is on the autograd graph back to that block's own
     attention records ``attentions[i]`` (and to nothing earlier: block inputs are cut).
+    A block with :attr:`~captum_legrad.spec.ViTSpec.sites` has its records in
+    ``sites[i]`` instead, one list per site.
     """
 
     tokens: List[Tensor] = field(default_factory=list)
     attentions: List[List[AttentionRecord]] = field(default_factory=list)
+    sites: Dict[int, List[List[AttentionRecord]]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -161,7 +172,10 @@ def capture_blocks(
             captured.tokens[slot] = tokens if differentiable else tokens.detach()
             seen[slot] = True
             if differentiable:
-                chosen.block_done(captured.attentions[slot], tokens)
+                records = list(captured.attentions[slot])
+                for site in captured.sites.get(slot, []):
+                    records += site
+                chosen.block_done(records, tokens)
 
         return hook
 
@@ -171,12 +185,26 @@ def capture_blocks(
     modules: List[nn.Module] = []
     outputs: List[bool] = []
     products: List[Optional[nn.Module]] = []
+    owners: List[Tuple[int, Optional[int]]] = []  # (slot, site) of each recorded module
     if differentiable:
         chosen.refuse(spec)
-        modules = [spec.attentions[layer] for layer in layers]
-        outputs = [layer in spec.output_attentions for layer in layers]
-        products = [spec.product_inputs.get(layer) for layer in layers]
-    with record_attention(modules, chosen, outputs, products) as records, ScopedHooks() as hooks:
+        for slot, layer in enumerate(layers):
+            sites = spec.sites.get(layer, ())
+            for index, site in enumerate(sites):
+                modules.append(site.module)
+                outputs.append(False)
+                products.append(None)
+                owners.append((slot, index))
+            if not sites:
+                modules.append(spec.attentions[layer])
+                outputs.append(layer in spec.output_attentions)
+                products.append(spec.product_inputs.get(layer))
+                owners.append((slot, None))
+    later = [site is not None and site > 0 for _, site in owners]
+    with (
+        record_attention(modules, chosen, outputs, products, later) as records,
+        ScopedHooks() as hooks,
+    ):
         hooks.forward_pre(spec.root, root_pre_hook)
         hooked: Set[int] = set()
         for index, block in enumerate(spec.blocks):
@@ -187,7 +215,12 @@ def capture_blocks(
                     mlp = spec.mlp_output(index) if token_mean_readout else None
                     chosen.hook_block(hooks, block, mlp, token_dim, hooked)
             hooks.forward(block, block_post_hook)
-        captured.attentions = records
+        captured.attentions = [[] for _ in layers]
+        for (slot, site_index), sink in zip(owners, records):
+            if site_index is None:
+                captured.attentions[slot] = sink
+            else:
+                captured.sites.setdefault(slot, []).append(sink)
         yield captured
     missing = [layers[slot] for slot, ok in enumerate(seen) if not ok]
     if missing:

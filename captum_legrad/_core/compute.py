@@ -19,7 +19,7 @@ depends on the route.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -37,17 +37,20 @@ __all__ = ["Part", "ForwardResult", "run_forward", "layer_maps"]
 
 @dataclass(frozen=True)
 class Part:
-    """One differentiated attention record and the layer it belongs to.
+    """One differentiated attention record, where its keys land, and its layer.
 
     Attributes:
         record: The record.
+        layout: Where its patch keys are (:class:`~captum_legrad.spec.PatchLayout`).
         layer: The slot (among the selected layers) whose map it adds to, or ``None`` for
             an attention-pool record, whose batch holds every layer (``L·B`` rows).
         share: Its weight in that layer's map: its share of the layer's heads (head groups,
-            :mod:`.groups`), ``1.0`` for a layer's only attention call.
+            :mod:`.groups`), a site's share (:attr:`~captum_legrad.spec.ViTSpec.sites`),
+            ``1.0`` for a layer's only attention call.
     """
 
     record: AttentionRecord
+    layout: PatchLayout
     layer: Optional[int] = None
     share: float = 1.0
 
@@ -59,22 +62,20 @@ class ForwardResult:
     Attributes:
         scores: Per-layer scores ``(L, B, ...)``; targets index ``scores[l]`` as Captum
             indexes a model output.
-        parts: The differentiated attention records.
-        layouts: Per layer, where its attention's patch keys are (layers may differ in
-            their keys: ConViT, CaiT add the class token after the first blocks).
+        parts: The differentiated attention records, each with its layout (layers may
+            differ in their keys: ConViT, CaiT add the class token after the first blocks).
         score_rows: ``(B, C)``: the one query row each score column depends on, or None
             (:attr:`~captum_legrad.spec.ViTSpec.score_rows`).
     """
 
     scores: Tensor
     parts: Tuple[Part, ...]
-    layouts: Tuple[PatchLayout, ...]
     score_rows: Optional[Tensor] = None
 
     @property
     def layout(self) -> PatchLayout:
         """Where the patches are for this batch (its per-sample grids, if any)."""
-        return self.layouts[0]
+        return self.parts[0].layout
 
     @property
     def output_shape(self) -> torch.Size:
@@ -104,6 +105,7 @@ def _pooled_scores(
     route: Route,
     readout: Callable[..., Tensor],
     extra: Tuple[Any, ...],
+    arguments: Tuple[Any, ...],
 ) -> Tuple[Tensor, Tuple[Part, ...]]:
     """An attention-pool readout (SigLIP's MAP, CoCa): every layer's tokens through the
     pooler at once, whose attention (batch ``L·B``) is the one differentiated record."""
@@ -114,7 +116,7 @@ def _pooled_scores(
         scores = readout(tokens, *extra)
     prune_direct(records[0], [scores])
     record = _single_record(records[0], type(spec.pool_attention).__name__)
-    return scores, (Part(record),)
+    return scores, (Part(record, spec.patch_layout(arguments, record.num_keys)),)
 
 
 def _token_mean_scores(captured: Captured, readout: Callable[..., Tensor]) -> Tensor:
@@ -137,17 +139,39 @@ def _layer_scores(
 
 
 def _layer_parts(
-    spec: ViTSpec, layers: Sequence[int], captured: Captured, batch: int
+    spec: ViTSpec,
+    layers: Sequence[int],
+    captured: Captured,
+    batch: int,
+    arguments: Tuple[Any, ...],
 ) -> Tuple[Part, ...]:
-    """Each selected layer's records: one, or the head groups of parallel attentions."""
+    """Each selected layer's records with their layouts: one, the head groups of parallel
+    attentions, or one per site."""
+    layouts: Dict[int, PatchLayout] = {}
+
+    def layout(record: AttentionRecord) -> PatchLayout:
+        n_keys = record.num_keys
+        if n_keys not in layouts:
+            layouts[n_keys] = spec.patch_layout(arguments, n_keys)
+        return layouts[n_keys]
+
     parts: List[Part] = []
     for slot, (layer, calls) in enumerate(zip(layers, captured.attentions)):
+        sites = spec.sites.get(layer)
+        if sites:
+            for site, site_calls in zip(sites, captured.sites[slot]):
+                where = f"block {layer} ({type(site.module).__name__})"
+                record = _single_record(site_calls, where)
+                site_layout = site.layout(arguments, record.num_keys)
+                parts.append(Part(record, site_layout, slot, site.share))
+            continue
         where = f"block {layer} ({type(spec.attentions[layer]).__name__})"
         if layer in spec.parallel_attentions:
             groups, shares = head_groups(calls, batch, where)
-            parts += [Part(r, slot, share) for r, share in zip(groups, shares)]
+            parts += [Part(r, layout(r), slot, share) for r, share in zip(groups, shares)]
         else:
-            parts.append(Part(_single_record(calls, where), slot))
+            record = _single_record(calls, where)
+            parts.append(Part(record, layout(record), slot))
     return tuple(parts)
 
 
@@ -182,7 +206,7 @@ def run_forward(
     with torch.enable_grad():
         if pooled:
             extra = spec.extra_readout_inputs(arguments, n_layers * batch)
-            scores, parts = _pooled_scores(spec, captured, chosen, readout, extra)
+            scores, parts = _pooled_scores(spec, captured, chosen, readout, extra, arguments)
         else:
             if token_mean:
                 scores = _token_mean_scores(captured, readout)
@@ -190,19 +214,10 @@ def run_forward(
                 scores = _layer_scores(
                     captured, readout, spec.extra_readout_inputs(arguments, batch)
                 )
-            parts = _layer_parts(spec, layers, captured, batch)
+            parts = _layer_parts(spec, layers, captured, batch, arguments)
         scores = scores.reshape(n_layers, batch, *scores.shape[1:])
-    if pooled:
-        layouts = (spec.patch_layout(arguments, parts[0].record.num_keys),) * n_layers
-    else:
-        keys = [0] * n_layers
-        for part in parts:
-            assert part.layer is not None
-            keys[part.layer] = part.record.num_keys
-        by_keys = {n: spec.patch_layout(arguments, n) for n in set(keys)}
-        layouts = tuple(by_keys[n] for n in keys)
     rows = None if spec.score_rows is None or pooled else spec.score_rows(inputs)
-    return ForwardResult(scores, parts, layouts, rows)
+    return ForwardResult(scores, parts, rows)
 
 
 # ---------------------------------------------------------------------- the backward
@@ -217,16 +232,20 @@ def _select(scores: Tensor, index: TargetIndex) -> Tensor:
 
 
 def _per_layer(reduced: List[Tensor], result: ForwardResult) -> List[Tensor]:
-    """Each part's ``(k, rows, N_k)`` → per layer ``(k, B, N_k)``: an attention-pool record
-    split into its layers, head groups summed with their shares."""
+    """Each part's ``(k, rows, N_k)`` → per layer ``(k, B, *grid)``: laid out by the part's
+    layout, an attention-pool record split into its layers, several parts of one layer
+    (head groups, sites) summed with their shares."""
     n_layers = result.scores.shape[0]
-    if result.parts[0].layer is None:  # an attention pool: (k, L·B, N_k)
+    first = result.parts[0]
+    if first.layer is None:  # an attention pool: (k, L·B, N_k)
         k = reduced[0].shape[0]
-        return list(reduced[0].view(k, n_layers, -1, reduced[0].shape[-1]).unbind(1))
+        per_layer = reduced[0].view(k, n_layers, -1, reduced[0].shape[-1]).unbind(1)
+        return [first.layout.gather(values) for values in per_layer]
     layers: List[Optional[Tensor]] = [None] * n_layers
     for part, values in zip(result.parts, reduced):
         assert part.layer is not None
-        weighted = values if part.share == 1.0 else values * part.share
+        cells = part.layout.gather(values)
+        weighted = cells if part.share == 1.0 else cells * part.share
         current = layers[part.layer]
         layers[part.layer] = weighted if current is None else current + weighted
     out = [layer for layer in layers if layer is not None]
@@ -240,7 +259,6 @@ def _target_keys(
     """One backward for the ``k`` targets in ``selected`` (L, B, k) → per layer ``(k, B, N_k)``."""
     n_layers, batch, k = selected.shape
     pooled = result.parts[0].layer is None
-    rows = n_layers * batch if pooled else batch
     records = [part.record for part in result.parts]
     # Eager attention whose probabilities something else used too: their direct gradient.
     direct = [(i, r.direct) for i, r in enumerate(records) if r.direct is not None]
@@ -264,8 +282,14 @@ def _target_keys(
     for (i, _), g in zip(direct, grads[len(records) :]):
         extras[i] = g
     reduced = [
-        r.reduce(g, rows=rows, batched=k > 1, query=query, direct=e)
-        for r, g, e in zip(records, grads, extras)
+        part.record.reduce(
+            g,
+            rows=(n_layers if pooled else 1) * batch * part.layout.rows,
+            batched=k > 1,
+            query=query,
+            direct=e,
+        )
+        for part, g, e in zip(result.parts, grads, extras)
     ]
     return _per_layer(reduced, result)
 
@@ -275,7 +299,9 @@ def _distinct_rows(result: ForwardResult, index: TargetIndex) -> Optional[Tensor
     if result.score_rows is None or len(index) != 1:
         return None
     if len({part.layer for part in result.parts}) != len(result.parts):
-        return None  # head groups: the general path
+        return None  # head groups, sites: the general path
+    if any(part.layout.rows != 1 for part in result.parts):
+        return None
     if any(part.record.direct is not None for part in result.parts):
         return None  # eager probabilities used besides their product with V: general path
     rows = result.score_rows.to(index[0].device).gather(1, index[0])
@@ -287,7 +313,7 @@ def _distinct_rows(result: ForwardResult, index: TargetIndex) -> Optional[Tensor
 
 def _row_keys(selected: Tensor, result: ForwardResult, rows: Tensor) -> List[Tensor]:
     """All targets on distinct query ``rows`` (B, K) from one backward → per layer
-    ``(K, B, N_k)``.
+    ``(K, B, *grid)``.
 
     Target ``k`` depends on ``A^l`` only through row ``rows[:, k]``, so the gradient of the
     summed targets holds each target's own gradient in its row (zeros elsewhere)
@@ -309,14 +335,14 @@ def layer_maps(
 
     ``target_chunk`` bounds the targets differentiated in one (batched) backward; the
     graph of the forward is reused across chunks, so results do not depend on it. The
-    patch keys are taken from ``result.layouts`` (prefix and padding keys dropped). With
+    patch keys are taken from each part's layout (prefix and padding keys dropped). With
     ``result.score_rows``, targets on distinct query rows share one backward.
     """
     with torch.enable_grad():
         selected = _select(result.scores, index)  # (L, B, K)
     rows = _distinct_rows(result, index) if spec.pool_query is None else None
     if rows is not None:
-        per_layer = _row_keys(selected, result, rows)  # per layer (K, B, N_k)
+        per_layer = _row_keys(selected, result, rows)  # per layer (K, B, *grid)
     else:
         k = selected.shape[-1]
         step = k if target_chunk is None else max(1, int(target_chunk))
@@ -324,9 +350,7 @@ def layer_maps(
             chunks = [
                 _target_keys(selected[..., i : i + step], result, spec.pool_query, i + step < k)
                 for i in range(0, k, step)
-            ]  # per chunk, per layer (k, B, N_k)
+            ]  # per chunk, per layer (k, B, *grid)
         per_layer = [torch.cat(layer) for layer in zip(*chunks)]
-    maps = torch.stack(
-        [layout.gather(keys) for layout, keys in zip(result.layouts, per_layer)], dim=1
-    )  # (K, L, B, *grid)
+    maps = torch.stack(per_layer, dim=1)  # (K, L, B, *grid)
     return maps.movedim(2, 0).detach()

@@ -1,14 +1,19 @@
 """From grid maps to what a caller asked for: aggregation, upsampling, normalisation and
 the output forms, written once for LeGrad and the baselines.
 
-The computation (:mod:`.compute`) gives maps on the patch grid, ``(B, K, g_h, g_w)`` per
-target (or per layer). :func:`finish` turns them into the requested ``output``:
+The computation (:mod:`.compute`) gives maps on the patch grid, ``(B, K, *grid)`` per
+target (or per layer); the grid has the rank of the input's grid axes (``(g_h, g_w)`` for
+images, ``(t, g_h, g_w)`` for video, ``(f, t)`` for spectrograms,
+:class:`~captum_legrad.spec.InputAxes`). :func:`finish` turns them into the requested
+``output``:
 
 * ``"grid"``: the patch grid itself;
-* ``"map"``: upsampled to the input's size ``(B, K, H, W)``;
+* ``"map"``: upsampled to the sizes of the input's grid axes, in grid order (``(B, K, H,
+  W)`` for images, ``(B, K, T, H, W)`` for video); patches that overlap (a stride below
+  the patch size) give each input cell the mean of the patches covering it;
 * ``"input"``: the input's own shape, the map repeated over its channels (``(B, C, H,
-  W)`` for one target, ``(B, K, C, H, W)`` for several), or for patch-sequence inputs
-  (NaFlex) the sequence's form ``(B, N, p·p·C)``.
+  W)`` for one target, ``(B, K, C, H, W)`` for several; ``(B, T, C, H, W)`` for HF video),
+  or for patch-sequence inputs (NaFlex) the sequence's form ``(B, N, p·p·C)``.
 
 With per-sample grids (a :class:`~captum_legrad.spec.PatchLayout` with ``grids``) every
 sample is upsampled to its own size ``grid · patch_size`` and normalised over its own
@@ -17,17 +22,18 @@ pixels; the batch is padded to its largest size with zeros (``docs/design.md``).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..spec import PatchLayout
+from ..spec import IMAGE_AXES, InputAxes, PatchLayout
 
 __all__ = [
     "aggregate_layers",
     "upsample",
+    "overlap_mean",
     "upsample_each",
     "minmax_normalize",
     "grid_mask",
@@ -39,31 +45,71 @@ __all__ = [
 
 
 def aggregate_layers(maps: Tensor) -> Tensor:
-    """Sum per-layer maps ``(B, K, L, g_h, g_w)`` over layers (``docs/method.md``, step 5)."""
+    """Sum per-layer maps ``(B, K, L, *grid)`` over layers (``docs/method.md``, step 5)."""
     return maps.sum(dim=2)
 
 
-def upsample(maps: Tensor, size: Tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """Resize ``(B, K, g_h, g_w)`` maps to ``size`` (``align_corners=False`` for linear modes)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
+#: ``interpolate_mode`` → the ``F.interpolate`` mode for grids of rank 1, 2, 3.
+_MODES = {"bilinear": ("linear", "bilinear", "trilinear"), "bicubic": (None, "bicubic", None)}
+
+
+def upsample(maps: Tensor, size: Sequence[int], mode: str = "bilinear") -> Tensor:
+    """Resize ``(B, K, *grid)`` maps to ``size`` (``align_corners=False`` for linear modes).
+
+    ``mode`` is named as for images; on a grid of rank 1 or 3 ``"bilinear"`` is linear or
+    trilinear interpolation, and ``"bicubic"`` (defined on 2-D grids only) is refused.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[2:]) == size:
         return maps
-    align: Optional[bool] = False if mode in ("bilinear", "bicubic", "linear") else None
+    rank = len(size)
+    if mode in _MODES:
+        resolved = _MODES[mode][rank - 1] if rank <= 3 else None
+        if resolved is None:
+            raise ValueError(f"interpolate_mode={mode!r} has no {rank}-D form; use 'bilinear'.")
+        mode = resolved
+    align: Optional[bool] = (
+        False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
+    )
     return F.interpolate(maps, size=size, mode=mode, align_corners=align)
 
 
-def minmax_normalize(maps: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """``(E - min) / (max - min)`` over the last two dims; all zeros where ``max == min``.
+def overlap_mean(
+    maps: Tensor, size: Sequence[int], patch: Sequence[int], stride: Sequence[int]
+) -> Tensor:
+    """Maps on a grid of overlapping patches ``(B, K, *grid)`` → the input's cells ``(B, K,
+    *size)``: each cell the mean of the patches covering it; cells no patch covers are 0.
+
+    Patch ``i`` covers cells ``[i·stride, i·stride + patch)`` along each axis.
+    """
+    rank = len(size)
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
+    batch, k, *grid = maps.shape
+    flat = maps.reshape(batch * k, 1, *grid).float()
+    kernel = flat.new_ones((1, 1, *patch))
+    total = conv(flat, kernel, stride=tuple(stride))
+    count = conv(torch.ones_like(flat[:1]), kernel, stride=tuple(stride))
+    mean = total / count.clamp(min=1)
+    out = mean.new_zeros((batch * k, 1, *size))
+    region = tuple(slice(0, min(a, b)) for a, b in zip(mean.shape[2:], size))
+    out[(slice(None), slice(None), *region)] = mean[(slice(None), slice(None), *region)]
+    return out.view(batch, k, *size).to(maps.dtype)
+
+
+def minmax_normalize(maps: Tensor, valid: Optional[Tensor] = None, dims: int = 2) -> Tensor:
+    """``(E - min) / (max - min)`` over the last ``dims`` dims (the grid's axes: 2 for
+    images, 3 for video, all frames together); all zeros where ``max == min``.
 
     No epsilon: maps of random or LayerScale models can be 1e-7 in scale. ``valid``
-    (broadcastable to ``maps``, boolean): only these pixels count for min and max, the
+    (broadcastable to ``maps``, boolean): only these cells count for min and max, the
     others are zero in the result (per-sample sizes padded to the batch's largest).
     """
-    flat = maps.flatten(start_dim=-2)
+    flat = maps.flatten(start_dim=-dims)
     if valid is None:
         low = flat.min(dim=-1, keepdim=True).values
         high = flat.max(dim=-1, keepdim=True).values
     else:
-        keep = valid.expand_as(maps).flatten(start_dim=-2)
+        keep = valid.expand_as(maps).flatten(start_dim=-dims)
         low = flat.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
         high = flat.masked_fill(~keep, float("-inf")).max(dim=-1, keepdim=True).values
         low = torch.where(keep.any(dim=-1, keepdim=True), low, torch.zeros_like(low))
@@ -130,12 +176,18 @@ def patch_rows(
     return out
 
 
-def grid_mask(grids: Tensor, grid: Tuple[int, int], device: torch.device) -> Tensor:
-    """Boolean ``(B, 1, g_h, g_w)``: the cells of each sample's own grid ``grids[b]``."""
-    rows = torch.arange(grid[0], device=device).view(1, -1, 1)
-    cols = torch.arange(grid[1], device=device).view(1, 1, -1)
+def grid_mask(grids: Tensor, grid: Sequence[int], device: torch.device) -> Tensor:
+    """Boolean ``(B, 1, *grid)``: the cells of each sample's own grid ``grids[b]``."""
     g = grids.to(device)
-    return ((rows < g[:, 0].view(-1, 1, 1)) & (cols < g[:, 1].view(-1, 1, 1))).unsqueeze(1)
+    rank = len(grid)
+    mask = torch.ones((g.shape[0], *grid), dtype=torch.bool, device=device)
+    for axis, size in enumerate(grid):
+        shape = [1] * (rank + 1)
+        shape[axis + 1] = int(size)
+        index = torch.arange(int(size), device=device).view(shape)
+        limit = g[:, axis].view(-1, *([1] * rank))
+        mask = mask & (index < limit)
+    return mask.unsqueeze(1)
 
 
 def empty_prompt_correction(
@@ -150,12 +202,27 @@ def empty_prompt_correction(
     return maps.masked_fill(minmax_normalize(empty, valid) > threshold, 0.0)
 
 
-def empty_maps(image: Tensor, k: int, grid: Tuple[int, int], *more: int) -> Tensor:
-    """Maps for an empty batch: ``(0, k, *more, g_h, g_w)``, no grid for patch sequences
-    (whose grid comes from the samples)."""
-    if image.dim() != 4:
-        grid = (0, 0)
-    return image.new_zeros((0, k, *more, *grid))
+def empty_maps(inputs: Tensor, k: int, grid: Sequence[int], *more: int) -> Tensor:
+    """Maps for an empty batch: ``(0, k, *more, *grid)`` (zeros for the grid of patch
+    sequences, whose grid comes from the samples)."""
+    return inputs.new_zeros((0, k, *more, *grid))
+
+
+def _as_input(maps: Tensor, inputs: Tensor, axes: InputAxes, per_target: bool) -> Tensor:
+    """``(B, K, *sizes)`` maps in grid order → the input's layout ``(B, K, *inputs.shape[1:])``
+    (grid axes in the input's order, the map repeated over the channels), or ``(B,
+    *inputs.shape[1:])`` for one target."""
+    rank = len(axes.grid)
+    order = sorted(range(rank), key=lambda i: axes.grid[i])
+    maps = maps.permute(0, 1, *(2 + i for i in order))
+    if axes.channels is not None:
+        position = 2 + sum(1 for d in axes.grid if d < axes.channels)
+        channels = int(inputs.shape[axes.channels])
+        maps = maps.unsqueeze(position)
+        repeats = [1] * maps.dim()
+        repeats[position] = channels
+        maps = maps.repeat(*repeats)
+    return maps if per_target else maps[:, 0]
 
 
 def finish(
@@ -164,43 +231,53 @@ def finish(
     image: Tensor,
     *,
     output: str,
-    patch_size: Tuple[int, int],
+    patch_size: Sequence[int],
     interpolate_mode: str = "bilinear",
     normalize: bool = True,
     per_target: bool = False,
+    axes: InputAxes = IMAGE_AXES,
+    patch_stride: Optional[Sequence[int]] = None,
 ) -> Tensor:
-    """Grid maps ``(B, K, g_h, g_w)`` → the ``output`` form (see the module doc).
+    """Grid maps ``(B, K, *grid)`` → the ``output`` form (see the module doc).
 
     Args:
         maps: The layer-summed maps on the patch grid.
         layout: The batch's layout with per-sample grids, or None for one grid.
         image: The input batch (its size, channels and dtype shape the result).
         output: ``"input"``, ``"map"`` or ``"grid"``.
-        patch_size: ``(p_h, p_w)`` (per-sample sizes and patch rows).
+        patch_size: The patch size along each grid axis (per-sample sizes, patch rows,
+            overlapping patches).
         interpolate_mode: The upsampling mode.
-        normalize: Min-max normalise each (sample, target) map.
+        normalize: Min-max normalise each (sample, target) map over all its cells.
         per_target: Keep the target dimension with ``output="input"`` (``(B, K, C, H,
             W)``, ``attribute_multi``); otherwise the one target's map fills ``(B, C, H, W)``.
+        axes: Where the grid and the channels are in ``image``.
+        patch_stride: The step between patches where they overlap (None: they tile).
     """
+    rank = len(axes.grid)
     if layout is None or layout.grids is None:
         if output != "grid":
-            maps = upsample(maps, (image.shape[-2], image.shape[-1]), interpolate_mode)
+            sizes = axes.sizes(image)
+            if patch_stride is not None and tuple(patch_stride) != tuple(patch_size):
+                maps = overlap_mean(maps, sizes, patch_size, patch_stride)
+            else:
+                maps = upsample(maps, sizes, interpolate_mode)
         if normalize:
-            maps = minmax_normalize(maps)
-    else:
+            maps = minmax_normalize(maps, dims=rank)
+    else:  # per-sample grids of 2-D patch inputs (NaFlex)
         if output == "grid":
             valid = grid_mask(layout.grids, layout.grid, maps.device)
         else:
-            maps, valid = upsample_each(maps, layout.grids, patch_size, interpolate_mode)
+            p_h, p_w = patch_size
+            maps, valid = upsample_each(maps, layout.grids, (p_h, p_w), interpolate_mode)
         if normalize:
             maps = minmax_normalize(maps, valid)
     maps = maps.to(image.dtype)
     if output != "input":
         return maps
-    if image.dim() == 3:  # a patch sequence: the map in the sequence's own form
+    if image.dim() != axes.ndim:  # a patch sequence: the map in the sequence's own form
         assert layout is not None
-        rows = patch_rows(maps, layout, image, patch_size)
+        p_h, p_w = patch_size
+        rows = patch_rows(maps, layout, image, (p_h, p_w))
         return rows if per_target else rows[:, 0]
-    if per_target:
-        return maps.unsqueeze(2).repeat(1, 1, image.shape[1], 1, 1)
-    return maps.repeat(1, image.shape[1], 1, 1)
+    return _as_input(maps, image, axes, per_target)

@@ -51,6 +51,14 @@ class Route:
         """The mode recording an attention module's calls into ``sink``."""
         raise NotImplementedError
 
+    def later_recorder(self, sink: List[AttentionRecord]) -> TorchFunctionMode:
+        """The mode for a block's second and later attention sites
+        (:attr:`~captum_legrad.spec.ViTSpec.sites`): their inputs depend on the earlier
+        sites' records, so the graph must run through them. The probabilities are computed
+        explicitly (:class:`ExplicitRecorder`) and differentiated where they are, so the
+        earlier sites' gradients include every path through the later ones."""
+        return ExplicitRecorder(sink)
+
     def output_record(self, output: Tensor) -> Tuple[AttentionRecord, Tensor]:
         """A module whose *output* is the attention (``ViTSpec.output_attentions``): its
         record, and what the rest of the block computes from."""

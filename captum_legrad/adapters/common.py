@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 from torch import nn
-
-from ..spec import GridRule
 
 __all__ = ["pair", "floor_grid", "mlp_outputs"]
 
@@ -18,7 +16,7 @@ def pair(value: Any) -> Tuple[int, int]:
     return int(value), int(value)
 
 
-def floor_grid(patch: Tuple[int, int]) -> GridRule:
+def floor_grid(patch: Tuple[int, int]) -> Callable[[int, int], Tuple[int, int]]:
     """The grid rule of a patch embedding without padding: ``(H // p_h, W // p_w)``."""
 
     def grid(height: int, width: int) -> Tuple[int, int]:
