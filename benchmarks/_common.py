@@ -22,6 +22,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "RESULT "
 
 
+def explainable(model: Any, x: Any, spec: Any = None) -> Any:
+    """What a sweep explains of ``model``: the model itself, or for a feature model (which
+    ``LeGrad(model)`` refuses) ``FeatureDirection`` with identity rows, the embedding's
+    dimensions as targets. (Imports captum_legrad only when called.)"""
+    import torch
+
+    from captum_legrad import FeatureDirection, discover
+
+    spec = discover(model) if spec is None else spec
+    if not spec.scores_are_features:
+        return model
+    with torch.no_grad():
+        dim = FeatureDirection(model, torch.eye(1), spec=spec).embed(x).shape[-1]
+    return FeatureDirection(model, torch.eye(dim), spec=spec)
+
+
 def ensure_repo_on_path() -> None:
     """Import ``captum_legrad`` from this checkout, also in the reference venv."""
     root = str(REPO_ROOT)

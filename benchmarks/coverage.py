@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import explainable  # noqa: E402  (the benchmarks folder is not a package)
+
 from captum_legrad import LeGrad, UnsupportedModelError, discover  # noqa: E402
 
 #: (library, family/module, model, status, detail)
@@ -190,7 +192,8 @@ def check(model: torch.nn.Module, x: torch.Tensor) -> Tuple[str, str]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            legrad = LeGrad(model, spec=spec)
+            explained = explainable(model, x, spec)  # feature models: their dimensions
+            legrad = LeGrad(explained, spec=spec if explained is model else None)
             grid = legrad.attribute(x, target=0, output="grid", normalize=False)
     except UnsupportedModelError as error:
         return "refused", _reason(error)

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from _common import explainable  # the benchmarks folder is not a package
 
 Row = Tuple[str, str, str, str]
 
@@ -246,7 +247,7 @@ def _check(case: Case) -> str:
     maps = []
     for built in (model, eager):
         before = _state(built)
-        explainer = LeGrad(built)
+        explainer = LeGrad(explainable(built, x))  # feature models: their dimensions
         batch = explainer.attribute(x, target=target, output="grid", normalize=False)
         alone = torch.cat(
             [

@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from _common import explainable  # the benchmarks folder is not a package
 
 #: Blocks kept in the image tower.
 LAYERS = 2
@@ -151,7 +152,8 @@ def check(model: torch.nn.Module) -> str:
     height, width = _image_size(model)
     x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     before = _state(model)
-    maps = LeGrad(model).attribute(x, target=0, output="grid", normalize=False)
+    explained = explainable(model, x, spec)  # an embedding: its dimensions
+    maps = LeGrad(explained).attribute(x, target=0, output="grid", normalize=False)
     grid = spec.grid_size(height, width)
     if maps.shape != (1, 1, *grid):
         raise AssertionError(f"map of shape {tuple(maps.shape)}, expected {(1, 1, *grid)}")

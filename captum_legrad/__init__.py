@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .custom import find_attentions, vit_spec
     from .discovery import discover
     from .errors import CaptureError, TargetError, UnsupportedModelError
+    from .scores.features import FeatureDirection
+    from .scores.image import ImageImageSimilarity
     from .scores.text import ImageTextSimilarity
     from .scores.vlm import AnswerExplanation, AnswerLogits, explain_answer
     from .spec import DescribesViT, PatchLayout, TokenInput, ViTSpec
@@ -33,6 +35,8 @@ _EXPORTS = {
     "TokenInput": "spec",
     "ViTSpec": "spec",
     "ImageTextSimilarity": "scores.text",
+    "ImageImageSimilarity": "scores.image",
+    "FeatureDirection": "scores.features",
     "AnswerLogits": "scores.vlm",
     "AnswerExplanation": "scores.vlm",
     "explain_answer": "scores.vlm",
@@ -49,6 +53,8 @@ __all__ = [
     "PatchLayout",
     "DescribesViT",
     "ImageTextSimilarity",
+    "ImageImageSimilarity",
+    "FeatureDirection",
     "AnswerLogits",
     "AnswerExplanation",
     "explain_answer",

@@ -37,6 +37,7 @@ from ._core.resize import at_input_size
 from ._core.routes import get_route
 from ._core.targets import TargetIndex, count_targets, multi_target_index, target_index
 from .discovery import discover, unwrap
+from .errors import UnsupportedModelError
 from .spec import PatchLayout, ViTSpec
 
 __all__ = ["LeGrad", "AttributeOptions"]
@@ -58,6 +59,23 @@ def _slice_batch(arg: Any, batch: int, rows: slice) -> Any:
     if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch:
         return arg[rows]
     return arg
+
+
+def _features_message(forward_func: Any, spec: ViTSpec) -> str:
+    """Why ``LeGrad(model)`` refuses a model whose outputs are features, and what to use."""
+    name = type(unwrap(forward_func)).__name__
+    return (
+        f"{name} ({spec.family}) returns an image embedding, not class scores: its outputs "
+        "are feature dimensions, not classes, and target=k would explain dimension k as if "
+        "it were a class. Explain a score of the embedding instead: "
+        "ImageImageSimilarity(model, reference_embeddings) or "
+        "ImageImageSimilarity.from_images(model, reference_images) (why an image is similar "
+        "to references), ImageTextSimilarity(model, text_embeddings) (prompts), or "
+        "FeatureDirection(model, directions) (projections on (K, D) directions: a linear "
+        "probe's weight rows, SAE decoder rows; torch.eye(D) gives the dimensions "
+        "themselves); e.g. LeGrad(ImageImageSimilarity.from_images(model, refs))"
+        ".attribute(x, target=0)."
+    )
 
 
 class LeGrad(GradientAttribution):
@@ -94,7 +112,14 @@ class LeGrad(GradientAttribution):
 
     Args:
         forward_func (Callable): The model (a Vision Transformer, or a module
-                    containing one), returning scores ``(B, C)``.
+                    containing one), returning scores ``(B, C)``. A feature model
+                    (its outputs are an image embedding: timm ``num_classes=0``,
+                    HF ``Dinov2Model``, OpenCLIP, ...) raises
+                    :class:`~captum_legrad.UnsupportedModelError`: explain a score
+                    of its embedding through
+                    :class:`~captum_legrad.ImageImageSimilarity`,
+                    :class:`~captum_legrad.ImageTextSimilarity` or
+                    :class:`~captum_legrad.FeatureDirection`.
         layers (Sequence[int], optional): Indices of the blocks whose maps are summed;
                     negative indices count from the end. ``[-2, -1]`` reproduces the
                     reference code's default.
@@ -154,6 +179,8 @@ class LeGrad(GradientAttribution):
         if spec is not None and not isinstance(spec, ViTSpec):
             raise TypeError(f"spec must be a captum_legrad.ViTSpec, got {type(spec).__name__}.")
         self.spec: ViTSpec = spec if spec is not None else discover(forward_func)
+        if self.spec.scores_are_features:
+            raise UnsupportedModelError(_features_message(forward_func, self.spec))
         get_route(self.route).refuse(self.spec)  # differential attention: lean only
         self.layers: Tuple[int, ...] = resolve_layers(layers, self.spec.num_layers)
         self.resize_pos_embed = bool(resize_pos_embed)

@@ -451,6 +451,14 @@ class ViTSpec:
             LayerScale, drop path, the residual add). With :attr:`token_mean_readout`, the
             lean route's backward through it is one row per sample (exact). The adapters
             name it for the block classes they know; default: none (no assumption).
+        scores_are_features: The readouts return a feature vector (an image embedding:
+            timm ``num_classes=0``, HF ``*Model`` / ``*VisionModel``, OpenCLIP towers,
+            ``get_image_features``), not class scores. ``LeGrad(model)`` then refuses the
+            model, since a target would be a feature dimension; the score wrappers
+            (:class:`~captum_legrad.ImageImageSimilarity`,
+            :class:`~captum_legrad.ImageTextSimilarity`,
+            :class:`~captum_legrad.FeatureDirection`) read the embedding and describe
+            themselves with ``False``. Default False (the readouts are class scores).
 
     Raises:
         ValueError: A field is inconsistent (no blocks, one attention module per block
@@ -485,6 +493,7 @@ class ViTSpec:
     input_axes: InputAxes = IMAGE_AXES
     patch_stride: Optional[Tuple[int, ...]] = None
     sites: Mapping[int, Tuple[AttentionSite, ...]] = field(default_factory=dict)
+    scores_are_features: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -533,6 +542,11 @@ class ViTSpec:
             raise ValueError(
                 "ViTSpec.readout (the pooling='mean' readout) is required without an "
                 "attention pool."
+            )
+        if not isinstance(self.scores_are_features, bool):
+            raise ValueError(
+                "ViTSpec.scores_are_features must be True or False, got "
+                f"{self.scores_are_features!r}."
             )
         if self.patch_inputs and self.layout is None:
             raise ValueError(

@@ -17,6 +17,20 @@ from torch import nn
 torch.set_num_threads(2)
 
 
+def explainable(model: nn.Module, *example: Any) -> nn.Module:
+    """What ``LeGrad`` explains of ``model``: a classifier as it is; a feature model (whose
+    outputs are an embedding, which ``LeGrad(model)`` refuses) through
+    ``FeatureDirection(model, torch.eye(D))``, so target ``k`` is embedding dimension ``k``
+    as before issue #23. ``example`` (the model's inputs) gives ``D``."""
+    from captum_legrad import FeatureDirection, discover
+
+    if not discover(model).scores_are_features:
+        return model
+    with torch.no_grad():
+        dim = FeatureDirection(model, torch.eye(1)).embed(*example).shape[-1]
+    return FeatureDirection(model, torch.eye(dim))
+
+
 def assert_not_vacuous(ref: torch.Tensor, lead: int = 2) -> None:
     """No map of an oracle is all zeros: over the ``lead`` leading dims (sample and layer or
     target), every slice has a non-zero value. A comparison with an all-zero map passes for

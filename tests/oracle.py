@@ -235,10 +235,13 @@ def oracle_layer_maps(
     target: Tensor,
     layers: Sequence[int] | None = None,
     pooling: str = "mean",
+    project: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Per-layer LeGrad maps E^l before aggregation, unnormalised: shape (B, n_layers, g_h, g_w).
 
     target: LongTensor (B,) of class indices (one per sample).
+    project: optional map from the readout (B, D) to the scores (B, K) (a feature model's
+    embedding to cosines or projections); the target indexes its columns.
     """
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
@@ -269,6 +272,8 @@ def oracle_layer_maps(
                     logits = _readout_mean(work, z)
                 else:
                     logits = _readout_model(work, z)
+            if project is not None:
+                logits = project(logits)
             score = _select_score(logits, target)
             (grad,) = torch.autograd.grad(score, attn, retain_graph=True)
             maps.append(_relevance_to_grid(grad.detach(), g_h, g_w))
@@ -283,13 +288,14 @@ def oracle_legrad(
     layers: Sequence[int] | None = None,
     pooling: str = "mean",
     output_size: tuple[int, int] | None = None,
+    project: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Final LeGrad map (B, 1, H, W).
 
     Sum over the selected layers of E^l, bilinear upsample (align_corners=False) to x's HxW (or
     ``output_size``), then per-sample min-max to [0, 1] with all zeros where max == min.
     """
-    per_layer = oracle_layer_maps(model, x, target, layers=layers, pooling=pooling)
+    per_layer = oracle_layer_maps(model, x, target, layers=layers, pooling=pooling, project=project)
     summed = per_layer.sum(dim=1, keepdim=True)  # (B, 1, g_h, g_w)
     size = (int(x.shape[-2]), int(x.shape[-1])) if output_size is None else tuple(output_size)
     up = F.interpolate(summed, size=size, mode="bilinear", align_corners=False)

@@ -198,6 +198,7 @@ def oracle_layer_maps(
     *,
     forward_kwargs: Optional[dict] = None,
     text: Optional[Tensor] = None,
+    project: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Per-layer maps ``(B, n_layers, g_h, g_w)``, unnormalised.
 
@@ -228,6 +229,8 @@ def oracle_layer_maps(
             assert attn.shape[-1] == n_prefix + g_h * g_w
             if text is not None:
                 scores = F.normalize(scores, dim=-1) @ F.normalize(text, dim=-1).T
+            if project is not None:  # (B, D) embedding -> (B, K) scores
+                scores = project(scores)
             score = scores.gather(1, target.view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(score, attn, retain_graph=True)
             e = grad.clamp(min=0).mean(dim=1).mean(dim=1)  # heads, then query rows

@@ -18,7 +18,7 @@ with ``output_attentions=True, output_hidden_states=True``. ``hidden_states[l + 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -140,6 +140,7 @@ def oracle_layer_maps(
     *,
     noise: Optional[Tensor] = None,
     text: Optional[Tensor] = None,
+    project: Optional[Callable[[Tensor], Tensor]] = None,
     forward_kwargs: Optional[dict] = None,
 ) -> Tensor:
     """Per-layer maps ``(B, n_layers, g_h, g_w)``, unnormalised, for an **eager** ``model``.
@@ -173,6 +174,8 @@ def oracle_layer_maps(
             assert attn.shape[-1] == n_prefix + g_h * g_w
             if text is not None:
                 scores = F.normalize(scores, dim=-1) @ F.normalize(text, dim=-1).T
+            if project is not None:  # (B, D) embedding -> (B, K) scores
+                scores = project(scores)
             score = scores.gather(1, target.view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(score, attn, retain_graph=True)
             e = grad.clamp(min=0).mean(dim=1).mean(dim=1)  # heads, then query rows

@@ -25,7 +25,7 @@ from _versions import (  # noqa: E402
     reason,
     require_hf,
 )
-from conftest import assert_not_vacuous, make_model  # noqa: E402
+from conftest import assert_not_vacuous, explainable, make_model  # noqa: E402
 from oracle_hf import (  # noqa: E402
     finalize,
     hf_readout,
@@ -177,8 +177,10 @@ def forward_func(key: str, model: nn.Module) -> Callable[..., Any]:
 
 
 def legrad(key: str, model: nn.Module, layers: Any = None, pooling: str = "mean") -> LeGrad:
-    """``LeGrad(model)``: CLIPModel / SiglipModel run through ``spec.image_forward``."""
-    return LeGrad(model, layers, pooling=pooling)
+    """``LeGrad(model)`` for a classifier; a feature model (every class here but the
+    ``*ForImageClassification`` ones) through ``FeatureDirection`` with identity rows, its
+    embedding's dimensions as the targets (``LeGrad(model)`` refuses it)."""
+    return LeGrad(explainable(model, images(1)), layers, pooling=pooling)
 
 
 def images(batch: int = 3, height: int = 32, width: int = 32, seed: int = 7) -> Tensor:
@@ -362,13 +364,14 @@ def test_forward_equivalence(key: str, attn: str) -> None:
     with torch.no_grad():
         plain = _model_output(key, model, x)
     spec = discover(model)
+    explainer = legrad(key, model)  # a feature model: its FeatureDirection wrapper
     outputs: list = []
     handle = spec.root.register_forward_hook(lambda m, a, out: outputs.append(out))
     try:
         with torch.no_grad():
             plain_root = spec.root(x)
         outputs.clear()
-        legrad(key, model).attribute(x, target=0)
+        explainer.attribute(x, target=0)
     finally:
         handle.remove()
     assert len(outputs) == 1
@@ -376,23 +379,21 @@ def test_forward_equivalence(key: str, attn: str) -> None:
     torch.testing.assert_close(
         during.last_hidden_state.detach(), plain_root.last_hidden_state, atol=1e-5, rtol=1e-5
     )
-    if key not in MULTIMODAL:
-        top: list = []
-        handle = model.register_forward_hook(lambda m, a, out: top.append(out))
-        try:
-            legrad(key, model).attribute(x, target=0)
-        finally:
-            handle.remove()
+    # what LeGrad ran (the classifier, or the wrapper: the embedding through identity rows)
+    top: list = []
+    handle = explainer.forward_func.register_forward_hook(lambda m, a, out: top.append(out))
+    try:
+        explainer.attribute(x, target=0)
+    finally:
+        handle.remove()
+    value = top[0]
+    if not isinstance(value, Tensor):
         value = next(
-            (
-                getattr(top[0], n)
-                for n in ("logits", "image_embeds", "pooler_output")
-                if getattr(top[0], n, None) is not None
-            ),
-            None,
+            getattr(value, n)
+            for n in ("logits", "image_embeds", "pooler_output")
+            if getattr(value, n, None) is not None
         )
-        if value is not None:
-            torch.testing.assert_close(value.detach(), plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value.detach(), plain, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- dynamic size

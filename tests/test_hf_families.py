@@ -9,6 +9,7 @@ both are checked against the independent oracle in ``tests/oracle_hf_families.py
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,7 +26,7 @@ from _versions import (  # noqa: E402
     hf_interpolates,
     require_hf,
 )
-from conftest import assert_not_vacuous  # noqa: E402
+from conftest import assert_not_vacuous, explainable  # noqa: E402
 from oracle_hf import finalize  # noqa: E402
 from oracle_hf_families import (  # noqa: E402
     aimv2_head_by_hand,
@@ -223,6 +224,12 @@ def _model_output_via(model: nn.Module, x: Tensor) -> None:
     (spec.image_forward or model)(x)  # type: ignore[operator]
 
 
+def explained(model: nn.Module) -> nn.Module:
+    """The model LeGrad explains: a classifier, or a feature model's embedding dimensions
+    (``FeatureDirection`` with identity rows; ``LeGrad(model)`` refuses feature models)."""
+    return explainable(model, images(1))
+
+
 def _assert_layers_close(ours: Tensor, ref: Tensor) -> None:
     assert ours.shape == ref.shape
     scale = ref.abs().max()
@@ -287,10 +294,14 @@ def test_matches_oracle(key: str, attn: str) -> None:
     x, target = images(), _targets()
     for pooling in ("mean", "model"):
         ref = oracle_layer_maps(eager, x, target, None, pooling)
-        _assert_layers_close(LeGrad(model, pooling=pooling).attribute_layers(x, target), ref)
+        _assert_layers_close(
+            LeGrad(explained(model), pooling=pooling).attribute_layers(x, target), ref
+        )
         subsets = ((None, ref), ([-1], ref[:, -1:])) if pooling == "model" else ((None, ref),)
         for layers, selected in subsets:
-            ours = LeGrad(model, layers, pooling=pooling).attribute(x, target=target, output="map")
+            ours = LeGrad(explained(model), layers, pooling=pooling).attribute(
+                x, target=target, output="map"
+            )
             assert ours.shape == (3, 1, 32, 32)
             assert bool(torch.isfinite(ours).all())
             assert (ours - finalize(selected, (32, 32))).abs().max() <= FINAL_TOL, (pooling, layers)
@@ -300,7 +311,9 @@ def test_matches_oracle(key: str, attn: str) -> None:
 def test_sdpa_equals_eager(key: str) -> None:
     x, target = images(), _targets()
     maps = [
-        LeGrad(cached(key, attn)).attribute(x, target=target, output="grid", normalize=False)
+        LeGrad(explained(cached(key, attn))).attribute(
+            x, target=target, output="grid", normalize=False
+        )
         for attn in ("sdpa", "eager")
     ]
     _assert_layers_close(maps[0], maps[1])
@@ -310,7 +323,7 @@ def test_sdpa_equals_eager(key: str) -> None:
 def test_batch_equivalence(key: str) -> None:
     model = cached(key)
     x, target = images(), _targets()
-    explainer = LeGrad(model)
+    explainer = LeGrad(explained(model))
     batch = explainer.attribute(x, target=target, output="map")
     for i in range(x.shape[0]):
         alone = explainer.attribute(x[i : i + 1], target=int(target[i]), output="map")
@@ -326,9 +339,9 @@ def test_no_side_effects(key: str, attn: str) -> None:
     configs = {
         n: m.config._attn_implementation for n, m in model.named_modules() if hasattr(m, "config")
     }
-    LeGrad(model).attribute(x, target=1)
-    LeGrad(model).attribute_multi(x, targets=[0, 2])
-    LeGrad(model, pooling="model").attribute_layers(x, target=[1, 2])
+    LeGrad(explained(model)).attribute(x, target=1)
+    LeGrad(explained(model)).attribute_multi(x, targets=[0, 2])
+    LeGrad(explained(model), pooling="model").attribute_layers(x, target=[1, 2])
     assert_unchanged(before, snapshot(model))
     after = {
         n: m.config._attn_implementation for n, m in model.named_modules() if hasattr(m, "config")
@@ -342,13 +355,13 @@ def test_no_side_effects(key: str, attn: str) -> None:
 def test_mae_map_is_in_image_order_and_deterministic() -> None:
     model = cached("mae")
     x, target = images(), _targets()
-    first = LeGrad(model).attribute(x, target=target, output="grid", normalize=False)
-    second = LeGrad(model).attribute(x, target=target, output="grid", normalize=False)
+    first = LeGrad(explained(model)).attribute(x, target=target, output="grid", normalize=False)
+    second = LeGrad(explained(model)).attribute(x, target=target, output="grid", normalize=False)
     assert torch.equal(first, second)
     # the model's own random shuffles: a noise given by the caller is honoured and undone
     for seed in (1, 2):
         noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(seed))
-        ours = LeGrad(model).attribute(
+        ours = LeGrad(explained(model)).attribute(
             x, target=target, additional_forward_args=(noise,), output="grid", normalize=False
         )
         ref = oracle_layer_maps(cached("mae", "eager"), x, target, noise=noise)
@@ -361,9 +374,9 @@ def test_mae_other_size_with_interpolation() -> None:
     x, target = images(2, 32, 48), torch.tensor([0, 3])
     if not hf_interpolates(model):
         expect_size_refused(
-            lambda: LeGrad(model).attribute(x, target=target), model, "transformers 4.42"
+            lambda: LeGrad(explained(model)).attribute(x, target=target), model, "transformers 4.42"
         )
-    ours = LeGrad(model).attribute(
+    ours = LeGrad(explained(model)).attribute(
         x, target=target, additional_forward_args=(None, True), output="map"
     )
     ref = oracle_layer_maps(
@@ -376,13 +389,13 @@ def test_mae_other_size_with_interpolation() -> None:
 def test_mae_called_by_another_function_is_refused() -> None:
     model = cached("mae")
     x = images(1)
-    LeGrad(model).attribute(x, target=0)
+    LeGrad(explained(model)).attribute(x, target=0)
     with pytest.raises(CaptureError):  # the order of a forward is used once, not again
         discover(model).patch_layout((x,), 17)
     with pytest.raises(CaptureError, match="forward_func"):
-        LeGrad(lambda x: model(x).last_hidden_state[:, 0], spec=discover(model)).attribute(
-            images(1), target=0
-        )
+        # (a function's outputs are what its spec says: here, scores to explain)
+        spec = dataclasses.replace(discover(model), scores_are_features=False)
+        LeGrad(lambda x: model(x).last_hidden_state[:, 0], spec=spec).attribute(images(1), target=0)
 
 
 def test_mae_with_masking_and_pretraining_are_refused() -> None:
@@ -402,12 +415,12 @@ def test_non_square(key: str) -> None:
     x, target = images(2, 32, 48), torch.tensor([0, 3])
     if not hf_interpolates(model):
         expect_size_refused(
-            lambda: LeGrad(model).attribute(x, target=target), model, "transformers 4.42"
+            lambda: LeGrad(explained(model)).attribute(x, target=target), model, "transformers 4.42"
         )
     kwargs = {} if key == "dinov3" else {"interpolate_pos_encoding": True}
     args = () if key == "dinov3" else (None, True)  # (labels, interpolate_pos_encoding)
     for pooling in ("mean", "model"):
-        ours = LeGrad(model, pooling=pooling).attribute(
+        ours = LeGrad(explained(model), pooling=pooling).attribute(
             x, target=target, additional_forward_args=args or None, output="map"
         )
         ref = oracle_layer_maps(eager, x, target, None, pooling, forward_kwargs=kwargs)

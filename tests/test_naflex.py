@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from captum_legrad import ImageTextSimilarity, LeGrad, discover
 from captum_legrad.errors import CaptureError
 from tests._versions import require, require_hf, require_timm_model
+from tests.conftest import explainable
 from tests.oracle_naflex import finalize_one, naflexvit_layer_maps, siglip2_layer_maps
 
 tf = pytest.importorskip("transformers")
@@ -101,13 +102,19 @@ def _siglip2_oracle(model: nn.Module, pixels: Tensor, targets: list, **kwargs: A
 SIGLIP2_KINDS = ["vision_head", "vision_nohead", "classifier"]
 
 
+def as_explained(model: nn.Module) -> nn.Module:
+    """A classifier as it is; a feature model's embedding dimensions through
+    ``FeatureDirection`` with identity rows (``LeGrad(model)`` refuses feature models)."""
+    return explainable(model, *_siglip2_batch())
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", SIGLIP2_KINDS)
 def test_siglip2_matches_oracle(kind: str, attn: str) -> None:
     model = _siglip2(kind, attn)
     pixels, mask, shapes = _siglip2_batch()
     targets = [1, 4]
-    legrad = LeGrad(model, pooling="model")
+    legrad = LeGrad(as_explained(model), pooling="model")
     extra = (mask, shapes)
     grid = legrad.attribute(pixels, torch.tensor(targets), extra, output="grid", normalize=False)
     maps = legrad.attribute(pixels, torch.tensor(targets), extra, output="map")
@@ -127,7 +134,7 @@ def test_siglip2_matches_oracle(kind: str, attn: str) -> None:
 def test_siglip2_mean_pooling_and_layers_match_oracle() -> None:
     model = _siglip2("vision_nohead", "eager")
     pixels, mask, shapes = _siglip2_batch()
-    per_layer = LeGrad(model, layers=[-1]).attribute_layers(pixels, 2, (mask, shapes))
+    per_layer = LeGrad(as_explained(model), layers=[-1]).attribute_layers(pixels, 2, (mask, shapes))
     for b, ref in enumerate(_siglip2_oracle(model, pixels, [2, 2], layers=[-1])):
         h, w = SHAPES[b].tolist()
         torch.testing.assert_close(per_layer[b, :, :h, :w], ref, rtol=1e-4, atol=1e-7)
@@ -146,7 +153,7 @@ def test_siglip2_sdpa_equals_eager(kind: str) -> None:
             with torch.no_grad():
                 text = model.get_text_features(input_ids=ids)
             explained = ImageTextSimilarity(model, getattr(text, "pooler_output", text))
-        legrad = LeGrad(explained)
+        legrad = LeGrad(as_explained(explained))
         target = torch.tensor([2, 0])
         grids.append(
             legrad.attribute(pixels, target, (mask, shapes), output="grid", normalize=False)
@@ -165,7 +172,7 @@ def test_siglip2_sdpa_equals_eager(kind: str) -> None:
 def test_siglip2_batch_equals_single_and_chunks() -> None:
     model = _siglip2("vision_head")
     pixels, mask, shapes = _siglip2_batch()
-    legrad = LeGrad(model)
+    legrad = LeGrad(as_explained(model))
     batch = legrad.attribute(pixels, 1, (mask, shapes), output="map")
     chunked = legrad.attribute(pixels, 1, (mask, shapes), output="map", internal_batch_size=1)
     torch.testing.assert_close(batch, chunked)
@@ -183,7 +190,7 @@ def test_siglip2_padding_rows_never_matter() -> None:
     pixels, mask, shapes = _siglip2_batch()
     noisy = pixels.clone()
     noisy[mask == 0] = 100.0 * torch.randn(int((mask == 0).sum()), pixels.shape[-1])
-    legrad = LeGrad(model)
+    legrad = LeGrad(as_explained(model))
     clean = legrad.attribute(pixels, 0, (mask, shapes), output="grid", normalize=False)
     dirty = legrad.attribute(noisy, 0, (mask, shapes), output="grid", normalize=False)
     torch.testing.assert_close(clean, dirty, rtol=1e-4, atol=1e-7)
@@ -192,7 +199,7 @@ def test_siglip2_padding_rows_never_matter() -> None:
 def test_siglip2_input_form_is_the_patch_sequence() -> None:
     model = _siglip2("vision_head")
     pixels, mask, shapes = _siglip2_batch()
-    legrad = LeGrad(model)
+    legrad = LeGrad(as_explained(model))
     as_input = legrad.attribute(pixels, 0, (mask, shapes))
     as_map = legrad.attribute(pixels, 0, (mask, shapes), output="map")
     assert as_input.shape == pixels.shape
@@ -212,7 +219,7 @@ def test_siglip2_model_unchanged(attn: str) -> None:
     model = _siglip2("model", attn)
     before = _state(model)
     pixels, mask, shapes = _siglip2_batch()
-    LeGrad(model).attribute(pixels, 0, (mask, shapes))
+    LeGrad(as_explained(model)).attribute(pixels, 0, (mask, shapes))
     _assert_unchanged(model, before)
     assert model.config._attn_implementation == attn
     assert model.vision_model.config._attn_implementation == attn
@@ -253,9 +260,9 @@ def test_siglip2_errors_say_what_to_pass() -> None:
     model = _siglip2("vision_head")
     pixels, mask, shapes = _siglip2_batch()
     with pytest.raises((TypeError, CaptureError), match="pixel_attention_mask"):
-        LeGrad(model).attribute(pixels, 0)
+        LeGrad(as_explained(model)).attribute(pixels, 0)
     with pytest.raises(ValueError, match="patch sequence"):
-        LeGrad(model).attribute(pixels[0], 0, (mask, shapes))
+        LeGrad(as_explained(model)).attribute(pixels[0], 0, (mask, shapes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +479,7 @@ def test_patch_layout_per_sample_grids() -> None:
 def test_siglip2_multi_targets_empty_prompt_batch_equals_single() -> None:
     model = _siglip2("vision_head", seed=1)
     pixels, mask, shapes = _siglip2_batch(seed=8)
-    legrad = LeGrad(model)
+    legrad = LeGrad(as_explained(model))
     options: Dict[str, Any] = dict(output="grid", empty_target=5, empty_threshold=0.5)
     batch = legrad.attribute_multi(pixels, [0, 1, 2], (mask, shapes), **options)
     chunked = legrad.attribute_multi(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 open_clip = pytest.importorskip("open_clip")
 
 from _versions import require_open_clip_config  # noqa: E402
-from conftest import assert_not_vacuous  # noqa: E402
+from conftest import assert_not_vacuous, explainable  # noqa: E402
 from oracle_mha import block_attention_maps, finish, pool_attention_maps  # noqa: E402
 from test_open_clip import pooler_queries  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
@@ -205,7 +205,7 @@ def test_timm_towers_work(name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(spec.model_readout(tokens[0]), real, atol=1e-5, rtol=1e-5)
     before = snapshot(model)
-    explainer = LeGrad(model)
+    explainer = LeGrad(explainable(model, x))  # the embedding's dimensions 1 and 5
     batch = explainer.attribute(x, target=torch.tensor([1, 5]), output="grid", normalize=False)
     assert bool(torch.isfinite(batch).all()) and bool((batch.flatten(1).amax(1) > 0).all())
     for i, t in enumerate((1, 5)):

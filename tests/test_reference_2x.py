@@ -84,8 +84,11 @@ def test_coca_at_2x() -> None:
         # (unit-norm) prompts, no ln_post
         return (visual.attn_pool(tokens)[:, 0] @ visual.proj) @ prompts.T
 
-    spec = dataclasses.replace(
-        discover(model), readout=reference_readout, model_readout=reference_readout
+    spec = dataclasses.replace(  # the readouts are now similarities, not the embedding
+        discover(model),
+        readout=reference_readout,
+        model_readout=reference_readout,
+        scores_are_features=False,
     )
     ours = LeGrad(visual, layers=[-2, -1], spec=spec).attribute_multi(images, targets=range(4))
     assert (ours - reference).abs().max() <= TOL
@@ -122,8 +125,11 @@ def test_siglip_at_2x(monkeypatch: pytest.MonkeyPatch) -> None:
         # legrad 1.1 compute_legrad_siglip: normalize(attn_pool(Z)) @ prompts, no final norm
         return F.normalize(trunk.attn_pool(tokens), dim=-1) @ prompts.T
 
-    spec = dataclasses.replace(
-        discover(tower), readout=reference_readout, model_readout=reference_readout
+    spec = dataclasses.replace(  # the readouts are now similarities, not the embedding
+        discover(tower),
+        readout=reference_readout,
+        model_readout=reference_readout,
+        scores_are_features=False,
     )
     grid = LeGrad(tower, layers=[-2, -1], spec=spec).attribute_multi(
         images, targets=range(4), output="grid"

@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 from _versions import reason
-from conftest import TIMM_MODELS, TINY, make_model
+from conftest import TIMM_MODELS, TINY, explainable, make_model
 from oracle import oracle_legrad
 from oracle_mha import block_attention_maps, finish, pool_attention_maps
 from test_open_clip import (
@@ -287,13 +287,14 @@ def test_hf_switches_on_its_own_interpolation(key: str) -> None:
     from test_hf import make_hf
 
     model = make_hf(key)
+    explained = explainable(model, torch.randn(1, 3, 32, 32))  # feature models: their dims
     x, target = torch.randn(2, 3, 64, 48, generator=GEN), torch.tensor([0, 3])
     embeddings = discover(model).root.embeddings
     if "interpolate_pos_encoding" not in inspect.signature(embeddings.forward).parameters:
         # an older release: refused with what to do, the model left as it was
         before = snapshot(model)
         with pytest.raises(ValueError, match="cannot interpolate its learned position"):
-            LeGrad(model).attribute(x, target=target)
+            LeGrad(explained).attribute(x, target=target)
         assert_unchanged(before, snapshot(model))
         since = {"clip_vision": "transformers 4.46", "siglip_vision": "transformers 4.41"}
         pytest.skip(
@@ -302,14 +303,14 @@ def test_hf_switches_on_its_own_interpolation(key: str) -> None:
             + "; the refusal was checked"
         )  # fmt: skip
     before = snapshot(model)
-    ours = LeGrad(model).attribute(x, target=target, output="map")  # no flag passed
+    ours = LeGrad(explained).attribute(x, target=target, output="map")  # no flag passed
     assert_unchanged(before, snapshot(model))
     expected = hf_oracle(model, x, target, forward_kwargs={"interpolate_pos_encoding": True})
     assert (ours - expected).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="resize_pos_embed=False"):
-        LeGrad(model, resize_pos_embed=False).attribute(x, target=target)
+        LeGrad(explained, resize_pos_embed=False).attribute(x, target=target)
     with pytest.raises(ValueError, match="multiple"):
-        LeGrad(model).attribute(torch.randn(1, 3, 60, 48), target=0)
+        LeGrad(explained).attribute(torch.randn(1, 3, 60, 48), target=0)
 
 
 # ------------------------------------------------------------------------------ no side effects
@@ -509,6 +510,7 @@ def test_native_size_that_is_not_a_multiple_of_the_patch(family: str) -> None:
     x = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # the model itself only sees the top-left 32x32 pixels
         torch.testing.assert_close(model(x), cropped(x[..., :32, :32]), atol=1e-5, rtol=1e-5)
+    model, cropped = explainable(model, x), explainable(cropped, x[..., :32, :32])
     ours = LeGrad(model).attribute(x, target=1, output="grid", normalize=False)
     ref = LeGrad(cropped).attribute(x[..., :32, :32], target=1, output="grid", normalize=False)
     assert ours.shape == (2, 1, 4, 4)

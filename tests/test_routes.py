@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TIMM_MODELS, make_model
+from conftest import TIMM_MODELS, explainable, make_model
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -102,7 +102,7 @@ def test_hf_routes_equal(attn: str) -> None:
 
     x = torch.randn(2, 3, 32, 32, generator=GEN)
     for key in ("vit_cls", "clip", "dinov2_reg_cls", "siglip_cls", "siglip_vision"):
-        model = cached(key, attn)
+        model = explainable(cached(key, attn), x)  # clip, siglip_vision: their dims
         _assert_routes_equal(
             lambda route, model=model: LeGrad(model, route=route),
             x,
@@ -430,10 +430,10 @@ def test_one_row_mlp_backward_is_used_and_exact(
         return original(ctx, inputs, output, weight, token_dim)
 
     monkeypatch.setattr(LinearInputGrad, "forward", staticmethod(counting))
-    model = _family_models()[family]()
+    x = torch.randn(2, 3, 32, 32, generator=GEN)
+    model = explainable(_family_models()[family](), x)  # feature models: their dims
     spec = discover(model)
     legrad = LeGrad(model)
-    x = torch.randn(2, 3, 32, 32, generator=GEN)
     got = legrad.attribute_layers(x, target=[0, 1])
     assert len(calls) == spec.num_layers  # every block takes the one-row backward
     ref = LeGrad(model, route="explicit").attribute_layers(x, target=[0, 1])

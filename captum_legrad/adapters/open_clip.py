@@ -2,8 +2,9 @@
 
 Works with open_clip 2.23 (blocks exchange sequence-first ``(N, B, D)`` tensors) and 3.x
 (batch-first). The whole ``CLIP`` / ``CustomTextCLIP`` / ``CoCa`` model or its ``.visual``
-is accepted; the readouts give the image embedding, so ``ImageTextSimilarity`` turns them
-into cosines with prompts.
+is accepted; the readouts give the image embedding (``scores_are_features``), so
+``ImageTextSimilarity`` / ``ImageImageSimilarity`` turn them into cosines with prompts or
+reference images, and ``FeatureDirection`` into projections.
 
 Readouts:
 
@@ -171,6 +172,6 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     visual = _visual(model)
     if visual is None:
         return None
-    if isinstance(visual, TimmModel):
-        return _timm_tower_spec(visual)
-    return _vit_spec(visual)
+    spec = _timm_tower_spec(visual) if isinstance(visual, TimmModel) else _vit_spec(visual)
+    # every OpenCLIP image tower returns the image embedding, never class scores
+    return dataclasses.replace(spec, scores_are_features=True)

@@ -66,4 +66,6 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
             mechanism="encoder.pos_embedding resampled bicubic with antialias for the call",
         ),
         mlp_outputs=mlp_outputs(blocks, {"EncoderBlock": ("mlp.3",)}),
+        # ``model.heads = nn.Identity()``, the usual way to take torchvision's features
+        scores_are_features=isinstance(vit.heads, nn.Identity),
     )

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._core.hooks import ScopedHooks
-from ..discovery import discover
 from ..spec import ViTSpec
+from .embedding import EmbeddingScores, check_embeddings
 
 __all__ = ["ImageTextSimilarity"]
 
 
-class ImageTextSimilarity(nn.Module):
+class ImageTextSimilarity(EmbeddingScores):
     r"""Cosine similarity of images with ``K`` text embeddings, as an explainable model.
 
     ``forward(images)`` returns ``(B, K)`` cosine similarities between the model's image
@@ -47,11 +45,9 @@ class ImageTextSimilarity(nn.Module):
     def __init__(
         self, model: nn.Module, text_embeddings: Tensor, *, spec: Optional[ViTSpec] = None
     ) -> None:
-        super().__init__()
         if not isinstance(text_embeddings, Tensor) or text_embeddings.dim() != 2:
             raise ValueError("text_embeddings must be a (K, D) tensor, one row per prompt.")
-        self.model = model
-        self.vision_spec = spec if spec is not None else discover(model)
+        super().__init__(model, spec=spec)
         self.register_buffer("text_embeddings", F.normalize(text_embeddings.detach(), dim=-1))
 
     @classmethod
@@ -90,40 +86,15 @@ class ImageTextSimilarity(nn.Module):
     def similarity(self, image_embeddings: Tensor) -> Tensor:
         """Cosine similarity of ``(B, D)`` image embeddings with the prompts: ``(B, K)``."""
         text = self.get_buffer("text_embeddings")
-        return F.normalize(image_embeddings, dim=-1) @ text.to(image_embeddings.dtype).T
-
-    def forward(self, images: Tensor, *args: Any) -> Tensor:
-        """Cosine similarities ``(B, K)`` of ``images`` with the K prompts.
-
-        ``args`` go to the vision tower after the images (SigLIP2: ``pixel_attention_mask,
-        spatial_shapes``; ``images`` are then its flattened patches).
-        """
-        spec = self.vision_spec
-        last: dict = {}
-
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            last["tokens"] = output[0] if isinstance(output, (tuple, list)) else output
-
-        with ScopedHooks() as hooks:
-            hooks.forward(spec.blocks[-1], keep)
-            spec.root(images, *args)
-        tokens = last["tokens"] if spec.batch_first else last["tokens"].transpose(0, 1)
-        extra = spec.extra_readout_inputs((images, *args), tokens.shape[0])
-        return self.similarity(spec.model_readout(tokens, *extra))
-
-    def legrad_spec(self) -> ViTSpec:
-        """The vision tower's spec, read out as similarities with the prompts."""
-        spec = self.vision_spec
-        mean_readout, model_readout = spec.read("mean"), spec.model_readout
-
-        def mean_similarity(tokens: Tensor, *extra: Any) -> Tensor:
-            return self.similarity(mean_readout(tokens, *extra))
-
-        def model_similarity(tokens: Tensor, *extra: Any) -> Tensor:
-            return self.similarity(model_readout(tokens, *extra))
-
-        return dataclasses.replace(
-            spec,
-            readout=None if spec.pool_attention is not None else mean_similarity,
-            model_readout=model_similarity,
+        check_embeddings(
+            image_embeddings,
+            text.shape[-1],
+            f"the {text.shape[0]} text embeddings",
+            "encode the prompts with the same model's text tower "
+            "(ImageTextSimilarity.from_prompts).",
         )
+        return F.normalize(image_embeddings, dim=-1) @ text.to(image_embeddings).T
+
+    def scores(self, embeddings: Tensor) -> Tensor:
+        """:meth:`similarity`: the scores LeGrad explains."""
+        return self.similarity(embeddings)

@@ -7,18 +7,23 @@
 * :mod:`.vlm`: the vision-language models :class:`~captum_legrad.AnswerLogits` explains;
 * :mod:`.common`: what they share.
 
+Base and vision models (``*Model``, ``*VisionModel``, ``*VisionModelWithProjection``,
+multimodal models through ``get_image_features``) return an image embedding: their specs are
+marked ``scores_are_features``; only ``*ForImageClassification*`` models return class scores.
+
 The attention implementation the user chose (``"sdpa"`` or ``"eager"``) is left as it
 is: the attention is recorded inside each layer's attention module during the call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from torch import nn
 
 from ...spec import ViTSpec
-from . import families, siglip2, vision
+from . import common, families, siglip2, vision
 
 __all__ = ["match"]
 
@@ -36,5 +41,7 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     for matcher in (vision.match, families.match, siglip2.match):
         spec = matcher(model)
         if spec is not None:
+            if common.returns_features(model):
+                spec = dataclasses.replace(spec, scores_are_features=True)
             return spec
     return None

@@ -33,6 +33,7 @@ __all__ = [
     "vision_tower",
     "patch_size_of",
     "image_features_forward",
+    "returns_features",
     "input_size_of",
     "build_spec",
 ]
@@ -147,6 +148,18 @@ def image_features_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
     """``get_image_features`` of a multimodal model, whose forward takes text first."""
     method = getattr(model, "get_image_features", None)
     return method if callable(method) and hasattr(model, "get_text_features") else None
+
+
+def returns_features(model: nn.Module) -> bool:
+    """Whether ``model``'s output is an image embedding rather than class scores: every
+    class but the ``*ForImageClassification*`` ones (base models, vision models, multimodal
+    models through ``get_image_features``), and a classifier built with ``num_labels=0``
+    (its heads are identities)."""
+    if "ForImageClassification" not in type(model).__name__:
+        return True
+    heads = [getattr(model, name, None) for name in ("classifier", "cls_classifier")]
+    modules = [head for head in heads if isinstance(head, nn.Module)]
+    return bool(modules) and all(isinstance(head, nn.Identity) for head in modules)
 
 
 _FLAG = "interpolate_pos_encoding"

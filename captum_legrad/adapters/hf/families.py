@@ -264,7 +264,7 @@ def _match_dinov3(model: nn.Module) -> Optional[ViTSpec]:
         raise UnsupportedModelError(
             "DINOv3ViTBackbone returns feature maps, not scores LeGrad can explain; load the "
             "same weights as DINOv3ViTModel (DINOv3ViTModel.from_pretrained(...)) and explain "
-            "that (its targets are the dimensions of the CLS embedding)."
+            "a score of its CLS embedding: ImageImageSimilarity or FeatureDirection."
         )
     if not common.is_instance_of(model, module, "DINOv3ViTModel"):
         return None

@@ -5,10 +5,14 @@
 * :mod:`.naflex`: ``NaFlexVit`` (per-sample grids);
 * :mod:`.families`: CaiT, ConViT, XCiT, SAM and the VLM vision towers, and the refusal of
   every other timm model with the reason.
+
+A model built without a classifier (``num_classes=0``: its head is an identity, its output
+the pooled features) is marked ``scores_are_features``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from torch import nn
@@ -29,5 +33,7 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     for matcher in (vit.match, naflex.match, families.match_other):
         spec = matcher(model)
         if spec is not None:
+            if getattr(model, "num_classes", None) == 0:  # the head is an identity
+                spec = dataclasses.replace(spec, scores_are_features=True)
             return spec
     return None
