@@ -1,0 +1,92 @@
+"""Gemma 4 (``Gemma4ForConditionalGeneration``): one pooled patch grid per image.
+
+The image processor resizes every image, keeping its aspect ratio, to ``H_r × W_r`` (both
+multiples of ``k·p``, at most ``max_soft_tokens · k²`` patches), cuts it into ``p × p``
+patches, row-major, and pads the patch list to a fixed length; ``image_position_ids``
+``(images, patches, 2)`` holds each patch's ``(x, y)`` (``-1`` for padding). The vision
+tower average-pools the patches ``k × k`` by position (``pooling_kernel_size``): soft token
+``x // k + (W_r/p // k) · (y // k)``, i.e. row-major on the ``H_r/(k·p) × W_r/(k·p)``
+grid, padding dropped. The processor writes ``<boi>`` + ``<image>`` × tokens + ``<eoi>``:
+one run of image tokens per image, covering the whole (stretched) image.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .tiles import TileView, image_size_of, runs
+
+__all__ = ["token_grids", "views"]
+
+
+def token_grids(image_position_ids: Tensor, pooling: int) -> List[Tuple[int, int]]:
+    """Each image's soft-token grid ``(g_h, g_w)`` from the processor's patch positions."""
+    grids = []
+    for positions in image_position_ids:
+        valid = positions[(positions != -1).all(dim=-1)]
+        if valid.numel() == 0:
+            raise ValueError("An image of image_position_ids has no patch (all -1).")
+        width = int(valid[:, 0].max()) + 1
+        height = int(valid[:, 1].max()) + 1
+        if height % pooling or width % pooling:
+            raise ValueError(
+                f"A Gemma 4 image is {height}x{width} patches, not a multiple of the pooling "
+                f"kernel {pooling}: build the inputs with the model's image processor."
+            )
+        grids.append((height // pooling, width // pooling))
+    return grids
+
+
+def views(
+    input_ids: Tensor,
+    image_token_id: int,
+    image_position_ids: Tensor,
+    pooling: int,
+    patch: int,
+    image_sizes: Optional[Sequence[Sequence[int]]] = None,
+) -> List[List[TileView]]:
+    """Each sample's views: one per image, its whole soft-token grid.
+
+    Args:
+        input_ids: ``(B, S)`` prompts as the processor built them.
+        image_token_id: ``config.image_token_id``.
+        image_position_ids: ``(images, patches, 2)`` as the processor returns it.
+        pooling: ``vision_config.pooling_kernel_size``.
+        patch: ``vision_config.patch_size``.
+        image_sizes: The original ``(H, W)`` of every image; None gives the boxes in the
+            resized image's pixels.
+    """
+    grids = token_grids(image_position_ids, pooling)
+    out: List[List[TileView]] = []
+    image = 0
+    for row in input_ids:
+        sample: List[TileView] = []
+        for start, end in runs(row, image_token_id):
+            if image >= len(grids):
+                raise ValueError(
+                    f"The prompts hold more images than image_position_ids' {len(grids)} rows."
+                )
+            grid = grids[image]
+            if end - start != grid[0] * grid[1]:
+                raise ValueError(
+                    f"Gemma 4 image {image} has {end - start} image tokens but its patches pool "
+                    f"to a {grid[0]}x{grid[1]} grid: build the inputs with the model's processor."
+                )
+            if image_sizes is None:
+                height = float(grid[0] * pooling * patch)
+                width = float(grid[1] * pooling * patch)
+            else:
+                h, w = image_size_of(image_sizes, image, "Gemma 4", "")
+                height, width = float(h), float(w)
+            positions = torch.arange(start, end, device=row.device)
+            sample.append(TileView(image, positions, grid, (0.0, 0.0, height, width), "image"))
+            image += 1
+        out.append(sample)
+    if image != len(grids):
+        raise ValueError(
+            f"image_position_ids has {len(grids)} images but the prompts hold {image}."
+        )
+    return out

@@ -1,0 +1,445 @@
+"""InternVL, Gemma 4 and Llama 4: image tokens → views → rectangles of the original image.
+
+Placement tests check the per-family view rules against (a) the tiny model's own placement
+of vision features in the sequence (the vision tower's output replaced, through forward
+hooks on a copy, by features that encode each patch's tile and position; the language
+model's ``inputs_embeds`` read back) and (b) the real image processors, on an image whose
+pixels encode their own coordinates.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+tf = pytest.importorskip("transformers")
+
+from captum_legrad.adapters.hf import gemma4, internvl, llama4  # noqa: E402
+
+IMAGE = 63  # the image placeholder id of every tiny model below
+BOI, EOI = 60, 61
+
+
+# ------------------------------------------------------------------------ tiny models
+
+
+def build_internvl(attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = tf.InternVLVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=4,
+    )  # fmt: skip
+    text = tf.Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
+    )  # fmt: skip
+    config = tf.InternVLConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE,
+        image_seq_length=16,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return tf.InternVLForConditionalGeneration(config).eval()
+
+
+def build_llama4(attn: str = "sdpa", seed: int = 0, chunk: int = 512) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = tf.Llama4VisionConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=4, vision_output_dim=32, projector_input_dim=32,
+        projector_output_dim=32, pixel_shuffle_ratio=0.5,
+    )  # fmt: skip
+    text = tf.Llama4TextConfig(
+        hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64,
+        max_position_embeddings=512, num_local_experts=2, attention_chunk_size=chunk,
+        no_rope_layers=[1, 0],
+    )  # fmt: skip
+    config = tf.Llama4Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE,
+        boi_token_index=BOI, eoi_token_index=EOI,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return tf.Llama4ForConditionalGeneration(config).eval()
+
+
+def build_gemma4(attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = tf.Gemma4VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, pooling_kernel_size=2, patch_size=4,
+        position_embedding_size=64,
+    )  # fmt: skip
+    text = tf.Gemma4TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, vocab_size_per_layer_input=64,
+        hidden_size_per_layer_input=8, sliding_window=8, max_position_embeddings=512,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        use_bidirectional_attention="vision", global_head_dim=16, num_global_key_value_heads=2,
+        final_logit_softcapping=30.0,
+    )  # fmt: skip
+    config = tf.Gemma4Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), boi_token_id=BOI,
+        eoi_token_id=EOI, image_token_id=IMAGE, video_token_id=62, audio_token_id=59,
+        boa_token_id=58, eoa_token_index=57,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return tf.Gemma4ForConditionalGeneration(config).eval()
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+def internvl_image(tiles: int) -> List[int]:
+    return [BOI, *[IMAGE] * (16 * tiles), EOI]
+
+
+def llama4_image(
+    rows: int, cols: int, x_sep: int = 55, y_sep: int = 56, img: int = 57
+) -> List[int]:
+    """The Llama 4 processor's string for a rows × cols canvas (4 tokens per tile here)."""
+    out = [BOI]
+    if rows * cols > 1:
+        for _ in range(rows):
+            for c in range(cols):
+                out += [IMAGE] * 4
+                if c < cols - 1:
+                    out.append(x_sep)
+            out.append(y_sep)
+    out += [img, *[IMAGE] * 4, EOI]
+    return out
+
+
+def gemma4_patches(
+    sizes: List[Tuple[int, int]], patch: int = 4, length: int = 64
+) -> Tuple[Tensor, Tensor]:
+    """Patchified images and ``image_position_ids`` as Gemma 4's processor lays them out."""
+    pixels = torch.zeros(len(sizes), length, 3 * patch * patch)
+    positions = torch.full((len(sizes), length, 2), -1, dtype=torch.long)
+    for i, (h, w) in enumerate(sizes):
+        gen = torch.Generator().manual_seed(i)
+        n = h * w
+        pixels[i, :n] = torch.rand(n, 3 * patch * patch, generator=gen)
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        positions[i, :n, 0] = xx.flatten()
+        positions[i, :n, 1] = yy.flatten()
+    return pixels, positions
+
+
+def padded(prompts: List[List[int]], fill: int = 5) -> Tensor:
+    """Rows of equal length (an ordinary token appended)."""
+    s = max(len(p) for p in prompts)
+    return torch.tensor([p + [fill] * (s - len(p)) for p in prompts])
+
+
+# ------------------------------------------------------------------------ the model's placement
+
+
+def _embeds_of(model: nn.Module, language: nn.Module, **inputs: Any) -> Tensor:
+    seen: Dict[str, Tensor] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = language.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+def _codes(tiles: int, side: int, width: int, first: int = 1) -> Tensor:
+    """Per tile ``t`` and patch ``(r, c)``: the constant feature ``1000·t + side·r + c + 1``."""
+    t = torch.arange(tiles).view(-1, 1, 1) * 1000
+    r = torch.arange(side).view(1, -1, 1) * side
+    c = torch.arange(side).view(1, 1, -1)
+    code = (t + r + c + 1).float().flatten(1)  # (tiles, side²)
+    return code.unsqueeze(-1).expand(-1, -1, width).clone()
+
+
+def _decode(value: Tensor, width: int, side: int) -> set:
+    """The (tile, r, c) of the four merged patches held in channels 0..3 of a token."""
+    out = set()
+    for code in value[:4].round().long().tolist():
+        code -= 1
+        out.add((code // 1000, (code % 1000) // side, code % side))
+    return out
+
+
+def _check_merged(embeds: Tensor, views: list, side: int, tile_of: Any) -> None:
+    """Every view cell (i, j) holds its tile's patches (2i..2i+1, 2j..2j+1)."""
+    checked = 0
+    for b, sample in enumerate(views):
+        for k, view in enumerate(sample):
+            gh, gw = view.grid
+            for i in range(gh):
+                for j in range(gw):
+                    got = _decode(embeds[b, int(view.positions[i * gw + j])], 32, side)
+                    t = tile_of(b, k)
+                    want = {(t, 2 * i + a, 2 * j + c) for a in (0, 1) for c in (0, 1)}
+                    assert got == want, (b, k, i, j, got, want)
+                    checked += 1
+    assert checked > 0
+
+
+def test_internvl_views_follow_the_models_placement() -> None:
+    model = copy.deepcopy(build_internvl())
+    side = 8  # 32 px / 4 px patches; pixel shuffle 2x2 -> 4x4 tokens per tile
+    # sample 0: an image of 2x3 tiles (wide) + thumbnail; sample 1: one tile, then 1x2 + thumb.
+    sizes = [(40, 70), (32, 32), (30, 80)]
+    prompts = [
+        [1, *internvl_image(7)],
+        [2, *internvl_image(1), 7, *internvl_image(3), 8],
+    ]
+    ids = padded(prompts)
+    tiles = 7 + 1 + 3
+
+    def vision_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        cls = torch.zeros(tiles, 1, 32)
+        output.last_hidden_state = torch.cat([cls, _codes(tiles, side, 32)], dim=1)
+        return output
+
+    def projector_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        merged = args[0]  # (tiles, 16, 4·32): four patches' constant channels
+        out = torch.zeros(*merged.shape[:2], 32)
+        out[..., :4] = merged[..., ::32]
+        return out
+
+    inner: Any = model.model
+    hooks = [
+        inner.vision_tower.register_forward_hook(vision_hook),
+        inner.multi_modal_projector.register_forward_hook(projector_hook),
+    ]
+    embeds = _embeds_of(
+        model, inner.language_model, input_ids=ids, pixel_values=torch.zeros(tiles, 3, 32, 32)
+    )
+    for h in hooks:
+        h.remove()
+    got = internvl.views(ids, IMAGE, internvl.tokens_per_tile(model.config), (32, 32), sizes)
+    assert [len(s) for s in got] == [7, 1 + 3]
+    first_tile = {(0, k): k for k in range(7)} | {(1, 0): 7} | {(1, k): 7 + k for k in (1, 2, 3)}
+    _check_merged(embeds, got, side, lambda b, k: first_tile[(b, k)])
+    # the arrangement: 40x70 with 6 tiles -> 2 rows x 3 columns; 30x80 with 2 -> 1 x 2
+    assert [v.kind for v in got[0]] == ["tile"] * 6 + ["global"]
+    assert got[0][4].box == pytest.approx((20.0, 70 / 3, 40.0, 140 / 3))
+    assert got[0][6].box == (0.0, 0.0, 40.0, 70.0)
+    assert got[1][0].box == (0.0, 0.0, 32.0, 32.0) and got[1][0].kind == "image"
+    assert got[1][2].box == pytest.approx((0.0, 40.0, 30.0, 80.0))
+
+
+def test_llama4_views_follow_the_models_placement() -> None:
+    model = copy.deepcopy(build_llama4())
+    config: Any = model.config
+    grid = llama4.tokens_per_tile(config)
+    assert grid == (4, 4)
+    per_tile = 16
+
+    def llama_image(rows: int, cols: int) -> List[int]:
+        tokens = llama4_image(rows, cols)
+        out: List[int] = []
+        i = 0
+        while i < len(tokens):  # each run of 4 IMAGE tokens -> 16
+            if tokens[i] == IMAGE:
+                out += [IMAGE] * per_tile
+                i += 4
+            else:
+                out.append(tokens[i])
+                i += 1
+        return out
+
+    prompts = [
+        [1, *llama_image(2, 2)],
+        [2, *llama_image(1, 1), 7, *llama_image(1, 2), 8],
+    ]
+    ids = padded(prompts)
+    tiles = 5 + 1 + 3
+    side = 8  # 32 px / 4 px patches, shuffled 2x2 into 4x4 = 16 tokens per tile
+
+    def patches_hook(module: nn.Module, args: tuple) -> tuple:
+        return (_codes(tiles, side, 32),)
+
+    def mlp_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        merged = args[0]
+        out = torch.zeros(*merged.shape[:2], 32)
+        out[..., :4] = merged[..., ::32]
+        return out
+
+    vision: Any = model.vision_model
+    hooks = [
+        vision.vision_adapter.register_forward_pre_hook(patches_hook),
+        vision.vision_adapter.mlp.register_forward_hook(mlp_hook),
+        model.multi_modal_projector.register_forward_hook(lambda m, a, o: a[0]),
+    ]
+    embeds = _embeds_of(
+        model, model.language_model, input_ids=ids, pixel_values=torch.zeros(tiles, 3, 32, 32)
+    )
+    for h in hooks:
+        h.remove()
+    sizes = [(64, 64), (20, 30), (32, 64)]
+    got = llama4.views(ids, IMAGE, BOI, EOI, grid, 32, sizes)
+    assert [[v.kind for v in s] for s in got] == [
+        ["tile"] * 4 + ["global"],
+        ["image", "tile", "tile", "global"],
+    ]
+    order = {(0, k): k for k in range(5)} | {(1, 0): 5, (1, 1): 6, (1, 2): 7, (1, 3): 8}
+
+    def check(b: int, k: int, view: Any) -> None:
+        gh, gw = view.grid
+        for i in range(gh):
+            for j in range(gw):
+                got_ = _decode(embeds[b, int(view.positions[i * gw + j])], 32, side)
+                want = {(order[(b, k)], 2 * i + a, 2 * j + c) for a in (0, 1) for c in (0, 1)}
+                assert got_ == want, (b, k, i, j)
+
+    for b, sample in enumerate(got):
+        for k, view in enumerate(sample):
+            check(b, k, view)
+    # 20x30 in one 32x32 tile: not upscaled (the processor upscales only to 32 on the long
+    # side: 21x32), the bottom 11 px padding: 3 of 4 token rows (8 px each) hold image.
+    assert llama4.content_size(20, 30, (32, 32), 32) == (21, 32)
+    assert got[1][0].grid == (3, 4)
+    assert got[1][0].box == pytest.approx((0.0, 0.0, 24 * 20 / 21, 30.0))
+    # 2x2 canvas of a 64x64 image: no padding, tiles are the quarters
+    assert got[0][3].box == pytest.approx((32.0, 32.0, 64.0, 64.0))
+    assert got[0][4].box == (0.0, 0.0, 64.0, 64.0)
+
+
+def test_gemma4_views_follow_the_models_placement() -> None:
+    model = copy.deepcopy(build_gemma4())
+    sizes = [(4, 6), (6, 4), (2, 2)]  # patches per image; pooled 2x2 -> 2x3, 3x2, 1x1
+    pixels, positions = gemma4_patches(sizes)
+    prompts = [
+        [1, BOI, *[IMAGE] * 6, EOI, 5, BOI, *[IMAGE] * 6, EOI],
+        [2, 3, BOI, *[IMAGE] * 1, EOI],
+    ]
+    ids = padded(prompts)
+    n = positions.shape[1]
+
+    def encoder_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        # channel 0: x, channel 1: y, channel 2: the image; the pooler averages them.
+        state = torch.zeros(len(sizes), n, 32)
+        state[..., 0] = positions[..., 0].float()
+        state[..., 1] = positions[..., 1].float()
+        state[..., 2] = torch.arange(len(sizes)).view(-1, 1).float()
+        output.last_hidden_state = state
+        return output
+
+    inner: Any = model.model
+    root = math.sqrt(32)
+    hooks = [
+        inner.vision_tower.encoder.register_forward_hook(encoder_hook, with_kwargs=True),
+        inner.embed_vision.register_forward_hook(
+            lambda m, a, kw, o: kw["inputs_embeds"] / root, with_kwargs=True
+        ),
+    ]
+    embeds = _embeds_of(
+        model,
+        inner.language_model,
+        input_ids=ids,
+        pixel_values=pixels,
+        image_position_ids=positions,
+        mm_token_type_ids=(ids == IMAGE).long(),
+    )
+    for h in hooks:
+        h.remove()
+    got = gemma4.views(ids, IMAGE, positions, 2, 4, [(40, 60), (60, 40), (9, 9)])
+    assert [[v.grid for v in s] for s in got] == [[(2, 3), (3, 2)], [(1, 1)]]
+    for b, sample in enumerate(got):
+        for view in sample:
+            gh, gw = view.grid
+            for i in range(gh):
+                for j in range(gw):
+                    x, y, img = embeds[b, int(view.positions[i * gw + j]), :3].tolist()
+                    assert (x, y, img) == pytest.approx((2 * j + 0.5, 2 * i + 0.5, view.image))
+            assert view.box[2:] == {0: (40.0, 60.0), 1: (60.0, 40.0), 2: (9.0, 9.0)}[view.image]
+
+
+# ------------------------------------------------------------------------ the real processors
+
+
+def _coordinate_image(height: int, width: int) -> Any:
+    """An RGB image whose red channel grows with x and green with y (0..255)."""
+    from PIL import Image
+
+    y = torch.linspace(0, 255, height).view(-1, 1).expand(height, width)
+    x = torch.linspace(0, 255, width).view(1, -1).expand(height, width)
+    rgb = torch.stack([x, y, torch.zeros_like(x)], dim=-1).round().to(torch.uint8)
+    return Image.fromarray(rgb.numpy())
+
+
+def _centre(box: tuple, height: int, width: int) -> Tuple[float, float]:
+    """The expected (red, green) of a box's centre on the coordinate image."""
+    top, left, bottom, right = box
+    cy = min((top + bottom) / 2, height) / (height - 1) * 255
+    cx = min((left + right) / 2, width) / (width - 1) * 255
+    return cx, cy
+
+
+@pytest.mark.parametrize("size", [(300, 700), (700, 300), (500, 500), (200, 210)])
+def test_internvl_boxes_match_the_image_processor(size: Tuple[int, int]) -> None:
+    processor = tf.GotOcr2ImageProcessor(
+        size={"height": 64, "width": 64}, crop_to_patches=True, max_patches=6,
+        do_normalize=False,
+    )  # fmt: skip
+    h, w = size
+    out = processor(_coordinate_image(h, w), return_tensors="pt")
+    tiles = out["pixel_values"]  # (n, 3, 64, 64) in [0, 1]
+    n = int(out["num_patches"][0])
+    ids = torch.tensor([[1, BOI, *[IMAGE] * (4 * n), EOI]])
+    got = internvl.views(ids, IMAGE, (2, 2), (64, 64), [size])[0]
+    assert len(got) == n
+    for k, view in enumerate(got):
+        tile = tiles[k] * 255
+        red, green = tile[0, 32, 32].item(), tile[1, 32, 32].item()
+        want = _centre(view.box, h, w)
+        assert (red, green) == pytest.approx(want, abs=6), (k, view.box)
+
+
+@pytest.mark.parametrize("size", [(300, 700), (500, 500), (40, 60), (100, 50)])
+def test_llama4_boxes_match_the_image_processor(size: Tuple[int, int]) -> None:
+    processor = tf.Llama4ImageProcessor(
+        size={"height": 64, "width": 64}, max_patches=6, do_normalize=False
+    )
+    h, w = size
+    out = processor(_coordinate_image(h, w), return_tensors="pt")
+    tiles = out["pixel_values"].float() * 255  # (n, 3, 64, 64)
+    rows, cols = (int(v) for v in out["aspect_ratios"][0])
+    # llama4_image writes 4 tokens per tile: a 2x2 token grid per 64 px tile here
+    ids = torch.tensor([[1, *llama4_image(rows, cols)]])
+    got = llama4.views(ids, IMAGE, BOI, EOI, (2, 2), 64, [size])[0]
+    content = llama4.content_size(h, w, (rows * 64, cols * 64), 64)
+    n_tiles = rows * cols
+    # every tile view: its centre on the canvas reads back the expected coordinates
+    views_by_tile = [v for v in got if v.kind != "global"]
+    for k in range(n_tiles):
+        r, c = divmod(k, cols)
+        tile_views = [
+            v
+            for v in views_by_tile
+            if abs(v.box[0] - r * 64 * h / content[0]) < 1e-6
+            and abs(v.box[1] - c * 64 * w / content[1]) < 1e-6
+        ]
+        inside = r * 64 < content[0] and c * 64 < content[1]
+        assert len(tile_views) == int(inside), (k, [v.box for v in got])
+        if not inside:
+            continue
+        view = tile_views[0]
+        # a point inside the view's first cell that is inside the image content
+        py = min(8, (content[0] - r * 64) // 2)
+        px = min(8, (content[1] - c * 64) // 2)
+        red, green = tiles[k, 0, py, px].item(), tiles[k, 1, py, px].item()
+        wy = (r * 64 + py + 0.5) * h / content[0]
+        wx = (c * 64 + px + 0.5) * w / content[1]
+        assert (red, green) == pytest.approx(
+            (min(wx, w - 1) / (w - 1) * 255, min(wy, h - 1) / (h - 1) * 255), abs=8
+        ), (k, view.box)
+    if n_tiles > 1:  # the global view: the whole image
+        assert got[-1].kind == "global" and got[-1].box == (0.0, 0.0, float(h), float(w))
+        red, green = tiles[-1, 0, 32, 32].item(), tiles[-1, 1, 32, 32].item()
+        assert (red, green) == pytest.approx((127.5, 127.5), abs=6)
