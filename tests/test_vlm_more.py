@@ -19,6 +19,11 @@ from torch import Tensor, nn
 
 tf = pytest.importorskip("transformers")
 
+from conftest import assert_not_vacuous  # noqa: E402
+from oracle_vlm_more import logits_at, on_grid, per_key  # noqa: E402
+from test_side_effects import assert_unchanged, snapshot  # noqa: E402
+
+from captum_legrad import AnswerLogits, UnsupportedModelError  # noqa: E402
 from captum_legrad.adapters.hf import gemma4, internvl, llama4  # noqa: E402
 
 IMAGE = 63  # the image placeholder id of every tiny model below
@@ -443,3 +448,228 @@ def test_llama4_boxes_match_the_image_processor(size: Tuple[int, int]) -> None:
         assert got[-1].kind == "global" and got[-1].box == (0.0, 0.0, float(h), float(w))
         red, green = tiles[-1, 0, 32, 32].item(), tiles[-1, 1, 32, 32].item()
         assert (red, green) == pytest.approx((127.5, 127.5), abs=6)
+
+
+# ------------------------------------------------------------------------ against the oracle
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """HF zero-initialises some parts (Gemma 4's vision position table is ones, Llama 4's
+    and InternVL's are fine); give every parameter initialised to a constant random values at
+    HF's init scale, so no two image tokens are alike by construction."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if (
+                parameter.dim() >= 1
+                and parameter.numel() > 1
+                and bool((parameter == parameter.flatten()[0]).all())
+                and "norm" not in name
+                and "layernorm" not in name
+            ):
+                parameter.normal_(0, 0.02)
+    return model
+
+
+#: name -> (builder, per-image (positions helper) description)
+BUILDERS = {"internvl": build_internvl, "gemma4": build_gemma4, "llama4": build_llama4}
+_models: Dict[Tuple[str, str], nn.Module] = {}
+
+
+def model_for(name: str, attn: str) -> nn.Module:
+    if (name, attn) not in _models:
+        model = _randomise(BUILDERS[name](attn))
+        # HF's first forward installs its output-capturing hooks (an attribute of the
+        # vision tower): run it once so that the side-effect snapshots see only ours.
+        case = Case(name)
+        ids, _ = left(case.prompts[1:])
+        extra = case.inputs(ids)
+        extra.pop("image_sizes", None)
+        pixels = case.pixels[-1:]
+        if name == "gemma4":
+            pixels, extra["image_position_ids"] = (
+                case.pixels[2:],
+                case.extra["image_position_ids"][2:],
+            )
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels, **extra)
+        _models[(name, attn)] = model
+    return _models[(name, attn)]
+
+
+def left(prompts: List[List[int]]) -> Tuple[Tensor, Tensor]:
+    s = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), s, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p) :] = torch.tensor(p)
+        mask[i, s - len(p) :] = 1
+    return ids, mask
+
+
+def right(prompts: List[List[int]]) -> Tuple[Tensor, Tensor]:
+    s = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), s), 3, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+        mask[i, : len(p)] = 1
+    return ids, mask
+
+
+def llama_image(rows: int, cols: int) -> List[int]:
+    """Llama 4's image string with 16 tokens (4x4) per 32 px tile."""
+    out: List[int] = []
+    for t in llama4_image(rows, cols):
+        out += [IMAGE] * 4 if t == IMAGE else [t]
+    return out
+
+
+class Case:
+    """One family's batch of two prompts: the prompts, the extra inputs, the explained
+    tensor, and by hand each sample's views as (positions among the sample's image tokens,
+    grid)."""
+
+    def __init__(self, name: str, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.name = name
+        self.extra: Dict[str, Any] = {}
+        self.oracle_extra: Dict[str, Any] = {}
+        if name == "internvl":
+            # sample 0: a 30x80 image (1x2 tiles + thumbnail); sample 1: one tile
+            self.prompts = [[1, 2, *internvl_image(3), 5, 6], [4, *internvl_image(1), 9]]
+            self.pixels = torch.randn(4, 3, 32, 32, generator=gen)
+            self.extra["image_sizes"] = [(30, 80), (32, 32)]
+            # (start, count, grid) per view, in each sample's image tokens
+            self.hand = [[(0, 16, (4, 4)), (16, 16, (4, 4)), (32, 16, (4, 4))], [(0, 16, (4, 4))]]
+        elif name == "llama4":
+            # sample 0: a 32x64 image (1x2 tiles, no padding, + global); sample 1: a 20x30
+            # image in one tile: 21x32 content, the last token row all padding
+            self.prompts = [[1, 2, *llama_image(1, 2), 5, 6], [4, *llama_image(1, 1), 9]]
+            self.pixels = torch.randn(4, 3, 32, 32, generator=gen)
+            self.extra["image_sizes"] = [(32, 64), (20, 30)]
+            self.hand = [[(0, 16, (4, 4)), (16, 16, (4, 4)), (32, 16, (4, 4))], [(0, 12, (3, 4))]]
+        else:
+            # sample 0: images of 4x6 and 6x4 patches (2x3, 3x2 tokens); sample 1: 4x4 (2x2)
+            self.prompts = [
+                [1, BOI, *[IMAGE] * 6, EOI, 5, BOI, *[IMAGE] * 6, EOI],
+                [2, BOI, *[IMAGE] * 4, EOI, 7],
+            ]
+            self.pixels, positions = gemma4_patches([(4, 6), (6, 4), (4, 4)])
+            self.pixels = self.pixels + 0.1 * torch.randn(self.pixels.shape, generator=gen)
+            self.extra["image_position_ids"] = positions
+            self.oracle_extra["image_position_ids"] = positions
+            self.hand = [[(0, 6, (2, 3)), (6, 6, (3, 2))], [(0, 4, (2, 2))]]
+        self.answers = torch.randint(10, 50, (2, 3), generator=gen)
+
+    def inputs(self, ids: Tensor) -> Dict[str, Any]:
+        out = dict(self.extra)
+        if self.name == "gemma4":
+            out["mm_token_type_ids"] = (ids == IMAGE).long()
+        return out
+
+    def oracle(self, model: nn.Module, layers: Any = None) -> Tuple[List[List[Tensor]], Tensor]:
+        """Per sample, per view: the oracle's layer-summed map; and the model's logits."""
+        ids, mask = left(self.prompts)
+        b, s = ids.shape
+        t = self.answers.shape[1]
+        full = torch.cat([ids, self.answers], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(self.answers)], dim=1)
+        batch: Dict[str, Any] = {
+            "input_ids": full, "attention_mask": full_mask, "pixel_values": self.pixels,
+            **self.oracle_extra,
+        }  # fmt: skip
+        if self.name == "gemma4":
+            batch["mm_token_type_ids"] = (full == IMAGE).long() * (torch.arange(s + t) < s).long()
+        positions = torch.arange(s - 1, s + t - 1).expand(b, t)
+        softcap = 30.0 if self.name == "gemma4" else None
+        values = per_key(model, batch, positions, self.answers, layers, softcap).sum(2)
+        logits = logits_at(model, batch, positions, self.answers)
+        maps = []
+        for i in range(b):
+            image = torch.nonzero(ids[i] == IMAGE)[:, 0].tolist()
+            own = []
+            for start, count, grid in self.hand[i]:
+                where = image[start : start + count]
+                own.append(on_grid(values[i], where, grid))
+            maps.append(own)
+        return maps, logits
+
+
+def _close(got: Tensor, want: Tensor) -> None:
+    scale = want.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(got / scale, want / scale, rtol=1e-4, atol=2e-5)
+
+
+FAMILIES = sorted(BUILDERS)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_maps_match_the_oracle(name: str, attn: str) -> None:
+    model = model_for(name, attn)
+    case = Case(name)
+    ids, mask = left(case.prompts)
+    before = snapshot(model)
+    explained = AnswerLogits(model, ids, case.answers, mask, **case.inputs(ids))
+    logits = explained(case.pixels)
+    got = explained.view_maps(case.pixels)
+    assert_unchanged(before, snapshot(model))
+    want, model_logits = case.oracle(model)
+    torch.testing.assert_close(logits, model_logits, rtol=1e-4, atol=1e-5)
+    assert [[tuple(v.shape) for v in s] for s in got] == [
+        [(3, *g) for _, _, g in views] for views in case.hand
+    ]
+    for mine, theirs in zip(got, want):
+        for g, w in zip(mine, theirs):
+            assert_not_vacuous(w.unsqueeze(0), lead=2)
+            assert w.flatten(1).std(dim=1).min() > 0  # not constant over the view
+            _close(g, w)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sdpa_equals_eager(name: str) -> None:
+    case = Case(name, seed=1)
+    ids, mask = left(case.prompts)
+    out = []
+    for attn in ("sdpa", "eager"):
+        explained = AnswerLogits(model_for(name, attn), ids, case.answers, mask, **case.inputs(ids))
+        out.append(explained.view_maps(case.pixels))
+    for a, b in zip(*out):
+        for x, y in zip(a, b):
+            _close(x, y)
+
+
+def _single(case: Case, i: int) -> Case:
+    """Sample ``i`` of ``case`` alone (its images' pixels and extra rows)."""
+    one = copy.copy(case)
+    one.prompts = [case.prompts[i]]
+    one.answers = case.answers[i : i + 1]
+    one.hand = [case.hand[i]]
+    one.extra = dict(case.extra)
+    if case.name == "gemma4":
+        images = [[0, 1], [2]][i]
+        one.pixels = case.pixels[images]
+        one.extra["image_position_ids"] = case.extra["image_position_ids"][images]
+    else:
+        tiles = [[0, 1, 2], [3]][i]
+        one.pixels = case.pixels[tiles]
+        one.extra["image_sizes"] = [case.extra["image_sizes"][i]]
+    return one
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batch_equals_single(name: str, side: str) -> None:
+    model = model_for(name, "sdpa")
+    case = Case(name, seed=2)
+    ids, mask = (left if side == "left" else right)(case.prompts)
+    explained = AnswerLogits(model, ids, case.answers, mask, **case.inputs(ids))
+    together = explained.source_maps(case.pixels)
+    for i in range(2):
+        one = _single(case, i)
+        ids1, mask1 = left(one.prompts)
+        alone = AnswerLogits(model, ids1, one.answers, mask1, **one.inputs(ids1))
+        single = alone.source_maps(one.pixels)[0]
+        assert len(single) == len(together[i])
+        for x, y in zip(together[i], single):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-5)

@@ -12,14 +12,14 @@ one run of image tokens per image, covering the whole (stretched) image.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .tiles import TileView, image_size_of, runs
+from .tiles import TileView, image_size_of, runs, sample_views
 
-__all__ = ["token_grids", "views"]
+__all__ = ["CLASSES", "token_grids", "views", "rules"]
 
 
 def token_grids(image_position_ids: Tensor, pooling: int) -> List[Tuple[int, int]]:
@@ -90,3 +90,58 @@ def views(
             f"image_position_ids has {len(grids)} images but the prompts hold {image}."
         )
     return out
+
+
+#: The classes this module describes.
+CLASSES = ("Gemma4ForConditionalGeneration",)
+
+
+def rules(config: Any) -> Any:
+    """Gemma 4's :class:`~captum_legrad.views.ViewRules`: one view per image, from
+    ``image_position_ids``; ``mm_token_type_ids`` (the bidirectional image-token mask of
+    the sliding layers) is built as the processor builds it unless given and is 0 over the
+    answer. ``image_sizes`` (the original sizes, optional) and the processor's
+    ``num_soft_tokens_per_image`` are read here, not passed to the model."""
+    from ...views import ViewRules
+
+    vision = config.vision_config
+    pooling = int(vision.pooling_kernel_size)
+    patch = int(vision.patch_size)
+    image_id = int(config.image_token_id)
+    video_id = getattr(config, "video_token_id", None)
+
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+        positions = inputs.get("image_position_ids")
+        if positions is None:
+            raise ValueError(
+                "Gemma 4's answer maps need image_position_ids (the patch positions its "
+                "image processor returns): pass it to AnswerLogits by that name."
+            )
+        positions = torch.as_tensor(positions).cpu()
+        given = inputs.get("image_sizes")
+        sizes = None if given is None else torch.as_tensor(given).view(-1, 2).tolist()
+        found = views(
+            ids.masked_fill(mask == 0, -1).cpu(), image_id, positions, pooling, patch, sizes
+        )
+        grids = token_grids(positions, pooling)
+        every = (
+            [(int(h), int(w)) for h, w in sizes]
+            if sizes is not None
+            else [(g[0] * pooling * patch, g[1] * pooling * patch) for g in grids]
+        )
+        return sample_views(found, every)
+
+    def build(ids: Tensor) -> Dict[str, Tensor]:
+        types = (ids == image_id).long()
+        if video_id is not None:
+            types = types + 2 * (ids == int(video_id)).long()
+        return {"mm_token_type_ids": types}
+
+    return ViewRules(
+        describe=describe,
+        main_input=lambda inputs: "pixel_values",
+        per_token={"mm_token_type_ids": 0},
+        build=build,
+        batch_first=False,
+        consumed=("image_sizes", "num_soft_tokens_per_image"),
+    )

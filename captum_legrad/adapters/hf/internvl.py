@@ -17,13 +17,15 @@ processor's own rule restricted to that count.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
-from .tiles import TileView, image_size_of, runs, tile_boxes
+from ...errors import UnsupportedModelError
+from .tiles import TileView, image_size_of, runs, sample_views, tile_boxes
 
-__all__ = ["tokens_per_tile", "arrangement", "views"]
+__all__ = ["CLASSES", "tokens_per_tile", "arrangement", "views", "rules"]
 
 
 def tokens_per_tile(config: Any) -> Tuple[int, int]:
@@ -115,3 +117,52 @@ def views(
             image += 1
         out.append(sample)
     return out
+
+
+#: The classes this module describes.
+CLASSES = ("InternVLForConditionalGeneration",)
+
+
+def _sizes(value: Any) -> Optional[List[Tuple[int, int]]]:
+    if value is None:
+        return None
+    rows = torch.as_tensor(value).view(-1, 2).tolist()
+    return [(int(h), int(w)) for h, w in rows]
+
+
+def rules(config: Any) -> Any:
+    """InternVL's :class:`~captum_legrad.views.ViewRules`: tiles and thumbnail of every
+    image (``image_sizes``, the original ``(H, W)`` per image, is read here and not passed
+    to the model: its processor does not return it)."""
+    from ...views import ViewRules
+
+    vision = config.vision_config
+    if getattr(config, "vision_feature_select_strategy", "default") != "default":
+        raise UnsupportedModelError(
+            "InternVL with vision_feature_select_strategy="
+            f"{config.vision_feature_select_strategy!r} keeps the CLS token, which the pixel "
+            "shuffle cannot place on the patch grid; LeGrad's answer maps support 'default'."
+        )
+    grid = tokens_per_tile(config)
+    size = vision.image_size
+    tile = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    image_id = int(config.image_token_id)
+
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+        sizes = _sizes(inputs.get("image_sizes"))
+        found = views(ids.masked_fill(mask == 0, -1).cpu(), image_id, grid, tile, sizes)
+        count = sum(len({v.image for v in sample}) for sample in found)
+        if sizes is not None and len(sizes) != count:
+            raise ValueError(
+                f"image_sizes has {len(sizes)} rows but the prompts hold {count} images: give "
+                "one (height, width) row per image."
+            )
+        every = sizes if sizes is not None else [tile] * count
+        return sample_views(found, every)
+
+    return ViewRules(
+        describe=describe,
+        main_input=lambda inputs: "pixel_values",
+        batch_first=False,
+        consumed=("image_sizes",),
+    )

@@ -20,13 +20,15 @@ The arrangement is read from the separators; the padding needs the image's origi
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from .tiles import TileView, image_size_of, runs
+from ...errors import UnsupportedModelError
+from .tiles import TileView, image_size_of, runs, sample_views
 
-__all__ = ["tokens_per_tile", "content_size", "views"]
+__all__ = ["CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules"]
 
 
 def tokens_per_tile(config: Any) -> Tuple[int, int]:
@@ -160,3 +162,101 @@ def views(
             image += 1
         out.append(sample)
     return out
+
+
+#: The classes this module describes.
+CLASSES = ("Llama4ForConditionalGeneration",)
+
+
+def chunked_layers(config: Any) -> List[int]:
+    """The text model's chunked-attention layers (``layer_types``)."""
+    text = config.get_text_config()
+    types = list(getattr(text, "layer_types", None) or [])
+    return [i for i, kind in enumerate(types) if kind == "chunked_attention"]
+
+
+class Base(nn.Module):
+    """Llama 4's forward up to the language model's final norm: the base model
+    :class:`~captum_legrad.AnswerLogits` runs (``Llama4ForConditionalGeneration`` has no
+    ``model.model``). The whole model runs, with ``logits_to_keep=1`` (one row of logits),
+    and the final norm's output is returned (read by a forward hook removed after the
+    call), as a one-tuple like a base model's output.
+
+    It refuses a sequence longer than the text model's ``attention_chunk_size`` when the
+    model has chunked-attention layers: those layers attend only within a chunk, so
+    answer tokens in a later chunk than the image do not attend to it there, and LeGrad
+    would differentiate attention the model masks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training  # the wrapper's own flag only, not recursive
+        config: Any = model.config
+        self.chunked = chunked_layers(config)
+        self.chunk = getattr(config.get_text_config(), "attention_chunk_size", None)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any
+    ) -> Tuple[Tensor]:
+        length = input_ids.shape[1]
+        if self.chunked and self.chunk is not None:
+            valid = (
+                torch.full((input_ids.shape[0],), length)
+                if attention_mask is None
+                else (attention_mask != 0).sum(dim=1)
+            )
+            longest = int(valid.max())
+            if longest > int(self.chunk):
+                raise UnsupportedModelError(
+                    f"This Llama 4 sequence (prompt and answer) has {longest} tokens, more "
+                    f"than the attention_chunk_size {self.chunk} of its chunked-attention "
+                    f"layers {self.chunked}: there, answer tokens in a later chunk than the "
+                    "image do not attend to it, so their attention cannot be explained. "
+                    "Shorten the prompt or the answer (fewer tiles: the image processor's "
+                    "max_patches) so that the whole sequence fits one chunk."
+                )
+        model: Any = self.model
+        seen: Dict[str, Tensor] = {}
+
+        def keep(module: nn.Module, args: Any, output: Tensor) -> None:
+            seen["hidden"] = output
+
+        handle = model.language_model.model.norm.register_forward_hook(keep)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
+        finally:
+            handle.remove()
+        return (seen["hidden"],)
+
+
+def rules(config: Any) -> Any:
+    """Llama 4's :class:`~captum_legrad.views.ViewRules`: every image's tiles (padding
+    dropped) and global view. ``image_sizes`` (the original ``(H, W)`` per image, which the
+    processor does not return) is required and not passed to the model."""
+    from ...views import ViewRules
+
+    vision = config.vision_config
+    grid = tokens_per_tile(config)
+    tile = int(vision.image_size)
+    ids_of = (int(config.image_token_id), int(config.boi_token_id), int(config.eoi_token_id))
+
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+        given = inputs.get("image_sizes")
+        sizes = None if given is None else torch.as_tensor(given).view(-1, 2).tolist()
+        found = views(ids.masked_fill(mask == 0, -1).cpu(), *ids_of, grid, tile, sizes)
+        assert sizes is not None  # views() raises without them
+        count = sum(len({v.image for v in sample}) for sample in found)
+        if len(sizes) != count:
+            raise ValueError(
+                f"image_sizes has {len(sizes)} rows but the prompts hold {count} images: give "
+                "one (height, width) row per image."
+            )
+        return sample_views(found, [(int(h), int(w)) for h, w in sizes])
+
+    return ViewRules(
+        describe=describe,
+        main_input=lambda inputs: "pixel_values",
+        batch_first=False,
+        consumed=("image_sizes",),
+    )

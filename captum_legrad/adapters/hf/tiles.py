@@ -9,12 +9,12 @@ they share: runs of a token in a row of ``input_ids`` and the rectangle arithmet
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["TileView", "runs", "image_size_of", "tile_boxes"]
+__all__ = ["TileView", "runs", "image_size_of", "tile_boxes", "sample_views"]
 
 
 class TileView(NamedTuple):
@@ -81,3 +81,38 @@ def tile_boxes(
         for r in range(rows)
         for c in range(cols)
     ]
+
+
+def _names(views: Sequence[TileView]) -> List[str]:
+    """``"tile r,c"``-free names: ``"tile k"`` in order, ``"global"``, ``"image"``."""
+    out, k = [], 0
+    for view in views:
+        if view.kind == "tile":
+            out.append(f"tile {k}")
+            k += 1
+        else:
+            out.append(view.kind)
+    return out
+
+
+def sample_views(
+    per_sample: Sequence[Sequence[TileView]], sizes: Sequence[Tuple[int, int]]
+) -> List[Any]:
+    """:class:`TileView` lists → :class:`~captum_legrad.views.SampleViews`, one per sample:
+    every image a source of its original size ``sizes[image]``, boxes rounded to pixels."""
+    from ...views import SampleViews, Source, View
+
+    out = []
+    for views in per_sample:
+        images = sorted({view.image for view in views})
+        local = {image: k for k, image in enumerate(images)}
+        sources = tuple(Source("image", tuple(sizes[image])) for image in images)
+        made = []
+        for view, name in zip(views, _names(views)):
+            top, left, bottom, right = (round(v) for v in view.box)
+            made.append(
+                View(view.positions.cpu(), view.grid, local[view.image], (top, left, bottom, right),
+                     None, name)
+            )  # fmt: skip
+        out.append(SampleViews(sources, tuple(made)))
+    return out
