@@ -463,6 +463,46 @@ def test_bad_arguments() -> None:
         )
 
 
+def test_chunked_backward_and_noise_tunnel() -> None:
+    """The patches are never split; internal_batch_size bounds the backward only; NoiseTunnel,
+    which repeats dimension 0, is refused with the reason."""
+    from captum.attr import NoiseTunnel
+
+    model = model_for("qwen2", "sdpa")
+    prompts = [prompt([("image", A)]), prompt([("image", B)])]
+    ids, mask = pad(prompts, "left")
+    answers = answers_for(2, 14)
+    pixels = patches([A, B], 14)
+    explained = AnswerLogits(model, ids, answers, mask, image_grid_thw=torch.tensor([A, B]))
+    legrad = LeGrad(explained)
+    whole = legrad.attribute_multi(pixels, targets=range(3), output="grid", normalize=False)
+    chunked = legrad.attribute_multi(
+        pixels, targets=range(3), output="grid", normalize=False, internal_batch_size=1
+    )
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="NoiseTunnel"):  # it repeats dim 0: patch rows
+        NoiseTunnel(legrad).attribute(pixels, nt_samples=2, stdevs=0.0, target=1)
+
+
+def test_spec_hooks_are_validated() -> None:
+    from captum_legrad.spec import MapForms
+
+    explained = AnswerLogits(
+        model_for("qwen2", "sdpa"), prompt([("image", A)]), answers_for(1, 15),
+        image_grid_thw=torch.tensor([A]),
+    )  # fmt: skip
+    spec = explained.legrad_spec()
+    assert spec.samples is not None and isinstance(spec.map_forms, MapForms)
+    assert spec.batch_size((patches([A], 0),)) == 1
+    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
+    with pytest.raises(ValueError, match="map_forms"):
+        type(spec)(**{**fields, "map_forms": None})  # samples without map_forms
+    with pytest.raises(ValueError, match="layout"):
+        type(spec)(**{**fields, "layout": None})
+    plain = type(spec)(**{**fields, "samples": None, "map_forms": None})
+    assert plain.batch_size((torch.zeros(4, 3, 8, 8),)) == 4
+
+
 def test_qwen3_5_is_refused() -> None:
     hybrid = type("Qwen3_5ForConditionalGeneration", (nn.Module,), {})()
     with pytest.raises(UnsupportedModelError, match="linear-attention"):

@@ -94,8 +94,20 @@ class AnswerLogits(nn.Module):
     sample's answer is placed right after its prompt (padding moved to the left), so
     sample ``i`` of a batch is explained as if alone. Supported models:
     ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``PaliGemmaForConditionalGeneration``
-    and ``Gemma3ForConditionalGeneration``, with ``sdpa`` or ``eager`` attention
-    (``docs/models.md``).
+    and ``Gemma3ForConditionalGeneration`` (one image per sample on one grid), and
+    ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+    ``Qwen3VLForConditionalGeneration`` (any image size, several images and videos per
+    sample, described through views: :mod:`captum_legrad.views`), with ``sdpa`` or
+    ``eager`` attention (``docs/models.md``).
+
+    The processor's other outputs are passed by their HF names (``**model_inputs``), for
+    the prompt only, as the processor returns them; per-token ones (``mm_token_type_ids``)
+    are extended over the answer. ``pixel_values`` (the explained input) goes to
+    ``forward`` in the processor's shape: for Qwen-VL the flattened patches of every
+    image, whose dim 0 is not the batch (the batch is ``input_ids``' rows). With one image
+    (or video) per sample, LeGrad's ``output="grid"`` is its token grid and ``"map"`` its
+    canvas (Qwen-VL: the resized image); with several, use :meth:`source_maps` or
+    :meth:`view_maps`.
 
     Args:
         model (nn.Module): The vision-language model (``…ForConditionalGeneration``), in
@@ -120,6 +132,10 @@ class AnswerLogits(nn.Module):
                     their sum ``(B, 1)``, whose LeGrad map is the whole answer's map (the
                     sum of the per-token maps before normalisation).
                     Default: None
+        **model_inputs (Any): The processor's other outputs by their names
+                    (``image_grid_thw``, ``video_grid_thw``, ``mm_token_type_ids``,
+                    ``pixel_values_videos``, ``second_per_grid_ts``, ...). Families on one
+                    grid take none.
 
     Examples::
 
@@ -129,6 +145,13 @@ class AnswerLogits(nn.Module):
         >>> explained = AnswerLogits(vlm, inputs.input_ids, answer, inputs.attention_mask)
         >>> maps = LeGrad(explained).attribute_multi(
         ...     inputs.pixel_values, targets=range(answer.shape[1]))  # (1, T, H, W)
+        >>> # Qwen-VL: every output of the processor by its name
+        >>> inputs = processor(images=[image], text=[chat], return_tensors="pt")
+        >>> explained = AnswerLogits(qwen, inputs.input_ids, answer, inputs.attention_mask,
+        ...                          image_grid_thw=inputs.image_grid_thw,
+        ...                          mm_token_type_ids=inputs.mm_token_type_ids)
+        >>> grid = LeGrad(explained).attribute_multi(inputs.pixel_values, targets=range(T),
+        ...                                          output="grid", normalize=False)
     """
 
     def __init__(
@@ -287,7 +310,8 @@ class AnswerLogits(nn.Module):
         predicting = torch.arange(s - 1, s + t - 1, device=device).expand(batch, t)
         if parts.views is not None:
             inputs = self._sequence_inputs(unsorted, order, answer, given)
-            views = parts.views.describe(prompt, mask, inputs)
+            name = parts.views.main_input(inputs)
+            views = parts.views.describe(prompt, mask, {**inputs, name: pixel_values})
             layout = token_layout(views)
             return _Plan(
                 ids, full_mask, types, predicting, answer, kept, None, views, layout, inputs

@@ -51,6 +51,16 @@ def qwen_rules(config: Any) -> ViewRules:
         for kind in tokens:
             thw = inputs.get(f"{kind}_grid_thw")
             rows[kind] = [] if thw is None else torch.as_tensor(thw).view(-1, 3).tolist()
+        for kind, name in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            pixels = inputs.get(name)
+            expected = sum(t * h * w for t, h, w in rows[kind])
+            if isinstance(pixels, Tensor) and pixels.dim() == 2 and pixels.shape[0] != expected:
+                raise ValueError(
+                    f"{name} has {pixels.shape[0]} rows but {kind}_grid_thw describes "
+                    f"{expected} patches: Qwen-VL's {name} are the flattened patches of every "
+                    f"{kind} (dimension 0 is not the batch), as the processor returns them. "
+                    "Captum tools that repeat dimension 0 (NoiseTunnel) do not apply to them."
+                )
         used = {kind: 0 for kind in tokens}
         samples = []
         for b in range(ids.shape[0]):
