@@ -69,7 +69,9 @@ class View:
         source: Which image or video of the sample (index into
             :attr:`SampleViews.sources`, prompt order).
         box: ``(top, left, bottom, right)`` pixels of the source's canvas the view covers
-            (bottom and right exclusive).
+            (bottom and right exclusive). It may reach past the canvas's bottom and right
+            edges (a view of a padded canvas whose last cells are partly padding): the view
+            is upsampled to the whole box and the part outside the canvas is cut.
         frames: ``(start, stop)`` frames of a video source the view covers; None for images.
         name: What the view is, for messages and figures (``"image"``, ``"video"``,
             ``"tile 0,1"``, ``"thumbnail"``).
@@ -130,7 +132,7 @@ class SampleViews:
             if (source.kind == "video") != (view.rank == 3):
                 raise ValueError(f"View {view.name!r} of a {source.kind} has grid {view.grid}.")
             height, width = source.size[-2:]
-            if view.box[2] > height or view.box[3] > width:
+            if view.box[0] >= height or view.box[1] >= width:
                 raise ValueError(
                     f"View {view.name!r} covers {view.box}, outside its source's {height}x{width} "
                     "canvas."
@@ -181,6 +183,9 @@ class ViewRules:
             refused with a pointer to ``"map"``.
         state: Attributes of the base model (``model.model``) its forward writes (Qwen-VL's
             cached ``rope_deltas``), restored after every call so the model is unchanged.
+        consumed: Inputs ``describe`` reads that the model's forward does not take (the
+            original ``image_sizes`` of InternVL and Llama 4, whose processors do not
+            return them; Gemma 4's ``num_soft_tokens_per_image``): never passed to the model.
     """
 
     describe: Callable[[Tensor, Tensor, Mapping[str, Any]], List[SampleViews]]
@@ -190,6 +195,7 @@ class ViewRules:
     batch_first: bool = True
     to_input: Optional[Callable[[List[List[Tensor]], str, Mapping[str, Any]], Tensor]] = None
     state: Tuple[str, ...] = ()
+    consumed: Tuple[str, ...] = ()
 
 
 def token_layout(samples: Sequence[SampleViews]) -> PatchLayout:
@@ -240,13 +246,18 @@ def source_maps(
             if view.source != index:
                 continue
             top, left, bottom, right = view.box
-            region: Tuple[slice, ...] = (slice(top, bottom), slice(left, right))
+            height, width = source.size[-2:]
+            # a box reaching past the canvas (padding): upsampled whole, the outside cut
+            inside = (min(bottom, height) - top, min(right, width) - left)
+            region: Tuple[slice, ...] = (slice(top, top + inside[0]), slice(left, left + inside[1]))
             size: Tuple[int, ...] = (bottom - top, right - left)
+            cut: Tuple[slice, ...] = (slice(0, inside[0]), slice(0, inside[1]))
             if view.frames is not None:
                 region = (slice(*view.frames), *region)
                 size = (view.frames[1] - view.frames[0], *size)
+                cut = (slice(None), *cut)
             up = upsample(values.unsqueeze(0).to(total.dtype), size, mode)[0]
-            total[(slice(None), *region)] += up
+            total[(slice(None), *region)] += up[(slice(None), *cut)]
             count[region] += 1
         out.append((total / count.clamp(min=1), count > 0))
     return out

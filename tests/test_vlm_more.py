@@ -23,7 +23,7 @@ from conftest import assert_not_vacuous  # noqa: E402
 from oracle_vlm_more import logits_at, on_grid, per_key  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 
-from captum_legrad import AnswerLogits, UnsupportedModelError  # noqa: E402
+from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError  # noqa: E402
 from captum_legrad.adapters.hf import gemma4, internvl, llama4  # noqa: E402
 
 IMAGE = 63  # the image placeholder id of every tiny model below
@@ -72,18 +72,21 @@ def build_llama4(attn: str = "sdpa", seed: int = 0, chunk: int = 512) -> nn.Modu
     return tf.Llama4ForConditionalGeneration(config).eval()
 
 
-def build_gemma4(attn: str = "sdpa", seed: int = 0) -> nn.Module:
+def build_gemma4(attn: str = "sdpa", seed: int = 0, full_only: bool = False) -> nn.Module:
     torch.manual_seed(seed)
+    types = ["sliding_attention", "sliding_attention", "full_attention"]
+    if full_only:
+        types = ["full_attention"]
     vision = tf.Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16, pooling_kernel_size=2, patch_size=4,
         position_embedding_size=64,
     )  # fmt: skip
     text = tf.Gemma4TextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=len(types), num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, vocab_size=64, vocab_size_per_layer_input=64,
         hidden_size_per_layer_input=8, sliding_window=8, max_position_embeddings=512,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        layer_types=types,
         use_bidirectional_attention="vision", global_head_dim=16, num_global_key_value_heads=2,
         final_logit_softcapping=30.0,
     )  # fmt: skip
@@ -673,3 +676,142 @@ def test_batch_equals_single(name: str, side: str) -> None:
         assert len(single) == len(together[i])
         for x, y in zip(together[i], single):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-5)
+
+
+def test_llama4_refuses_a_sequence_across_attention_chunks() -> None:
+    """Llama 4's chunked layers attend within chunks: an answer in a later chunk than the
+    image does not attend to it there, so the maps are refused, naming the layers."""
+    model = _randomise(build_llama4(chunk=16))
+    ids, mask = left([[1, 2, *llama_image(1, 1), 5, 6]])  # 21 tokens + 3 answer > 16
+    explained = AnswerLogits(model, ids, torch.tensor([[10, 11, 12]]), mask, image_sizes=[(32, 32)])
+    with pytest.raises(UnsupportedModelError, match=r"attention_chunk_size 16.*layers \[0\]"):
+        explained(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="image_sizes"):
+        AnswerLogits(model, ids, torch.tensor([[10]]), mask)(torch.randn(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------ the half-image test
+
+
+def _half(model: nn.Module, vision: nn.Module, language: nn.Module) -> nn.Module:
+    """Image tokens that are zero where the image is zero (black; Gemma 4: grey, which its
+    patch embedding maps to 0): every vision bias, position embedding, attention output
+    projection and second MLP linear off, so a token is a function of its own pixels and
+    zero pixels give a zero token; with no value bias, its value in decoder layer 0 is zero,
+    so no answer logit read at layer 0 depends on its attention weight."""
+    with torch.no_grad():
+        for name, parameter in vision.named_parameters():
+            if (
+                name.endswith("bias")
+                or "position" in name
+                or any(k in name for k in ("projection_layer", "o_proj", "fc2", "down_proj"))
+            ) and "vision_adapter" not in name:
+                parameter.zero_()
+        for name, parameter in language.named_parameters():
+            if "v_proj.bias" in name:
+                parameter.zero_()
+    return model
+
+
+def _half_image(bright: str, height: int, width: int, dark: float) -> Tensor:
+    """``(3, H, W)`` in 0..255: one half coloured, the other ``dark``."""
+    image = torch.full((3, height, width), dark)
+    half = slice(0, width // 2) if bright == "left" else slice(width // 2, width)
+    image[:, :, half] = torch.tensor([230.0, 100.0, 30.0]).view(3, 1, 1)
+    return image
+
+
+def _assert_on_half(maps: Tensor, bright: str) -> None:
+    """Per token: the maximum lies on the lit half or within an eighth of the width of the
+    boundary (tokens straddling it see the colour), the lit half has 1.5x the mean, and
+    the outer eighth of the dark half (farther than any view's token reaches) is zero."""
+    w = maps.shape[-1]
+    lit = maps[..., : w // 2] if bright == "left" else maps[..., w // 2 :]
+    dark = maps[..., w // 2 :] if bright == "left" else maps[..., : w // 2]
+    far = maps[..., w - w // 8 :] if bright == "left" else maps[..., : w // 8]
+    near = maps[..., : w // 2 + w // 8] if bright == "left" else maps[..., w // 2 - w // 8 :]
+    assert torch.all(near.amax(dim=(-2, -1)) == 1.0)
+    assert torch.all(far.abs().amax(dim=(-2, -1)) < 1e-4)
+    assert torch.all(lit.mean(dim=(-2, -1)) > 1.5 * dark.mean(dim=(-2, -1)))
+
+
+@pytest.mark.parametrize("bright", ["left", "right"])
+def test_internvl_half_image_maps_to_that_half(bright: str) -> None:
+    model = build_internvl(seed=3)
+    inner: Any = model.model
+    _half(model, inner.vision_tower, inner.language_model)
+    processor = tf.GotOcr2ImageProcessor(
+        size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=6, do_normalize=False
+    )
+    image = _half_image(bright, 60, 160, 0.0)
+    out = processor(image, return_tensors="pt")
+    n = int(out["num_patches"][0])
+    ids, mask = left([[1, 2, *internvl_image(n), 5]])
+    explained = AnswerLogits(
+        model, ids, torch.tensor([[10, 11, 12]]), mask, image_sizes=[(60, 160)]
+    )
+    maps = explained.source_maps(out["pixel_values"], layers=[0])[0][0]
+    assert maps.shape == (3, 60, 160)
+    _assert_on_half(maps, bright)
+
+
+@pytest.mark.parametrize("bright", ["left", "right"])
+def test_llama4_half_image_maps_to_that_half(bright: str) -> None:
+    model = build_llama4(seed=3)
+    m: Any = model
+    _half(model, m.vision_model, m.language_model)
+    processor = tf.Llama4ImageProcessor(
+        size={"height": 32, "width": 32}, max_patches=6, do_normalize=False
+    )
+    image = _half_image(bright, 60, 160, 0.0)
+    out = processor(image, return_tensors="pt")
+    rows, cols = (int(v) for v in out["aspect_ratios"][0])
+    ids, mask = left([[1, 2, *llama_image(rows, cols), 5]])
+    explained = AnswerLogits(
+        model, ids, torch.tensor([[10, 11, 12]]), mask, image_sizes=[(60, 160)]
+    )
+    maps = explained.source_maps(out["pixel_values"].float(), layers=[0])[0][0]
+    assert maps.shape == (3, 60, 160)
+    _assert_on_half(maps, bright)
+
+
+@pytest.mark.parametrize("bright", ["left", "right"])
+def test_gemma4_half_image_maps_to_that_half(bright: str) -> None:
+    model = build_gemma4(seed=3, full_only=True)
+    inner: Any = model.model
+    _half(model, inner.vision_tower, inner.language_model)
+    processor = tf.Gemma4ImageProcessor(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+    # grey: 0 after Gemma 4's 2·(x − 0.5); 40x104 is a size the processor keeps (no
+    # resampling noise, which Gemma 4's RMS norms would blow up)
+    image = _half_image(bright, 40, 104, 127.5)
+    out = processor(image, return_tensors="pt")
+    tokens = int(out["num_soft_tokens_per_image"][0])
+    ids, mask = left([[1, 2, BOI, *[IMAGE] * tokens, EOI, 5]])
+    explained = AnswerLogits(
+        model, ids, torch.tensor([[10, 11, 12]]), mask,
+        image_position_ids=out["image_position_ids"], image_sizes=[(40, 104)],
+    )  # fmt: skip
+    maps = explained.source_maps(out["pixel_values"], layers=[0])[0][0]
+    assert maps.shape == (3, 40, 104)
+    _assert_on_half(maps, bright)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_legrad_map_output_is_on_the_original_image(name: str) -> None:
+    """``LeGrad(AnswerLogits(...)).attribute_multi(..., output="map")``: one map per sample at
+    its image's size (padded to the batch's largest), equal to ``source_maps``."""
+    model = model_for(name, "sdpa")
+    case = Case(name, seed=3)
+    if name == "gemma4":  # one image per sample for LeGrad's one-map-per-sample output
+        case.prompts = [[2, BOI, *[IMAGE] * 6, EOI, 7], [2, BOI, *[IMAGE] * 4, EOI, 7]]
+        case.pixels = case.pixels[[0, 2]]
+        case.extra["image_position_ids"] = case.extra["image_position_ids"][[0, 2]]
+        case.extra["image_sizes"] = [(30, 50), (20, 20)]
+    ids, mask = left(case.prompts)
+    explained = AnswerLogits(model, ids, case.answers, mask, **case.inputs(ids))
+    maps = LeGrad(explained).attribute_multi(case.pixels, targets=[0, 1, 2], output="map")
+    placed = explained.source_maps(case.pixels)
+    sizes = [p[0].shape[-2:] for p in placed]
+    assert maps.shape == (2, 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for b, (h, w) in enumerate(sizes):
+        torch.testing.assert_close(maps[b, :, :h, :w], placed[b][0], rtol=1e-4, atol=1e-5)

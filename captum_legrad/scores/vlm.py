@@ -419,8 +419,10 @@ class AnswerLogits(nn.Module):
             pixel_values, input_ids, answer_ids, attention_mask, token_type_ids, answer_mask
         )
         self._local.plan = plan
-        kwargs: dict = {"use_cache": False, **plan.inputs}
         rules = self.parts.views
+        consumed = () if rules is None else rules.consumed
+        kwargs: dict = {"use_cache": False}
+        kwargs.update((k, v) for k, v in plan.inputs.items() if k not in consumed)
         name = "pixel_values" if rules is None else rules.main_input(plan.inputs)
         kwargs[name] = pixel_values
         if plan.token_type_ids is not None:
