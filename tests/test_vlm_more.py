@@ -815,3 +815,61 @@ def test_legrad_map_output_is_on_the_original_image(name: str) -> None:
     assert maps.shape == (2, 3, max(h for h, _ in sizes), max(w for _, w in sizes))
     for b, (h, w) in enumerate(sizes):
         torch.testing.assert_close(maps[b, :, :h, :w], placed[b][0], rtol=1e-4, atol=1e-5)
+
+
+class _Tokenizer:
+    """Words ``w<k>`` ↔ ids ``k``: enough for explain_answer's encode and decode."""
+
+    all_special_ids: Tuple[int, ...] = ()
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> Dict[str, List[int]]:
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    def decode(self, ids: List[int]) -> str:
+        return " ".join(f"w{i}" for i in ids)
+
+
+class _InternVLProcessor:
+    """InternVL's processor in miniature: the real image processor (tiles + thumbnail), the
+    prompt's ``<image>`` expanded to ``<img>`` + 16 tokens per tile + ``</img>``; like the
+    real one it returns no image size."""
+
+    tokenizer = _Tokenizer()
+
+    def __init__(self) -> None:
+        self.images = tf.GotOcr2ImageProcessor(
+            size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=6,
+            do_normalize=False,
+        )  # fmt: skip
+
+    def __call__(self, text: List[str], images: List[Any], return_tensors: str) -> Dict[str, Any]:
+        out = self.images(images[0], return_tensors="pt")
+        n = int(out["num_patches"][0])
+        ids: List[int] = []
+        for word in text[0].split():
+            ids += internvl_image(n) if word == "<image>" else [int(word[1:])]
+        row = torch.tensor([ids])
+        return {
+            "input_ids": row,
+            "attention_mask": torch.ones_like(row),
+            "pixel_values": out["pixel_values"],
+        }
+
+
+def test_explain_answer_passes_the_original_size() -> None:
+    """explain_answer on InternVL: the processor returns no image size; the maps are on the
+    original image (the size explain_answer passes as image_sizes), one per answer token."""
+    from captum_legrad import explain_answer
+
+    model = model_for("internvl", "sdpa")
+    image = torch.rand(3, 30, 80, generator=torch.Generator().manual_seed(5))
+    result = explain_answer(model, _InternVLProcessor(), image, "w1 <image> w2", answer="w7 w8")
+    assert result.tokens == ["w7", "w8"]
+    assert result.maps.shape == (2, 30, 80) and result.answer_map.shape == (30, 80)
+    ids = torch.tensor([[1, *internvl_image(4), 2]])  # 30x80 -> 1x3 tiles + thumbnail
+    explained = AnswerLogits(model, ids, torch.tensor([[7, 8]]), image_sizes=[(30, 80)])
+    pixels = _InternVLProcessor().images(image, return_tensors="pt")["pixel_values"]
+    raw = explained.source_maps(pixels, normalize=False)[0][0]
+    low = raw.flatten(1).min(1).values.view(-1, 1, 1)
+    high = raw.flatten(1).max(1).values.view(-1, 1, 1)
+    torch.testing.assert_close(result.maps, (raw - low) / (high - low), rtol=1e-4, atol=1e-5)
