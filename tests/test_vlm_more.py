@@ -873,3 +873,20 @@ def test_explain_answer_passes_the_original_size() -> None:
     low = raw.flatten(1).min(1).values.view(-1, 1, 1)
     high = raw.flatten(1).max(1).values.view(-1, 1, 1)
     torch.testing.assert_close(result.maps, (raw - low) / (high - low), rtol=1e-4, atol=1e-5)
+
+
+def test_refusals_name_the_reason() -> None:
+    """InternVL keeping CLS (the pixel shuffle's square breaks) is refused; tiled images
+    without their size are a ValueError naming image_sizes; a wrong token count names the
+    processor."""
+    model = build_internvl()
+    config: Any = copy.deepcopy(model.config)
+    config.vision_feature_select_strategy = "full"
+    with pytest.raises(UnsupportedModelError, match="CLS"):
+        internvl.rules(config)
+    ids = torch.tensor([[1, *internvl_image(3), 2]])
+    with pytest.raises(ValueError, match="image_sizes"):
+        AnswerLogits(model, ids, torch.tensor([[7]]))(torch.randn(3, 3, 32, 32))
+    bad = torch.tensor([[1, BOI, *[IMAGE] * 20, EOI, 2]])
+    with pytest.raises(ValueError, match="processor"):
+        AnswerLogits(model, bad, torch.tensor([[7]]))(torch.randn(2, 3, 32, 32))
