@@ -890,3 +890,30 @@ def test_refusals_name_the_reason() -> None:
     bad = torch.tensor([[1, BOI, *[IMAGE] * 20, EOI, 2]])
     with pytest.raises(ValueError, match="processor"):
         AnswerLogits(model, bad, torch.tensor([[7]]))(torch.randn(2, 3, 32, 32))
+
+
+def test_gemma4_input_form_is_the_patches_layout() -> None:
+    """Gemma 4's ``output="input"``: the map in ``pixel_values``' layout ``(images, K,
+    patches, 3·p²)``: each image's map resized to the processed image and patchified as the
+    processor does (checked by un-patchifying), padding patches 0."""
+    model = model_for("gemma4", "sdpa")
+    case = Case("gemma4", seed=4)
+    case.prompts = [[2, BOI, *[IMAGE] * 6, EOI, 7], [2, BOI, *[IMAGE] * 4, EOI, 7]]
+    pixels = case.pixels[[0, 2]]
+    positions = case.extra["image_position_ids"][[0, 2]]
+    ids, mask = left(case.prompts)
+    explained = AnswerLogits(
+        model, ids, case.answers, mask, image_position_ids=positions,
+        mm_token_type_ids=(ids == IMAGE).long(),
+    )  # fmt: skip
+    legrad = LeGrad(explained)
+    rows = legrad.attribute_multi(pixels, targets=[0, 1, 2], output="input")
+    assert rows.shape == (2, 3, *pixels.shape[1:])
+    canvas = legrad.attribute_multi(pixels, targets=[0, 1, 2], output="map")
+    for i, (hp, wp) in enumerate([(4, 6), (4, 4)]):
+        n = hp * wp
+        assert torch.all(rows[i, :, n:] == 0)
+        patches = rows[i, :, :n].reshape(3, hp, wp, 4, 4, 3)[..., 0]
+        image = patches.permute(0, 1, 3, 2, 4).reshape(3, hp * 4, wp * 4)
+        size = (hp * 4, wp * 4)  # no image_sizes: the canvas is the processed image
+        torch.testing.assert_close(image, canvas[i, :, : size[0], : size[1]])

@@ -137,11 +137,34 @@ def rules(config: Any) -> Any:
             types = types + 2 * (ids == int(video_id)).long()
         return {"mm_token_type_ids": types}
 
+    def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
+        """Canvas maps → ``pixel_values``' layout ``(K, images, patches, 3·p²)``: each map
+        resized to the image the processor made and patchified as it does (row-major
+        patches, ``(p, p, C)`` within a patch, the map repeated over the channels), padding
+        patches 0."""
+        from ..._core.maps import upsample
+
+        positions = torch.as_tensor(inputs["image_position_ids"])
+        pixels = torch.as_tensor(inputs[name])
+        grids = token_grids(positions.cpu(), pooling)
+        maps = [canvas for sample in canvases for canvas in sample]
+        k = maps[0].shape[0]
+        out = maps[0].new_zeros((k, *pixels.shape))
+        channels = pixels.shape[-1] // (patch * patch)
+        for i, (canvas, grid) in enumerate(zip(maps, grids)):
+            hp, wp = grid[0] * pooling, grid[1] * pooling
+            resized = upsample(canvas.unsqueeze(0), (hp * patch, wp * patch))[0]
+            cells = resized.reshape(k, hp, patch, wp, patch).permute(0, 1, 3, 2, 4)
+            cells = cells.reshape(k, hp * wp, patch * patch, 1).expand(-1, -1, -1, channels)
+            out[:, i, : hp * wp] = cells.reshape(k, hp * wp, -1)
+        return out
+
     return ViewRules(
         describe=describe,
         main_input=lambda inputs: "pixel_values",
         per_token={"mm_token_type_ids": 0},
         build=build,
         batch_first=False,
+        to_input=to_input,
         consumed=("image_sizes", "num_soft_tokens_per_image"),
     )
