@@ -72,11 +72,22 @@ def build_llama4(attn: str = "sdpa", seed: int = 0, chunk: int = 512) -> nn.Modu
     return tf.Llama4ForConditionalGeneration(config).eval()
 
 
-def build_gemma4(attn: str = "sdpa", seed: int = 0, full_only: bool = False) -> nn.Module:
+def build_gemma4(
+    attn: str = "sdpa", seed: int = 0, full_only: bool = False, shared_moe: bool = False
+) -> nn.Module:
+    """Tiny Gemma 4; ``shared_moe``: four layers, the last two reusing the keys and values
+    of earlier ones (``num_kv_shared_layers``, as Gemma 4 E2B/E4B) and expert MLPs."""
     torch.manual_seed(seed)
     types = ["sliding_attention", "sliding_attention", "full_attention"]
+    extra: Dict[str, Any] = {}
     if full_only:
         types = ["full_attention"]
+    if shared_moe:
+        types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        extra = dict(
+            num_kv_shared_layers=2, enable_moe_block=True, num_experts=2, top_k_experts=1,
+            moe_intermediate_size=32,
+        )  # fmt: skip
     vision = tf.Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16, pooling_kernel_size=2, patch_size=4,
@@ -88,7 +99,7 @@ def build_gemma4(attn: str = "sdpa", seed: int = 0, full_only: bool = False) -> 
         hidden_size_per_layer_input=8, sliding_window=8, max_position_embeddings=512,
         layer_types=types,
         use_bidirectional_attention="vision", global_head_dim=16, num_global_key_value_heads=2,
-        final_logit_softcapping=30.0,
+        final_logit_softcapping=30.0, **extra,
     )  # fmt: skip
     config = tf.Gemma4Config(
         vision_config=vision.to_dict(), text_config=text.to_dict(), boi_token_id=BOI,
@@ -917,3 +928,18 @@ def test_gemma4_input_form_is_the_patches_layout() -> None:
         image = patches.permute(0, 1, 3, 2, 4).reshape(3, hp * 4, wp * 4)
         size = (hp * 4, wp * 4)  # no image_sizes: the canvas is the processed image
         torch.testing.assert_close(image, canvas[i, :, : size[0], : size[1]])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma4_shared_kv_and_experts_match_the_oracle(attn: str) -> None:
+    """Gemma 4 with layers that reuse earlier layers' keys and values and with expert MLPs:
+    each layer's own attention probabilities are differentiated, as the oracle does."""
+    model = _randomise(build_gemma4(attn, shared_moe=True))
+    case = Case("gemma4", seed=5)
+    ids, mask = left(case.prompts)
+    got = AnswerLogits(model, ids, case.answers, mask, **case.inputs(ids)).view_maps(case.pixels)
+    want, _ = case.oracle(model)
+    for mine, theirs in zip(got, want):
+        for g, w in zip(mine, theirs):
+            assert_not_vacuous(w.unsqueeze(0), lead=2)
+            _close(g, w)
