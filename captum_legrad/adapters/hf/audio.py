@@ -24,7 +24,7 @@ truncates to ``max_length``).
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -85,12 +85,12 @@ def match(model: nn.Module) -> Optional[ViTSpec]:
     def grid(bins: int, frames: int) -> Tuple[int, int]:
         return (bins - p) // f_stride + 1, (frames - p) // t_stride + 1
 
-    blocks = common.layers_of(base)
+    blocks: Sequence[Any] = common.layers_of(base)
     return ViTSpec(
         family="hf",
         token_mean_readout=True,
         root=base,
-        blocks=blocks,
+        blocks=tuple(blocks),
         attentions=tuple(block.attention for block in blocks),
         readout=mean_readout,
         model_readout=prefix_mean,

@@ -179,14 +179,14 @@ def _match_videomae(model: nn.Module) -> Optional[ViTSpec]:
 
         readouts = (own_mean, mean_then_norm)
     patch = (int(config.tubelet_size), *pair(config.patch_size))
-    blocks = common.layers_of(base)
+    blocks: Sequence[Any] = common.layers_of(base)
     return _spec(
         base,
         blocks,
         [common.attention_of(block, "attention") for block in blocks],
         readouts,
         0,
-        patch,  # type: ignore[arg-type]
+        patch,
         _native_forward(model, "VideoMAE", int(config.num_frames), pair(config.image_size)),
     )
 
@@ -206,7 +206,7 @@ def _match_vivit(model: nn.Module) -> Optional[ViTSpec]:
         return None
     config = base.config
     tubelet = tuple(int(s) for s in config.tubelet_size)
-    blocks = common.layers_of(base)
+    blocks: Sequence[Any] = common.layers_of(base)
     return _spec(
         base,
         blocks,
@@ -274,7 +274,7 @@ def _match_timesformer(model: nn.Module) -> Optional[ViTSpec]:
     config = base.config
     p = int(config.patch_size)
     size = pair(config.image_size)
-    blocks = common.layers_of(base)
+    blocks: Sequence[Any] = common.layers_of(base)
     attentions = [block.attention.attention for block in blocks]
     extra: Dict[str, Any] = {}
     if config.attention_type == "divided_space_time":
@@ -315,7 +315,7 @@ def _match_vjepa2(model: nn.Module) -> Optional[ViTSpec]:
     def pooled(tokens: Tensor) -> Tensor:
         return m.classifier(pooler(encoder.layernorm(tokens)))
 
-    blocks = tuple(encoder.layer)
+    blocks: Sequence[Any] = tuple(encoder.layer)
     crop = int(config.crop_size)
     return _spec(
         m.vjepa2,
