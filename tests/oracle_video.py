@@ -97,7 +97,10 @@ def layer_maps(model: Any, x: Tensor, target: int, pooling: str = "mean") -> Ten
         handles.append(layer.register_forward_hook(keep_output))
         block: Any = layer
         if name.startswith("Timesformer"):
-            for attention in (block.temporal_attention, block.attention):  # as they run
+            attentions_of = [block.attention]  # joint space-time: one attention
+            if hasattr(block, "temporal_attention"):  # divided: temporal, then spatial
+                attentions_of = [block.temporal_attention, block.attention]
+            for attention in attentions_of:
                 drop = attention.attention.attn_drop
                 handles.append(drop.register_forward_hook(keep_weights(index)))
         elif not name.startswith("VJEPA2"):
@@ -131,6 +134,9 @@ def _place(model: Any, x: Tensor, reduced: List[Tensor]) -> Tensor:
         return reduced[0][:, 2:].reshape(b, f, t)  # CLS, distillation; frequency-major
     if name.startswith("Timesformer"):
         frames, h, w = x.shape[1], x.shape[3] // config.patch_size, x.shape[4] // config.patch_size
+        if len(reduced) == 1:  # joint: CLS, then tokens (position, frame), position-major
+            joint = reduced[0][:, 1:].reshape(b, h * w, frames).transpose(1, 2)
+            return joint.reshape(b, frames, h, w)
         temporal = reduced[0].reshape(b, h * w, frames).transpose(1, 2)  # rows (b, position)
         spatial = reduced[1].reshape(b, frames, 1 + h * w)[:, :, 1:]  # rows (b, frame), CLS
         return (temporal + spatial).reshape(b, frames, h, w)

@@ -58,6 +58,15 @@ BUILDERS: Dict[str, Tuple[str, Callable[[], Any], Tuple[int, ...]]] = {
         ),
         (2, 3, 3, 16, 16),
     ),
+    "timesformer_joint": (  # one attention over all tokens, position-major
+        "TimesformerForVideoClassification",
+        lambda: transformers.TimesformerConfig(
+            image_size=16, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, num_labels=4,
+            attention_type="joint_space_time",
+        ),
+        (2, 3, 3, 16, 16),
+    ),
     "vjepa2": (
         "VJEPA2ForVideoClassification",
         lambda: transformers.VJEPA2Config(
@@ -81,7 +90,7 @@ BUILDERS: Dict[str, Tuple[str, Callable[[], Any], Tuple[int, ...]]] = {
 KEYS = sorted(BUILDERS)
 #: Families whose two poolings differ (VideoMAE's own pooling is the mean; V-JEPA 2's
 #: attentive pooler is the readout of both).
-TWO_POOLINGS = {"videomae_cls", "vivit", "timesformer", "ast"}
+TWO_POOLINGS = {"videomae_cls", "vivit", "timesformer", "timesformer_joint", "ast"}
 SDPA = {"videomae", "vivit", "vjepa2", "ast"}  # TimeSformer has eager attention only
 
 
@@ -269,3 +278,12 @@ def test_discover_describes_the_grid_of_each_family() -> None:
     assert ast.num_prefix_tokens == 2 and ast.patch_stride == (2, 3)
     timesformer = discover(cached("timesformer"))
     assert sorted(timesformer.sites) == [0, 1]
+    assert not discover(cached("timesformer_joint")).sites
+
+
+def test_space_only_timesformer_is_refused_with_the_reason() -> None:
+    config = BUILDERS["timesformer"][1]()
+    config.attention_type = "space_only"
+    model = require_hf("TimesformerForVideoClassification")(config).eval()
+    with pytest.raises(UnsupportedModelError, match=r"space_only.*one output per frame"):
+        LeGrad(model)

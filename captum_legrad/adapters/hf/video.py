@@ -7,7 +7,9 @@ Recognised (transformers 5.x; the classes each installed version has):
 * ``TimesformerForVideoClassification``, ``TimesformerModel`` (one frame per patch, a CLS
   token; ``attention_type="divided_space_time"``: each block's temporal and spatial
   attention are both LeGrad attentions, :attr:`~captum_legrad.ViTSpec.sites`; the
-  ``"space_only"`` and ``"joint_space_time"`` variants are one attention per block);
+  ``"joint_space_time"`` variant is one attention per block over all tokens, laid out from
+  TimeSformer's position-major token order; ``"space_only"``, which returns one output per
+  frame, is refused);
 * ``VJEPA2ForVideoClassification`` (3-D RoPE; its attentive pooler is the readout, and
   its cross-attention is the differentiated attention, as for SigLIP's MAP head).
 
@@ -43,7 +45,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ...errors import CaptureError
+from ...errors import CaptureError, UnsupportedModelError
 from ...spec import AttentionSite, InputAxes, PatchLayout, TokenInput, ViTSpec
 from ..common import mlp_outputs, pair
 from . import common
@@ -261,6 +263,26 @@ def _spatial_layout(patch: int) -> Callable[[Tuple[Any, ...], int], PatchLayout]
     return layout
 
 
+def _joint_layout(patch: int) -> Callable[[Tuple[Any, ...], int], PatchLayout]:
+    """Joint space-time attention: one attention over CLS and every (position, frame)
+    token, position-major (TimeSformer's order): cell ``(frame, row, column)`` is key
+    ``1 + position·T + frame``."""
+
+    def layout(inputs: Tuple[Any, ...], n_keys: int) -> PatchLayout:
+        video = inputs[0]
+        t, h, w = int(video.shape[1]), video.shape[-2] // patch, video.shape[-1] // patch
+        if n_keys != 1 + t * h * w:
+            raise CaptureError(
+                f"TimeSformer's attention has {n_keys} keys for {t} frames of a {h}x{w} patch "
+                "grid; LeGrad expects the CLS token and one key per patch of every frame."
+            )
+        frame = torch.arange(t).view(t, 1, 1)
+        position = torch.arange(h * w).view(1, h, w)
+        return PatchLayout((1 + position * t + frame).flatten(), (t, h, w))
+
+    return layout
+
+
 def _match_timesformer(model: nn.Module) -> Optional[ViTSpec]:
     module = "timesformer.modeling_timesformer"
     m: Any = model
@@ -277,6 +299,15 @@ def _match_timesformer(model: nn.Module) -> Optional[ViTSpec]:
     blocks: Sequence[Any] = common.layers_of(base)
     attentions = [block.attention.attention for block in blocks]
     extra: Dict[str, Any] = {}
+    if config.attention_type == "space_only":
+        raise UnsupportedModelError(
+            f"{type(model).__name__} with attention_type='space_only' runs every frame as its "
+            "own image (batch B·T) and returns one output per frame, not per video; LeGrad "
+            "explains TimeSformer with 'divided_space_time' (the released models) or "
+            "'joint_space_time' attention. Explain its frames as images with spec=ViTSpec(...)."
+        )
+    if config.attention_type == "joint_space_time":
+        extra["layout"] = _joint_layout(p)
     if config.attention_type == "divided_space_time":
         temporal, spatial = _temporal_layout(base, p), _spatial_layout(p)
         extra["sites"] = {
