@@ -6,7 +6,8 @@ Recognised (transformers 5.x; the classes each installed version has):
 * ``VivitForVideoClassification``, ``VivitModel`` (tubelets and a CLS token: ``P = 1``);
 * ``TimesformerForVideoClassification``, ``TimesformerModel`` (one frame per patch, a CLS
   token; ``attention_type="divided_space_time"``: each block's temporal and spatial
-  attention are both LeGrad attentions, :attr:`~captum_legrad.ViTSpec.sites`; the
+  attention are both LeGrad attentions (:attr:`~captum_legrad.ViTSpec.sites`, the block's
+  map their sum); the
   ``"joint_space_time"`` variant is one attention per block over all tokens, laid out from
   TimeSformer's position-major token order; ``"space_only"``, which returns one output per
   frame, is refused);
@@ -31,10 +32,10 @@ Readouts (``y = norm(Z)``, ``n = norm(mean over all tokens of Z)``; ``pooling="m
   (``y[:, 0]`` / ``n``; VideoMAE: ``y.mean(1)`` / ``n``, or ``Z.mean(1)`` / ``mean Z``
   without a final norm).
 
-Input sizes: these models learn their position embedding (or, V-JEPA 2, compute their RoPE
-positions) for the frame count and frame size of their configuration, and none of them
-resamples it for video; LeGrad runs them at that size only and refuses others with one line
-saying which size to give (before the model runs).
+Input sizes: these models learn their position embedding for the frame count and frame size
+of their configuration (V-JEPA 2 computes its RoPE positions from the configured crop size,
+for any frame count), and none of them resamples it for video; LeGrad runs them at that size
+only and refuses others with one line saying which size to give (before the model runs).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def _match_vivit(model: nn.Module) -> Optional[ViTSpec]:
 # ---------------------------------------------------------------------------- TimeSformer
 
 
-def _temporal_layout(base: Any, patch: int) -> Callable[[Tuple[Any, ...], int], PatchLayout]:
+def _temporal_layout(patch: int) -> Callable[[Tuple[Any, ...], int], PatchLayout]:
     """The temporal attention runs per spatial position: batch rows ``(b, position)``, keys
     the frames; cell ``(frame, row, column)`` is row ``position = row·w + column``, key
     ``frame``, i.e. value ``position·T + frame`` of the sample's ``n × T`` values."""
@@ -309,7 +310,7 @@ def _match_timesformer(model: nn.Module) -> Optional[ViTSpec]:
     if config.attention_type == "joint_space_time":
         extra["layout"] = _joint_layout(p)
     if config.attention_type == "divided_space_time":
-        temporal, spatial = _temporal_layout(base, p), _spatial_layout(p)
+        temporal, spatial = _temporal_layout(p), _spatial_layout(p)
         extra["sites"] = {
             index: (
                 AttentionSite(block.temporal_attention.attention, temporal),
