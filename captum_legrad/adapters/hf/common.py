@@ -151,16 +151,20 @@ def image_features_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
 
 
 def returns_features(model: nn.Module) -> bool:
-    """Whether ``model``'s output is an image embedding rather than class scores: every
-    class but the ``*ForImageClassification*`` ones (base models, vision models, multimodal
-    models through ``get_image_features``), and a classifier built with ``num_labels=0``
-    (its heads are identities)."""
-    if "ForImageClassification" not in type(model).__name__:
+    """Whether ``model``'s output is an embedding rather than class scores: every class but
+    the ``*ForImageClassification*``, ``*ForVideoClassification`` and
+    ``*ForAudioClassification`` ones (base models, vision models, multimodal models through
+    ``get_image_features``), and a classifier built with ``num_labels=0`` (its heads are
+    identities)."""
+    if not any(kind in type(model).__name__ for kind in _CLASSIFIERS):
         return True
     heads = [getattr(model, name, None) for name in ("classifier", "cls_classifier")]
+    heads = [getattr(head, "dense", head) for head in heads]  # AST's head: norm, then dense
     modules = [head for head in heads if isinstance(head, nn.Module)]
     return bool(modules) and all(isinstance(head, nn.Identity) for head in modules)
 
+
+_CLASSIFIERS = ("ForImageClassification", "ForVideoClassification", "ForAudioClassification")
 
 _FLAG = "interpolate_pos_encoding"
 
