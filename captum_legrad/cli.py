@@ -413,6 +413,7 @@ def _explain_media(args: argparse.Namespace, kind: str) -> int:
     from .eval.explain import read_labels
     from .eval.explain_media import explain_media, load_media_model, media_summary
     from .eval.files import OutputFolder
+    from .eval.media import check_media
 
     for given, option in (
         (args.prompt, "--prompt"),
@@ -423,6 +424,7 @@ def _explain_media(args: argparse.Namespace, kind: str) -> int:
     ):
         if given is not None:
             raise CLIError(f"{option} does not apply to a {kind} file ({args.input.name})")
+    check_media(args.input, kind)  # a bad file stops the run before the model loads
     labels = read_labels(args.labels) if args.labels is not None else None
     device = _device(args.device)
     out = OutputFolder(args.out)

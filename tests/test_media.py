@@ -721,3 +721,89 @@ def test_cli_refuses_options_and_models_that_do_not_fit_a_video(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
         assert not out.exists()
+
+
+def _hf_oracle_video(folder: Path, clip: Path, target: int) -> Tensor:
+    """The CLI's video map from the definition: the eager twin's per-layer maps on the
+    tubelet grid (tests/oracle_video.py), summed, trilinear to (T, H, W), min-max."""
+    from oracle_video import layer_maps
+
+    model = transformers.VideoMAEForVideoClassification.from_pretrained(
+        folder, attn_implementation="eager"
+    ).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    x = processor(read_video(clip, 8).frames, return_tensors="pt")["pixel_values"]
+    layers = layer_maps(model, x, target)  # (1, L, t, h, w)
+    assert_not_vacuous(layers)
+    total = layers.sum(1, keepdim=True)
+    up = F.interpolate(total, size=(8, 32, 32), mode="trilinear", align_corners=False)
+    return minmax(up[0, 0])
+
+
+def _hf_oracle_audio(folder: Path, sound: Path, target: int) -> Tensor:
+    """The CLI's audio map from the definition: per-layer maps on AST's (F, T) patch grid,
+    summed, each spectrogram cell the mean of the patches covering it (0 if none), min-max,
+    in the input's (time, mel) layout."""
+    from oracle_video import layer_maps
+
+    model = transformers.ASTForAudioClassification.from_pretrained(
+        folder, attn_implementation="eager"
+    ).eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(folder)
+    waveform = read_audio(sound, 16000).waveform
+    x = extractor(waveform, sampling_rate=16000, return_tensors="pt")["input_values"]
+    layers = layer_maps(model, x, target)  # (1, L, F, T)
+    assert_not_vacuous(layers)
+    grid = layers.sum(1)[0]
+    config = model.config
+    size, (fs, ts) = config.patch_size, (config.frequency_stride, config.time_stride)
+    total, count = torch.zeros(32, 64), torch.zeros(32, 64)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            total[i * fs : i * fs + size, j * ts : j * ts + size] += grid[i, j]
+            count[i * fs : i * fs + size, j * ts : j * ts + size] += 1
+    cells = torch.where(count > 0, total / count.clamp(min=1), torch.zeros(()))
+    return minmax(cells).T
+
+
+def test_cli_explains_with_saved_hf_videomae_and_ast(
+    files: Dict[str, Path], hf_folders: Dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "video"
+    args = ["explain", str(files["clip"]), "--model", f"hf:{hf_folders['video']}"]
+    assert main([*args, "--target", "jump", "sit", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clip.png",
+        "clip_jump.npy",
+        "clip_jump_anim.gif",
+        "clip_sit.npy",
+        "clip_sit_anim.gif",
+    ]
+    for target, name in ((1, "jump"), (2, "sit")):
+        expected = _hf_oracle_video(hf_folders["video"], files["clip"], target)
+        saved = np.load(out / f"clip_{name}.npy")
+        np.testing.assert_allclose(saved, expected.numpy(), rtol=1e-4, atol=1e-4)
+    sound = tmp_path / "sound"
+    args = ["explain", str(files["sound"]), "--model", f"hf:{hf_folders['audio']}"]
+    assert main([*args, "--target", "music", "--out", str(sound)]) == 0
+    assert sorted(p.name for p in sound.iterdir()) == ["sound.png", "sound_music.npy"]
+    saved = np.load(sound / "sound_music.npy")
+    assert saved.shape == (64, 32)
+    expected = _hf_oracle_audio(hf_folders["audio"], files["sound"], 1)
+    np.testing.assert_allclose(saved, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["corrupt", "empty_wav", "text"])
+def test_cli_bad_files_with_a_saved_hf_model(
+    files: Dict[str, Path],
+    hf_folders: Dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    name: str,
+) -> None:
+    folder = hf_folders["audio" if name.endswith("wav") else "video"]
+    out = tmp_path / "out"
+    assert main(["explain", str(files[name]), "--model", f"hf:{folder}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("captum-legrad: error: cannot read")
+    assert not out.exists()

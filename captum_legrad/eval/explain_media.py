@@ -141,6 +141,22 @@ class _Logits(nn.Module):
         return logits
 
 
+@contextlib.contextmanager
+def _no_progress_bars(transformers: Any) -> Iterator[None]:
+    """transformers' "Loading weights" bars off while the model loads (the command prints
+    one line on an error), on again after if they were on."""
+    logging: Any = getattr(getattr(transformers, "utils", None), "logging", None)
+    enabled = getattr(logging, "is_progress_bar_enabled", None)
+    was_on = bool(enabled()) if callable(enabled) else False
+    if was_on:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
 def load_media_model(spec: str, kind: str, random_weights: bool = False) -> MediaModel:
     r"""An HF video or audio classifier and its own processor, from ``hf:FOLDER`` or
     ``hf:ORG/NAME``.
@@ -200,7 +216,7 @@ def load_media_model(spec: str, kind: str, random_weights: bool = False) -> Medi
         )
     input_name = types[model_type]
     try:
-        with _quiet():
+        with _quiet(), _no_progress_bars(transformers):
             if kind == "video":
                 loader = transformers.AutoModelForVideoClassification
                 processor_class = (

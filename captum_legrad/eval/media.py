@@ -35,6 +35,7 @@ __all__ = [
     "sample_indices",
     "read_video",
     "read_audio",
+    "check_media",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv")
@@ -316,3 +317,49 @@ def read_audio(path: Path, sampling_rate: int) -> Audio:
     if not np.isfinite(waveform).all():
         raise MediaError(f"cannot read audio {path}: it decodes to non-finite samples")
     return Audio(waveform=waveform, sampling_rate=int(sampling_rate), source_rate=source)
+
+
+def check_media(path: Path, kind: str) -> None:
+    """Check, cheaply, that a file is a readable video or audio file, before a model is
+    loaded: its stream is there, a first video frame decodes, or the audio has a sample
+    rate that can be resampled and a first sample.
+
+    Args:
+        path (Path): The file.
+        kind (str): ``"video"`` or ``"audio"``.
+
+    Raises:
+        MediaError: As :func:`read_video` and :func:`read_audio` would.
+    """
+    path = Path(path)
+    av = _av()
+    if not path.is_file():
+        raise MediaError(f"no such {kind} file: {path}")
+    low, high = RESAMPLE_RANGE
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video if kind == "video" else container.streams.audio
+            if not streams:
+                other = "a video" if kind == "video" else "an audio file"
+                raise MediaError(
+                    f"cannot read {kind} {path}: no {kind} stream in it (not {other}, or the "
+                    "file is damaged)"
+                )
+            stream = streams[0]
+            if kind == "audio":
+                source = int(stream.rate or stream.sample_rate or 0)
+                if not low <= source <= high:
+                    raise MediaError(
+                        f"cannot read audio {path}: its sample rate {source} Hz cannot be "
+                        f"resampled (supported: {low}–{high} Hz)"
+                    )
+            for frame in container.decode(stream):
+                if kind == "video" or frame.samples > 0:
+                    return
+    except MediaError:
+        raise
+    except _decode_errors(av) as error:
+        raise MediaError(f"cannot read {kind} {path}: {_reason(error)}") from error
+    if kind == "video":
+        raise MediaError(f"cannot read video {path}: it has no frames")
+    raise MediaError(f"cannot read audio {path}: it has no samples (zero length)")
