@@ -572,7 +572,7 @@ def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
             label2id={"run": 0, "jump": 1, "sit": 2},
         )
     )
-    video.save_pretrained(root / "videomae")
+    _zero_params_random(video).save_pretrained(root / "videomae")
     video_processor().save_pretrained(root / "videomae")
     audio = transformers.ASTForAudioClassification(
         transformers.ASTConfig(
@@ -590,7 +590,7 @@ def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
             label2id={"speech": 0, "music": 1, "dog": 2},
         )
     )
-    audio.save_pretrained(root / "ast")
+    _zero_params_random(audio, 1).save_pretrained(root / "ast")
     transformers.ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(root / "ast")
     bare = root / "bare"
     video.save_pretrained(bare)  # no processor
@@ -807,3 +807,83 @@ def test_cli_bad_files_with_a_saved_hf_model(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("captum-legrad: error: cannot read")
     assert not out.exists()
+
+
+def _zero_params_random(model: nn.Module, seed: int = 0) -> nn.Module:
+    """HF's all-zero tensors at HF's init scale 0.02 (no constant score)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    return model
+
+
+#: The other video families: model class, config, processor (16×16 frames, 4 frames).
+OTHER_VIDEO = {
+    "vivit": (
+        "VivitForVideoClassification",
+        lambda: transformers.VivitConfig(
+            image_size=16, tubelet_size=[2, 8, 8], num_frames=4, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3,
+        ),
+        lambda: transformers.VivitImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+    ),
+    "timesformer": (
+        "TimesformerForVideoClassification",
+        lambda: transformers.TimesformerConfig(
+            image_size=16, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, num_labels=3,
+        ),
+        lambda: transformers.VideoMAEImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+    ),
+    "vjepa2": (
+        "VJEPA2ForVideoClassification",
+        lambda: transformers.VJEPA2Config(
+            crop_size=16, patch_size=8, frames_per_clip=4, tubelet_size=2, hidden_size=48,
+            num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0, num_pooler_layers=1,
+            pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2,
+            num_labels=3,
+        ),
+        lambda: transformers.VJEPA2VideoProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", sorted(OTHER_VIDEO))
+def test_the_other_video_families_run_through_explain(
+    key: str, files: Dict[str, Path], tmp_path: Path
+) -> None:
+    """ViViT, TimeSformer, V-JEPA 2 saved with their processors: the written map is LeGrad's
+    map of the processor's input (its exactness: tests/test_video_audio.py), one per model
+    frame, and the animation has one frame per model frame."""
+    from PIL import Image
+
+    from captum_legrad import LeGrad
+
+    class_name, make_config, make_processor = OTHER_VIDEO[key]
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None:
+        pytest.skip(f"transformers has no {class_name}")
+    torch.manual_seed(0)
+    model = _zero_params_random(model_class(make_config()).eval())
+    folder = tmp_path / key
+    model.save_pretrained(folder)
+    make_processor().save_pretrained(folder)
+    loaded = media_explain.load_media_model(f"hf:{folder}", "video")
+    assert loaded.num_frames == 4
+    result = explain_media(loaded, files["clip"], OutputFolder(tmp_path / "out"), targets=["0"])
+    saved = np.load(result.files[0])
+    x = loaded.prepare(read_video(files["clip"], 4))
+    assert x.shape == (1, 4, 3, 16, 16)
+    expected = LeGrad(loaded.model).attribute(x, target=0)[0, :, 0]  # (T, H, W)
+    assert float(expected.max() - expected.min()) > 0
+    np.testing.assert_allclose(saved, expected.numpy(), rtol=1e-5, atol=1e-6)
+    with Image.open(result.files[-1]) as gif:
+        assert gif.n_frames == 4
