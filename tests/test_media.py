@@ -192,6 +192,8 @@ def test_the_file_kind_comes_from_the_extension_or_the_content(
     picture.write_bytes(b"not even a png")
     assert media_kind(picture, (".png",)) is None
     assert media_kind(tmp_path) is None
+    assert media_kind(tmp_path / "missing.mp4") == "video"
+    assert media_kind(tmp_path / "missing.data") is None
 
 
 # --------------------------------------------------------------------------- pictures
@@ -713,11 +715,15 @@ def test_cli_refuses_options_and_models_that_do_not_fit_a_video(
 ) -> None:
     cases = [
         (["--model", "default"], "a video file needs a Hugging Face video classifier"),
+        (["--model", "hf:x/y", "--input-missing"], "no such video file: "),
         (["--model", "hf:x/y", "--prompt", "a cat"], "--prompt does not apply to a video file"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"
-        assert main(["explain", str(files["clip"]), *extra, "--out", str(out)]) == 2
+        clip = str(files["clip"])
+        if "--input-missing" in extra:
+            extra, clip = extra[:-1], str(tmp_path / "gone.mp4")
+        assert main(["explain", clip, *extra, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
         assert not out.exists()

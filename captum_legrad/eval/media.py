@@ -137,7 +137,9 @@ def media_kind(path: Path, image_extensions: Sequence[str] = ()) -> Optional[str
 
     The extension decides (:data:`VIDEO_EXTENSIONS`, :data:`AUDIO_EXTENSIONS`); a file with
     another extension that is not an image extension is probed with PyAV (a file with a
-    video stream is a video, one with only audio streams is audio). Folders are None.
+    video stream is a video, one with only audio streams is audio). Folders are None; a
+    missing file with a video or audio extension is that kind (its reader then says it is
+    missing).
 
     Args:
         path (Path): The file.
@@ -148,14 +150,14 @@ def media_kind(path: Path, image_extensions: Sequence[str] = ()) -> Optional[str
         *str* or None.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
         return None
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
-        return "video"
+        return "video"  # also when missing: its reader says so
     if suffix in AUDIO_EXTENSIONS:
         return "audio"
-    if suffix in image_extensions:
+    if suffix in image_extensions or not path.is_file():
         return None
     return _probe(path)
 
