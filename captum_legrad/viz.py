@@ -1248,7 +1248,11 @@ def animate_video(
             array = _caption(array, text, colours=colormaps[cmap])
         images.append(array)
     if kind == "gif":
-        first, *rest = [Image.fromarray(a) for a in images]
+        # one palette per frame by fast octree quantisation: Pillow's default (median cut)
+        # takes seconds per large frame
+        first, *rest = [
+            Image.fromarray(a).quantize(256, method=Image.Quantize.FASTOCTREE) for a in images
+        ]
         first.save(
             path,
             format="GIF",
