@@ -86,11 +86,12 @@ def _user_errors() -> Iterator[None]:
     from .eval.batches import DataError
     from .eval.explain import ExplainError
     from .eval.files import OutputError
+    from .eval.media import MediaError
     from .eval.models import ModelError
 
     try:
         yield
-    except (ModelError, ExplainError, OutputError, DataError) as error:
+    except (ModelError, ExplainError, OutputError, DataError, MediaError) as error:
         raise CLIError(str(error)) from error
 
 
@@ -359,6 +360,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise CLIError(f"--top-k must be at least 1, got {args.top_k}")
+    kind = _media_input(args.input)
+    if kind is not None:
+        return _explain_media(args, kind)
     files = image_files(args.input)
     check_photos(files)
     labels = read_labels(args.labels) if args.labels is not None else None
@@ -393,6 +397,62 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise
     print(f"model {args.model}, weights: {loaded.weights}")
     print("\n".join(summary_lines(results, args.out)))
+    return 0
+
+
+def _media_input(path: Path) -> Optional[str]:
+    """``"video"`` or ``"audio"`` for such a file (extension, else content), else None."""
+    from .eval.explain import IMAGE_EXTENSIONS
+    from .eval.media import media_kind
+
+    return media_kind(path, IMAGE_EXTENSIONS)
+
+
+def _explain_media(args: argparse.Namespace, kind: str) -> int:
+    """``explain clip.mp4`` / ``explain sound.wav``: an HF video or audio classifier."""
+    from .eval.explain import read_labels
+    from .eval.explain_media import explain_media, load_media_model, media_summary
+    from .eval.files import OutputFolder
+    from .eval.media import check_media
+
+    for given, option in (
+        (args.prompt, "--prompt"),
+        (args.ask, "--ask"),
+        (args.image_size, "--image-size"),
+        (args.weights, "--weights"),
+        (args.num_classes, "--num-classes"),
+    ):
+        if given is not None:
+            raise CLIError(f"{option} does not apply to a {kind} file ({args.input.name})")
+    check_media(args.input, kind)  # a bad file stops the run before the model loads
+    labels = read_labels(args.labels) if args.labels is not None else None
+    device = _device(args.device)
+    out = OutputFolder(args.out)
+
+    def warn(message: str) -> None:
+        if not args.quiet:
+            print(f"captum-legrad: warning: {message}", file=sys.stderr)
+
+    try:
+        loaded = load_media_model(args.model, kind, random_weights=args.random_weights)
+        result = explain_media(
+            loaded,
+            args.input,
+            out,
+            targets=args.target,
+            top_k=args.top_k,
+            labels=labels,
+            layers=args.layers,
+            animation=args.animation,
+            fmt=args.format,
+            device=device,
+            warn=warn,
+        )
+    except BaseException:
+        out.cleanup()
+        raise
+    print(f"model {args.model}, weights: {loaded.weights}")
+    print("\n".join(media_summary(result, args.out)))
     return 0
 
 
@@ -538,7 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --target or --prompt the model's top-k predicted classes are explained.",
         formatter_class=_Formatter,
     )
-    explain.add_argument("input", type=Path, help="an image file or a folder of images")
+    explain.add_argument(
+        "input",
+        type=Path,
+        help="an image file or a folder of images; or a video (.mp4, ...) or audio file "
+        "(.wav, ...) with --model hf:VIDEO_OR_AUDIO_CLASSIFIER",
+    )
     explain.add_argument("--model", required=True, help=model_help)
     _weights_options(explain)
     what = explain.add_mutually_exclusive_group()
@@ -586,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--answer", help="with --ask: explain this answer (default: generated)")
     explain.add_argument(
         "--max-new-tokens", type=_positive, default=32, help="with --ask: longest answer"
+    )
+    explain.add_argument(
+        "--animation",
+        choices=("gif", "mp4", "none"),
+        default="gif",
+        help="a video's animation of each map: gif (plays anywhere), mp4 (smaller; PyAV) or none",
     )
     explain.add_argument("--out", type=Path, required=True, help="output folder")
     explain.add_argument("--quiet", action="store_true", help="no progress bar or notes")

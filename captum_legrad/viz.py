@@ -844,3 +844,623 @@ def plot_answer(
 
 
 __all__ += ["plot_answer"]
+
+
+# --------------------------------------------------------------------------- video and audio
+
+
+def _frames(video: ArrayLike) -> np.ndarray:
+    """A video as ``(T, H, W, 3)`` (or ``(T, H, W)`` grey) floats in [0, 1], un-normalised
+    later: model layout ``(T, C, H, W)`` / ``(1, T, C, H, W)`` or decoded frames
+    ``(T, H, W, 3)`` uint8."""
+    clip = _tensor(video, "video")
+    if clip.dim() == 5 and clip.shape[0] == 1:
+        clip = clip[0]
+    if clip.dim() != 4:
+        raise ValueError(
+            f"video must be one clip (T, C, H, W) as the model takes it, or frames (T, H, W, 3), "
+            f"got shape {tuple(clip.shape)}; pick one clip of a batch with x[i]."
+        )
+    return clip.numpy()
+
+
+def _video_rgb(video: ArrayLike, mean: Stats, std: Stats) -> List[np.ndarray]:
+    clip = _frames(video)
+    if clip.shape[-1] in (1, 3) and clip.shape[1] not in (1, 3):  # channels-last frames
+        tensor = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(clip))
+    return [denormalize(frame, mean, std) for frame in tensor]
+
+
+def _video_maps(
+    maps: ArrayLike, frames: int, channels: int, size: Tuple[int, int], targets: Optional[int]
+) -> np.ndarray:
+    """Maps → ``(K, T, H, W)`` at the frames' size; a map with fewer time steps (a tubelet
+    grid) gives each frame its tubelet's map."""
+    grid = _tensor(maps, "maps").float()
+    if grid.dim() == 6 and grid.shape[0] == 1:  # attribute_multi(..., output="input"), B=1
+        grid = grid[0]
+    if grid.dim() == 5:
+        grid = grid.mean(2)  # (K, T, C, H, W): every channel holds the same map
+    elif grid.dim() == 4 and grid.shape[0] == frames and grid.shape[1] == channels:
+        if targets is None or targets == 1 or grid.shape[0] != targets:
+            grid = grid.mean(1, keepdim=False)[None]  # (T, C, H, W): one target
+    if grid.dim() == 3:
+        grid = grid[None]
+    if grid.dim() != 4:
+        raise ValueError(
+            "maps must be one target's (T, H, W) or (T, C, H, W), or K targets' (K, T, H, W) "
+            f"or (K, T, C, H, W), got shape {tuple(_tensor(maps, 'maps').shape)}."
+        )
+    steps = grid.shape[1]
+    if steps != frames:
+        index = torch.tensor([i * steps // frames for i in range(frames)])
+        grid = grid[:, index]
+    if tuple(grid.shape[-2:]) != tuple(size):
+        grid = upsample(grid.flatten(0, 1)[:, None], size)[:, 0].view(*grid.shape[:2], *size)
+    return grid.numpy()
+
+
+def _frame_title(
+    position: int, indices: Optional[Sequence[int]], times: Optional[Sequence[float]]
+) -> str:
+    index = int(indices[position]) if indices is not None else position
+    text = f"frame {index}"
+    if times is not None:
+        text += f"\n{float(times[position]):.2f} s"
+    return text
+
+
+def _shown(frames: int, chosen: Optional[Sequence[int]], max_columns: int) -> List[int]:
+    if chosen is not None:
+        picked = [int(i) for i in chosen]
+        bad = [i for i in picked if not 0 <= i < frames]
+        if bad:
+            raise ValueError(f"frames {bad} are out of range for a clip of {frames} frames.")
+        return picked
+    if frames <= max_columns:
+        return list(range(frames))
+    return [int(i) for i in np.rint(np.linspace(0, frames - 1, max_columns))]
+
+
+def plot_video(
+    video: ArrayLike,
+    maps: ArrayLike,
+    labels: Optional[Sequence[str]] = None,
+    *,
+    times: Optional[Sequence[float]] = None,
+    indices: Optional[Sequence[int]] = None,
+    frames: Optional[Sequence[int]] = None,
+    max_columns: int = 16,
+    show_frames: bool = True,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    panel_size: float = 1.6,
+    title: Optional[str] = None,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""A video's map as a strip of frames: one column per frame, one row per target.
+
+    All panels share one colour scale (a video's map is normalised over all its frames
+    together, so a frame that is dim here is less relevant than a bright one) and one
+    colour bar. Column titles name each frame's index in the clip and, with ``times``,
+    its time in seconds.
+
+    Args:
+
+        video (Tensor or numpy.ndarray): One clip as the model takes it, ``(T, C, H, W)``
+                    (or ``(1, T, C, H, W)``; HF video models' ``pixel_values``), or decoded
+                    frames ``(T, H, W, 3)`` (uint8 or floats in [0, 1]).
+        maps (Tensor or numpy.ndarray): One target's map ``(T, H, W)``
+                    (``output="map"`` without its channel) or ``(T, C, H, W)``
+                    (``output="input"``), or K targets' ``(K, T, H, W)`` or
+                    ``(K, T, C, H, W)`` (``attribute_multi(...)[0]``). A map with fewer
+                    time steps than frames (``output="grid"``: one step per tubelet) gives
+                    each frame its tubelet's map; other spatial sizes are upsampled
+                    bilinearly. A 4-D map whose first sizes are the clip's ``T`` and ``C``
+                    is read as one target's ``(T, C, H, W)`` unless ``labels`` names ``T``
+                    targets.
+        labels (sequence of str, optional): One row label per target (class name).
+                    Default: None ("target 0", ...)
+        times (sequence of float, optional): Each frame's time in seconds (titles).
+                    Default: None
+        indices (sequence of int, optional): Each frame's index in the original clip
+                    (titles), e.g. the sampled frame numbers.
+                    Default: None (0, 1, ...)
+        frames (sequence of int, optional): Which of the ``T`` frames to draw.
+                    Default: None (all, or ``max_columns`` spread evenly)
+        max_columns (int, optional): Most frames drawn when ``frames`` is not given.
+                    Default: 16
+        show_frames (bool, optional): A first row with the plain frames.
+                    Default: True
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): Value of the colour map's first colour.
+                    Default: None (the smallest value of all maps)
+        vmax (float, optional): Value of the colour map's last colour.
+                    Default: None (the largest value of all maps)
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: 1.6
+        title (str, optional): The figure's title.
+                    Default: None
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``K`` (+1) rows of frames and a colour bar (the
+        last axes of ``fig.axes``).
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_video
+        >>> x = processor(frames, return_tensors="pt")["pixel_values"]  # (1, T, C, H, W)
+        >>> maps = LeGrad(model).attribute_multi(x, targets=[3, 7])     # (1, 2, T, C, H, W)
+        >>> fig = plot_video(x[0], maps[0], ["class 3", "class 7"], mean=MEAN, std=STD,
+        ...                  save="clip.png")
+    """
+    rgb = _video_rgb(video, mean, std)
+    clip = _frames(video)
+    channels = int(clip.shape[1]) if clip.shape[1] in (1, 3) else int(clip.shape[-1])
+    size = (rgb[0].shape[0], rgb[0].shape[1])
+    count = len(rgb)
+    stack = _video_maps(maps, count, channels, size, len(labels) if labels is not None else None)
+    k = stack.shape[0]
+    names = [f"target {i}" for i in range(k)] if labels is None else list(labels)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} labels for {k} maps: give one label per target.")
+    for what, values in (("times", times), ("indices", indices)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{what} has {len(values)} entries for {count} frames.")
+    shown = _shown(count, frames, max_columns)
+    low = float(np.nanmin(stack)) if vmin is None else vmin
+    high = float(np.nanmax(stack)) if vmax is None else vmax
+    rows = k + int(show_frames)
+    aspect = size[1] / size[0]
+    fig = _matplotlib()(
+        figsize=(panel_size * aspect * len(shown) + 1.2, panel_size * rows + 0.4),
+        layout="constrained",
+    )
+    axes = fig.subplots(rows, len(shown), squeeze=False)
+    image = None
+    for col, position in enumerate(shown):
+        if show_frames:
+            ax = axes[0, col]
+            ax.imshow(rgb[position], cmap="gray" if rgb[position].ndim == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for row in range(k):
+            ax = axes[row + int(show_frames), col]
+            ax.imshow(rgb[position], cmap="gray" if rgb[position].ndim == 2 else None)
+            image = ax.imshow(stack[row, position], cmap=cmap, alpha=alpha, vmin=low, vmax=high)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(_frame_title(position, indices, times), fontsize="small")
+    if show_frames:
+        axes[0, 0].set_ylabel("frames", fontsize="small")
+    for row in range(k):
+        axes[row + int(show_frames), 0].set_ylabel(names[row], fontsize="small")
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes[int(show_frames) :, :], fraction=0.03, pad=0.01)
+        bar.set_label("LeGrad relevance", fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, save, dpi)
+
+
+def _compose(rgb: np.ndarray, amap: np.ndarray, colours: Any, alpha: float) -> np.ndarray:
+    """One overlay frame, ``(H, W, 3)`` floats: the frame blended with the coloured map."""
+    base = np.repeat(rgb[..., None], 3, axis=-1) if rgb.ndim == 2 else rgb
+    coloured = np.asarray(colours(amap))[..., :3]
+    seen = np.isfinite(amap)[..., None]
+    blended = (1.0 - alpha) * base + alpha * coloured
+    return np.where(seen, blended, base).astype(np.float32)
+
+
+def overlay_frames(
+    video: ArrayLike,
+    maps: ArrayLike,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+) -> np.ndarray:
+    r"""One target's map blended into every frame of its clip, as images.
+
+    Args:
+
+        video (Tensor or numpy.ndarray): As in :func:`plot_video`.
+        maps (Tensor or numpy.ndarray): One target's ``(T, H, W)`` or ``(T, C, H, W)``
+                    map (fewer time steps or another spatial size as in
+                    :func:`plot_video`).
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): Value of the colour map's first colour.
+                    Default: None (the map's minimum over all frames)
+        vmax (float, optional): Value of the colour map's last colour.
+                    Default: None (the map's maximum over all frames)
+
+    Returns:
+        *numpy.ndarray* ``(T, H, W, 3)`` uint8.
+
+    Examples::
+
+        >>> from captum_legrad.viz import overlay_frames
+        >>> frames = overlay_frames(x[0], attr[0], mean=MEAN, std=STD)
+    """
+    _matplotlib()
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    rgb = _video_rgb(video, mean, std)
+    clip = _frames(video)
+    channels = int(clip.shape[1]) if clip.shape[1] in (1, 3) else int(clip.shape[-1])
+    size = (rgb[0].shape[0], rgb[0].shape[1])
+    stack = _video_maps(maps, len(rgb), channels, size, 1)
+    if stack.shape[0] != 1:
+        raise ValueError(f"one target's map is needed, got {stack.shape[0]}: pass maps[k].")
+    norm = Normalize(
+        vmin=float(np.nanmin(stack)) if vmin is None else vmin,
+        vmax=float(np.nanmax(stack)) if vmax is None else vmax,
+    )
+    colours = colormaps[cmap]
+    out = [
+        _compose(frame, norm(amap).filled(np.nan), colours, alpha)
+        for frame, amap in zip(rgb, stack[0])
+    ]
+    return (np.clip(np.stack(out), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _caption(frame: np.ndarray, text: str, colours: Any) -> np.ndarray:
+    """The frame over a band with ``text`` and a colour bar (low → high)."""
+    from PIL import Image, ImageDraw
+
+    height, width = frame.shape[:2]
+    band = 16
+    canvas = np.full((height + band, width, 3), 255, dtype=np.uint8)
+    canvas[:height] = frame
+    bar_width = max(width // 4, 8)
+    ramp = (np.asarray(colours(np.linspace(0.0, 1.0, bar_width)))[:, :3] * 255).astype(np.uint8)
+    canvas[height + 4 : height + band - 4, width - bar_width - 2 : width - 2] = ramp[None]
+    image = Image.fromarray(canvas)
+    ImageDraw.Draw(image).text((2, height + 2), text, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def animate_video(
+    video: ArrayLike,
+    maps: ArrayLike,
+    path: PathLike,
+    *,
+    times: Optional[Sequence[float]] = None,
+    indices: Optional[Sequence[int]] = None,
+    fps: Optional[float] = None,
+    min_size: int = 160,
+    caption: bool = True,
+    format: Optional[str] = None,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+) -> str:
+    r"""Write one target's map over its clip as an animation: GIF (Pillow) or MP4 (PyAV).
+
+    Each frame of the clip becomes one frame of the animation (:func:`overlay_frames`, one
+    colour scale for all frames), enlarged so that its shorter side is at least
+    ``min_size`` pixels, with a caption band: the frame's position, its index in the
+    clip, its time, and the colour bar (low → high). A GIF loops and plays anywhere (a
+    browser, a README); an MP4 (H.264 where FFmpeg has it, else MPEG-4 part 2, yuv420p) is
+    smaller for long clips and needs PyAV (the ``media`` extra).
+
+    Args:
+
+        video (Tensor or numpy.ndarray): As in :func:`plot_video`.
+        maps (Tensor or numpy.ndarray): One target's map, as in :func:`overlay_frames`.
+        path (str or os.PathLike): Where to write (``.gif`` or ``.mp4``).
+        times (sequence of float, optional): Each frame's time in seconds (caption, and
+                    the default frame rate).
+                    Default: None
+        indices (sequence of int, optional): Each frame's index in the clip (caption).
+                    Default: None
+        fps (float, optional): Frames per second of the animation.
+                    Default: None (real time from ``times``, between 1 and 30; else 4)
+        min_size (int, optional): Shorter side of the animation in pixels at least.
+                    Default: 160
+        caption (bool, optional): Add the caption band.
+                    Default: True
+        format (str, optional): ``"gif"`` or ``"mp4"``.
+                    Default: None (from the suffix of ``path``)
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): As in :func:`overlay_frames`.
+                    Default: None
+        vmax (float, optional): As in :func:`overlay_frames`.
+                    Default: None
+
+    Returns:
+        *str*: the path written.
+
+    Examples::
+
+        >>> from captum_legrad.viz import animate_video
+        >>> animate_video(x[0], attr[0], "clip.gif", mean=MEAN, std=STD)
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    kind = (format or os.fspath(path).rsplit(".", 1)[-1]).lower()
+    if kind not in ("gif", "mp4"):
+        raise ValueError(f"animations are written as gif or mp4, got {kind!r}.")
+    frames = overlay_frames(
+        video, maps, mean=mean, std=std, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax
+    )
+    count, height, width = frames.shape[:3]
+    for what, values in (("times", times), ("indices", indices)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{what} has {len(values)} entries for {count} frames.")
+    if fps is None:
+        span = float(times[-1]) - float(times[0]) if times is not None and count > 1 else 0.0
+        fps = min(max((count - 1) / span, 1.0), 30.0) if span > 0 else 4.0
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}.")
+    scale = max(1, -(-min_size // min(height, width)))
+    images = []
+    for position, frame in enumerate(frames):
+        image = Image.fromarray(frame)
+        if scale > 1:
+            image = image.resize((width * scale, height * scale), Image.Resampling.BILINEAR)
+        array = np.asarray(image)
+        if caption:
+            index = int(indices[position]) if indices is not None else position
+            text = f"{position + 1}/{count}  frame {index}"
+            if times is not None:
+                text += f"  {float(times[position]):.2f} s"
+            array = _caption(array, text, colours=colormaps[cmap])
+        images.append(array)
+    if kind == "gif":
+        # one palette per frame by fast octree quantisation: Pillow's default (median cut)
+        # takes seconds per large frame
+        first, *rest = [
+            Image.fromarray(a).quantize(256, method=Image.Quantize.FASTOCTREE) for a in images
+        ]
+        first.save(
+            path,
+            format="GIF",
+            save_all=True,
+            append_images=rest,
+            duration=max(round(1000.0 / fps), 20),
+            loop=0,
+            disposal=1,
+        )
+    else:
+        _write_mp4(images, path, fps)
+    return os.fspath(path)
+
+
+def _write_mp4(images: Sequence[np.ndarray], path: PathLike, fps: float) -> None:
+    from fractions import Fraction
+
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError(
+            "writing MP4 needs PyAV: install the 'media' extra: pip install "
+            '"captum-legrad[media]" (or pip install av), or write a .gif.'
+        ) from error
+    height, width = images[0].shape[:2]
+    even = (height + height % 2, width + width % 2)  # yuv420p needs even sides
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(os.fspath(path), mode="w", format="mp4") as container:
+        stream: Any = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width = even
+        stream.pix_fmt = "yuv420p"
+        for array in images:
+            padded = np.zeros((*even, 3), dtype=np.uint8)
+            padded[:height, :width] = array
+            for packet in stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _kaldi_mel(hz: np.ndarray) -> np.ndarray:
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def mel_bin_of(
+    hz: float, bins: int, sampling_rate: int, fmin: float = 20.0, fmax: Optional[float] = None
+) -> float:
+    """The (fractional) mel bin whose centre is ``hz`` on Kaldi's mel scale
+    (``1127 ln(1 + f / 700)``, ``bins`` triangular filters from ``fmin`` to ``fmax``, the
+    Nyquist frequency by default), as ``torchaudio.compliance.kaldi.fbank`` and the Audio
+    Spectrogram Transformer's feature extractor build them."""
+    top = sampling_rate / 2.0 if fmax is None else fmax
+    low, high = _kaldi_mel(np.array(fmin)), _kaldi_mel(np.array(top))
+    step = (high - low) / (bins + 1)
+    return float((_kaldi_mel(np.array(hz)) - low) / step - 1.0)
+
+
+def plot_spectrogram(
+    spectrogram: ArrayLike,
+    maps: ArrayLike,
+    labels: Optional[Sequence[str]] = None,
+    *,
+    sampling_rate: int = 16000,
+    hop_length: Optional[int] = None,
+    frequency: str = "mel",
+    fmin: float = 20.0,
+    fmax: Optional[float] = None,
+    duration: Optional[float] = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    spectrogram_cmap: str = "gray",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    figsize: Optional[Tuple[float, float]] = None,
+    title: Optional[str] = None,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""An audio map over its spectrogram: time (s) across, frequency up, a colour bar.
+
+    The first panel is the spectrogram alone, then one panel per target with its map over
+    the spectrogram; all panels share the time axis and one colour scale. With
+    ``duration``, the padding after the end of the audio (feature extractors pad to a
+    fixed length) is hatched.
+
+    Args:
+
+        spectrogram (Tensor or numpy.ndarray): ``(time, mel)``, as the Audio Spectrogram
+                    Transformer takes it (``input_values``; ``(1, time, mel)`` too).
+        maps (Tensor or numpy.ndarray): In the same layout: one target's ``(time, mel)``
+                    (``output="input"``) or K targets' ``(K, time, mel)``
+                    (``attribute_multi(..., output="input")[0]``).
+        labels (sequence of str, optional): One title per target.
+                    Default: None ("target 0", ...)
+        sampling_rate (int, optional): The audio's sampling rate (Hz).
+                    Default: 16000
+        hop_length (int, optional): Samples between spectrogram frames.
+                    Default: None (10 ms: ``sampling_rate // 100``, Kaldi's frame shift)
+        frequency (str, optional): ``"mel"`` (the axis counts mel bins) or ``"hz"`` (the
+                    same axis labelled in Hz at the bins' centres, Kaldi's mel scale from
+                    ``fmin`` to ``fmax``; see :func:`mel_bin_of`).
+                    Default: "mel"
+        fmin (float, optional): Lowest filter frequency (Hz), for ``frequency="hz"``.
+                    Default: 20.0
+        fmax (float, optional): Highest filter frequency (Hz).
+                    Default: None (the Nyquist frequency)
+        duration (float, optional): The audio's length in seconds; later frames are
+                    padding and hatched.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): The maps' colour map.
+                    Default: "jet"
+        spectrogram_cmap (str, optional): The spectrogram's colour map.
+                    Default: "gray"
+        vmin (float, optional): Value of the colour map's first colour.
+                    Default: None (the smallest value of all maps)
+        vmax (float, optional): Value of the colour map's last colour.
+                    Default: None (the largest value of all maps)
+        figsize (tuple[float, float], optional): Figure size in inches.
+                    Default: None (10 wide, 2.2 per panel)
+        title (str, optional): The figure's title.
+                    Default: None
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``1 + K`` panels and a colour bar (the last axes).
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_spectrogram
+        >>> x = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_values"]
+        >>> maps = LeGrad(ast).attribute_multi(x, targets=[0, 5], output="input")
+        >>> fig = plot_spectrogram(x[0], maps[0], ["Speech", "Music"], frequency="hz")
+    """
+    if frequency not in ("mel", "hz"):
+        raise ValueError(f"frequency must be 'mel' or 'hz', got {frequency!r}.")
+    spec = _tensor(spectrogram, "spectrogram").float()
+    if spec.dim() == 3 and spec.shape[0] == 1:
+        spec = spec[0]
+    if spec.dim() != 2:
+        raise ValueError(
+            f"spectrogram must be (time, mel), got shape {tuple(spec.shape)}; pick one clip "
+            "of a batch with x[i]."
+        )
+    stack = _tensor(maps, "maps").float()
+    if stack.dim() == 4 and stack.shape[0] == 1:
+        stack = stack[0]
+    if stack.dim() == 2:
+        stack = stack[None]
+    if stack.dim() != 3 or tuple(stack.shape[1:]) != tuple(spec.shape):
+        raise ValueError(
+            f"maps must be (time, mel) or (K, time, mel) like the spectrogram "
+            f"{tuple(spec.shape)}, got {tuple(_tensor(maps, 'maps').shape)}; use "
+            'output="input" for maps in the spectrogram\'s layout.'
+        )
+    k = stack.shape[0]
+    names = [f"target {i}" for i in range(k)] if labels is None else list(labels)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} labels for {k} maps: give one label per target.")
+    steps, bins = spec.shape
+    hop = hop_length if hop_length is not None else sampling_rate // 100
+    seconds = steps * hop / float(sampling_rate)
+    extent = (0.0, seconds, -0.5, bins - 0.5)
+    low = float(np.nanmin(stack.numpy())) if vmin is None else vmin
+    high = float(np.nanmax(stack.numpy())) if vmax is None else vmax
+    fig = _matplotlib()(figsize=figsize or (10.0, 2.2 * (1 + k) + 0.4), layout="constrained")
+    axes = fig.subplots(1 + k, 1, sharex=True, squeeze=False)[:, 0]
+    image = None
+    for row, ax in enumerate(axes):
+        ax.imshow(
+            spec.T.numpy(), origin="lower", aspect="auto", extent=extent, cmap=spectrogram_cmap
+        )
+        if row == 0:
+            ax.set_title("spectrogram", fontsize="small")
+        else:
+            image = ax.imshow(
+                stack[row - 1].T.numpy(),
+                origin="lower",
+                aspect="auto",
+                extent=extent,
+                cmap=cmap,
+                alpha=alpha,
+                vmin=low,
+                vmax=high,
+            )
+            ax.set_title(names[row - 1], fontsize="small")
+        if duration is not None and duration < seconds:
+            ax.axvspan(duration, seconds, facecolor="none", edgecolor="white", hatch="//")
+        if frequency == "mel":
+            ax.set_ylabel("mel bin")
+        else:
+            top = sampling_rate / 2.0 if fmax is None else fmax
+            marks = [f for f in (100, 250, 500, 1000, 2000, 4000, 8000, 16000) if fmin < f < top]
+            ax.set_yticks([mel_bin_of(f, bins, sampling_rate, fmin, fmax) for f in marks])
+            ax.set_yticklabels([f"{f:g}" for f in marks])
+            ax.set_ylabel("frequency (Hz)")
+        ax.set_ylim(-0.5, bins - 0.5)
+    axes[-1].set_xlabel("time (s)")
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes), fraction=0.03, pad=0.01)
+        bar.set_label("LeGrad relevance", fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, save, dpi)
+
+
+__all__ += ["plot_video", "overlay_frames", "animate_video", "plot_spectrogram", "mel_bin_of"]
