@@ -54,8 +54,8 @@ from PIL import Image
 
 from captum_legrad import LeGrad
 from captum_legrad.cli import main
-from captum_legrad.eval import models
 from captum_legrad.data import ShapesDataset, load_default_model, normalize
+from captum_legrad.eval import models
 from captum_legrad.eval.datasets import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -514,6 +514,22 @@ BAD_INPUT = [
     (["eval", "--dataset", "shapes", "--device", "cuda"], "no CUDA GPU is available"),
     (["eval", "--dataset", "imagenet-seg", "--data", "nope.mat"], "not found"),
     (["eval", "--dataset", "imagenet-seg"], "needs --data"),
+    (
+        ["eval", "--dataset", "imagenet-seg", "--data", "LABELS3"],
+        "labels.txt is not an HDF5 file",
+    ),
+    (
+        [
+            "explain",
+            "IMG",
+            "--model",
+            "timm:vit_tiny_patch16_224",
+            "--random-weights",
+            "--ask",
+            "q",
+        ],
+        "--ask needs a vision-language model from transformers, not timm:",
+    ),
     (["eval", "--dataset", "shapes", "--methods", "legrad", "lime"], "unknown method"),
     (["eval", "--dataset", "shapes", "--threshold", "half"], "--threshold"),
     (["demo", "--num-images", "0"], "must be at least 1, got 0"),

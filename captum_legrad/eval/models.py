@@ -338,10 +338,11 @@ def _hub(spec: str, family: str, weights: bool = True) -> Iterator[None]:
         env["HF_HUB_OFFLINE"] = "1"
         values["HF_HUB_OFFLINE"] = True
         _HUB["unanswered"] = f"{host} did not answer within {timeout:g} s"
+    constants: Any = None
     try:
         from huggingface_hub import constants
     except ImportError:
-        constants = None
+        pass
     saved_env = {key: os.environ.get(key) for key in env}
     saved = {key: getattr(constants, key) for key in values if hasattr(constants, key)}
     socket_timeout = socket.getdefaulttimeout()
