@@ -264,53 +264,53 @@ def overlay(
 ) -> Figure:
     r"""Draw one map over its (un-normalised) image.
 
-        Args:
+    Args:
 
-            image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
-                        given to the model.
-            attribution (Tensor or numpy.ndarray): Its map: ``(H, W)``, ``(1, H, W)``
-                        (``output="map"``), ``(C, H, W)`` (``output="input"``, the default) or
-                        with a leading batch dimension of 1. A map of another size (e.g.
-                        ``output="grid"``) is upsampled bilinearly to the image.
-            mean (float, sequence or Tensor, optional): Normalisation mean to undo.
-                        Default: None
-            std (float, sequence or Tensor, optional): Normalisation std to undo.
-                        Default: None
-            alpha (float, optional): Opacity of the map.
-                        Default: None (the style's, 0.5)
-            cmap (str, optional): A matplotlib colour map name.
-                        Default: None (the style's, "jet")
-            vmin (float, optional): Value drawn with the colour map's first colour.
-                        Default: None (the map's minimum)
-            vmax (float, optional): Value drawn with the colour map's last colour.
-                        Default: None (the map's maximum)
-            title (str, optional): Title of the panel, e.g. the class name or prompt.
-                        Default: None
-            colorbar (bool, optional): Add a colour bar.
-                        Default: None (the style's, False)
-            ax (matplotlib.axes.Axes, optional): Draw into these axes instead of a new
-                        figure; their figure is returned.
-                        Default: None
-            figsize (tuple[float, float], optional): Size of a new figure in inches.
-                        Default: None (the style's ``panel_size`` squared, else (4.0, 4.0))
-            save (str or os.PathLike, optional): Save the figure there (``.png``, ...).
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
+                    given to the model.
+        attribution (Tensor or numpy.ndarray): Its map: ``(H, W)``, ``(1, H, W)``
+                    (``output="map"``), ``(C, H, W)`` (``output="input"``, the default) or
+                    with a leading batch dimension of 1. A map of another size (e.g.
+                    ``output="grid"``) is upsampled bilinearly to the image.
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map.
+                    Default: None (the style's, 0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: None (the style's, "jet")
+        vmin (float, optional): Value drawn with the colour map's first colour.
+                    Default: None (the map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: None (the map's maximum)
+        title (str, optional): Title of the panel, e.g. the class name or prompt.
+                    Default: None
+        colorbar (bool, optional): Add a colour bar.
+                    Default: None (the style's, False)
+        ax (matplotlib.axes.Axes, optional): Draw into these axes instead of a new
+                    figure; their figure is returned.
+                    Default: None
+        figsize (tuple[float, float], optional): Size of a new figure in inches.
+                    Default: None (the style's ``panel_size`` squared, else (4.0, 4.0))
+        save (str or os.PathLike, optional): Save the figure there (``.png``, ...).
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure*: the figure drawn on.
+    Returns:
+        *matplotlib.figure.Figure*: the figure drawn on.
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad import LeGrad
-            >>> from captum_legrad.viz import overlay
-            >>> attr = LeGrad(model).attribute(x, target=3)
-            >>> fig = overlay(x[0], attr[0], mean=MEAN, std=STD, title="class 3",
-            ...               save="legrad.png")
+        >>> from captum_legrad import LeGrad
+        >>> from captum_legrad.viz import overlay
+        >>> attr = LeGrad(model).attribute(x, target=3)
+        >>> fig = overlay(x[0], attr[0], mean=MEAN, std=STD, title="class 3",
+        ...               save="legrad.png")
     """
     s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, colorbar=colorbar, dpi=dpi)
     rgb = denormalize(image, mean, std)
@@ -360,50 +360,50 @@ def plot_targets(
 ) -> Figure:
     r"""A grid of K targets: one row per image, one column per class name or prompt.
 
-        Args:
+    Args:
 
-            images (Tensor or numpy.ndarray): ``(B, C, H, W)`` or one image ``(C, H, W)``.
-            maps (Tensor or numpy.ndarray): The maps of
-                        :meth:`~captum_legrad.LeGrad.attribute_multi`: ``(B, K, H, W)``
-                        (``output="map"``, its default), ``(B, K, g_h, g_w)`` (``"grid"``,
-                        upsampled here), ``(B, K, C, H, W)`` (``"input"``); for one image
-                        ``(C, H, W)``, the same without ``B``.
-            labels (sequence of str, optional): The K column titles: class names or
-                        prompts, in the order of the targets.
-                        Default: None ("target 0", "target 1", ...)
-            mean (float, sequence or Tensor, optional): Normalisation mean to undo.
-                        Default: None
-            std (float, sequence or Tensor, optional): Normalisation std to undo.
-                        Default: None
-            show_image (bool, optional): Add a first column with the plain image.
-                        Default: True
-            alpha (float, optional): Opacity of the maps.
-                        Default: None (the style's, 0.5)
-            cmap (str, optional): A matplotlib colour map name.
-                        Default: None (the style's, "jet")
-            vmin (float, optional): As in :func:`overlay`.
-                        Default: None
-            vmax (float, optional): As in :func:`overlay`.
-                        Default: None
-            panel_size (float, optional): Width and height of one panel in inches.
-                        Default: None (the style's, else )
-            save (str or os.PathLike, optional): Save the figure there.
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        images (Tensor or numpy.ndarray): ``(B, C, H, W)`` or one image ``(C, H, W)``.
+        maps (Tensor or numpy.ndarray): The maps of
+                    :meth:`~captum_legrad.LeGrad.attribute_multi`: ``(B, K, H, W)``
+                    (``output="map"``, its default), ``(B, K, g_h, g_w)`` (``"grid"``,
+                    upsampled here), ``(B, K, C, H, W)`` (``"input"``); for one image
+                    ``(C, H, W)``, the same without ``B``.
+        labels (sequence of str, optional): The K column titles: class names or
+                    prompts, in the order of the targets.
+                    Default: None ("target 0", "target 1", ...)
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        show_image (bool, optional): Add a first column with the plain image.
+                    Default: True
+        alpha (float, optional): Opacity of the maps.
+                    Default: None (the style's, 0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: None (the style's, "jet")
+        vmin (float, optional): As in :func:`overlay`.
+                    Default: None
+        vmax (float, optional): As in :func:`overlay`.
+                    Default: None
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: None (the style's, else 2.5)
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure* with ``B`` rows and ``K`` (+1) columns.
+    Returns:
+        *matplotlib.figure.Figure* with ``B`` rows and ``K`` (+1) columns.
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad.viz import plot_targets
-            >>> prompts = ["a cat", "a dog", "a remote"]
-            >>> maps = LeGrad(sim).attribute_multi(x, targets=[0, 1, 2])
-            >>> fig = plot_targets(x, maps, prompts, mean=MEAN, std=STD, save="prompts.png")
+        >>> from captum_legrad.viz import plot_targets
+        >>> prompts = ["a cat", "a dog", "a remote"]
+        >>> maps = LeGrad(sim).attribute_multi(x, targets=[0, 1, 2])
+        >>> fig = plot_targets(x, maps, prompts, mean=MEAN, std=STD, save="prompts.png")
     """
     s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, dpi=dpi)
     panel_size = _panel(s, 2.5)
@@ -472,49 +472,49 @@ def plot_layers(
 ) -> Figure:
     r"""The per-layer maps of one image, from :meth:`~captum_legrad.LeGrad.attribute_layers`.
 
-        Each layer's map is unnormalised (their scales differ by orders of magnitude), so each
-        panel is coloured from its own minimum to its own maximum. The optional last panel is
-        their sum: LeGrad's map.
+    Each layer's map is unnormalised (their scales differ by orders of magnitude), so each
+    panel is coloured from its own minimum to its own maximum. The optional last panel is
+    their sum: LeGrad's map.
 
-        Args:
+    Args:
 
-            image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``.
-            layer_maps (Tensor or numpy.ndarray): ``(n_layers, g_h, g_w)`` or ``(1,
-                        n_layers, g_h, g_w)`` (one image of ``attribute_layers``' output).
-            layers (sequence of int, optional): The block index of each map, for the titles;
-                        pass ``legrad.layers``.
-                        Default: None (0, 1, ...)
-            mean (float, sequence or Tensor, optional): Normalisation mean to undo.
-                        Default: None
-            std (float, sequence or Tensor, optional): Normalisation std to undo.
-                        Default: None
-            show_sum (bool, optional): Add a panel with the sum over the layers.
-                        Default: True
-            ncols (int, optional): Panels per row.
-                        Default: None (up to 6)
-            alpha (float, optional): Opacity of the maps.
-                        Default: None (the style's, 0.5)
-            cmap (str, optional): A matplotlib colour map name.
-                        Default: None (the style's, "jet")
-            panel_size (float, optional): Width and height of one panel in inches.
-                        Default: None (the style's, else )
-            save (str or os.PathLike, optional): Save the figure there.
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``.
+        layer_maps (Tensor or numpy.ndarray): ``(n_layers, g_h, g_w)`` or ``(1,
+                    n_layers, g_h, g_w)`` (one image of ``attribute_layers``' output).
+        layers (sequence of int, optional): The block index of each map, for the titles;
+                    pass ``legrad.layers``.
+                    Default: None (0, 1, ...)
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        show_sum (bool, optional): Add a panel with the sum over the layers.
+                    Default: True
+        ncols (int, optional): Panels per row.
+                    Default: None (up to 6)
+        alpha (float, optional): Opacity of the maps.
+                    Default: None (the style's, 0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: None (the style's, "jet")
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: None (the style's, else 2.5)
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure* with one panel per layer (and the sum).
+    Returns:
+        *matplotlib.figure.Figure* with one panel per layer (and the sum).
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad.viz import plot_layers
-            >>> legrad = LeGrad(model)
-            >>> per_layer = legrad.attribute_layers(x, target=3)  # (B, n_layers, g_h, g_w)
-            >>> fig = plot_layers(x[0], per_layer[0], legrad.layers, save="layers.png")
+        >>> from captum_legrad.viz import plot_layers
+        >>> legrad = LeGrad(model)
+        >>> per_layer = legrad.attribute_layers(x, target=3)  # (B, n_layers, g_h, g_w)
+        >>> fig = plot_layers(x[0], per_layer[0], legrad.layers, save="layers.png")
     """
     s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
     panel_size = _panel(s, 2.5)
@@ -574,50 +574,50 @@ def plot_methods(
 ) -> Figure:
     r"""Methods side by side: one row per image, the image, then one column per method.
 
-        Each map is min-max scaled to [0, 1] (methods differ in scale by orders of magnitude),
-        so one colour bar serves all panels.
+    Each map is min-max scaled to [0, 1] (methods differ in scale by orders of magnitude),
+    so one colour bar serves all panels.
 
-        Args:
+    Args:
 
-            images (Tensor or numpy.ndarray): ``(N, C, H, W)``.
-            columns (Mapping[str, Tensor or numpy.ndarray]): Method name → its ``(N, H, W)``,
-                        ``(N, 1, H, W)`` or ``(N, C, H, W)`` maps, in column order.
-            row_labels (sequence of str, optional): One label per row (e.g. the explained
-                        class), drawn left of the image.
-                        Default: None
-            masks (Tensor or numpy.ndarray, optional): ``(N, H, W)`` ground-truth masks,
-                        outlined in white on the image column.
-                        Default: None
-            mean (float, sequence or Tensor, optional): Normalisation mean to undo.
-                        Default: None
-            std (float, sequence or Tensor, optional): Normalisation std to undo.
-                        Default: None
-            alpha (float, optional): Opacity of the maps.
-                        Default: None (the style's, 0.5)
-            cmap (str, optional): A matplotlib colour map name.
-                        Default: None (the style's, "jet")
-            panel_size (float, optional): Width and height of one panel in inches.
-                        Default: None (the style's, else )
-            title (str, optional): The figure's title.
-                        Default: None
-            colorbar (bool, optional): Add one colour bar for all maps (right of the panels;
-                        it adds one axes to ``fig.axes``).
-                        Default: None (the style's, False)
-            save (str or os.PathLike, optional): Save the figure there.
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        images (Tensor or numpy.ndarray): ``(N, C, H, W)``.
+        columns (Mapping[str, Tensor or numpy.ndarray]): Method name → its ``(N, H, W)``,
+                    ``(N, 1, H, W)`` or ``(N, C, H, W)`` maps, in column order.
+        row_labels (sequence of str, optional): One label per row (e.g. the explained
+                    class), drawn left of the image.
+                    Default: None
+        masks (Tensor or numpy.ndarray, optional): ``(N, H, W)`` ground-truth masks,
+                    outlined in white on the image column.
+                    Default: None
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: None (the style's, 0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: None (the style's, "jet")
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: None (the style's, else 1.8)
+        title (str, optional): The figure's title.
+                    Default: None
+        colorbar (bool, optional): Add one colour bar for all maps (right of the panels;
+                    it adds one axes to ``fig.axes``).
+                    Default: None (the style's, False)
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure* with ``N`` rows and ``1 + len(columns)`` columns.
+    Returns:
+        *matplotlib.figure.Figure* with ``N`` rows and ``1 + len(columns)`` columns.
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad.viz import plot_methods
-            >>> fig = plot_methods(x, {"LeGrad": legrad_maps, "GradCAM": gradcam_maps})
+        >>> from captum_legrad.viz import plot_methods
+        >>> fig = plot_methods(x, {"LeGrad": legrad_maps, "GradCAM": gradcam_maps})
     """
     s = _resolve(style, alpha=alpha, cmap=cmap, colorbar=colorbar, dpi=dpi)
     panel_size = _panel(s, 1.8)
@@ -688,33 +688,33 @@ def plot_curves(
 ) -> Figure:
     r"""Positive and negative perturbation curves, one line per method.
 
-        Args:
+    Args:
 
-            fractions (sequence of float): Fractions of patches removed (the x axis).
-            curves (Mapping[str, tuple]): Method name → (positive curve, negative curve), each
-                        with one value per fraction.
-            ylabel (str, optional): What the curves measure.
-                        Default: "accuracy"
-            title (str, optional): The figure's title.
-                        Default: None
-            figsize (tuple[float, float], optional): Figure size in inches.
-                        Default: None ((11.0, 4.0))
-            save (str or os.PathLike, optional): Save the figure there.
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        fractions (sequence of float): Fractions of patches removed (the x axis).
+        curves (Mapping[str, tuple]): Method name → (positive curve, negative curve), each
+                    with one value per fraction.
+        ylabel (str, optional): What the curves measure.
+                    Default: "accuracy"
+        title (str, optional): The figure's title.
+                    Default: None
+        figsize (tuple[float, float], optional): Figure size in inches.
+                    Default: None ((11.0, 4.0))
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure* with two panels (positive, negative) and the legend
-            outside them, right of the panels, so that it covers no curve.
+    Returns:
+        *matplotlib.figure.Figure* with two panels (positive, negative) and the legend
+        outside them, right of the panels, so that it covers no curve.
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad.viz import plot_curves
-            >>> fig = plot_curves([0.0, 0.1, 0.2], {"LeGrad": (pos, neg)}, save="curves.png")
+        >>> from captum_legrad.viz import plot_curves
+        >>> fig = plot_curves([0.0, 0.1, 0.2], {"LeGrad": (pos, neg)}, save="curves.png")
     """
     s = _resolve(style, dpi=dpi)
     fig = _matplotlib()(figsize=figsize or (11.0, 4.0), layout="constrained")
@@ -757,40 +757,40 @@ def plot_photo(
 ) -> Figure:
     r"""A photo, then one overlay per target, at the photo's own resolution and aspect.
 
-        Maps are in [0, 1] with ``NaN`` where the model did not see the photo (the border its
-        preprocessing cropped away); that region is greyed and hatched.
+    Maps are in [0, 1] with ``NaN`` where the model did not see the photo (the border its
+    preprocessing cropped away); that region is greyed and hatched.
 
-        Args:
+    Args:
 
-            photo (PIL.Image, numpy.ndarray or Tensor): The photo: a PIL image, ``(h, w, 3)``
-                        (uint8 or float in [0, 1]) or ``(3, h, w)`` in [0, 1].
-            maps (Tensor or numpy.ndarray): ``(K, h, w)`` maps on the photo, values in [0, 1]
-                        or ``NaN``.
-            titles (sequence of str): One title per map (class name or prompt and score).
-            suptitle (str, optional): The figure's title.
-                        Default: None
-            alpha (float, optional): Opacity of the maps.
-                        Default: None (the style's, 0.5)
-            cmap (str, optional): A matplotlib colour map name.
-                        Default: None (the style's, "jet")
-            panel_height (float, optional): Height of a panel in inches (the width follows
-                        the photo's aspect ratio).
-                        Default: None (the style's ``panel_size``, else 3.2)
-            save (str or os.PathLike, optional): Save the figure there.
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        photo (PIL.Image, numpy.ndarray or Tensor): The photo: a PIL image, ``(h, w, 3)``
+                    (uint8 or float in [0, 1]) or ``(3, h, w)`` in [0, 1].
+        maps (Tensor or numpy.ndarray): ``(K, h, w)`` maps on the photo, values in [0, 1]
+                    or ``NaN``.
+        titles (sequence of str): One title per map (class name or prompt and score).
+        suptitle (str, optional): The figure's title.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: None (the style's, 0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: None (the style's, "jet")
+        panel_height (float, optional): Height of a panel in inches (the width follows
+                    the photo's aspect ratio).
+                    Default: None (the style's ``panel_size``, else 3.2)
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure* with ``1 + K`` panels, each overlay with a colour bar.
+    Returns:
+        *matplotlib.figure.Figure* with ``1 + K`` panels, each overlay with a colour bar.
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad.viz import plot_photo
-            >>> fig = plot_photo(pil_image, maps, ["tabby cat\\nprobability 0.81"])
+        >>> from captum_legrad.viz import plot_photo
+        >>> fig = plot_photo(pil_image, maps, ["tabby cat\\nprobability 0.81"])
     """
     s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
     panel_height = panel_height if panel_height is not None else _panel(s, 3.2)
@@ -862,52 +862,52 @@ def plot_answer(
 ) -> Figure:
     r"""A vision-language model's answer: one overlay per answer token, in reading order.
 
-        Args:
+    Args:
 
-            image (Tensor or numpy.ndarray): The processed image ``(C, H, W)`` or
-                        ``(1, C, H, W)`` (``pixel_values``).
-            maps (Tensor or numpy.ndarray): ``(T, H, W)`` (or ``(1, T, H, W)``, as
-                        ``attribute_multi`` returns for one image; grid-sized maps are
-                        upsampled here): one map per answer token.
-            tokens (sequence of str): The T answer tokens as text (panel titles).
-            answer_map (Tensor or numpy.ndarray, optional): The whole answer's map, drawn
-                        after the tokens.
-                        Default: None
-            mean (float, sequence or Tensor, optional): Normalisation mean to undo.
-                        Default: None
-            std (float, sequence or Tensor, optional): Normalisation std to undo.
-                        Default: None
-            show_image (bool, optional): Start with the plain image.
-                        Default: True
-            columns (int, optional): Panels per row; long answers wrap.
-                        Default: 6
-            alpha (float, optional): Opacity of the maps.
-                        Default: None (the style's, 0.5)
-            cmap (str, optional): A matplotlib colour map name.
-                        Default: None (the style's, "jet")
-            panel_size (float, optional): Width and height of one panel in inches.
-                        Default: None (the style's, else )
-            title (str, optional): Figure title, e.g. the question.
-                        Default: None
-            save (str or os.PathLike, optional): Save the figure there.
-                        Default: None
-            dpi (int, optional): Resolution when saving.
-                        Default: None (the style's, 100)
-            style (FigureStyle, optional): The look of the figure; the keywords above
-    win over it.
-    Default: None (:class:`FigureStyle`'s defaults)
+        image (Tensor or numpy.ndarray): The processed image ``(C, H, W)`` or
+                    ``(1, C, H, W)`` (``pixel_values``).
+        maps (Tensor or numpy.ndarray): ``(T, H, W)`` (or ``(1, T, H, W)``, as
+                    ``attribute_multi`` returns for one image; grid-sized maps are
+                    upsampled here): one map per answer token.
+        tokens (sequence of str): The T answer tokens as text (panel titles).
+        answer_map (Tensor or numpy.ndarray, optional): The whole answer's map, drawn
+                    after the tokens.
+                    Default: None
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        show_image (bool, optional): Start with the plain image.
+                    Default: True
+        columns (int, optional): Panels per row; long answers wrap.
+                    Default: 6
+        alpha (float, optional): Opacity of the maps.
+                    Default: None (the style's, 0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: None (the style's, "jet")
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: None (the style's, else 2.0)
+        title (str, optional): Figure title, e.g. the question.
+                    Default: None
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
-        Returns:
-            *matplotlib.figure.Figure* with one panel per token (plus the image and the
-            whole-answer map).
+    Returns:
+        *matplotlib.figure.Figure* with one panel per token (plus the image and the
+        whole-answer map).
 
-        Examples::
+    Examples::
 
-            >>> from captum_legrad import explain_answer
-            >>> from captum_legrad.viz import plot_answer
-            >>> result = explain_answer(vlm, processor, image, prompt)
-            >>> fig = plot_answer(result.pixel_values, result.maps, result.tokens,
-            ...                   answer_map=result.answer_map, mean=MEAN, std=STD)
+        >>> from captum_legrad import explain_answer
+        >>> from captum_legrad.viz import plot_answer
+        >>> result = explain_answer(vlm, processor, image, prompt)
+        >>> fig = plot_answer(result.pixel_values, result.maps, result.tokens,
+        ...                   answer_map=result.answer_map, mean=MEAN, std=STD)
     """
     s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
     panel_size = _panel(s, 2.0)
