@@ -341,7 +341,7 @@ def _like(args: argparse.Namespace) -> int:
     if conflicting:
         raise CLIError(f"--like explains similarities: drop {', '.join(conflicting)}")
     if not args.input.is_file():
-        raise ExplainError(f"--like needs one query image, not {args.input}: no such image")
+        raise ExplainError(f"--like needs one query image file: no such image {args.input}")
     missing = [p for p in args.like if not p.is_file()]
     if missing:
         raise ExplainError(f"--like: no such reference image: {missing[0]}")
