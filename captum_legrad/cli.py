@@ -242,7 +242,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.like is not None:
         return _like(args)
     files = image_files(args.input)
-    single = args.input.is_file()
+    # --ask and a single image: an unreadable image is an error at once
+    single = args.input.is_file() or args.ask is not None
     unreadable: List[Tuple[Path, str]] = []
     if args.strict or single:
         check_photos(files)
