@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -110,12 +110,22 @@ def load_for_command(
     num_classes: Optional[int] = None,
     random_weights: bool = False,
     image_size: Optional[Tuple[int, int]] = None,
+    announce: Optional[Callable[[str], None]] = None,
 ) -> LoadedModel:
-    """:func:`load_model`, then :meth:`LoadedModel.at_size` when ``image_size`` is given."""
-    loaded = load_model(spec, weights, num_classes, random_weights=random_weights)
+    """:func:`load_model` (``announce``: where "loading pretrained weights ..." goes), then
+    :meth:`LoadedModel.at_size` when ``image_size`` is given."""
+    loaded = load_model(
+        spec, weights, num_classes, random_weights=random_weights, announce=announce
+    )
     if image_size:
         loaded = loaded.at_size((int(image_size[0]), int(image_size[-1])))
     return loaded
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 def check_request(request: EvalRequest) -> None:
@@ -199,6 +209,7 @@ def run_eval(request: EvalRequest, device: torch.device) -> Optional[CommandRepo
             request.num_classes,
             request.random_weights,
             request.image_size,
+            announce=None if request.quiet or not context.is_main else _stderr,
         )
         loaded.model.to(context.device)
         model = loaded.model
