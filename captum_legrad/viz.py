@@ -844,3 +844,62 @@ def plot_answer(
 
 
 __all__ += ["plot_answer"]
+
+
+def blend(
+    image: ArrayLike,
+    attribution: ArrayLike,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+) -> np.ndarray:
+    r"""The overlay of :func:`overlay` as an RGB array instead of a figure (for web pages,
+    image files and galleries): ``(1 - alpha) * image + alpha * colours(map)``.
+
+    Args:
+
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
+                    given to the model.
+        attribution (Tensor or numpy.ndarray): Its map, as for :func:`overlay` (a map of
+                    another size is upsampled bilinearly to the image).
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map, 0..1.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): Value drawn with the colour map's first colour.
+                    Default: None (the map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: None (the map's maximum)
+
+    Returns:
+        *numpy.ndarray*: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
+
+    Examples::
+
+        >>> from PIL import Image
+        >>> from captum_legrad.viz import blend
+        >>> rgb = blend(x[0], attr[0], mean=MEAN, std=STD, alpha=0.5)
+        >>> Image.fromarray((rgb * 255).round().astype("uint8")).save("legrad.png")
+    """
+    _matplotlib()
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    rgb = denormalize(image, mean, std)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    amap = _map(attribution, (rgb.shape[0], rgb.shape[1]))
+    scale = Normalize(vmin=vmin, vmax=vmax, clip=True)
+    colours = np.asarray(colormaps[cmap](scale(amap))[..., :3], dtype=np.float32)
+    return np.asarray(np.clip((1 - alpha) * rgb + alpha * colours, 0.0, 1.0), dtype=np.float32)
+
+
+__all__ += ["blend"]
