@@ -182,8 +182,11 @@ class _Workspace:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="captum-legrad-app-"))
-        self._env: Optional[str] = None
         self._set_env = False
+        # Gradio makes an (empty) folder in its default cache when it starts a server,
+        # whatever GRADIO_TEMP_DIR says later: removed too when it was not there before.
+        self._default_cache = Path(tempfile.gettempdir()) / "gradio"
+        self._cache_existed = self._default_cache.exists()
         atexit.register(self.remove)
 
     def folder(self, name: str) -> Path:
@@ -202,6 +205,10 @@ class _Workspace:
             del os.environ["GRADIO_TEMP_DIR"]
         self._set_env = False
         shutil.rmtree(self.root, ignore_errors=True)
+        if not self._cache_existed and self._default_cache.is_dir():
+            for folder, _, _ in sorted(os.walk(self._default_cache), reverse=True):
+                with contextlib.suppress(OSError):  # only empty folders go
+                    os.rmdir(folder)
         atexit.unregister(self.remove)
 
 

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
-from typing import List
+from typing import Dict, List
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -265,3 +273,129 @@ def test_compare_with_a_model_without_an_image_embedding(
         Explorer(tiny_clip(), workdir=tmp_path).explain(
             shapes[:1], Settings(), references=[str(broken)]
         )
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_launch_says_where_it_serves_logs_mistakes_in_one_line_and_cleans_up(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, shapes: List[str]
+) -> None:
+    pytest.importorskip("gradio")
+    client_module = pytest.importorskip("gradio_client")
+    from captum_legrad import app
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    first = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:  # take Gradio's first port (if another process has it, it is taken all the same)
+        blocker.bind(("127.0.0.1", first))
+        blocker.listen(1)
+    except OSError:
+        pass
+    try:
+        page = app.launch("default", block=False)
+    finally:
+        blocker.close()
+    try:
+        out = capfd.readouterr().out
+        line = [ln for ln in out.splitlines() if ln.startswith("LeGrad explorer running on")]
+        assert len(line) == 1, out
+        url = re.search(r"(http://\S+/)", line[0]).group(1)  # type: ignore[union-attr]
+        port = urlparse(url).port
+        assert port == urlparse(page.local_url).port and port != first
+        assert f"(port {first} was taken)" in line[0] and "close()" in line[0]
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200
+        workspace = Path(os.environ["GRADIO_TEMP_DIR"]).parent
+        assert workspace.name.startswith("captum-legrad-app-") and workspace.is_dir()
+        client = client_module.Client(url, verbose=False)
+        inputs = dict(
+            paths=[client_module.handle_file(shapes[0])],
+            what_text="zebra",
+            k=1,
+            reference_path=None,
+            layer_choice="all",
+            custom_text="",
+            pooling_choice="mean",
+            alpha=0.5,
+            chosen=[],
+        )
+        with pytest.raises(Exception, match="Unknown class name 'zebra'"):
+            client.predict(**inputs, api_name="/run")
+        answer = client.predict(**{**inputs, "what_text": "ring"}, api_name="/run")
+        assert "**ring**" in answer[0]
+        err = capfd.readouterr().err
+        assert "Traceback" not in err
+        assert [ln for ln in err.splitlines() if "zebra" in ln] == [
+            "captum-legrad app: Unknown class name 'zebra' for this model."
+        ]
+    finally:
+        page.close()
+    assert not workspace.exists() and "GRADIO_TEMP_DIR" not in os.environ
+
+
+def _server_env(tmp_path: Path) -> Dict[str, str]:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ)
+    env.pop("GRADIO_TEMP_DIR", None)
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(TMPDIR=str(temp), HF_HUB_OFFLINE="1", PYTHONPATH=root, PYTHONUNBUFFERED="1")
+    return env
+
+
+def _leftovers(tmp_path: Path) -> List[str]:
+    return sorted(
+        p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith(("captum", "gradio"))
+    )
+
+
+def test_ctrl_c_ends_the_explorer_with_130_in_one_line_and_no_leftovers(tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captum_legrad.cli", "app", "--port", str(_free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_server_env(tmp_path),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the address is printed (or it dies)
+        assert line.startswith("LeGrad explorer running on http://127.0.0.1:"), line
+        assert "Press Ctrl+C to stop it." in line
+        assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("captum")]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["captum-legrad: explorer stopped (Ctrl+C)"], err
+    assert _leftovers(tmp_path) == []
+
+
+def test_temporary_folders_are_removed_at_exit(tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    script = (
+        "from captum_legrad import app\n"
+        f"page = app.launch('default', port={_free_port()}, block=False)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=_server_env(tmp_path),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LeGrad explorer running on" in done.stdout
+    assert _leftovers(tmp_path) == []
