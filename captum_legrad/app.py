@@ -317,7 +317,8 @@ class Explorer:
                     .replace("--target ", "class ")
                     .replace("with --labels FILE", "with the command line's --labels FILE")
                 )
-                raise ExplorerError(message[:1].upper() + message[1:] + ".") from error
+                message = message[:1].upper() + message[1:]
+                raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
         return list(dict.fromkeys(targets))
 
     def _label(self, index: int) -> str:
@@ -571,13 +572,24 @@ def _gradio() -> Any:
 
 #: The page's style: results drawn whole (contain, at their aspect ratio), captions in full.
 CSS = """
-.legrad-results img, .legrad-results video { object-fit: contain !important; }
-.legrad-results .caption-label, .legrad-results figcaption {
-    white-space: normal !important; overflow: visible !important;
-    text-overflow: clip !important; max-width: none !important;
+.legrad-results .fixed-height { min-height: 0 !important; max-height: none !important; }
+.legrad-results .grid-wrap { overflow-y: visible !important; }
+.legrad-results .thumbnail-item {
+    aspect-ratio: auto !important; height: auto !important;
+    display: flex !important; flex-direction: column;
+}
+.legrad-results .thumbnail-item > img {
+    width: 100% !important; height: auto !important; object-fit: contain !important;
+}
+.legrad-results .caption-label {
+    position: static !important; max-width: none !important; white-space: normal !important;
+    overflow: visible !important; text-overflow: clip !important; border: none !important;
+    border-radius: 0 !important; text-align: left;
 }
 .legrad-colourbar { display: flex; align-items: center; gap: 0.5em; font-size: 0.9em; }
 .legrad-colourbar .bar { flex: 1; height: 14px; border-radius: 3px; }
+#summary table { font-size: 0.9em; }
+#summary td, #summary th { word-break: normal; overflow-wrap: anywhere; }
 """
 
 
@@ -655,12 +667,17 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                     1, 10, value=1, step=1, label="Top-k predicted classes", visible=not image_text
                 )
                 reference = gr.File(
-                    label="Compare with an image (optional): the maps then show why each image "
-                    "is similar to this one (models with an image embedding)",
+                    label="Compare with an image (optional)",
                     file_count="single",
                     file_types=["image"],
                     type="filepath",
                     elem_id="reference",
+                    height=150,
+                )
+                gr.Markdown(
+                    "<small>With a reference image the maps show why each image is similar to "
+                    "it (cosine similarity of the model's image embeddings: CLIP, SigLIP, "
+                    "DINOv2, ...); the classes or prompts are then not used.</small>"
                 )
                 layers = gr.Radio(list(LAYER_CHOICES), value="all", label="Layers")
                 custom = gr.Textbox(label="Custom layers (block indices)", placeholder="-3, -2, -1")
@@ -680,7 +697,8 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                         elem_classes=["legrad-results"],
                         scale=3,
                     )
-                    summary = gr.Markdown(elem_id="summary")
+                    with gr.Column(scale=2, min_width=280):
+                        summary = gr.Markdown(elem_id="summary")
                 per_layer = gr.Gallery(
                     label="Per-layer maps (first image and target)",
                     columns=4,
