@@ -589,7 +589,9 @@ CSS = """
 .legrad-colourbar { display: flex; align-items: center; gap: 0.5em; font-size: 0.9em; }
 .legrad-colourbar .bar { flex: 1; height: 14px; border-radius: 3px; }
 #summary table { font-size: 0.9em; }
-#summary td, #summary th { word-break: normal; overflow-wrap: anywhere; }
+#summary table { width: 100%; }
+#summary td, #summary th { word-break: normal; overflow-wrap: break-word; }
+#message { color: var(--error-text-color, #b91c1c); }
 """
 
 
@@ -645,9 +647,10 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                 )
                 previews = gr.Gallery(
                     label="Your images",
-                    columns=4,
+                    columns=3,
                     height="auto",
                     object_fit="contain",
+                    fit_columns=False,
                     elem_id="previews",
                     elem_classes=["legrad-results"],
                     interactive=False,
@@ -686,6 +689,7 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                 baselines = gr.CheckboxGroup(list(BASELINES), label="Baselines beside LeGrad")
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
             with gr.Column(scale=2):
+                message = gr.Markdown(elem_id="message")
                 gr.HTML(_colour_bar())
                 with gr.Row():
                     maps = gr.Gallery(
@@ -693,25 +697,29 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                         columns=2,
                         height="auto",
                         object_fit="contain",
+                        fit_columns=False,
                         elem_id="maps",
                         elem_classes=["legrad-results"],
-                        scale=3,
+                        scale=1,
                     )
-                    with gr.Column(scale=2, min_width=280):
+                    with gr.Column(scale=1, min_width=280):
                         summary = gr.Markdown(elem_id="summary")
                 per_layer = gr.Gallery(
                     label="Per-layer maps (first image and target)",
                     columns=4,
                     height="auto",
                     object_fit="contain",
+                    fit_columns=False,
                     elem_id="layers",
                     elem_classes=["legrad-results"],
                 )
                 compared = gr.Gallery(
                     label="Baselines",
+                    visible=False,
                     columns=3,
                     height="auto",
                     object_fit="contain",
+                    fit_columns=False,
                     elem_id="baselines",
                     elem_classes=["legrad-results"],
                 )
@@ -750,14 +758,29 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
             except ExplorerError as error:
                 # the person's mistake: one line on the console, the message in the page
                 print(f"captum-legrad app: {error}", file=sys.stderr, flush=True)
-                raise gr.Error(str(error), print_exception=False) from None
-            return result.summary, result.maps, result.layers, result.baselines, result.files
+                gr.Warning(str(error))
+                return (
+                    f"**Could not explain:** {error}",
+                    "",
+                    [],
+                    [],
+                    gr.Gallery(value=[], visible=False),
+                    None,
+                )
+            return (
+                "",
+                result.summary,
+                result.maps,
+                result.layers,
+                gr.Gallery(value=result.baselines, visible=bool(result.baselines)),
+                result.files,
+            )
 
         files.change(_previews, inputs=[files], outputs=[previews])
         button.click(
             run,
             inputs=[files, what, top_k, reference, layers, custom, pooling, opacity, baselines],
-            outputs=[summary, maps, per_layer, compared, downloads],
+            outputs=[message, summary, maps, per_layer, compared, downloads],
         )
     return page
 

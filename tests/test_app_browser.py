@@ -197,7 +197,7 @@ def explore(
                 page.locator("#what textarea, #what input").first.fill(what)
             page.locator("#explain").click()
             if error:
-                page.get_by_text(error).first.wait_for(timeout=120_000)
+                page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
                 page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
                 return found
             page.locator("#maps img").first.wait_for(timeout=120_000)
