@@ -10,6 +10,10 @@ patch grid, per-layer maps) are upsampled with ``torch.nn.functional.interpolate
 colour maps and matplotlib scales each map to its own minimum and maximum unless
 ``vmin``/``vmax`` are given.
 
+How the figures look (colour map, opacity, colour bar, panel size, title size, dpi) is one
+:class:`FigureStyle`, passed as ``style=`` to every function; the functions' own keywords
+(``alpha=``, ``cmap=``, ...) still work and win over the style.
+
 matplotlib is an optional dependency (the ``viz`` extra: ``pip install
 "captum-legrad[viz]"``); it is imported when a function here runs, not when this module is
 imported.
@@ -20,7 +24,9 @@ move a map channels-last: ``attr[i].permute(1, 2, 0).numpy()``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "FigureStyle",
     "denormalize",
     "overlay",
     "plot_layers",
@@ -48,6 +55,69 @@ ArrayLike = Union[Tensor, np.ndarray]
 #: Per-channel statistics: one number for all channels or one per channel.
 Stats = Optional[Union[float, Sequence[float], Tensor]]
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class FigureStyle:
+    r"""How the figures of :mod:`captum_legrad.viz` look, in one object.
+
+    Every function here takes ``style=FigureStyle(...)``; a keyword given to the function
+    itself (``alpha=0.3``) wins over the style, and the style's defaults are the functions'
+    own defaults, so ``style=None`` draws what the functions always drew.
+
+    Attributes:
+        cmap (str): A matplotlib colour map name.
+                    Default: "jet"
+        alpha (float): Opacity of the maps over the images.
+                    Default: 0.5
+        colorbar (bool): Add a colour bar where a function makes it optional
+                    (:func:`overlay`, :func:`plot_methods`; :func:`plot_photo` always has
+                    one).
+                    Default: False
+        panel_size (float, optional): Size of one panel in inches (the height for
+                    :func:`plot_photo`, whose width follows the photo); None: each
+                    function's own (2.5 for :func:`plot_targets`, 1.8 for
+                    :func:`plot_methods`, ...).
+                    Default: None
+        title_size (str or float): Font size of panel titles (matplotlib sizes:
+                    ``"small"``, ``10``).
+                    Default: "small"
+        dpi (int): Resolution when saving.
+                    Default: 100
+        vmin (float, optional): Value drawn with the colour map's first colour, for
+                    un-scaled maps.
+                    Default: None (each map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: None (each map's maximum)
+
+    Examples::
+
+        >>> from captum_legrad.viz import FigureStyle, overlay, plot_targets
+        >>> paper = FigureStyle(cmap="inferno", alpha=0.6, colorbar=True, dpi=300)
+        >>> fig = overlay(x[0], attr[0], style=paper, save="one.png")
+        >>> fig = plot_targets(x, maps, prompts, style=paper, save="prompts.png")
+    """
+
+    cmap: str = "jet"
+    alpha: float = 0.5
+    colorbar: bool = False
+    panel_size: Optional[float] = None
+    title_size: Union[str, float] = "small"
+    dpi: int = 100
+    vmin: Optional[float] = None
+    vmax: Optional[float] = None
+
+
+def _resolve(style: Optional[FigureStyle], **given: Any) -> FigureStyle:
+    """``style`` (or the default style) with the keywords the caller gave (not None)."""
+    if style is not None and not isinstance(style, FigureStyle):
+        raise TypeError(f"style must be a captum_legrad.viz.FigureStyle, got {type(style)}.")
+    chosen = {key: value for key, value in given.items() if value is not None}
+    return dataclasses.replace(style or FigureStyle(), **chosen)
+
+
+def _panel(style: FigureStyle, default: float) -> float:
+    return style.panel_size if style.panel_size is not None else default
 
 
 def _matplotlib() -> Any:
@@ -152,8 +222,7 @@ def _draw(
     rgb: np.ndarray,
     amap: Optional[np.ndarray],
     *,
-    alpha: float,
-    cmap: str,
+    style: FigureStyle,
     vmin: Optional[float],
     vmax: Optional[float],
     title: Optional[str],
@@ -161,11 +230,11 @@ def _draw(
 ) -> None:
     ax.imshow(rgb, cmap="gray" if rgb.ndim == 2 else None, vmin=0.0, vmax=1.0)
     if amap is not None:
-        image = ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+        image = ax.imshow(amap, cmap=style.cmap, alpha=style.alpha, vmin=vmin, vmax=vmax)
         if colorbar:
             ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title is not None:
-        ax.set_title(title, fontsize="small")
+        ax.set_title(title, fontsize=style.title_size)
     ax.set_axis_off()
 
 
@@ -181,16 +250,17 @@ def overlay(
     *,
     mean: Stats = None,
     std: Stats = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
     title: Optional[str] = None,
-    colorbar: bool = False,
+    colorbar: Optional[bool] = None,
     ax: Optional[Axes] = None,
-    figsize: Tuple[float, float] = (4.0, 4.0),
+    figsize: Optional[Tuple[float, float]] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""Draw one map over its (un-normalised) image.
 
@@ -207,9 +277,9 @@ def overlay(
         std (float, sequence or Tensor, optional): Normalisation std to undo.
                     Default: None
         alpha (float, optional): Opacity of the map.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         vmin (float, optional): Value drawn with the colour map's first colour.
                     Default: None (the map's minimum)
         vmax (float, optional): Value drawn with the colour map's last colour.
@@ -217,16 +287,19 @@ def overlay(
         title (str, optional): Title of the panel, e.g. the class name or prompt.
                     Default: None
         colorbar (bool, optional): Add a colour bar.
-                    Default: False
+                    Default: None (the style's, False)
         ax (matplotlib.axes.Axes, optional): Draw into these axes instead of a new
                     figure; their figure is returned.
                     Default: None
         figsize (tuple[float, float], optional): Size of a new figure in inches.
-                    Default: (4.0, 4.0)
+                    Default: None (the style's ``panel_size`` squared, else (4.0, 4.0))
         save (str or os.PathLike, optional): Save the figure there (``.png``, ...).
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure*: the figure drawn on.
@@ -239,10 +312,12 @@ def overlay(
         >>> fig = overlay(x[0], attr[0], mean=MEAN, std=STD, title="class 3",
         ...               save="legrad.png")
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, colorbar=colorbar, dpi=dpi)
     rgb = denormalize(image, mean, std)
     amap = _map(attribution, (rgb.shape[0], rgb.shape[1]))
     if ax is None:
-        fig = _matplotlib()(figsize=figsize, layout="constrained")
+        side = _panel(s, 4.0)
+        fig = _matplotlib()(figsize=figsize or (side, side), layout="constrained")
         ax = fig.add_subplot()
     else:
         _matplotlib()
@@ -252,14 +327,13 @@ def overlay(
         ax,
         rgb,
         amap,
-        alpha=alpha,
-        cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
+        style=s,
+        vmin=s.vmin,
+        vmax=s.vmax,
         title=title,
-        colorbar=colorbar,
+        colorbar=s.colorbar,
     )
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def _batched(value: ArrayLike, dims: int, what: str) -> Tensor:
@@ -275,13 +349,14 @@ def plot_targets(
     mean: Stats = None,
     std: Stats = None,
     show_image: bool = True,
-    alpha: float = 0.5,
-    cmap: str = "jet",
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
-    panel_size: float = 2.5,
+    panel_size: Optional[float] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""A grid of K targets: one row per image, one column per class name or prompt.
 
@@ -303,19 +378,22 @@ def plot_targets(
         show_image (bool, optional): Add a first column with the plain image.
                     Default: True
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         vmin (float, optional): As in :func:`overlay`.
                     Default: None
         vmax (float, optional): As in :func:`overlay`.
                     Default: None
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 2.5
+                    Default: None (the style's, else 2.5)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with ``B`` rows and ``K`` (+1) columns.
@@ -327,6 +405,8 @@ def plot_targets(
         >>> maps = LeGrad(sim).attribute_multi(x, targets=[0, 1, 2])
         >>> fig = plot_targets(x, maps, prompts, mean=MEAN, std=STD, save="prompts.png")
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, dpi=dpi)
+    panel_size = _panel(s, 2.5)
     one_image = _tensor(images, "images").dim() == 3
     imgs = _batched(images, 4, "images")
     grid = _tensor(maps, "maps")
@@ -354,10 +434,9 @@ def plot_targets(
                 axes[row, 0],
                 rgb,
                 None,
-                alpha=alpha,
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
+                style=s,
+                vmin=s.vmin,
+                vmax=s.vmax,
                 title="image" if row == 0 else None,
                 colorbar=False,
             )
@@ -366,14 +445,13 @@ def plot_targets(
                 axes[row, j + int(show_image)],
                 rgb,
                 _map(grid[row, j], size, "maps"),
-                alpha=alpha,
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
+                style=s,
+                vmin=s.vmin,
+                vmax=s.vmax,
                 title=names[j] if row == 0 else None,
                 colorbar=False,
             )
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_layers(
@@ -385,11 +463,12 @@ def plot_layers(
     std: Stats = None,
     show_sum: bool = True,
     ncols: Optional[int] = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_size: float = 2.5,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_size: Optional[float] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""The per-layer maps of one image, from :meth:`~captum_legrad.LeGrad.attribute_layers`.
 
@@ -414,15 +493,18 @@ def plot_layers(
         ncols (int, optional): Panels per row.
                     Default: None (up to 6)
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 2.5
+                    Default: None (the style's, else 2.5)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with one panel per layer (and the sum).
@@ -434,6 +516,8 @@ def plot_layers(
         >>> per_layer = legrad.attribute_layers(x, target=3)  # (B, n_layers, g_h, g_w)
         >>> fig = plot_layers(x[0], per_layer[0], legrad.layers, save="layers.png")
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
+    panel_size = _panel(s, 2.5)
     per_layer = _tensor(layer_maps, "layer_maps").float()
     if per_layer.dim() == 4 and per_layer.shape[0] == 1:
         per_layer = per_layer[0]
@@ -460,8 +544,7 @@ def plot_layers(
             ax,
             rgb,
             _map(amap, size, "layer_maps"),
-            alpha=alpha,
-            cmap=cmap,
+            style=s,
             vmin=None,
             vmax=None,
             title=title,
@@ -469,7 +552,7 @@ def plot_layers(
         )
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_methods(
@@ -480,13 +563,14 @@ def plot_methods(
     masks: Optional[ArrayLike] = None,
     mean: Stats = None,
     std: Stats = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_size: float = 1.8,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_size: Optional[float] = None,
     title: Optional[str] = None,
-    colorbar: bool = False,
+    colorbar: Optional[bool] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""Methods side by side: one row per image, the image, then one column per method.
 
@@ -509,20 +593,23 @@ def plot_methods(
         std (float, sequence or Tensor, optional): Normalisation std to undo.
                     Default: None
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 1.8
+                    Default: None (the style's, else 1.8)
         title (str, optional): The figure's title.
                     Default: None
         colorbar (bool, optional): Add one colour bar for all maps (right of the panels;
                     it adds one axes to ``fig.axes``).
-                    Default: False
+                    Default: None (the style's, False)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with ``N`` rows and ``1 + len(columns)`` columns.
@@ -532,6 +619,8 @@ def plot_methods(
         >>> from captum_legrad.viz import plot_methods
         >>> fig = plot_methods(x, {"LeGrad": legrad_maps, "GradCAM": gradcam_maps})
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, colorbar=colorbar, dpi=dpi)
+    panel_size = _panel(s, 1.8)
     imgs = _batched(images, 4, "images")
     rows = imgs.shape[0]
     names = list(columns)
@@ -550,8 +639,7 @@ def plot_methods(
             axes[row, 0],
             rgb,
             None,
-            alpha=alpha,
-            cmap=cmap,
+            style=s,
             vmin=None,
             vmax=None,
             title="image" if row == 0 else None,
@@ -563,7 +651,7 @@ def plot_methods(
             axes[row, 0].set_axis_on()
             axes[row, 0].set_xticks([])
             axes[row, 0].set_yticks([])
-            axes[row, 0].set_ylabel(labels[row], fontsize="small")
+            axes[row, 0].set_ylabel(labels[row], fontsize=s.title_size)
         for col, name in enumerate(names, start=1):
             amap = _map(_tensor(columns[name], name)[row], size, name)
             low, high = float(np.nanmin(amap)), float(np.nanmax(amap))
@@ -572,8 +660,7 @@ def plot_methods(
                 axes[row, col],
                 rgb,
                 scaled,
-                alpha=alpha,
-                cmap=cmap,
+                style=s,
                 vmin=0.0,
                 vmax=1.0,
                 title=name if row == 0 else None,
@@ -581,11 +668,11 @@ def plot_methods(
             )
     if title is not None:
         fig.suptitle(title)
-    if colorbar and names:
+    if s.colorbar and names:
         image = axes[0, 1].get_images()[-1]
         bar = fig.colorbar(image, ax=axes[:, 1:], fraction=0.03, pad=0.02, shrink=0.9)
-        bar.set_label("relevance (each map min-max scaled)", fontsize="small")
-    return _finish(fig, save, dpi)
+        bar.set_label("relevance (each map min-max scaled)", fontsize=s.title_size)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_curves(
@@ -594,9 +681,10 @@ def plot_curves(
     *,
     ylabel: str = "accuracy",
     title: Optional[str] = None,
-    figsize: Tuple[float, float] = (11.0, 4.0),
+    figsize: Optional[Tuple[float, float]] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""Positive and negative perturbation curves, one line per method.
 
@@ -610,11 +698,14 @@ def plot_curves(
         title (str, optional): The figure's title.
                     Default: None
         figsize (tuple[float, float], optional): Figure size in inches.
-                    Default: (11.0, 4.0)
+                    Default: None ((11.0, 4.0))
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with two panels (positive, negative) and the legend
@@ -625,14 +716,19 @@ def plot_curves(
         >>> from captum_legrad.viz import plot_curves
         >>> fig = plot_curves([0.0, 0.1, 0.2], {"LeGrad": (pos, neg)}, save="curves.png")
     """
-    fig = _matplotlib()(figsize=figsize, layout="constrained")
+    s = _resolve(style, dpi=dpi)
+    fig = _matplotlib()(figsize=figsize or (11.0, 4.0), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     x = [100 * f for f in fractions]
     for name, (positive, negative) in curves.items():
         for ax, curve in zip(axes, (positive, negative)):
             ax.plot(x, _tensor(curve, name).numpy(), marker="o", markersize=3, label=name)
-    axes[0].set_title("positive perturbation (most relevant removed first) ↓", fontsize="small")
-    axes[1].set_title("negative perturbation (least relevant removed first) ↑", fontsize="small")
+    axes[0].set_title(
+        "positive perturbation (most relevant removed first) ↓", fontsize=s.title_size
+    )
+    axes[1].set_title(
+        "negative perturbation (least relevant removed first) ↑", fontsize=s.title_size
+    )
     for ax in axes:
         ax.set_xlabel("% of patches removed")
         ax.grid(alpha=0.3)
@@ -641,9 +737,9 @@ def plot_curves(
         fig.suptitle(title)
     if curves:
         fig.legend(
-            *axes[0].get_legend_handles_labels(), loc="outside right center", fontsize="small"
+            *axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=s.title_size
         )
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_photo(
@@ -652,11 +748,12 @@ def plot_photo(
     titles: Sequence[str],
     *,
     suptitle: Optional[str] = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_height: float = 3.2,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_height: Optional[float] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""A photo, then one overlay per target, at the photo's own resolution and aspect.
 
@@ -673,16 +770,19 @@ def plot_photo(
         suptitle (str, optional): The figure's title.
                     Default: None
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_height (float, optional): Height of a panel in inches (the width follows
                     the photo's aspect ratio).
-                    Default: 3.2
+                    Default: None (the style's ``panel_size``, else 3.2)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with ``1 + K`` panels, each overlay with a colour bar.
@@ -692,6 +792,8 @@ def plot_photo(
         >>> from captum_legrad.viz import plot_photo
         >>> fig = plot_photo(pil_image, maps, ["tabby cat\\nprobability 0.81"])
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
+    panel_height = panel_height if panel_height is not None else _panel(s, 3.2)
     if isinstance(photo, (np.ndarray, Tensor)):
         rgb = _tensor(photo, "photo").float()
         if rgb.dim() == 3 and rgb.shape[0] in (1, 3) and rgb.shape[-1] not in (1, 3):
@@ -712,7 +814,7 @@ def plot_photo(
         raise ValueError(f"{len(titles)} titles for {grid.shape[0]} maps: give one per map.")
     from matplotlib import colormaps
 
-    colours = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    colours = colormaps[s.cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     aspect = width / height
     panels = 1 + grid.shape[0]
     fig = _matplotlib()(
@@ -720,11 +822,11 @@ def plot_photo(
     )
     axes = fig.subplots(1, panels, squeeze=False)[0]
     axes[0].imshow(array)
-    axes[0].set_title(f"photo ({width}×{height})", fontsize="small")
+    axes[0].set_title(f"photo ({width}×{height})", fontsize=s.title_size)
     axes[0].set_axis_off()
     for ax, amap, title in zip(axes[1:], grid.numpy(), titles):
         ax.imshow(array)
-        image = ax.imshow(np.ma.masked_invalid(amap), cmap=colours, alpha=alpha, vmin=0, vmax=1)
+        image = ax.imshow(np.ma.masked_invalid(amap), cmap=colours, alpha=s.alpha, vmin=0, vmax=1)
         unseen = np.isnan(amap)
         if unseen.any():
             grey = np.zeros((height, width, 4), dtype=np.float32)
@@ -732,12 +834,12 @@ def plot_photo(
             ax.imshow(grey)
             ax.contourf(unseen.astype(np.float32), levels=[0.5, 1.5], colors="none", hatches=["//"])
         bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
-        bar.set_label("LeGrad relevance", fontsize="small")
-        ax.set_title(title, fontsize="small")
+        bar.set_label("LeGrad relevance", fontsize=s.title_size)
+        ax.set_title(title, fontsize=s.title_size)
         ax.set_axis_off()
     if suptitle is not None:
         fig.suptitle(suptitle)
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_answer(
@@ -750,12 +852,13 @@ def plot_answer(
     std: Stats = None,
     show_image: bool = True,
     columns: int = 6,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_size: float = 2.0,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_size: Optional[float] = None,
     title: Optional[str] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""A vision-language model's answer: one overlay per answer token, in reading order.
 
@@ -779,17 +882,20 @@ def plot_answer(
         columns (int, optional): Panels per row; long answers wrap.
                     Default: 6
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 2.0
+                    Default: None (the style's, else 2.0)
         title (str, optional): Figure title, e.g. the question.
                     Default: None
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with one panel per token (plus the image and the
@@ -803,6 +909,8 @@ def plot_answer(
         >>> fig = plot_answer(result.pixel_values, result.maps, result.tokens,
         ...                   answer_map=result.answer_map, mean=MEAN, std=STD)
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
+    panel_size = _panel(s, 2.0)
     img = _tensor(image, "image")
     if img.dim() == 4 and img.shape[0] == 1:
         img = img[0]
@@ -835,12 +943,10 @@ def plot_answer(
             ax.set_axis_off()
             continue
         amap, label = panels[slot]
-        _draw(
-            ax, rgb, amap, alpha=alpha, cmap=cmap, vmin=None, vmax=None, title=label, colorbar=False
-        )
+        _draw(ax, rgb, amap, style=s, vmin=None, vmax=None, title=label, colorbar=False)
     if title is not None:
         fig.suptitle(title)
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 __all__ += ["plot_answer"]

@@ -18,14 +18,35 @@ is: the attention is recorded inside each layer's attention module during the ca
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 
 from ...spec import ViTSpec
 from . import common, families, siglip2, vision
 
-__all__ = ["match"]
+__all__ = ["match", "image_text_class"]
+
+
+def image_text_class(config: Any) -> Optional[type]:
+    """The transformers class to load for an image-text ``config``; ``None`` otherwise.
+
+    An image-text model is one with both towers (:func:`.common.has_text_tower`, the rule
+    the adapters and :class:`~captum_legrad.ImageTextSimilarity` use): CLIP, SigLIP,
+    SigLIP2, MetaCLIP 2, AIMv2. The class is ``AutoModel``'s for the config's model type;
+    whether LeGrad recognises it is :func:`~captum_legrad.discover`'s answer.
+
+    Args:
+        config: A ``transformers`` ``PretrainedConfig``.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    name: Any = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", ""))
+    if isinstance(name, (tuple, list)):
+        name = name[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) and common.has_text_tower(cls) else None
 
 
 def match(model: nn.Module) -> Optional[ViTSpec]:

@@ -144,10 +144,21 @@ def patch_size_of(embeddings: Any, config: Any) -> Tuple[int, int]:
     return pair(size)
 
 
+def has_text_tower(model: Any) -> bool:
+    """Whether a transformers model (or model class) is an image-text model: it has
+    ``get_image_features`` and ``get_text_features`` (CLIP, SigLIP, SigLIP2, MetaCLIP 2,
+    AIMv2, ...). The one rule: the adapters run such a model through
+    ``get_image_features``, and :class:`~captum_legrad.ImageTextSimilarity` embeds prompts
+    with ``get_text_features``."""
+    return callable(getattr(model, "get_image_features", None)) and callable(
+        getattr(model, "get_text_features", None)
+    )
+
+
 def image_features_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
     """``get_image_features`` of a multimodal model, whose forward takes text first."""
     method = getattr(model, "get_image_features", None)
-    return method if callable(method) and hasattr(model, "get_text_features") else None
+    return method if has_text_tower(model) else None
 
 
 def returns_features(model: nn.Module) -> bool:
