@@ -60,7 +60,7 @@ from . import viz
 from .attribution import LeGrad
 from .discovery import discover
 from .errors import UnsupportedModelError
-from .eval.explain import ExplainError, resolve_target
+from .eval.classes import ClassNameError, parse_classes
 from .eval.models import LoadedModel, ModelError, load_model
 from .internals import at_input_size, minmax_normalize
 from .scores.image import ImageImageSimilarity
@@ -89,6 +89,9 @@ LAYER_CHOICES = ("all", "last two", "custom")
 DISPLAY_SIZE = 256
 #: The colour map of every map on the page and in the figure.
 CMAP = "jet"
+#: How every map is drawn, on the page and in the figure: maps scaled to [0, 1], one colour
+#: map, colour bars in the figure (the opacity is the page's slider).
+STYLE = viz.FigureStyle(cmap=CMAP, vmin=0.0, vmax=1.0, colorbar=True)
 #: Gradio's first port when none is given (it moves up when this one is taken).
 DEFAULT_PORT = 7860
 
@@ -174,7 +177,7 @@ def _display(rgb: np.ndarray) -> np.ndarray:
 
 def _blend(image: Tensor, heat: Tensor, opacity: float) -> np.ndarray:
     """Image ``(3, H, W)`` in [0, 1] and map ``(H, W)`` in [0, 1] → display array."""
-    return _display(viz.blend(image, heat, alpha=opacity, cmap=CMAP, vmin=0.0, vmax=1.0))
+    return _display(viz.blend(image, heat, alpha=opacity, style=STYLE))
 
 
 class _Workspace:
@@ -303,23 +306,15 @@ class Explorer:
         return chosen
 
     def _class_targets(self, text: str, num_classes: int) -> List[int]:
-        """Comma-separated class names or indices → class indices, by the parser of
-        ``captum-legrad explain --target`` (names, their synonyms, "did you mean")."""
-        targets = []
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            try:
-                targets.append(resolve_target(part, self.loaded.classes, num_classes))
-            except ExplainError as error:
-                message = (
-                    str(error)
-                    .replace("--target ", "class ")
-                    .replace("with --labels FILE", "with the command line's --labels FILE")
-                )
-                message = message[:1].upper() + message[1:]
-                raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
-        return list(dict.fromkeys(targets))
+        """Typed class names or indices → class indices, by the parser of
+        ``captum-legrad explain --target`` (:func:`captum_legrad.eval.classes.parse_classes`:
+        names, their synonyms, "did you mean")."""
+        try:
+            return parse_classes(text, self.loaded.classes, num_classes)
+        except ClassNameError as error:
+            message = str(error).replace("with --labels FILE", "with the command line's --labels")
+            message = message[:1].upper() + message[1:]
+            raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
 
     def _label(self, index: int) -> str:
         classes = self.loaded.classes
@@ -527,19 +522,16 @@ def figure(
     for b in range(rows):
         ax = axes[b, 0]
         ax.imshow(viz.denormalize(pictures[b]))
-        ax.set_title(f"{names[b]}\n(input)", fontsize="small")
+        ax.set_title(f"{names[b]}\n(input)", fontsize=STYLE.title_size)
         ax.set_axis_off()
         for j in range(k):
             viz.overlay(
                 pictures[b],
                 maps[b, j],
                 alpha=opacity,
-                cmap=CMAP,
-                vmin=0.0,
-                vmax=1.0,
                 title=titles[b][j],
-                colorbar=True,
                 ax=axes[b, j + 1],
+                style=STYLE,
             )
     return fig
 

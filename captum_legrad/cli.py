@@ -429,7 +429,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # launch() has closed the server and removed its temporary folders
         print("captum-legrad: explorer stopped (Ctrl+C)", file=sys.stderr, flush=True)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -958,10 +958,11 @@ def blend(
     *,
     mean: Stats = None,
     std: Stats = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
+    style: Optional[FigureStyle] = None,
 ) -> np.ndarray:
     r"""The overlay of :func:`overlay` as an RGB array instead of a figure (for web pages,
     image files and galleries): ``(1 - alpha) * image + alpha * colours(map)``.
@@ -977,13 +978,16 @@ def blend(
         std (float, sequence or Tensor, optional): Normalisation std to undo.
                     Default: None
         alpha (float, optional): Opacity of the map, 0..1.
-                    Default: 0.5
+                    Default: the style's (0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: the style's ("jet")
         vmin (float, optional): Value drawn with the colour map's first colour.
-                    Default: None (the map's minimum)
+                    Default: the style's (None: the map's minimum)
         vmax (float, optional): Value drawn with the colour map's last colour.
-                    Default: None (the map's maximum)
+                    Default: the style's (None: the map's maximum)
+        style (FigureStyle, optional): Colour map, opacity and range in one object; the
+                    keywords above win over it.
+                    Default: None (``FigureStyle()``)
 
     Returns:
         *numpy.ndarray*: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
@@ -1003,9 +1007,11 @@ def blend(
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=-1)
     amap = _map(attribution, (rgb.shape[0], rgb.shape[1]))
-    scale = Normalize(vmin=vmin, vmax=vmax, clip=True)
-    colours = np.asarray(colormaps[cmap](scale(amap))[..., :3], dtype=np.float32)
-    return np.asarray(np.clip((1 - alpha) * rgb + alpha * colours, 0.0, 1.0), dtype=np.float32)
+    s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax)
+    scale = Normalize(vmin=s.vmin, vmax=s.vmax, clip=True)
+    colours = np.asarray(colormaps[s.cmap](scale(amap))[..., :3], dtype=np.float32)
+    mixed = (1 - s.alpha) * rgb + s.alpha * colours
+    return np.asarray(np.clip(mixed, 0.0, 1.0), dtype=np.float32)
 
 
 __all__ += ["blend"]

@@ -23,7 +23,7 @@ from PIL import Image
 from captum_legrad import LeGrad
 from captum_legrad.app import Explorer, ExplorerError, Settings
 from captum_legrad.data import ShapesDataset
-from captum_legrad.eval.explain import resolve_target
+from captum_legrad.eval.classes import parse_classes
 from captum_legrad.eval.models import LoadedModel, load_model
 
 
@@ -105,10 +105,18 @@ def test_synonyms_are_matched_as_explain_matches_them(
     # ImageNet-style names with comma-separated synonyms: "tabby, tabby cat"
     names = ["circle, round thing", "square", "triangle", "cross, plus sign", "ring"]
     explorer = Explorer(dataclasses.replace(loaded, classes=names), workdir=tmp_path)
-    for typed, index in (("round thing", 0), ("PLUS SIGN", 3), ("cross", 3), ("4", 4)):
+    for typed, indices in (
+        ("round thing", [0]),
+        ("PLUS SIGN", [3]),
+        ("cross, plus sign", [3]),  # a whole class name with its comma is one class
+        ("square, 4", [1, 4]),
+        ("cross, plus sign; triangle", [3, 2]),
+    ):
         result = explorer.explain(shapes[:1], Settings(what=typed))
-        assert resolve_target(typed, names, 5) == index
-        assert result.maps[0][1].split(": ")[1].startswith(names[index] + " (")
+        assert parse_classes(typed, names, 5) == indices  # the parser explain uses
+        assert [caption.split(": ")[1].split(" (")[0] for _, caption in result.maps] == [
+            names[i] for i in indices
+        ]
 
 
 def test_the_figure_names_every_image_target_and_score(
