@@ -77,6 +77,7 @@ __all__ = [
     "BASELINES",
     "LAYER_CHOICES",
     "build",
+    "describe",
     "figure",
     "launch",
 ]
@@ -553,6 +554,30 @@ def _example_files(loaded: LoadedModel, folder: Path, count: int = 4) -> List[st
     return paths
 
 
+def describe(name: str, loaded: LoadedModel) -> str:
+    """The page's line about a named model: what it is and where its weights came from.
+
+    Args:
+        name (str): The model as the command line's ``--model`` names it.
+        loaded (LoadedModel): The model loaded by that name.
+
+    Returns:
+        Markdown, e.g. ``"Model: `timm:vit_small_patch16_224` with random weights
+        (`--random-weights`): the maps show nothing the model learned."``
+    """
+    if name == "default":
+        return (
+            "Model: the bundled shapes ViT (64×64 synthetic shapes: circle, square, ...). "
+            "It knows nothing of photos; use the examples or load your own model."
+        )
+    if loaded.random_init:
+        return (
+            f"Model: `{name}` with random weights (`--random-weights`): the maps show "
+            "nothing the model learned."
+        )
+    return f"Model: `{name}`, weights: {loaded.weights or 'as loaded'}."
+
+
 def _gradio() -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
@@ -935,20 +960,9 @@ def _start(
             )
         except ModelError as error:
             raise ExplorerError(str(error)) from error
-        if model == "default":
-            description = (
-                "Model: the bundled shapes ViT (64×64 synthetic shapes: circle, square, ...). "
-                "It knows nothing of photos; use the examples or load your own model."
-            )
-            if examples is None:
-                examples = _example_files(loaded, workspace.folder("examples"))
-        elif loaded.random_init:
-            description = (
-                f"Model: `{model}` with random weights (`--random-weights`): the maps show "
-                "nothing the model learned."
-            )
-        else:
-            description = f"Model: `{model}`, weights: {loaded.weights or 'as loaded'}."
+        description = describe(model, loaded)
+        if model == "default" and examples is None:
+            examples = _example_files(loaded, workspace.folder("examples"))
     if explain_size:
         try:
             loaded = loaded.at_size((explain_size[0], explain_size[-1]))

@@ -408,3 +408,21 @@ def test_temporary_folders_are_removed_at_exit(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "LeGrad explorer running on" in done.stdout
     assert _leftovers(tmp_path) == []
+
+
+def test_the_header_says_random_weights_in_plain_words(loaded: LoadedModel) -> None:
+    from captum_legrad.app import describe
+
+    random = dataclasses.replace(loaded, weights="random (--random-weights)", random_init=True)
+    line = describe("timm:vit_small_patch16_224", random)
+    assert line == (
+        "Model: `timm:vit_small_patch16_224` with random weights (`--random-weights`): the "
+        "maps show nothing the model learned."
+    )
+    pretrained = dataclasses.replace(loaded, weights="pretrained (hub)", random_init=False)
+    assert describe("timm:vit_small_patch16_224", pretrained) == (
+        "Model: `timm:vit_small_patch16_224`, weights: pretrained (hub)."
+    )
+    assert "bundled shapes ViT" in describe("default", loaded)
+    for text in (line, describe("x", pretrained)):
+        assert "((" not in text and "))" not in text and "(random (" not in text
