@@ -679,7 +679,7 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                     placeholder=(
                         "a cat, a remote"
                         if image_text
-                        else "names or indices, comma-separated; empty: the top-k predictions"
+                        else "names or indices, separated by , or ; (empty: the top-k predictions)"
                     ),
                     elem_id="what",
                 )
