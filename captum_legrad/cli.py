@@ -487,6 +487,10 @@ def cmd_app(args: argparse.Namespace) -> int:
         )
     except (ExplorerError, ImportError) as error:
         raise CLIError(str(error)) from error
+    except KeyboardInterrupt:
+        # launch() has closed the server and removed its temporary folders
+        print("captum-legrad: explorer stopped (Ctrl+C)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 
