@@ -106,7 +106,7 @@ def test_dispatched_vlm_maps_equal_the_models(llava_saved: Any, how: str) -> Non
     assert_not_vacuous(layers, lead=2)  # every (sample, layer)
     dispatched = _dispatched_llava(folder, how)
     assert any(p.device.type == "meta" for p in dispatched.parameters())  # really offloaded
-    ids, mask, answers, pixels = _llava_case()
+    ids, mask, _answers, pixels = _llava_case()
     with torch.no_grad():  # transformers adds its output-recording hooks on a first forward
         dispatched(input_ids=ids, pixel_values=pixels, attention_mask=mask)
     before = _structure(dispatched)
@@ -139,7 +139,7 @@ def test_dispatched_vit_classifiers(tmp_path: Path) -> None:
     assert_not_vacuous(expected, lead=2)
     hf.save_pretrained(tmp_path / "vit")
     # Every other top-level piece and block (the first block, the final norm, the head) on disk.
-    blocks = [n for n, m in hf.named_modules() if isinstance(m, nn.ModuleList)][0]
+    blocks = next(n for n, m in hf.named_modules() if isinstance(m, nn.ModuleList))
     pieces = [f"vit.{n}" for n, _ in hf.vit.named_children() if f"vit.{n}" != blocks]
     pieces += [f"{blocks}.{i}" for i in range(hf.config.num_hidden_layers)] + ["classifier"]
     device_map = {n: ("disk" if i % 2 else "cpu") for i, n in enumerate(pieces)}
