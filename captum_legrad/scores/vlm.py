@@ -300,7 +300,7 @@ class AnswerLogits(nn.Module):
             rows = parts.norm(rows)
         answer = plan.answer_ids.repeat(repeats, 1)
         head = parts.lm_head
-        if _plain_linear(head, rows.device):
+        if isinstance(head, nn.Linear) and _plain_linear(head, rows.device):
             # lm_head(rows)[answer], computed for the answer's vocabulary rows only, in
             # float32 (half-precision models: the dot products are not rounded).
             weight = head.weight[answer]  # (R·B, T, D)
