@@ -294,11 +294,12 @@ class AnswerLogits(nn.Module):
         parts = self.parts
         batch = plan.positions.shape[0]
         repeats = hidden.shape[0] // batch
-        index = plan.positions.repeat(repeats, 1)  # (R·B, T)
+        # A dispatched model (device_map) may run layer l on another device than the inputs.
+        index = plan.positions.repeat(repeats, 1).to(hidden.device)  # (R·B, T)
         rows = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if not normed:
             rows = parts.norm(rows)
-        answer = plan.answer_ids.repeat(repeats, 1)
+        answer = plan.answer_ids.repeat(repeats, 1).to(rows.device)
         head = parts.lm_head
         if isinstance(head, nn.Linear) and _plain_linear(head, rows.device):
             # lm_head(rows)[answer], computed for the answer's vocabulary rows only, in
@@ -312,6 +313,7 @@ class AnswerLogits(nn.Module):
             logits = out.gather(-1, answer.unsqueeze(-1)).squeeze(-1).float()
         if parts.softcap is not None:
             logits = torch.tanh(logits / parts.softcap) * parts.softcap
+        logits = logits.to(plan.positions.device)  # every layer's scores on one device
         if self.reduce == "sum":
             kept = plan.answer_mask.repeat(repeats, 1)
             logits = logits.masked_fill(~kept, 0.0).sum(dim=1, keepdim=True)
