@@ -319,11 +319,12 @@ multimodal-LM and Vision2Seq auto mappings), built at a tiny random-init configu
 given to `AnswerLogits` (`docs/method.md`, "Vision-language models"). **works**: a map per
 answer token, none all zero or constant; **refused**: `UnsupportedModelError`, the first
 clause of its message shown; **error**: anything else (none is allowed: issue #21);
-**skipped**: the class has no vision part or cannot be built offline. *built*: `tiny` (the
-configuration shrunk generically: one layer per stack, widths 64) or `meta` (the tiny
+**skipped**: the class has no vision part (audio, speech, proteins). *built*: `tiny` (the
+configuration shrunk generically: one layer per stack, widths 64), `meta` (the tiny
 configuration did not build; the default configuration on the meta device, enough for the
 refusal) or `stub` (no configuration builds offline: an instance of the class whose
-`__init__` did not run, so only the refusal by class is checked). Exactness is tested against an independent oracle in `tests/test_vlm.py`.
+`__init__` did not run, so only the refusal by class is checked). Exactness is tested
+against an independent oracle in `tests/test_vlm.py`.
 
 Regenerate (a few minutes on 2 cores):
 
