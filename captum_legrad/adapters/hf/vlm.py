@@ -54,6 +54,35 @@ REFUSED = {
 
 _VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
+# Families whose image tokens cannot be mapped back to the image honestly: each image token
+# is a learned query (or latent) that mixes every patch, so no token belongs to a place.
+REFUSED.update(
+    {
+        "Blip2ForConditionalGeneration": (
+            "reads the image through a Q-Former's learned queries, each a mix of every patch"
+        ),
+        "InstructBlipForConditionalGeneration": (
+            "reads the image through a Q-Former's learned queries, each a mix of every patch"
+        ),
+        "InstructBlipVideoForConditionalGeneration": (
+            "reads the frames through a Q-Former's learned queries, each a mix of every patch"
+        ),
+        "IdeficsForVisionText2Text": (
+            "resamples the image with a perceiver and reads it through cross-attention"
+        ),
+        "Kosmos2ForConditionalGeneration": (
+            "resamples the image into latent queries, each a mix of every patch"
+        ),
+        "AriaForConditionalGeneration": (
+            "resamples the image with learned queries (cross-attention projector)"
+        ),
+        "InternVLForConditionalGeneration": (
+            "tiles the image into dynamic tiles plus a thumbnail (pixel shuffle)"
+        ),
+        "Llama4ForConditionalGeneration": "tiles the image into crops plus a global view",
+    }
+)
+
 
 @dataclass(frozen=True)
 class VLMParts:
@@ -181,6 +210,12 @@ def describe(model: nn.Module) -> VLMParts:
     # Gemma 3: the patch grid is average-pooled to tokens_per_side² tokens.
     tokens_side = round(int(config.mm_tokens_per_image) ** 0.5)
     kernel = (side[0] // patch[0]) // tokens_side
+    if kernel < 1 or kernel * tokens_side != side[0] // patch[0]:
+        raise _refuse(
+            model,
+            f"pools its {side[0] // patch[0]}-patch side to {tokens_side} tokens "
+            "(mm_tokens_per_image), not an integer kernel",
+        )
     pooled = (patch[0] * kernel, patch[1] * kernel)
 
     def pooled_grid(height: int, width: int) -> Tuple[int, int]:
