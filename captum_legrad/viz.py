@@ -1085,28 +1085,6 @@ def plot_video(
                     Default: 16
         show_frames (bool, optional): A first row with the plain frames.
                     Default: True
-
-def blend(
-    image: ArrayLike,
-    attribution: ArrayLike,
-    *,
-    mean: Stats = None,
-    std: Stats = None,
-    alpha: Optional[float] = None,
-    cmap: Optional[str] = None,
-    vmin: Optional[float] = None,
-    vmax: Optional[float] = None,
-    style: Optional[FigureStyle] = None,
-) -> np.ndarray:
-    r"""The overlay of :func:`overlay` as an RGB array instead of a figure (for web pages,
-    image files and galleries): ``(1 - alpha) * image + alpha * colours(map)``.
-
-    Args:
-
-        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
-                    given to the model.
-        attribution (Tensor or numpy.ndarray): Its map, as for :func:`overlay` (a map of
-                    another size is upsampled bilinearly to the image).
         mean (float, sequence or Tensor, optional): Normalisation mean to undo.
                     Default: None
         std (float, sequence or Tensor, optional): Normalisation std to undo.
@@ -1237,28 +1215,6 @@ def overlay_frames(
 
         >>> from captum_legrad.viz import overlay_frames
         >>> frames = overlay_frames(x[0], attr[0], mean=MEAN, std=STD)
-
-        alpha (float, optional): Opacity of the map, 0..1.
-                    Default: the style's (0.5)
-        cmap (str, optional): A matplotlib colour map name.
-                    Default: the style's ("jet")
-        vmin (float, optional): Value drawn with the colour map's first colour.
-                    Default: the style's (None: the map's minimum)
-        vmax (float, optional): Value drawn with the colour map's last colour.
-                    Default: the style's (None: the map's maximum)
-        style (FigureStyle, optional): Colour map, opacity and range in one object; the
-                    keywords above win over it.
-                    Default: None (``FigureStyle()``)
-
-    Returns:
-        *numpy.ndarray*: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
-
-    Examples::
-
-        >>> from PIL import Image
-        >>> from captum_legrad.viz import blend
-        >>> rgb = blend(x[0], attr[0], mean=MEAN, std=STD, alpha=0.5)
-        >>> Image.fromarray((rgb * 255).round().astype("uint8")).save("legrad.png")
     """
     _matplotlib()
     from matplotlib import colormaps
@@ -1614,6 +1570,58 @@ def plot_spectrogram(
 
 
 __all__ += ["plot_video", "overlay_frames", "animate_video", "plot_spectrogram", "mel_bin_of"]
+
+
+def blend(
+    image: ArrayLike,
+    attribution: ArrayLike,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    style: Optional[FigureStyle] = None,
+) -> np.ndarray:
+    r"""The overlay of :func:`overlay` as an RGB array instead of a figure (for web pages,
+    image files and galleries): ``(1 - alpha) * image + alpha * colours(map)``.
+
+    Args:
+
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
+                    given to the model.
+        attribution (Tensor or numpy.ndarray): Its map, as for :func:`overlay` (a map of
+                    another size is upsampled bilinearly to the image).
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map, 0..1.
+                    Default: the style's (0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: the style's ("jet")
+        vmin (float, optional): Value drawn with the colour map's first colour.
+                    Default: the style's (None: the map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: the style's (None: the map's maximum)
+        style (FigureStyle, optional): Colour map, opacity and range in one object; the
+                    keywords above win over it.
+                    Default: None (``FigureStyle()``)
+
+    Returns:
+        *numpy.ndarray*: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
+
+    Examples::
+
+        >>> from PIL import Image
+        >>> from captum_legrad.viz import blend
+        >>> rgb = blend(x[0], attr[0], mean=MEAN, std=STD, alpha=0.5)
+        >>> Image.fromarray((rgb * 255).round().astype("uint8")).save("legrad.png")
+    """
+    _matplotlib()
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
 
     rgb = denormalize(image, mean, std)
     if rgb.ndim == 2:
