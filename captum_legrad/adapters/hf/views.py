@@ -1,0 +1,114 @@
+"""Image views of a vision-language model's sequence: which image tokens came from where.
+
+A tiled or multi-crop VLM turns one image into several *views* (a downscaled base or
+global view, crops or tiles of a larger copy); each view's tokens form a grid over a
+rectangle of the original image. :class:`ImageView` records, for one view of one image of
+one sample, the sequence positions of its tokens (row-major over its grid; separator and
+newline tokens left out) and the rectangle of the original image it covers, as fractions of
+the image's height and width (a view of a padded copy may reach beyond ``[0, 1]``: its
+cells over the padding lie outside the image).
+
+The per-family rules (``llava_next``, ``idefics3``, ``mistral3``) build the views from
+``input_ids``, the model's config and the processor's outputs, following the placement of
+the model's own ``get_image_features`` and placeholder scatter: the image tokens of the
+whole batch, in row-major order over ``(B, S)``, receive the image features in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["ImageView", "split_images", "image_index"]
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """One view of one image: its tokens' positions, grid, and the rectangle it covers.
+
+    Attributes:
+        sample: The sample (row of ``input_ids``) the view's tokens are in.
+        image: The image's index within its sample (0 for the first image).
+        positions: ``(g_h·g_w,)`` sequence positions of the view's tokens, row-major over
+            ``grid``.
+        grid: ``(g_h, g_w)``, the view's token grid.
+        box: ``(top, left, bottom, right)``: the rectangle of the original image the grid
+            covers, as fractions of the image's height and width.
+        size: ``(H, W)``: the original image's size in pixels (the processor's
+            ``image_sizes`` where it gives them, else the size the model's processor
+            resized the whole image to).
+        kind: What the view is: ``"base"``, ``"crops"``, ``"tile"``, ``"global"`` or
+            ``"image"``.
+    """
+
+    sample: int
+    image: int
+    positions: Tensor
+    grid: Tuple[int, int]
+    box: Tuple[float, float, float, float]
+    size: Tuple[int, int]
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.positions.dim() != 1 or self.positions.numel() != self.grid[0] * self.grid[1]:
+            raise ValueError(
+                f"ImageView.positions must hold g_h·g_w = {self.grid[0] * self.grid[1]} "
+                f"positions, got shape {tuple(self.positions.shape)}."
+            )
+
+
+def split_images(
+    input_ids: Tensor, image_token_id: int, counts: Sequence[int], family: str
+) -> List[Tuple[int, Tensor]]:
+    """The image tokens of a batch, image by image, as the model scatters its features.
+
+    Args:
+        input_ids: ``(B, S)`` token ids.
+        image_token_id: The image placeholder id.
+        counts: Image tokens of each image, in the order of the processor's images.
+        family: The model's name, for messages.
+
+    Returns:
+        One ``(sample, positions)`` per image: the sample holding it and the sequence
+        positions of its tokens, in order.
+
+    Raises:
+        ValueError: the image tokens do not match ``counts`` or an image's tokens are
+            spread over two samples.
+    """
+    where = torch.nonzero(input_ids == image_token_id)  # (n, 2), row-major over (B, S)
+    total = int(sum(counts))
+    if where.shape[0] != total:
+        raise ValueError(
+            f"input_ids holds {where.shape[0]} image tokens (id {image_token_id}) but the "
+            f"images of {family} need {total} ({list(counts)} per image, from the "
+            "processor's outputs). Build input_ids and the image inputs with the model's "
+            "processor, in one call."
+        )
+    out: List[Tuple[int, Tensor]] = []
+    start = 0
+    for count in counts:
+        rows = where[start : start + count]
+        start += count
+        sample = int(rows[0, 0]) if count else 0
+        if bool((rows[:, 0] != sample).any()):
+            raise ValueError(
+                f"An image's {count} tokens of {family} are spread over two samples: the "
+                "image inputs do not belong to input_ids (give them as the processor returns "
+                "them)."
+            )
+        out.append((sample, rows[:, 1]))
+    return out
+
+
+def image_index(images: Sequence[Tuple[int, Tensor]]) -> List[int]:
+    """Each image's index within its sample, for :func:`split_images`' result."""
+    seen: dict = {}
+    index = []
+    for sample, _ in images:
+        index.append(seen.get(sample, 0))
+        seen[sample] = index[-1] + 1
+    return index

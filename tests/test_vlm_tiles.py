@@ -1,0 +1,348 @@
+"""Tiled and multi-crop VLMs: LLaVA-NeXT, LLaVA-OneVision, Idefics3, SmolVLM, Mistral 3.
+
+Every test builds its inputs with the model's **real processor** (image processor and
+processor classes of the installed transformers, with a tiny offline word-level tokenizer
+holding the families' special tokens), on tiny random-init models.
+
+* Placement: with a vision tower of zero layers every image token's embedding depends only
+  on its own pixels, so ``autograd`` tells which pixels of ``pixel_values`` each position of
+  the language model's input came from. The test image encodes its own coordinates in its
+  colours (``y/H``, ``x/W``, and 1 over real pixels), so those pixels say where in the
+  original image each token comes from. The views (positions, grid, rectangle) must put
+  every token's cell there, and the tokens they leave out (newlines) must have no pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+tf = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from _versions import requires  # noqa: E402
+
+from captum_legrad.adapters.hf.idefics3 import tile_views  # noqa: E402
+from captum_legrad.adapters.hf.llava_next import anyres_views  # noqa: E402
+from captum_legrad.adapters.hf.mistral3 import pixtral_views  # noqa: E402
+from captum_legrad.adapters.hf.views import ImageView  # noqa: E402
+
+pytestmark = requires("transformers", "LlavaModel", since="transformers 4.52")
+
+SPECIAL = [
+    "<image>", "<fake_token_around_image>", "<global-img>", "\n", "[IMG]", "[IMG_BREAK]",
+    "[IMG_END]", "<end_of_utterance>", "<video>",
+    *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
+]  # fmt: skip
+WORDS = ["<unk>", "<pad>", "a", "b", "c", "what", "is", "this", "?", "USER:", "ASSISTANT:"]
+VOCAB = 64
+
+
+def tokenizer() -> Any:
+    """A word-level tokenizer with the families' special tokens (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(WORDS + SPECIAL)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL})
+    return fast
+
+
+TOKENIZER = tokenizer()
+
+
+def token(text: str) -> int:
+    return int(TOKENIZER.convert_tokens_to_ids(text))
+
+
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def _text(**kw: Any) -> Any:
+    return tf.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=1024, **kw,
+    )  # fmt: skip
+
+
+def _finish(model: nn.Module, attn: str) -> nn.Module:
+    model.config._attn_implementation = attn
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = attn
+    return model.eval()
+
+
+def llava_next(attn: str = "eager", vision_layers: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+        num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    config = tf.LlavaNextConfig(
+        vision_config=vision, text_config=_text(), image_token_index=token("<image>"),
+        image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return _finish(tf.LlavaNextForConditionalGeneration(config), attn)
+
+
+def llava_onevision(attn: str = "eager", vision_layers: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+        num_attention_heads=2, image_size=32, patch_size=8,
+    )  # fmt: skip
+    text = tf.Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
+    )  # fmt: skip
+    config = tf.LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(),
+        image_token_index=token("<image>"), video_token_index=token("<video>"),
+        image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_1",
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return _finish(tf.LlavaOnevisionForConditionalGeneration(config), attn)
+
+
+def _idefics_vision(layers: int) -> Any:
+    return tf.Idefics3VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+
+
+def idefics3(attn: str = "eager", vision_layers: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = tf.Idefics3Config(
+        vision_config=_idefics_vision(vision_layers).to_dict(), text_config=_text().to_dict(),
+        image_token_id=token("<image>"), scale_factor=2,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return _finish(tf.Idefics3ForConditionalGeneration(config), attn)
+
+
+def smolvlm(attn: str = "eager", vision_layers: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = tf.SmolVLMConfig(
+        vision_config=_idefics_vision(vision_layers).to_dict(), text_config=_text().to_dict(),
+        image_token_id=token("<image>"), scale_factor=2,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return _finish(tf.SmolVLMForConditionalGeneration(config), attn)
+
+
+def mistral3(attn: str = "eager", vision_layers: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = tf.PixtralVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+        num_attention_heads=2, image_size=64, patch_size=4, head_dim=16,
+    )  # fmt: skip
+    text = tf.MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=1024,
+    )  # fmt: skip
+    config = tf.Mistral3Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(),
+        image_token_index=token("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return _finish(tf.Mistral3ForConditionalGeneration(config), attn)
+
+
+PLAIN = dict(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], do_rescale=False)
+
+
+def processor(name: str) -> Any:
+    tok = tokenizer()
+    if name == "llava_next":
+        ip = tf.LlavaNextImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=PINPOINTS, **PLAIN,
+        )  # fmt: skip
+        return tf.LlavaNextProcessor(
+            image_processor=ip, tokenizer=tok, patch_size=8, image_token="<image>",
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        )  # fmt: skip
+    if name == "llava_onevision":
+        ip = tf.LlavaOnevisionImageProcessor(
+            size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=PINPOINTS, **PLAIN,
+        )  # fmt: skip
+        return tf.LlavaOnevisionProcessor(
+            image_processor=ip, tokenizer=tok, video_processor=tf.LlavaOnevisionVideoProcessor(),
+            num_image_tokens=16,
+            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+            image_token="<image>", video_token="<video>",
+        )  # fmt: skip
+    if name in ("idefics3", "smolvlm"):
+        cls = tf.Idefics3ImageProcessor if name == "idefics3" else tf.SmolVLMImageProcessor
+        ip = cls(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, **PLAIN)
+        try:
+            import num2words  # noqa: F401  (SmolVLMProcessor needs it, for videos)
+        except ImportError:
+            name = "idefics3"  # SmolVLMProcessor lays out images as Idefics3Processor does
+        if name == "idefics3":
+            return tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4)
+        return tf.SmolVLMProcessor(
+            image_processor=ip, tokenizer=tok, video_processor=tf.SmolVLMVideoProcessor(),
+            image_seq_len=4,
+        )
+    ip = tf.PixtralImageProcessor(
+        size={"longest_edge": 64}, patch_size={"height": 8, "width": 8}, **PLAIN
+    )
+    return tf.PixtralProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=4, spatial_merge_size=2,
+        image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]",
+    )  # fmt: skip
+
+
+BUILDERS: Dict[str, Callable[..., nn.Module]] = {
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
+    "mistral3": mistral3,
+}
+PLACEHOLDER = {"mistral3": "[IMG]"}
+
+
+def coordinate_image(height: int, width: int) -> Tensor:
+    """``(3, H, W)`` in [0, 1]: ``(y + ½) / H``, ``(x + ½) / W``, and 1 (real pixels)."""
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    return torch.stack(
+        [ys[:, None].expand(height, width), xs[None, :].expand(height, width),
+         torch.ones(height, width)]
+    )  # fmt: skip
+
+
+def inputs(name: str, images: List[Tensor], texts: List[str]) -> Dict[str, Tensor]:
+    proc = processor(name)
+    nested: Any = [[im] for im in images] if name in ("idefics3", "smolvlm") else images
+    out = proc(images=nested, text=texts, return_tensors="pt", padding=True)
+    return {k: v for k, v in out.items() if isinstance(v, Tensor)}
+
+
+def views_of(name: str, model: nn.Module, batch: Dict[str, Tensor]) -> List[ImageView]:
+    config: Any = model.config
+    ids = batch["input_ids"]
+    if name in ("llava_next", "llava_onevision"):
+        return anyres_views(
+            ids, config, batch["image_sizes"], onevision=name == "llava_onevision",
+            batch_num_images=batch.get("batch_num_images"),
+        )  # fmt: skip
+    if name in ("idefics3", "smolvlm"):
+        return tile_views(
+            ids, config, batch["pixel_values"], batch.get("pixel_attention_mask"), name
+        )
+    return pixtral_views(ids, config, batch["image_sizes"])
+
+
+def model_kwargs(name: str, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    return {k: v for k, v in batch.items() if k not in ("image_sizes",) or name != "idefics3"}
+
+
+def pixel_sources(model: nn.Module, batch: Dict[str, Tensor], positions: Tensor, sample: int) -> List[Tensor]:
+    """For each position: the gradient magnitude of its input embedding over ``pixel_values``."""
+    pixels = batch["pixel_values"].clone().requires_grad_(True)
+    captured: Dict[str, Tensor] = {}
+    inner: Any = model.model
+    language = getattr(inner, "language_model", None) or inner.text_model
+
+    def grab(module: nn.Module, args: Any, kwargs: Dict[str, Any]) -> None:
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    handle = language.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        inner(**{**batch, "pixel_values": pixels}, use_cache=False)
+    finally:
+        handle.remove()
+    embeds = captured["embeds"]
+    out = []
+    for p in positions.tolist():
+        (grad,) = torch.autograd.grad(embeds[sample, p].sum(), pixels, retain_graph=True)
+        out.append(grad.abs())
+    return out
+
+
+def local_vision(model: nn.Module) -> nn.Module:
+    """The model with its vision attention outputs zeroed: every vision token then depends
+    on its own patch only (the MLPs, norms and merger act per token or per merged group)."""
+    inner: Any = model.model
+    tower = getattr(inner, "vision_tower", None) or inner.vision_model
+    with torch.no_grad():
+        for name, module in tower.named_modules():
+            if name.endswith(("out_proj", "o_proj")) and isinstance(module, nn.Linear):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
+IMAGE_SIZES = {
+    # two sizes per family with different crop / tile layouts
+    "llava_next": [(60, 80), (90, 40)],
+    "llava_onevision": [(60, 80), (40, 100)],
+    "idefics3": [(60, 80), (80, 24)],
+    "smolvlm": [(100, 40), (20, 24)],
+    "mistral3": [(60, 80), (30, 52)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_views_match_the_models_placement(name: str) -> None:
+    model = local_vision(BUILDERS[name](vision_layers=1))
+    placeholder = PLACEHOLDER.get(name, "<image>")
+    sizes = IMAGE_SIZES[name]
+    layouts = set()
+    for height, width in sizes:
+        image = coordinate_image(height, width)
+        batch = inputs(name, [image], [f"a {placeholder} what is this ?"])
+        views = views_of(name, model, batch)
+        layouts.add(tuple((v.kind, v.grid, v.box) for v in views))
+        ids = batch["input_ids"]
+        image_positions = set(torch.nonzero(ids[0] == token(placeholder))[:, 0].tolist())
+        used = torch.cat([v.positions for v in views]).tolist()
+        assert len(used) == len(set(used)), "a token in two views"
+        assert set(used) <= image_positions
+        left_out = sorted(image_positions - set(used))
+        for grad in pixel_sources(model, batch, torch.tensor(left_out, dtype=torch.long), 0):
+            assert grad.sum() == 0, "a left-out image token (newline) comes from pixels"
+        pixels = batch["pixel_values"]
+        for view in views:
+            top, left, bottom, right = view.box
+            g_h, g_w = view.grid
+            cell = ((bottom - top) / g_h, (right - left) / g_w)
+            grads = pixel_sources(model, batch, view.positions, view.sample)
+            for k, grad in enumerate(grads):
+                r, c = divmod(k, g_w)
+                support = grad.sum(dim=-3, keepdim=True) > 0  # over channels
+                assert support.any(), f"{view.kind} token {k} comes from no pixel"
+                frame_pixels = pixels * support
+                real = frame_pixels.select(-3, 2)
+                weight = real.sum()
+                if weight < 0.5:  # a cell over padding only: none in the unpadded views
+                    pytest.fail(f"{name} {view.kind} cell {(r, c)} covers padding only")
+                y = (frame_pixels.select(-3, 0)).sum() / weight
+                x = (frame_pixels.select(-3, 1)).sum() / weight
+                expected_y = top + (r + 0.5) * cell[0]
+                expected_x = left + (c + 0.5) * cell[1]
+                # Cells partly over padding: their real pixels' centre moves inwards.
+                partial = bool((real[support.select(-3, 0)] < 0.99).any())
+                tol = (0.55 if partial else 0.2) 
+                assert abs(float(y) - expected_y) <= tol * cell[0] + 1e-3, (
+                    f"{name} {view.kind} cell {(r, c)}: y {float(y):.3f} vs {expected_y:.3f}"
+                )
+                assert abs(float(x) - expected_x) <= tol * cell[1] + 1e-3, (
+                    f"{name} {view.kind} cell {(r, c)}: x {float(x):.3f} vs {expected_x:.3f}"
+                )
+    assert len(layouts) == len(sizes), f"the image sizes gave the same layout: {layouts}"
