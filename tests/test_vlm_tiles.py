@@ -25,10 +25,10 @@ pytest.importorskip("tokenizers")
 
 from _versions import requires  # noqa: E402
 
-from captum_legrad.adapters.hf.idefics3 import tile_views  # noqa: E402
-from captum_legrad.adapters.hf.llava_next import anyres_views  # noqa: E402
-from captum_legrad.adapters.hf.mistral3 import pixtral_views  # noqa: E402
-from captum_legrad.adapters.hf.views import ImageView  # noqa: E402
+from captum_legrad.adapters.hf.vlm_idefics3 import tile_views  # noqa: E402
+from captum_legrad.adapters.hf.vlm_llava_next import anyres_views  # noqa: E402
+from captum_legrad.adapters.hf.vlm_mistral3 import pixtral_views  # noqa: E402
+from captum_legrad.adapters.hf.vlm_tiles import ImageView  # noqa: E402
 
 pytestmark = requires("transformers", "LlavaModel", since="transformers 4.52")
 
@@ -50,6 +50,7 @@ def tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
     fast.add_special_tokens({"additional_special_tokens": SPECIAL})
+    fast.padding_side = "left"
     return fast
 
 
@@ -193,7 +194,9 @@ def processor(name: str) -> Any:
         if name == "idefics3":
             return tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4)
         return tf.SmolVLMProcessor(
-            image_processor=ip, tokenizer=tok, video_processor=tf.SmolVLMVideoProcessor(),
+            image_processor=ip,
+            tokenizer=tok,
+            video_processor=tf.SmolVLMVideoProcessor(),
             image_seq_len=4,
         )
     ip = tf.PixtralImageProcessor(
@@ -251,7 +254,9 @@ def model_kwargs(name: str, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k not in ("image_sizes",) or name != "idefics3"}
 
 
-def pixel_sources(model: nn.Module, batch: Dict[str, Tensor], positions: Tensor, sample: int) -> List[Tensor]:
+def pixel_sources(
+    model: nn.Module, batch: Dict[str, Tensor], positions: Tensor, sample: int
+) -> List[Tensor]:
     """For each position: the gradient magnitude of its input embedding over ``pixel_values``."""
     pixels = batch["pixel_values"].clone().requires_grad_(True)
     captured: Dict[str, Tensor] = {}
@@ -338,7 +343,7 @@ def test_views_match_the_models_placement(name: str) -> None:
                 expected_x = left + (c + 0.5) * cell[1]
                 # Cells partly over padding: their real pixels' centre moves inwards.
                 partial = bool((real[support.select(-3, 0)] < 0.99).any())
-                tol = (0.55 if partial else 0.2) 
+                tol = 0.55 if partial else 0.2
                 assert abs(float(y) - expected_y) <= tol * cell[0] + 1e-3, (
                     f"{name} {view.kind} cell {(r, c)}: y {float(y):.3f} vs {expected_y:.3f}"
                 )
@@ -346,3 +351,71 @@ def test_views_match_the_models_placement(name: str) -> None:
                     f"{name} {view.kind} cell {(r, c)}: x {float(x):.3f} vs {expected_x:.3f}"
                 )
     assert len(layouts) == len(sizes), f"the image sizes gave the same layout: {layouts}"
+
+
+# ---------------------------------------------------------------------------- the oracle
+
+
+def _language(model: Any) -> Any:
+    inner = model.model
+    return getattr(inner, "language_model", None) or inner.text_model
+
+
+def oracle_key_maps(
+    model: nn.Module, batch: Dict[str, Tensor], positions: Tensor, answer_ids: Tensor
+) -> Tensor:
+    """Per-layer, per-token LeGrad values on every key: ``(B, T, L, N)``, from docs/method.md.
+
+    Independent of the package: an eager deep copy run once with ``output_attentions=True``
+    on the whole teacher-forced sequence (``batch``: the model's own keyword inputs), the
+    decoder layers' outputs kept by forward hooks; then explicit loops over answer tokens
+    and layers: the logit lens ``lm_head(norm(Z^l))`` at ``positions[:, j]`` picked at
+    ``answer_ids[:, j]``, ``autograd.grad`` to the attention probabilities HF returns, ReLU,
+    mean over heads and query rows.
+    """
+    import copy
+
+    work: Any = copy.deepcopy(model)
+    work.set_attn_implementation("eager")
+    work.eval()
+    language = _language(work)
+    decoder = list(language.layers)
+    hidden: List[Tensor] = []
+    handles = [
+        layer.register_forward_hook(
+            lambda m, a, o: hidden.append(o[0] if isinstance(o, tuple) else o)
+        )
+        for layer in decoder
+    ]
+    try:
+        with torch.enable_grad():
+            out = work(**batch, output_attentions=True, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    attentions = out.attentions
+    assert len(attentions) == len(decoder) == len(hidden)
+    b, t = answer_ids.shape
+    rows = torch.arange(b)
+    n = attentions[0].shape[-1]
+    maps = torch.zeros(b, t, len(decoder), n)
+    for j in range(t):
+        for layer in range(len(decoder)):
+            logits = work.lm_head(language.norm(hidden[layer]))
+            picked = logits[rows, positions[:, j], answer_ids[:, j]]
+            (grad,) = torch.autograd.grad(picked.sum(), attentions[layer], retain_graph=True)
+            maps[:, j, layer] = grad.clamp(min=0).mean(dim=(1, 2))
+    return maps
+
+
+def teacher_forced(batch: Dict[str, Tensor], answers: Tensor) -> Tuple[Dict[str, Tensor], Tensor]:
+    """The processor's left-padded batch with the answers appended, and the predicting
+    positions ``(B, T)``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert bool((mask[:, -1] == 1).all()), "the processor must pad on the left here"
+    b, s = ids.shape
+    t = answers.shape[1]
+    full = dict(batch)
+    full["input_ids"] = torch.cat([ids, answers], dim=1)
+    full["attention_mask"] = torch.cat([mask, torch.ones_like(answers)], dim=1)
+    return full, torch.arange(s - 1, s + t - 1).expand(b, t)

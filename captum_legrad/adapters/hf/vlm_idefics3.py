@@ -21,14 +21,14 @@ tokens over real pixels.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .views import ImageView
+from .vlm_tiles import ImageView, as_samples, padding_out
 
-__all__ = ["tile_views"]
+__all__ = ["tile_views", "tile_rules"]
 
 
 def _runs(row: Tensor, image_id: int) -> List[Tuple[int, int]]:
@@ -142,7 +142,7 @@ def tile_views(
                         i / n_rows, j / n_cols,
                         (i + reach[0]) / n_rows, (j + reach[1]) / n_cols,
                     )  # fmt: skip
-                    kind = "tile"
+                    kind = f"tile {i},{j}"
                 size = (n_rows * side, n_cols * side) if tiles else valid
                 views.append(ImageView(b, image, positions, grid, box, size, kind))
             image += 1
@@ -155,7 +155,9 @@ def tile_views(
     return views
 
 
-def _grid(row: Tensor, runs: List[Tuple[int, int]], tiles: List[int], fake: int, family: str) -> Tuple[int, int]:
+def _grid(
+    row: Tensor, runs: List[Tuple[int, int]], tiles: List[int], fake: int, family: str
+) -> Tuple[int, int]:
     """``(rows, cols)`` of an image's tiles from the gaps between their runs."""
     n = len(tiles)
     if n == 0:
@@ -171,3 +173,19 @@ def _grid(row: Tensor, runs: List[Tuple[int, int]], tiles: List[int], fake: int,
             "build input_ids with the model's processor."
         )
     return n // cols, cols
+
+
+def tile_rules(config: Any, family: str) -> Any:
+    """The :class:`~captum_legrad.views.ViewRules` of an Idefics3 or SmolVLM model's
+    ``config``: ``pixel_values`` ``(B, frames, C, T, T)`` and ``pixel_attention_mask`` as
+    the processor returns them."""
+    from ...views import ViewRules
+
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+        views = tile_views(
+            padding_out(ids, mask), config, inputs.get("pixel_values"),
+            inputs.get("pixel_attention_mask"), family,
+        )  # fmt: skip
+        return as_samples(views, ids.shape[0])
+
+    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=True)

@@ -11,14 +11,13 @@ image.
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Mapping
 
 from torch import Tensor
 
-from .llava_next import _rows
-from .views import ImageView, image_index, split_images
+from .vlm_tiles import ImageView, as_samples, image_index, padding_out, size_rows, split_images
 
-__all__ = ["pixtral_views"]
+__all__ = ["pixtral_views", "pixtral_rules"]
 
 
 def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[ImageView]:
@@ -35,17 +34,38 @@ def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[Imag
         One ``"image"`` view per image, over the whole image.
     """
     step = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
-    sizes = [(int(h), int(w)) for h, w in _rows(image_sizes)]
+    sizes = [(int(h), int(w)) for h, w in size_rows(image_sizes)]
     grids = [(h // step, w // step) for h, w in sizes]
     images = split_images(
         input_ids, int(config.image_token_id), [g_h * g_w for g_h, g_w in grids], "Mistral 3"
     )
     return [
         ImageView(
-            sample, index, positions, grid,
-            (0.0, 0.0, grid[0] * step / size[0], grid[1] * step / size[1]), size, "image",
-        )  # fmt: skip
-        for (sample, positions), index, grid, size in zip(
-            images, image_index(images), grids, sizes
+            sample,
+            index,
+            positions,
+            grid,
+            (0.0, 0.0, grid[0] * step / size[0], grid[1] * step / size[1]),
+            size,
+            "image",
         )
+        for (sample, positions), index, grid, size in zip(images, image_index(images), grids, sizes)
     ]
+
+
+def pixtral_rules(config: Any) -> Any:
+    """The :class:`~captum_legrad.views.ViewRules` of a Mistral 3 model's ``config``:
+    ``image_sizes`` as the processor returns them; ``pixel_values`` ``(n_images, C, H, W)``."""
+    from ...views import ViewRules
+
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(
+                "Mistral 3's answer maps need image_sizes (each image's size after the "
+                "processor's resize, which sets its token grid): pass the processor's "
+                "image_sizes to AnswerLogits."
+            )
+        return as_samples(pixtral_views(padding_out(ids, mask), config, sizes), ids.shape[0])
+
+    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False)

@@ -20,13 +20,21 @@ image (up to a fraction of a cell beyond it, where the padding cut is not whole 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-from .views import ImageView, image_index, split_images
+from .vlm_tiles import (
+    ImageView,
+    as_samples,
+    flat_ints,
+    image_index,
+    padding_out,
+    size_rows,
+    split_images,
+)
 
-__all__ = ["anyres_views", "crop_layout"]
+__all__ = ["anyres_views", "crop_layout", "anyres_rules"]
 
 
 def _best_resolution(size: Tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> Tuple[int, int]:
@@ -145,9 +153,9 @@ def anyres_views(
     crop, patch = int(vision.image_size), int(vision.patch_size)
     cells = crop // patch
     pinpoints = [tuple(int(v) for v in p) for p in config.image_grid_pinpoints]
-    sizes = [(int(h), int(w)) for h, w in _rows(image_sizes)]
+    sizes = [(int(h), int(w)) for h, w in size_rows(image_sizes)]
     if onevision and batch_num_images is not None:
-        patched = [int(n) == 1 for n in _flat(batch_num_images) for _ in range(int(n))]
+        patched = [int(n) == 1 for n in flat_ints(batch_num_images) for _ in range(int(n))]
     else:
         patched = [True] * len(sizes)
     if len(patched) != len(sizes):
@@ -158,7 +166,7 @@ def anyres_views(
     max_crops = None
     if onevision:
         ratio = vision_aspect_ratio or getattr(config, "vision_aspect_ratio", "anyres_max_9")
-        max_crops = int(str(ratio).strip("anyres_max_"))
+        max_crops = int(str(ratio).rsplit("_", 1)[-1])  # as HF: "anyres_max_9" -> 9
     layouts = []
     counts = []
     for size, crops in zip(sizes, patched):
@@ -181,23 +189,41 @@ def anyres_views(
                 ImageView(sample, index, base, (cells, cells), _square_box(size), size, "base")
             )
             continue
-        views.append(ImageView(sample, index, base, (cells, cells), (0.0, 0.0, 1.0, 1.0), size, "base"))
+        views.append(
+            ImageView(sample, index, base, (cells, cells), (0.0, 0.0, 1.0, 1.0), size, "base")
+        )
         grid, box = layout
         rest = positions[cells * cells :].view(grid[0], grid[1] + 1)[:, : grid[1]]
         views.append(ImageView(sample, index, rest.reshape(-1), grid, box, size, "crops"))
     return views
 
 
-def _rows(value: Any) -> List[Sequence[Any]]:
-    if isinstance(value, Tensor):
-        return [tuple(row) for row in value.reshape(-1, 2).tolist()]
-    return [tuple(row) for row in value]
+def anyres_rules(config: Any, onevision: bool = False) -> Any:
+    """The :class:`~captum_legrad.views.ViewRules` of a LLaVA-NeXT (``onevision=False``) or
+    LLaVA-OneVision model's ``config``: ``image_sizes`` (and OneVision's
+    ``batch_num_images``) as the processor returns them; ``pixel_values`` ``(n_images,
+    crops, C, h, w)``."""
+    from ...views import ViewRules
 
+    family = "LLaVA-OneVision" if onevision else "LLaVA-NeXT"
 
-def _flat(value: Any) -> List[Any]:
-    if isinstance(value, Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
-    out: List[Any] = []
-    for v in value:
-        out.extend(_flat(v) if isinstance(v, (list, tuple)) else [v])
-    return out
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+        if inputs.get("pixel_values_videos") is not None:
+            raise ValueError(
+                f"{family}'s answer maps cover images; videos (pixel_values_videos) are not "
+                "supported: explain the frames as images."
+            )
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(
+                f"{family}'s answer maps need image_sizes (each image's original size, which "
+                "sets its crops): pass the processor's image_sizes to AnswerLogits."
+            )
+        views = anyres_views(
+            padding_out(ids, mask), config, sizes, onevision=onevision,
+            batch_num_images=inputs.get("batch_num_images"),
+            vision_aspect_ratio=inputs.get("vision_aspect_ratio"),
+        )  # fmt: skip
+        return as_samples(views, ids.shape[0])
+
+    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False)

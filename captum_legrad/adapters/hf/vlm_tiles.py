@@ -17,12 +17,15 @@ whole batch, in row-major order over ``(B, S)``, receive the image features in o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["ImageView", "split_images", "image_index"]
+__all__ = [
+    "ImageView", "split_images", "image_index", "size_rows", "flat_ints", "as_samples",
+    "padding_out",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,54 @@ def image_index(images: Sequence[Tuple[int, Tensor]]) -> List[int]:
         index.append(seen.get(sample, 0))
         seen[sample] = index[-1] + 1
     return index
+
+
+def size_rows(value: Any) -> List[Sequence[Any]]:
+    """``(n, 2)`` sizes (tensor or nested lists) as rows."""
+    if isinstance(value, Tensor):
+        return [tuple(row) for row in value.reshape(-1, 2).tolist()]
+    return [tuple(row) for row in value]
+
+
+def flat_ints(value: Any) -> List[Any]:
+    """A tensor or nested list of ints, flattened."""
+    if isinstance(value, Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    out: List[Any] = []
+    for v in value:
+        out.extend(flat_ints(v) if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def as_samples(views: Sequence[ImageView], batch: int) -> List[Any]:
+    """The views as :class:`~captum_legrad.views.SampleViews`, one per sample: each image a
+    :class:`~captum_legrad.views.Source` of its size, each view's rectangle in its pixels
+    (a view of a padded copy may reach beyond the image: its cells over the padding lie
+    outside the canvas and are cut off when the views are placed)."""
+    from ...views import SampleViews, Source, View
+
+    out = []
+    for b in range(batch):
+        mine = [v for v in views if v.sample == b]
+        sizes: dict = {}
+        for v in mine:
+            sizes.setdefault(v.image, v.size)
+        sources = tuple(Source("image", sizes[i]) for i in range(len(sizes)))
+        placed = []
+        for v in mine:
+            height, width = v.size
+            top, left, bottom, right = v.box
+            box = (
+                round(top * height), round(left * width),
+                round(bottom * height), round(right * width),
+            )  # fmt: skip
+            placed.append(View(v.positions, v.grid, v.image, box, None, v.kind))
+        out.append(SampleViews(sources, tuple(placed)))
+    return out
+
+
+def padding_out(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """``input_ids`` with padding positions set to -1 (never an image token)."""
+    if attention_mask is None:
+        return input_ids
+    return input_ids.masked_fill(attention_mask.to(input_ids.device) == 0, -1)
