@@ -419,3 +419,184 @@ def teacher_forced(batch: Dict[str, Tensor], answers: Tensor) -> Tuple[Dict[str,
     full["input_ids"] = torch.cat([ids, answers], dim=1)
     full["attention_mask"] = torch.cat([mask, torch.ones_like(answers)], dim=1)
     return full, torch.arange(s - 1, s + t - 1).expand(b, t)
+
+
+def white_tokens_only(model: nn.Module) -> nn.Module:
+    """A LLaVA-NeXT whose image tokens are exactly zero where the pixels are black and not
+    where they are white (hand-set weights): its vision tower sees each patch alone
+    (:func:`local_vision`, no position embeddings), and the projector's first layer is set
+    so that a black patch's feature gives ``gelu(-50) = 0`` and a white one's ``gelu(5)``."""
+    local_vision(model)
+    inner: Any = model.model
+    tower = inner.vision_tower
+    with torch.no_grad():
+        tower.embeddings.position_embedding.weight.zero_()
+        colours = torch.stack([torch.ones(3, 32, 32), torch.zeros(3, 32, 32)])
+        features = tower(colours, output_hidden_states=True).hidden_states[-1][:, 1]
+        white, black = features[0], features[1]
+        direction = (white - black) / (white - black).pow(2).sum()
+        projector = inner.multi_modal_projector
+        projector.linear_1.weight.copy_(55 * direction.expand_as(projector.linear_1.weight))
+        projector.linear_1.bias.fill_(float(-55 * direction @ black - 50))
+        projector.linear_2.bias.zero_()
+    return model
+
+
+# ---------------------------------------------------------------------- AnswerLogits
+
+TOL = 2e-5
+ATTN = ("sdpa", "eager")
+FAMILIES = sorted(BUILDERS)
+_models: Dict[Tuple[str, str], nn.Module] = {}
+
+
+def model_for(name: str, attn: str) -> nn.Module:
+    if (name, attn) not in _models:
+        _models[(name, attn)] = BUILDERS[name](attn)
+    return _models[(name, attn)]
+
+
+def random_image(height: int, width: int, seed: int) -> Tensor:
+    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def case(name: str, seed: int = 0) -> Tuple[Dict[str, Tensor], Tensor]:
+    """Two prompts of different lengths with two images of different sizes (different
+    crop / tile layouts), left-padded by the processor, and random answers."""
+    placeholder = PLACEHOLDER.get(name, "<image>")
+    sizes = IMAGE_SIZES[name]
+    images = [random_image(*sizes[0], seed), random_image(*sizes[1], seed + 1)]
+    texts = [f"a {placeholder} what is this ?", f"USER: {placeholder} b"]
+    batch = inputs(name, images, texts)
+    answers = torch.randint(2, 11, (2, 3), generator=torch.Generator().manual_seed(seed))
+    return batch, answers
+
+
+def explained_for(model: nn.Module, batch: Dict[str, Tensor], answers: Tensor, **kw: Any) -> Any:
+    from captum_legrad import AnswerLogits
+
+    others = {
+        k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values")
+    }
+    return AnswerLogits(model, batch["input_ids"], answers, batch["attention_mask"], **others, **kw)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_view_maps_match_the_oracle(name: str, attn: str) -> None:
+    from conftest import assert_not_vacuous
+
+    model = model_for(name, attn)
+    batch, answers = case(name)
+    full, positions = teacher_forced(batch, answers)
+    explained = explained_for(model, batch, answers)
+    logits = explained(batch["pixel_values"])
+    with torch.no_grad():
+        own = model(**full, use_cache=False).logits
+    rows = torch.arange(2).unsqueeze(1)
+    torch.testing.assert_close(logits, own[rows, positions, answers], rtol=1e-4, atol=1e-5)
+    expected = oracle_key_maps(model, full, positions, answers)  # (B, T, L, N)
+    samples = explained.views(batch["pixel_values"])
+    mine = views_of(name, model, {**batch, "input_ids": full["input_ids"]})
+    got = explained.view_maps(batch["pixel_values"], targets=range(3))
+    layouts = set()
+    for b, sample in enumerate(samples):
+        own_views = [v for v in mine if v.sample == b]
+        assert [tuple(v.positions.tolist()) for v in own_views] == [
+            tuple(v.positions.tolist()) for v in sample.views
+        ]
+        layouts.add(tuple(v.grid for v in sample.views))
+        for view, maps in zip(sample.views, got[b]):
+            ref = expected[b][:, :, view.positions].sum(1).reshape(3, *view.grid)
+            assert_not_vacuous(ref.unsqueeze(0), lead=2)
+            flat = ref.flatten(1)
+            assert bool((flat.max(1).values > flat.min(1).values).all()), "constant oracle map"
+            torch.testing.assert_close(maps, ref, rtol=1e-4, atol=TOL * float(ref.abs().max()))
+    assert len(layouts) == 2, "the two image sizes gave the same views"
+    # Per layer: the last one alone.
+    last = explained.view_maps(batch["pixel_values"], targets=[1], layers=[-1])
+    for b, sample in enumerate(samples):
+        for view, maps in zip(sample.views, last[b]):
+            ref = expected[b][1, -1, view.positions].reshape(1, *view.grid)
+            torch.testing.assert_close(maps, ref, rtol=1e-4, atol=TOL * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sdpa_equals_eager_and_batch_equals_single(name: str) -> None:
+    from test_side_effects import assert_unchanged, snapshot
+
+    batch, answers = case(name, seed=3)
+    model = model_for(name, "sdpa")
+    before = snapshot(model)
+    together = explained_for(model, batch, answers).source_maps(batch["pixel_values"])
+    assert_unchanged(before, snapshot(model))
+    eager = explained_for(model_for(name, "eager"), batch, answers).source_maps(
+        batch["pixel_values"]
+    )
+    placeholder = PLACEHOLDER.get(name, "<image>")
+    sizes = IMAGE_SIZES[name]
+    texts = [f"a {placeholder} what is this ?", f"USER: {placeholder} b"]
+    for b in range(2):
+        for m, e in zip(together[b], eager[b]):
+            torch.testing.assert_close(m, e, rtol=1e-4, atol=1e-4)
+        alone = inputs(name, [random_image(*sizes[b], 3 + b)], [texts[b]])
+        single = explained_for(model, alone, answers[b : b + 1]).source_maps(alone["pixel_values"])
+        assert len(single[0]) == len(together[b]) == 1
+        assert single[0][0].shape[-2:] == tuple(IMAGE_SIZES[name][b]) or name in (
+            "idefics3", "smolvlm", "mistral3",
+        )  # fmt: skip
+        torch.testing.assert_close(single[0][0], together[b][0], rtol=1e-4, atol=1e-4)
+
+
+def half_image(height: int, width: int) -> Tensor:
+    """White on the left half, black on the right."""
+    image = torch.zeros(3, height, width)
+    image[:, :, : width // 2] = 1.0
+    return image
+
+
+@pytest.mark.parametrize("size", [(50, 80), (90, 40)])
+def test_half_image_map_lies_on_its_half(size: Tuple[int, int]) -> None:
+    """A LLaVA-NeXT whose image tokens respond only to white pixels, on an image white on
+    the left and black on the right: the first layer's map (where black tokens carry
+    exactly nothing) lies on the left half of the original image, from the base view and
+    the crops alike (the crops' padding cut off)."""
+    model = white_tokens_only(llava_next("sdpa", vision_layers=1, seed=5))
+    height, width = size
+    batch = inputs("llava_next", [half_image(height, width)], ["a <image> what is this ?"])
+    answers = torch.tensor([[2, 5, 7]])
+    explained = explained_for(model, batch, answers)
+    sample = explained.views(batch["pixel_values"])[0]
+    assert [v.name for v in sample.views] == ["base", "crops"]
+    per_view = explained.view_maps(batch["pixel_values"], layers=[0])[0]
+    for view, maps in zip(sample.views, per_view):
+        g_h, g_w = view.grid
+        top, left, bottom, right = view.box  # pixels of the original image
+        rows = top + (torch.arange(g_h) + 0.5) * (bottom - top) / g_h
+        cols = left + (torch.arange(g_w) + 0.5) * (right - left) / g_w
+        cell = (right - left) / g_w
+        white = cols < width / 2 - cell / 2
+        black = cols > width / 2 + cell / 2
+        inside = (rows > 0) & (rows < height)  # crops' rows over the padding stay off
+        assert bool((maps[..., black] == 0).all()), f"{view.name}: a black column is on"
+        assert bool((maps[:, inside][..., white] > 0).all()), f"{view.name}: white is off"
+        assert bool((maps[:, ~inside] == 0).all()), f"{view.name}: padding is on"
+    (canvas,) = explained.source_maps(batch["pixel_values"], layers=[0], normalize=False)[0]
+    assert canvas.shape == (3, height, width)
+    base_cell = width / sample.views[0].grid[1]
+    right_of = int(width / 2 + 1.5 * base_cell) + 1
+    left_of = int(width / 2 - 1.5 * base_cell)
+    assert bool((canvas[..., right_of:] == 0).all())
+    assert bool((canvas[..., :left_of] > 0).all())
+    assert_map = legrad_map(explained, batch, layers=[0])
+    assert assert_map.shape == (1, 3, height, width)
+    assert bool((assert_map[..., right_of:] == 0).all())
+    assert bool((assert_map[..., :left_of] > 0).all())
+
+
+def legrad_map(explained: Any, batch: Dict[str, Tensor], layers: List[int]) -> Tensor:
+    from captum_legrad import LeGrad
+
+    return LeGrad(explained, layers=layers).attribute_multi(
+        batch["pixel_values"], targets=range(3), output="map"
+    )
