@@ -188,4 +188,5 @@ def tile_rules(config: Any, family: str) -> Any:
         )  # fmt: skip
         return as_samples(views, ids.shape[0])
 
-    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=True)
+    # (B, frames, C, T, T): batch-first, but not an image batch LeGrad could split or check.
+    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False)
