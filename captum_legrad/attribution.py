@@ -26,6 +26,7 @@ from ._core.arguments import (
     check_image,
     check_inputs_are_tensors,
     check_patches,
+    check_values,
     dtype_mismatch,
     image_format,
     resolve_layers,
@@ -209,12 +210,18 @@ class LeGrad(GradientAttribution):
         formatted = _format_tensor_into_tuples(inputs)
         if not formatted:
             raise ValueError("inputs is empty: pass the image batch (B, C, H, W).")
-        if self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4:
+        if self.spec.samples is not None:  # dim 0 is not the batch (Qwen-VL's patches)
+            check_values(formatted[0])
+        elif (
+            self.spec.patch_inputs and isinstance(formatted[0], Tensor) and formatted[0].dim() != 4
+        ):
             check_patches(formatted[0])  # NaFlex: flattened patches, grids from the layout
         else:
             check_image(formatted[0], expected=self._format, axes=self.spec.input_axes)
         batch = formatted[0].shape[0]
         for extra in formatted[1:]:
+            if self.spec.samples is not None:
+                break
             if not isinstance(extra, Tensor) or extra.shape[:1] != (batch,):
                 raise ValueError("every input tensor must have the batch size on dimension 0.")
         # Inference tensors cannot enter autograd; a clone made here can.
@@ -243,8 +250,9 @@ class LeGrad(GradientAttribution):
         sample's in the top-left corner of its own grid, zero elsewhere; otherwise ``None``.
         """
         image = inputs[0]
-        batch = image.shape[0]
-        step = batch if internal_batch_size is None else internal_batch_size
+        whole = self.spec.samples is not None  # an input without a batch dimension: one forward
+        batch = self.spec.batch_size((*inputs, *args)) if whole else image.shape[0]
+        step = batch if internal_batch_size is None or whole else internal_batch_size
         # A compiled or data-parallel model is explained through the module it wraps, eagerly.
         forward: Callable[..., Any] = unwrap(self.forward_func)
         image_forward = self.spec.image_forward
@@ -263,8 +271,8 @@ class LeGrad(GradientAttribution):
                     result = run_forward(
                         self.spec,
                         forward,
-                        tuple(t[rows] for t in inputs),
-                        tuple(_slice_batch(arg, batch, rows) for arg in args),
+                        inputs if whole else tuple(t[rows] for t in inputs),
+                        args if whole else tuple(_slice_batch(arg, batch, rows) for arg in args),
                         self.layers,
                         self.pooling,
                         self.route,
@@ -369,6 +377,8 @@ class LeGrad(GradientAttribution):
             per_target=per_target,
             axes=self.spec.input_axes,
             patch_stride=self.spec.patch_stride,
+            forms=self.spec.map_forms,
+            arguments=(*formatted, *args),
         )
         return maps, formatted
 
@@ -561,10 +571,14 @@ class LeGrad(GradientAttribution):
         image = formatted[0]
         if image.shape[0] == 0:
             return empty_maps(image, 1, self._grid(image), len(self.layers)).float()[:, 0]
-        maps, _ = self._maps(
+        maps, layout = self._maps(
             formatted,
             args,
             lambda shape, device: target_index(target, shape, device),
             options.internal_batch_size,
         )
+        forms = self.spec.map_forms
+        if forms is not None and layout is not None:  # the layers on the model's own grid
+            maps, _ = forms.shape(maps[:, 0], layout, (*formatted, *args), "grid", "bilinear")
+            return maps
         return maps[:, 0]

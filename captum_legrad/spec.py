@@ -42,6 +42,10 @@ __all__ = [
     "ScoreRowRule",
     "InputAxes",
     "AttentionSite",
+    "MapForms",
+    "MapFormRule",
+    "InputFormRule",
+    "SampleCount",
 ]
 
 #: Maps the residual stream ``Z`` of one layer, ``(B, N, D)`` batch-first, to
@@ -323,6 +327,42 @@ LayoutRule = Callable[[Tuple[Any, ...], int], PatchLayout]
 ScoreRowRule = Callable[[Tuple[Any, ...]], Tensor]
 
 
+#: ``(maps, layout, arguments, output, interpolate_mode) → (maps, valid)``: raw
+#: layer-summed maps ``(B, K, *layout.grid)`` of a forward on ``arguments`` (the inputs, then
+#: the additional forward arguments) → the ``output`` form (``"grid"`` or ``"map"``) ``(B, K,
+#: *cells)`` and the boolean mask of each sample's own cells (broadcastable to the maps; None:
+#: all cells), over which the maps are normalised.
+MapFormRule = Callable[
+    [Tensor, PatchLayout, Tuple[Any, ...], str, str], Tuple[Tensor, Optional[Tensor]]
+]
+
+#: ``(maps, arguments, per_target) → Tensor``: normalised ``"map"``-form maps → the main
+#: input's shape (``output="input"``).
+InputFormRule = Callable[[Tensor, Tuple[Any, ...], bool], Tensor]
+
+#: ``arguments → B``: the number of samples of a forward on ``arguments`` (the inputs, then
+#: the additional forward arguments).
+SampleCount = Callable[[Tuple[Any, ...]], int]
+
+
+@dataclass(frozen=True)
+class MapForms:
+    """The output forms of a model whose patch keys are not one grid of its main input (a
+    vision-language model's image tokens: several images, views, videos per sample; see
+    :attr:`ViTSpec.map_forms`).
+
+    Attributes:
+        shape: Raw maps on the layout's cells → ``"grid"`` / ``"map"`` form and the mask
+            of valid cells (:data:`MapFormRule`). LeGrad normalises the result (min-max
+            over each sample's valid cells, per target) when asked.
+        to_input: The normalised ``"map"`` form → the main input's shape
+            (:data:`InputFormRule`); None refuses ``output="input"``.
+    """
+
+    shape: MapFormRule
+    to_input: Optional[InputFormRule] = None
+
+
 @dataclass(frozen=True)
 class AttentionSite:
     """One of several attention modules of a block whose maps make the block's map
@@ -451,6 +491,16 @@ class ViTSpec:
             LayerScale, drop path, the residual add). With :attr:`token_mean_readout`, the
             lean route's backward through it is one row per sample (exact). The adapters
             name it for the block classes they know; default: none (no assumption).
+        samples: For main inputs whose dimension 0 is not the batch (Qwen-VL's flattened
+            patches of every image of every sample): the number of samples of a forward
+            (:data:`SampleCount`). Such inputs are checked only for being finite floating
+            point tensors, are never split into chunks (``internal_batch_size`` then bounds
+            the backward only), and need :attr:`layout` and :attr:`map_forms`. Default None
+            (dimension 0 is the batch).
+        map_forms: For models whose patch keys are not one grid of the main input: how
+            the raw maps on the layout's cells become the output forms (:class:`MapForms`).
+            Needs :attr:`layout`. Default None (the grid of :attr:`input_axes`, upsampled by
+            :attr:`patch_size`).
         scores_are_features: The readouts return a feature vector (an image embedding:
             timm ``num_classes=0``, HF ``*Model`` / ``*VisionModel``, OpenCLIP towers,
             ``get_image_features``), not class scores. ``LeGrad(model)`` then refuses the
@@ -494,6 +544,8 @@ class ViTSpec:
     patch_stride: Optional[Tuple[int, ...]] = None
     sites: Mapping[int, Tuple[AttentionSite, ...]] = field(default_factory=dict)
     scores_are_features: bool = False
+    samples: Optional[SampleCount] = None
+    map_forms: Optional[MapForms] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, nn.Module):
@@ -552,6 +604,18 @@ class ViTSpec:
             raise ValueError(
                 "ViTSpec.patch_inputs needs a layout rule: patch sequences carry no image "
                 "size, so the grid of each sample must come from the layout."
+            )
+        if self.map_forms is not None and (
+            self.layout is None or not isinstance(self.map_forms, MapForms)
+        ):
+            raise ValueError(
+                "ViTSpec.map_forms must be a MapForms and needs a layout rule: the forms are "
+                "built from the layout's cells."
+            )
+        if self.samples is not None and (self.map_forms is None or not callable(self.samples)):
+            raise ValueError(
+                "ViTSpec.samples (a main input whose dimension 0 is not the batch) needs "
+                "map_forms: such an input has no image size to upsample to."
             )
         if self.pool_attention is not None or self.readout_inputs is not None:
             object.__setattr__(self, "token_mean_readout", False)
@@ -631,6 +695,13 @@ class ViTSpec:
                     value = value.repeat(rows // batch, *([1] * (value.dim() - 1)))
             extra.append(value)
         return tuple(extra)
+
+    def batch_size(self, arguments: Tuple[Any, ...]) -> int:
+        """The samples of a forward on ``arguments`` (inputs, then additional forward
+        arguments): :attr:`samples`' count, else dimension 0 of the main input."""
+        if self.samples is not None:
+            return int(self.samples(arguments))
+        return int(arguments[0].shape[0])
 
     def grid_size(self, *sizes: int) -> Tuple[int, ...]:
         """The patch grid for an input whose grid axes have ``sizes`` (``height, width``

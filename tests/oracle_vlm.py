@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["oracle_answer_maps", "finalize", "answer_logits"]
+__all__ = ["oracle_answer_maps", "oracle_token_maps", "finalize", "answer_logits"]
 
 
 def _eager_copy(model: nn.Module) -> Any:
@@ -109,6 +109,24 @@ def oracle_answer_maps(
             for i in range(b):
                 maps[i, j, slot] = per_key[i, image_keys[i]].view(*grid)
     return maps
+
+
+def oracle_token_maps(
+    model: nn.Module,
+    batch: dict,
+    positions: Tensor,
+    answer_ids: Tensor,
+    keys: List[Tensor],
+    layers: Optional[Sequence[int]] = None,
+) -> List[Tensor]:
+    """Per sample ``(T, L_sel, n_b)``: the maps at ``keys[b]`` (any number of image and
+    video tokens per sample, in the order given), unnormalised."""
+    longest = max(int(k.numel()) for k in keys)
+    padded = torch.stack(
+        [torch.cat([k, k.new_zeros(longest - k.numel())]) for k in keys]
+    )  # key 0 fills the gap and is cut below
+    maps = oracle_answer_maps(model, batch, positions, answer_ids, padded, (longest,), layers)
+    return [maps[b, ..., : int(k.numel())] for b, k in enumerate(keys)]
 
 
 def finalize(maps: Tensor, size: tuple) -> Tensor:

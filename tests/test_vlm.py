@@ -381,9 +381,9 @@ def test_unsupported_models_are_refused() -> None:
     tiled = type("LlavaNextForConditionalGeneration", (nn.Module,), {})()
     with pytest.raises(UnsupportedModelError, match="tiles the image"):
         AnswerLogits(tiled, torch.tensor([1]), torch.tensor([2]))
-    qwen = type("Qwen2_5_VLForConditionalGeneration", (nn.Module,), {})()
-    with pytest.raises(UnsupportedModelError, match="dynamic resolution"):
-        AnswerLogits(qwen, torch.tensor([1]), torch.tensor([2]))
+    smol = type("SmolVLMForConditionalGeneration", (nn.Module,), {})()
+    with pytest.raises(UnsupportedModelError, match="splits the image into tiles"):
+        AnswerLogits(smol, torch.tensor([1]), torch.tensor([2]))
     with pytest.raises(UnsupportedModelError, match="not a supported vision-language"):
         AnswerLogits(nn.Linear(2, 2), torch.tensor([1]), torch.tensor([2]))
 

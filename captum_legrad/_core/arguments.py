@@ -23,6 +23,7 @@ __all__ = [
     "check_inputs_are_tensors",
     "check_image",
     "check_patches",
+    "check_values",
     "dtype_mismatch",
 ]
 
@@ -196,6 +197,18 @@ def _finite(tensor: Tensor) -> bool:
     if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def check_values(values: object, method: str = "LeGrad") -> Tensor:
+    """A finite floating point tensor of any shape (an input whose dimension 0 is not the
+    batch, e.g. Qwen-VL's flattened patches), or a ``ValueError`` saying why not."""
+    if not isinstance(values, Tensor):
+        raise ValueError(f"inputs must be tensors, got {type(values).__name__}.")
+    if not values.is_floating_point():
+        raise ValueError(f"the input must be floating point, got dtype {values.dtype}.")
+    if not _finite(values):
+        raise ValueError(f"inputs contain NaN or infinite values; {method} needs finite values.")
+    return values
 
 
 def check_patches(patches: Tensor, method: str = "LeGrad") -> Tensor:

@@ -201,8 +201,8 @@ def run_forward(
             # (models returning ModelOutput objects are fine).
             forward_func(*inputs, *additional_forward_args)
     readout = spec.read(pooling)
-    n_layers, batch = len(layers), inputs[0].shape[0]
     arguments = (*inputs, *additional_forward_args)
+    n_layers, batch = len(layers), spec.batch_size(arguments)
     with torch.enable_grad():
         if pooled:
             extra = spec.extra_readout_inputs(arguments, n_layers * batch)

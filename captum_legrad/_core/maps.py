@@ -15,6 +15,10 @@ images, ``(t, g_h, g_w)`` for video, ``(f, t)`` for spectrograms,
   W)`` for one target, ``(B, K, C, H, W)`` for several; ``(B, T, C, H, W)`` for HF video),
   or for patch-sequence inputs (NaFlex) the sequence's form ``(B, N, p·p·C)``.
 
+A model whose patch keys are not one grid of its input (a vision-language model's image
+tokens, :attr:`~captum_legrad.ViTSpec.map_forms`) gives its own ``"grid"`` and ``"map"``
+forms and their valid cells; normalisation is then over each sample's valid cells.
+
 With per-sample grids (a :class:`~captum_legrad.spec.PatchLayout` with ``grids``) every
 sample is upsampled to its own size ``grid · patch_size`` and normalised over its own
 pixels; the batch is padded to its largest size with zeros (``docs/design.md``).
@@ -22,13 +26,13 @@ pixels; the batch is padded to its largest size with zeros (``docs/design.md``).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..spec import IMAGE_AXES, InputAxes, PatchLayout
+from ..spec import IMAGE_AXES, InputAxes, MapForms, PatchLayout
 
 __all__ = [
     "aggregate_layers",
@@ -237,6 +241,8 @@ def finish(
     per_target: bool = False,
     axes: InputAxes = IMAGE_AXES,
     patch_stride: Optional[Sequence[int]] = None,
+    forms: Optional[MapForms] = None,
+    arguments: Tuple[Any, ...] = (),
 ) -> Tensor:
     """Grid maps ``(B, K, *grid)`` → the ``output`` form (see the module doc).
 
@@ -253,7 +259,25 @@ def finish(
             W)``, ``attribute_multi``); otherwise the one target's map fills ``(B, C, H, W)``.
         axes: Where the grid and the channels are in ``image``.
         patch_stride: The step between patches where they overlap (None: they tile).
+        forms: The model's own output forms (:class:`~captum_legrad.spec.MapForms`), or
+            None.
+        arguments: The forward's inputs and additional arguments, for ``forms``.
     """
+    if forms is not None:
+        if layout is None:
+            raise ValueError("Output forms of a model without a layout rule.")
+        stage = "grid" if output == "grid" else "map"
+        maps, valid = forms.shape(maps, layout, arguments, stage, interpolate_mode)
+        if normalize:
+            maps = minmax_normalize(maps, valid, dims=maps.dim() - 2)
+        maps = maps.to(image.dtype)
+        if output != "input":
+            return maps
+        if forms.to_input is None:
+            raise ValueError(
+                'output="input" has no form for this model\'s input: use output="map" (or "grid").'
+            )
+        return forms.to_input(maps, arguments, per_target)
     rank = len(axes.grid)
     if layout is None or layout.grids is None:
         if output != "grid":

@@ -12,15 +12,17 @@ tokens and one map each.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CaptureError
-from ..spec import PatchLayout, ViTSpec
+from ..spec import MapForms, PatchLayout, ViTSpec
+from ..views import SampleViews, source_maps, token_layout, view_maps
 
 if TYPE_CHECKING:
     from ..adapters.hf.vlm import VLMParts
@@ -40,7 +42,10 @@ class _Plan:
     positions: Tensor  # (B, T): the position predicting answer token j (S + j - 1)
     answer_ids: Tensor  # (B, T)
     answer_mask: Tensor  # (B, T) bool: the answer tokens that count in reduce="sum"
-    image_keys: Tensor  # (B, g_h·g_w): key positions of the image patches, row-major
+    image_keys: Optional[Tensor]  # (B, g_h·g_w): key positions of the image patches, row-major
+    views: Optional[List[SampleViews]] = None  # families described by views: per sample
+    layout: Optional[PatchLayout] = None  # their token layout (every view's tokens)
+    inputs: Dict[str, Any] = field(default_factory=dict)  # the other model inputs
 
 
 def _as_ids(value: Any, name: str) -> Tensor:
@@ -89,8 +94,20 @@ class AnswerLogits(nn.Module):
     sample's answer is placed right after its prompt (padding moved to the left), so
     sample ``i`` of a batch is explained as if alone. Supported models:
     ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``PaliGemmaForConditionalGeneration``
-    and ``Gemma3ForConditionalGeneration``, with ``sdpa`` or ``eager`` attention
-    (``docs/models.md``).
+    and ``Gemma3ForConditionalGeneration`` (one image per sample on one grid), and
+    ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+    ``Qwen3VLForConditionalGeneration`` (any image size, several images and videos per
+    sample, described through views: :mod:`captum_legrad.views`), with ``sdpa`` or
+    ``eager`` attention (``docs/models.md``).
+
+    The processor's other outputs are passed by their HF names (``**model_inputs``), for
+    the prompt only, as the processor returns them; per-token ones (``mm_token_type_ids``)
+    are extended over the answer. ``pixel_values`` (the explained input) goes to
+    ``forward`` in the processor's shape: for Qwen-VL the flattened patches of every
+    image, whose dim 0 is not the batch (the batch is ``input_ids``' rows). With one image
+    (or video) per sample, LeGrad's ``output="grid"`` is its token grid and ``"map"`` its
+    canvas (Qwen-VL: the resized image); with several, use :meth:`source_maps` or
+    :meth:`view_maps`.
 
     Args:
         model (nn.Module): The vision-language model (``…ForConditionalGeneration``), in
@@ -115,6 +132,10 @@ class AnswerLogits(nn.Module):
                     their sum ``(B, 1)``, whose LeGrad map is the whole answer's map (the
                     sum of the per-token maps before normalisation).
                     Default: None
+        **model_inputs (Any): The processor's other outputs by their names
+                    (``image_grid_thw``, ``video_grid_thw``, ``mm_token_type_ids``,
+                    ``pixel_values_videos``, ``second_per_grid_ts``, ...). Families on one
+                    grid take none.
 
     Examples::
 
@@ -124,6 +145,13 @@ class AnswerLogits(nn.Module):
         >>> explained = AnswerLogits(vlm, inputs.input_ids, answer, inputs.attention_mask)
         >>> maps = LeGrad(explained).attribute_multi(
         ...     inputs.pixel_values, targets=range(answer.shape[1]))  # (1, T, H, W)
+        >>> # Qwen-VL: every output of the processor by its name
+        >>> inputs = processor(images=[image], text=[chat], return_tensors="pt")
+        >>> explained = AnswerLogits(qwen, inputs.input_ids, answer, inputs.attention_mask,
+        ...                          image_grid_thw=inputs.image_grid_thw,
+        ...                          mm_token_type_ids=inputs.mm_token_type_ids)
+        >>> grid = LeGrad(explained).attribute_multi(inputs.pixel_values, targets=range(T),
+        ...                                          output="grid", normalize=False)
     """
 
     def __init__(
@@ -136,6 +164,7 @@ class AnswerLogits(nn.Module):
         token_type_ids: Optional[Tensor] = None,
         answer_mask: Optional[Tensor] = None,
         reduce: Optional[str] = None,
+        **model_inputs: Any,
     ) -> None:
         super().__init__()
         if reduce not in _REDUCES:
@@ -173,7 +202,35 @@ class AnswerLogits(nn.Module):
                 f"input_ids has {prompt.shape[0]} rows and answer_ids {answer.shape[0]}: give "
                 "one answer per prompt (or one row of either for all)."
             )
+        self.model_inputs: Dict[str, Any] = self._check_inputs(model_inputs, prompt)
         self._local = threading.local()
+
+    def _check_inputs(self, model_inputs: Mapping[str, Any], prompt: Tensor) -> Dict[str, Any]:
+        """The processor's other outputs, by their HF names, checked against the family."""
+        rules = self.parts.views
+        given = {k: v for k, v in model_inputs.items() if v is not None}
+        if rules is None:
+            if given:
+                raise ValueError(
+                    f"{self.parts.family} takes no model inputs besides input_ids, "
+                    f"attention_mask and token_type_ids (and the pixel_values LeGrad explains); "
+                    f"got {sorted(given)}."
+                )
+            return {}
+        main = rules.main_input(given)
+        if main in given:
+            raise ValueError(
+                f"{main} is the input LeGrad explains: pass it to LeGrad's attribute / "
+                "attribute_multi (or to this module's forward), not to AnswerLogits."
+            )
+        for name in rules.per_token:
+            value = given.get(name)
+            if value is not None and tuple(torch.as_tensor(value).shape) != tuple(prompt.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(torch.as_tensor(value).shape)} but must match "
+                    f"input_ids {tuple(prompt.shape)} (the prompt, as the processor returns it)."
+                )
+        return given
 
     def __getstate__(self) -> Dict[str, Any]:
         # The per-thread plan of the last forward is not copied (deepcopy, pickle).
@@ -187,6 +244,15 @@ class AnswerLogits(nn.Module):
 
     # ------------------------------------------------------------------ the sequence
 
+    def _batch(self, pixel_values: Tensor, input_ids: Optional[Tensor]) -> int:
+        """The samples of a forward: ``pixel_values``' dim 0, or the prompts' rows for
+        families whose pixels are not batch-first (Qwen-VL's flattened patches)."""
+        rules = self.parts.views
+        if rules is None or rules.batch_first:
+            return int(pixel_values.shape[0])
+        prompt = input_ids if input_ids is not None else self.get_buffer("input_ids")
+        return int(_as_ids(prompt, "input_ids").shape[0])
+
     def _plan(
         self,
         pixel_values: Tensor,
@@ -198,7 +264,7 @@ class AnswerLogits(nn.Module):
     ) -> _Plan:
         parts = self.parts
         device = pixel_values.device
-        batch = pixel_values.shape[0]
+        batch = self._batch(pixel_values, input_ids)
         given = input_ids is not None
         prompt = _as_ids(input_ids if given else self.get_buffer("input_ids"), "input_ids")
         answer = _as_ids(
@@ -228,12 +294,28 @@ class AnswerLogits(nn.Module):
         # Move each row's padding to the left (a stable sort keeps the tokens' order), so
         # every answer starts right after its own prompt at position S.
         order = torch.sort((mask != 0).long(), dim=1, stable=True).indices
+        unsorted = prompt
         prompt, mask = prompt.gather(1, order), mask.gather(1, order)
         ids = torch.cat([prompt, answer], dim=1)
         full_mask = torch.cat([(mask != 0).long(), torch.ones_like(answer)], dim=1)
         if types is not None:
             answer_types = torch.full_like(answer, int(parts.answer_type_id or 0))
             types = torch.cat([types.gather(1, order), answer_types], dim=1)
+        if answer_mask is None:
+            kept = torch.ones_like(answer, dtype=torch.bool)
+        else:
+            kept = _repeat_rows(answer_mask.to(device), batch, "answer_mask") != 0
+        if s == 0 or bool((mask.sum(dim=1) == 0).any()):
+            raise ValueError("Every prompt needs at least one token (the image tokens).")
+        predicting = torch.arange(s - 1, s + t - 1, device=device).expand(batch, t)
+        if parts.views is not None:
+            inputs = self._sequence_inputs(unsorted, order, answer, given)
+            name = parts.views.main_input(inputs)
+            views = parts.views.describe(prompt, mask, {**inputs, name: pixel_values})
+            layout = token_layout(views)
+            return _Plan(
+                ids, full_mask, types, predicting, answer, kept, None, views, layout, inputs
+            )
         counts = (prompt == parts.image_token_id).sum(dim=1)
         if bool((counts != parts.tokens_per_image).any()) or bool(
             ((prompt == parts.image_token_id) & (mask == 0)).any()
@@ -254,14 +336,27 @@ class AnswerLogits(nn.Module):
             )
         positions = torch.nonzero(prompt == parts.image_token_id)[:, 1].view(batch, -1)
         keys = positions[:, parts.skip_tokens :]
-        predicting = torch.arange(s - 1, s + t - 1, device=device).expand(batch, t)
-        if answer_mask is None:
-            kept = torch.ones_like(answer, dtype=torch.bool)
-        else:
-            kept = _repeat_rows(answer_mask.to(device), batch, "answer_mask") != 0
-        if s == 0 or bool((mask.sum(dim=1) == 0).any()):
-            raise ValueError("Every prompt needs at least one token (the image tokens).")
         return _Plan(ids, full_mask, types, predicting, answer, kept, keys)
+
+    def _sequence_inputs(
+        self, prompt: Tensor, order: Tensor, answer: Tensor, given: bool
+    ) -> Dict[str, Any]:
+        """The other model inputs for the whole sequence: per-token ones reordered with the
+        prompt's padding and extended over the answer; the rest as given."""
+        rules = self.parts.views
+        assert rules is not None
+        inputs = dict(self.model_inputs)
+        built = rules.build(prompt) if rules.build is not None else {}
+        for name, fill in rules.per_token.items():
+            value = inputs.get(name)
+            if value is None or given:  # prompts given to forward: built for them
+                value = built.get(name)
+                if value is None:
+                    raise ValueError(f"{self.parts.family} needs {name}: pass the processor's.")
+            value = _repeat_rows(torch.as_tensor(value).to(prompt.device), prompt.shape[0], name)
+            value = value.gather(1, order)
+            inputs[name] = torch.cat([value, torch.full_like(answer, fill).to(value.dtype)], 1)
+        return inputs
 
     def _optional(self, name: str) -> Optional[Tensor]:
         value = getattr(self, name)
@@ -315,23 +410,25 @@ class AnswerLogits(nn.Module):
     ) -> Tensor:
         """The answer logits ``(B, T)`` (``(B, 1)`` with ``reduce="sum"``) for ``pixel_values``.
 
-        The prompt and answer given here (e.g. through Captum's ``additional_forward_args``,
-        which ``internal_batch_size`` splits with the images) replace those given at
-        construction.
+        ``pixel_values`` is passed to the model under its own name (Qwen-VL with only a
+        video: ``pixel_values_videos``). The prompt and answer given here (e.g. through
+        Captum's ``additional_forward_args``, which ``internal_batch_size`` splits with the
+        images) replace those given at construction.
         """
         plan = self._plan(
             pixel_values, input_ids, answer_ids, attention_mask, token_type_ids, answer_mask
         )
         self._local.plan = plan
-        kwargs: dict = {"use_cache": False}
+        kwargs: dict = {"use_cache": False, **plan.inputs}
+        rules = self.parts.views
+        name = "pixel_values" if rules is None else rules.main_input(plan.inputs)
+        kwargs[name] = pixel_values
         if plan.token_type_ids is not None:
             kwargs["token_type_ids"] = plan.token_type_ids
-        out = self.parts.inner(
-            input_ids=plan.input_ids,
-            pixel_values=pixel_values,
-            attention_mask=plan.attention_mask,
-            **kwargs,
-        )
+        with _restored(self.parts.inner, () if rules is None else rules.state):
+            out = self.parts.inner(
+                input_ids=plan.input_ids, attention_mask=plan.attention_mask, **kwargs
+            )
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         return self._logits(hidden, plan, normed=True)
 
@@ -348,6 +445,9 @@ class AnswerLogits(nn.Module):
                 f"{plan.input_ids.shape[1]} tokens; AnswerLogits supports models whose "
                 "decoder layers attend over the whole prompt and answer."
             )
+        if plan.layout is not None:
+            return plan.layout
+        assert plan.image_keys is not None
         image = inputs[0]
         grid = self.parts.grid(image.shape[-2], image.shape[-1])
         return PatchLayout(plan.image_keys, grid)
@@ -356,6 +456,7 @@ class AnswerLogits(nn.Module):
         """The language model's decoder layers as blocks, the image tokens as patches, and
         the logit lens (final norm and ``lm_head`` at the predicting positions) as readout."""
         parts = self.parts
+        rules = parts.views
         return ViTSpec(
             family=f"{parts.family} (answer logits)",
             root=parts.inner,
@@ -371,6 +472,8 @@ class AnswerLogits(nn.Module):
             # layer's attention is per token: token j depends on A^l only through row
             # positions[j], so all tokens share one backward.
             score_rows=None if self.reduce == "sum" else self._score_rows,
+            samples=None if rules is None or rules.batch_first else self._samples,
+            map_forms=None if rules is None else MapForms(self._forms, self._to_input),
         )
 
     def _score_rows(self, inputs: Tuple[Any, ...]) -> Tensor:
@@ -380,6 +483,253 @@ class AnswerLogits(nn.Module):
     def num_answer_tokens(self) -> int:
         """``T``, the answer tokens given at construction."""
         return int(self.get_buffer("answer_ids").shape[1])
+
+    # ------------------------------------------------------------------ views
+
+    def _samples(self, arguments: Tuple[Any, ...]) -> int:
+        prompt = arguments[1] if len(arguments) > 1 else None
+        return self._batch(arguments[0], prompt)
+
+    def _plan_of(self, arguments: Tuple[Any, ...]) -> _Plan:
+        """The plan of a forward on ``arguments`` (pixels, then forward's other arguments)."""
+        rest = list(arguments[1:6]) + [None] * (5 - len(arguments[1:6]))
+        return self._plan(arguments[0], *rest)
+
+    def _forms(
+        self,
+        maps: Tensor,
+        layout: PatchLayout,
+        arguments: Tuple[Any, ...],
+        output: str,
+        mode: str,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Token maps ``(B, K, n)`` → each sample's one image (or video) as ``"grid"``
+        (its view's token grid) or ``"map"`` (its canvas), padded to the batch's largest."""
+        if getattr(self._local, "tokens", False):
+            return maps, None
+        samples = self._plan_of(arguments).views
+        assert samples is not None
+        shaped, masks = [], []
+        for b, sample in enumerate(samples):
+            if len(sample.sources) != 1 or (output == "grid" and len(sample.views) != 1):
+                what = f"{len(sample.sources)} images/videos in {len(sample.views)} views"
+                raise ValueError(
+                    f"Sample {b} holds {what}: LeGrad's output has one map per sample. Use "
+                    "AnswerLogits.source_maps (one map per image or video) or "
+                    "AnswerLogits.view_maps (one per view), or explain_answer."
+                )
+            per_view = view_maps(maps[b], sample)
+            if output == "grid":
+                own, valid = per_view[0], torch.ones(per_view[0].shape[1:], dtype=torch.bool)
+            else:
+                own, valid = source_maps(per_view, sample, mode)[0]
+            shaped.append(own)
+            masks.append(valid.to(maps.device))
+        if len({m.dim() for m in masks}) != 1:
+            raise ValueError(
+                "The batch mixes images and videos, whose maps have different ranks: explain "
+                "them in separate calls, or use AnswerLogits.source_maps."
+            )
+        rank = masks[0].dim()
+        largest = [max(int(m.shape[d]) for m in masks) for d in range(rank)]
+        out = maps.new_zeros((maps.shape[0], maps.shape[1], *largest))
+        valid_all = torch.zeros((maps.shape[0], 1, *largest), dtype=torch.bool, device=maps.device)
+        for b, (own, valid) in enumerate(zip(shaped, masks)):
+            region = tuple(slice(0, int(n)) for n in valid.shape)
+            where: Tuple[Any, ...] = (b, slice(None), *region)
+            out[where] = own
+            where = (b, 0, *region)
+            valid_all[where] = valid
+        return out, valid_all
+
+    def _to_input(self, maps: Tensor, arguments: Tuple[Any, ...], per_target: bool) -> Tensor:
+        """Normalised canvas maps ``(B, K, *size)`` → the explained tensor's shape, ``K``
+        after its first dimension (one target: the tensor's own shape)."""
+        rules = self.parts.views
+        assert rules is not None
+        plan = self._plan_of(arguments)
+        assert plan.views is not None
+        if rules.to_input is None:
+            raise ValueError(
+                f'output="input" has no form for {self.parts.family}\'s pixel_values: use '
+                'output="map".'
+            )
+        canvases = []
+        for b, sample in enumerate(plan.views):
+            size = sample.sources[0].size
+            where: Tuple[Any, ...] = (b, slice(None), *(slice(0, n) for n in size))
+            canvases.append([maps[where]])
+        name = rules.main_input(plan.inputs)
+        rows = rules.to_input(canvases, name, {**plan.inputs, name: arguments[0]})
+        if rules.batch_first:
+            return rows.transpose(0, 1) if per_target else rows[0]
+        rows = rows.transpose(0, 1)  # (N, K, ...)
+        return rows if per_target else rows[:, 0]
+
+    def views(self, pixel_values: Tensor) -> List[SampleViews]:
+        """Where each sample's image tokens are and what they cover
+        (:class:`~captum_legrad.views.SampleViews`), for ``pixel_values`` and the prompts
+        given at construction; positions index the teacher-forced sequence (padding moved
+        to the left). Families without views: one view per sample over its image grid."""
+        plan = self._plan(pixel_values, None, None, None, None, None)
+        if plan.views is not None:
+            return plan.views
+        from ..views import Source, View
+
+        assert plan.image_keys is not None
+        height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+        grid = self.parts.grid(height, width)
+        return [
+            SampleViews(
+                (Source("image", (height, width)),),
+                (View(keys.cpu(), grid, 0, (0, 0, height, width)),),
+            )
+            for keys in plan.image_keys
+        ]
+
+    def _token_maps(
+        self,
+        pixel_values: Tensor,
+        targets: Optional[Sequence[int]],
+        layers: Optional[Sequence[int]],
+        internal_batch_size: Optional[int],
+    ) -> Tuple[Tensor, List[SampleViews]]:
+        """Raw layer-summed maps ``(B, K, n_max)`` over every sample's view tokens."""
+        from ..attribution import LeGrad
+
+        if targets is None:
+            targets = [0] if self.reduce == "sum" else list(range(self.num_answer_tokens))
+        samples = self.views(pixel_values)
+        legrad = LeGrad(self, layers=layers)
+        if self.parts.views is None:  # one grid per sample: its cells are the tokens
+            grid = legrad.attribute_multi(
+                pixel_values, targets=targets, output="grid", normalize=False,
+                internal_batch_size=internal_batch_size,
+            )  # fmt: skip
+            return grid.flatten(2), samples
+        self._local.tokens = True
+        try:
+            tokens = legrad.attribute_multi(
+                pixel_values, targets=targets, output="grid", normalize=False,
+                internal_batch_size=internal_batch_size,
+            )  # fmt: skip
+        finally:
+            self._local.tokens = False
+        return tokens, samples
+
+    def view_maps(
+        self,
+        pixel_values: Tensor,
+        targets: Optional[Sequence[int]] = None,
+        *,
+        layers: Optional[Sequence[int]] = None,
+        internal_batch_size: Optional[int] = None,
+    ) -> List[List[Tensor]]:
+        r"""Raw LeGrad maps on every view's token grid: per sample, per view ``(K, *grid)``
+        (``(K, h, w)`` for an image view, ``(K, t, h, w)`` for a video view), unnormalised
+        and layer-summed, in the order of :meth:`views`.
+
+        Args:
+            pixel_values (Tensor): The explained input, as for ``forward``.
+            targets (Sequence[int], optional): Answer tokens to explain.
+                        Default: None (every answer token; ``[0]`` with ``reduce="sum"``)
+            layers (Sequence[int], optional): Decoder layers whose maps are summed.
+                        Default: None (all)
+            internal_batch_size (int, optional): As in ``LeGrad.attribute_multi``.
+                        Default: None
+
+        Returns:
+            *list[list[Tensor]]*: ``maps[b][v]`` for view ``v`` of sample ``b``.
+
+        Examples::
+
+            >>> explained = AnswerLogits(vlm, inputs.input_ids, answer, inputs.attention_mask,
+            ...                          image_grid_thw=inputs.image_grid_thw,
+            ...                          mm_token_type_ids=inputs.mm_token_type_ids)
+            >>> grids = explained.view_maps(inputs.pixel_values)  # [[(T, h, w), ...]]
+        """
+        tokens, samples = self._token_maps(pixel_values, targets, layers, internal_batch_size)
+        return [view_maps(tokens[b], sample) for b, sample in enumerate(samples)]
+
+    def source_maps(
+        self,
+        pixel_values: Tensor,
+        targets: Optional[Sequence[int]] = None,
+        *,
+        layers: Optional[Sequence[int]] = None,
+        normalize: bool = True,
+        interpolate_mode: str = "bilinear",
+        internal_batch_size: Optional[int] = None,
+    ) -> List[List[Tensor]]:
+        r"""LeGrad maps on every image and video of every sample, in its coordinates: per
+        sample, per source ``(K, H, W)`` (image) or ``(K, T, H, W)`` (video), at the
+        source's canvas size (:class:`~captum_legrad.views.Source`).
+
+        Each view's map is upsampled to the rectangle (and frames) it covers; where views
+        overlap, their mean. With ``normalize``, each (sample, target) is min-max normalised
+        over all the sample's images and videos together (so they stay comparable: which
+        image the token looked at), over the pixels some view covers.
+
+        Args:
+            pixel_values (Tensor): The explained input, as for ``forward``.
+            targets (Sequence[int], optional): As in :meth:`view_maps`.
+                        Default: None (every answer token)
+            layers (Sequence[int], optional): Decoder layers whose maps are summed.
+                        Default: None (all)
+            normalize (bool, optional): Min-max normalise as above.
+                        Default: True
+            interpolate_mode (str, optional): Upsampling mode.
+                        Default: "bilinear"
+            internal_batch_size (int, optional): As in ``LeGrad.attribute_multi``.
+                        Default: None
+
+        Returns:
+            *list[list[Tensor]]*: ``maps[b][i]`` for image or video ``i`` of sample ``b``.
+
+        Examples::
+
+            >>> per_image = explained.source_maps(inputs.pixel_values)  # [[(T, H, W), ...]]
+        """
+        tokens, samples = self._token_maps(pixel_values, targets, layers, internal_batch_size)
+        out = []
+        for b, sample in enumerate(samples):
+            placed = source_maps(view_maps(tokens[b], sample), sample, interpolate_mode)
+            maps = [m for m, _ in placed]
+            if normalize:
+                maps = _normalize_jointly(placed)
+            out.append(maps)
+        return out
+
+
+def _normalize_jointly(placed: Sequence[Tuple[Tensor, Tensor]]) -> List[Tensor]:
+    """Per target, min-max over the covered pixels of all of a sample's sources together."""
+    k = placed[0][0].shape[0]
+    values = torch.cat(
+        [m.reshape(k, -1)[:, v.reshape(-1)] for m, v in placed], dim=1
+    )  # (K, covered pixels)
+    low = values.min(dim=1).values
+    high = values.max(dim=1).values
+    span = torch.where(high > low, high - low, torch.ones_like(high))
+    out = []
+    for m, v in placed:
+        shape = (k, *([1] * (m.dim() - 1)))
+        scaled = torch.where(
+            (high > low).view(shape), (m - low.view(shape)) / span.view(shape), torch.zeros_like(m)
+        )
+        out.append(scaled.masked_fill(~v, 0.0))
+    return out
+
+
+@contextlib.contextmanager
+def _restored(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Attributes of ``module`` its forward writes (Qwen-VL's ``rope_deltas``), put back."""
+    saved = {name: module.__dict__[name] for name in names if name in module.__dict__}
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in saved:
+                module.__dict__[name] = saved[name]
 
 
 # ---------------------------------------------------------------------- high-level helper
@@ -393,9 +743,14 @@ class AnswerExplanation:
         tokens: The answer's tokens as text, one per map.
         answer_ids: ``(T,)`` the answer's token ids.
         maps: ``(T, H, W)`` LeGrad maps in ``[0, 1]``, one per answer token, on the
-            processed image (``pixel_values``' size).
-        answer_map: ``(H, W)`` the whole answer's map (the summed logits).
-        pixel_values: ``(1, C, H, W)`` the processed image the maps belong to.
+            processed image (``pixel_values``' size). Families described by views
+            (Qwen-VL): on the original image, ``(T, H, W)``, or ``(T, F, H, W)`` for a
+            video of ``F`` frames.
+        answer_map: ``(H, W)`` the whole answer's map (the sum of the token maps before
+            normalisation; for the one-grid families, of the summed logits).
+        pixel_values: ``(1, C, H, W)`` the processed image the maps belong to; for the
+            view families the original image as a float tensor in ``[0, 1]``
+            (``(F, C, H, W)`` for a video).
         text: The decoded answer.
     """
 
@@ -459,6 +814,12 @@ def explain_answer(
     from ..attribution import LeGrad
 
     tokenizer = _tokenizer(processor)
+    from ..adapters.hf.vlm import describe
+
+    if describe(model).views is not None:
+        return _explain_views(
+            model, processor, image, prompt, answer, max_new_tokens, layers, skip_special_tokens
+        )
     batch = processor(images=[image], text=[prompt], return_tensors="pt")
     input_ids: Tensor = batch["input_ids"]
     pixel_values: Tensor = batch["pixel_values"]
@@ -510,3 +871,117 @@ def explain_answer(
     tokens = [tokenizer.decode([i]) for i in answer_ids.tolist()]
     text = tokenizer.decode(answer_ids.tolist())
     return AnswerExplanation(tokens, answer_ids, maps, answer_map, pixel_values.detach(), text)
+
+
+def _answer_ids(
+    tokenizer: Any, answer: Optional[str], generated: Optional[Tensor], skip_special: bool
+) -> Tensor:
+    """The answer's ids: the given text's, or the generated ones without trailing specials."""
+    if answer is not None:
+        ids = torch.as_tensor(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    else:
+        assert generated is not None
+        ids = generated
+    if skip_special:  # trailing end-of-sequence and padding tokens
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        kept = ids.tolist()
+        while kept and kept[-1] in special:
+            kept.pop()
+        ids = torch.tensor(kept, dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError(
+            "The answer has no tokens to explain (the model answered with special tokens "
+            "only); give an answer, or raise max_new_tokens."
+        )
+    return ids.long()
+
+
+def _is_video(value: Any) -> bool:
+    """A list of frames, or a 4-D array or tensor ``(F, …)``."""
+    if isinstance(value, (list, tuple)):
+        return True
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) == 4
+
+
+def _as_pixels(value: Any) -> Tensor:
+    """An image (PIL, ``(H, W, C)`` array, ``(C, H, W)`` tensor) → ``(C, H, W)`` float in
+    ``[0, 1]``; a video (frames, or ``(F, …)``) → ``(F, C, H, W)``."""
+    if isinstance(value, (list, tuple)):
+        return torch.stack([_as_pixels(frame) for frame in value])
+    if isinstance(value, Tensor):
+        tensor = value.detach().cpu()
+        if tensor.dim() == 4:
+            return torch.stack([_as_pixels(frame) for frame in tensor])
+        tensor = tensor.float()
+        return tensor / 255.0 if not value.is_floating_point() else tensor
+    import numpy as np
+
+    array = np.asarray(value)
+    if array.ndim == 4:
+        return torch.stack([_as_pixels(frame) for frame in array])
+    tensor = torch.as_tensor(array)
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(-1)
+    if tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
+        tensor = tensor.permute(2, 0, 1)
+    tensor = tensor.float()
+    return tensor / 255.0 if array.dtype == np.uint8 else tensor
+
+
+def _explain_views(
+    model: nn.Module,
+    processor: Any,
+    image: Any,
+    prompt: str,
+    answer: Optional[str],
+    max_new_tokens: int,
+    layers: Optional[Sequence[int]],
+    skip_special_tokens: bool,
+) -> AnswerExplanation:
+    """:func:`explain_answer` for families described by views: every processor output by
+    its name, the maps on the original image (or video)."""
+    from .._core.maps import minmax_normalize, upsample
+
+    tokenizer = _tokenizer(processor)
+    video = _is_video(image)
+    given = {"videos": [image]} if video else {"images": [image]}
+    batch = dict(processor(text=[prompt], return_tensors="pt", **given))
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = {
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        if isinstance(v, Tensor)
+        else v
+        for k, v in batch.items()
+    }
+    input_ids = batch.pop("input_ids")
+    attention_mask = batch.pop("attention_mask", None)
+    from ..adapters.hf.vlm import describe
+
+    rules = describe(model).views
+    assert rules is not None
+    main = rules.main_input(batch)
+    pixels = batch.pop(main)
+    generated = None
+    if answer is None:
+        generate: Any = model.generate
+        with torch.no_grad():
+            output = generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, **{main: pixels}, **batch,
+            )  # fmt: skip
+        generated = output[0, input_ids.shape[1] :].cpu()
+    answer_ids = _answer_ids(tokenizer, answer, generated, skip_special_tokens)
+    explained = AnswerLogits(model, input_ids, answer_ids.to(device), attention_mask, **batch)
+    canvas = explained.source_maps(pixels, layers=layers, normalize=False)[0][0].float()
+    original = _as_pixels(image)
+    size = (original.shape[0], *original.shape[-2:]) if video else tuple(original.shape[-2:])
+    raw = upsample(canvas.unsqueeze(0), size)[0]
+    rank = len(size)
+    maps = minmax_normalize(raw, dims=rank)
+    answer_map = minmax_normalize(raw.sum(dim=0), dims=rank)
+    tokens = [tokenizer.decode([i]) for i in answer_ids.tolist()]
+    text = tokenizer.decode(answer_ids.tolist())
+    shown = original if video else original.unsqueeze(0)
+    return AnswerExplanation(tokens, answer_ids, maps, answer_map, shown, text)

@@ -14,8 +14,14 @@ fixed resolution:
 * ``Gemma3ForConditionalGeneration``: the SigLIP patches average-pooled by ``k × k``
   (``k = 4`` for the released models), so the map lives on the pooled token grid.
 
-Tiled, multi-crop or dynamic-resolution models are refused with
-:class:`~captum_legrad.UnsupportedModelError`: their image tokens are not one patch grid.
+Families whose image tokens are not one fixed grid per sample are described through views
+(:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family:
+
+* Qwen2-VL, Qwen2.5-VL, Qwen3-VL (:mod:`.vlm_qwen`): dynamic resolution, several images and
+  videos per sample.
+
+The other tiled or multi-crop models are refused with
+:class:`~captum_legrad.UnsupportedModelError` until their family module exists.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any, Callable, Optional, Tuple, cast
 from torch import nn
 
 from ...errors import UnsupportedModelError
+from ...views import ViewRules
+from .vlm_qwen import QWEN_VL, qwen_rules
 
 __all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
 
@@ -34,6 +42,7 @@ SUPPORTED = (
     "LlavaForConditionalGeneration",
     "PaliGemmaForConditionalGeneration",
     "Gemma3ForConditionalGeneration",
+    *QWEN_VL,
 )
 
 #: Class names refused with a reason: tiled or dynamic-resolution image tokens.
@@ -44,9 +53,14 @@ REFUSED = {
     "Idefics2ForConditionalGeneration": "splits the image and resamples it with a perceiver",
     "Idefics3ForConditionalGeneration": "splits the image into tiles",
     "SmolVLMForConditionalGeneration": "splits the image into tiles",
-    "Qwen2VLForConditionalGeneration": "encodes images at dynamic resolution",
-    "Qwen2_5_VLForConditionalGeneration": "encodes images at dynamic resolution",
-    "Qwen3VLForConditionalGeneration": "encodes images at dynamic resolution",
+    "Qwen3_5ForConditionalGeneration": (
+        "has a hybrid language model (Gated DeltaNet linear-attention layers between the "
+        "softmax attention layers: no attention probabilities over the image tokens there)"
+    ),
+    "Qwen3_5MoeForConditionalGeneration": (
+        "has a hybrid language model (Gated DeltaNet linear-attention layers between the "
+        "softmax attention layers: no attention probabilities over the image tokens there)"
+    ),
     "Mistral3ForConditionalGeneration": "encodes images at dynamic resolution (Pixtral)",
     "Gemma3nForConditionalGeneration": "has an audio-vision encoder without a patch grid",
     "MllamaForConditionalGeneration": "reads the image through cross-attention, not tokens",
@@ -79,6 +93,10 @@ class VLMParts:
             0, text); None for models without token types.
         prompt_type_ids: Rule building the prompt's ``token_type_ids`` from ``input_ids``
             as the model's processor does, or None.
+        views: For families whose image tokens are not one fixed grid per sample (several
+            images, dynamic resolution, tiles, video): the family's
+            :class:`~captum_legrad.views.ViewRules`; ``grid``, ``tokens_per_image`` and
+            ``skip_tokens`` are then unused. None: one image per sample on ``grid``.
     """
 
     family: str
@@ -96,14 +114,15 @@ class VLMParts:
     skip_tokens: int
     answer_type_id: Optional[int]
     prompt_type_ids: Optional[Callable[[Any], Any]]
+    views: Optional[ViewRules] = None
 
 
 def _refuse(model: nn.Module, reason: str) -> UnsupportedModelError:
+    why = "" if "language model" in reason else ", so its image tokens are not one patch grid"
     return UnsupportedModelError(
-        f"{type(model).__name__} {reason}, so its image tokens are not one patch grid; "
-        f"LeGrad's answer maps support {', '.join(SUPPORTED)} (one image per sample at the "
-        "model's resolution). For another VLM, build a ViTSpec whose layout rule gives the "
-        "image-token positions and grid."
+        f"{type(model).__name__} {reason}{why}; "
+        f"LeGrad's answer maps support {', '.join(SUPPORTED)}. For another VLM, build a "
+        "ViTSpec whose layout rule gives the image-token positions and grid."
     )
 
 
@@ -151,6 +170,17 @@ def describe(model: nn.Module) -> VLMParts:
     vision = config.vision_config
     layers, norm = _language_parts(m)
     attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
+    if name in QWEN_VL:
+        rules = qwen_rules(config)
+        step = _square(vision.patch_size)[0] * int(vision.spatial_merge_size)
+
+        def merged_grid(height: int, width: int) -> Tuple[int, int]:
+            return height // step, width // step
+
+        return VLMParts(
+            name, model, m.model, layers, attentions, norm, m.lm_head, None,
+            int(config.image_token_id), merged_grid, (step, step), 0, 0, None, None, rules,
+        )  # fmt: skip
     patch = _square(vision.patch_size)
     side = _square(vision.image_size)
     if vision.model_type not in _VISION_TOWERS:
