@@ -26,6 +26,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ...views import SampleViews, ViewRules
 from .vlm_tiles import ImageView, as_samples, padding_out
 
 __all__ = ["tile_views", "tile_rules"]
@@ -175,13 +176,12 @@ def _grid(
     return n // cols, cols
 
 
-def tile_rules(config: Any, family: str) -> Any:
+def tile_rules(config: Any, family: str) -> ViewRules:
     """The :class:`~captum_legrad.views.ViewRules` of an Idefics3 or SmolVLM model's
     ``config``: ``pixel_values`` ``(B, frames, C, T, T)`` and ``pixel_attention_mask`` as
     the processor returns them."""
-    from ...views import ViewRules
 
-    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[SampleViews]:
         views = tile_views(
             padding_out(ids, mask), config, inputs.get("pixel_values"),
             inputs.get("pixel_attention_mask"), family,

@@ -24,6 +24,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from ...views import SampleViews, ViewRules
 from .vlm_tiles import (
     ImageView,
     as_samples,
@@ -167,7 +168,7 @@ def anyres_views(
     if onevision:
         ratio = vision_aspect_ratio or getattr(config, "vision_aspect_ratio", "anyres_max_9")
         max_crops = int(str(ratio).rsplit("_", 1)[-1])  # as HF: "anyres_max_9" -> 9
-    layouts = []
+    layouts: List[Optional[Tuple[Tuple[int, int], Tuple[float, float, float, float]]]] = []
     counts = []
     for size, crops in zip(sizes, patched):
         if crops:
@@ -198,16 +199,14 @@ def anyres_views(
     return views
 
 
-def anyres_rules(config: Any, onevision: bool = False) -> Any:
+def anyres_rules(config: Any, onevision: bool = False) -> ViewRules:
     """The :class:`~captum_legrad.views.ViewRules` of a LLaVA-NeXT (``onevision=False``) or
     LLaVA-OneVision model's ``config``: ``image_sizes`` (and OneVision's
     ``batch_num_images``) as the processor returns them; ``pixel_values`` ``(n_images,
     crops, C, h, w)``."""
-    from ...views import ViewRules
-
     family = "LLaVA-OneVision" if onevision else "LLaVA-NeXT"
 
-    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[SampleViews]:
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError(
                 f"{family}'s answer maps cover images; videos (pixel_values_videos) are not "

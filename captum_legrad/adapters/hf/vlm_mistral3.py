@@ -15,6 +15,7 @@ from typing import Any, List, Mapping
 
 from torch import Tensor
 
+from ...views import SampleViews, ViewRules
 from .vlm_tiles import ImageView, as_samples, image_index, padding_out, size_rows, split_images
 
 __all__ = ["pixtral_views", "pixtral_rules"]
@@ -53,12 +54,11 @@ def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[Imag
     ]
 
 
-def pixtral_rules(config: Any) -> Any:
+def pixtral_rules(config: Any) -> ViewRules:
     """The :class:`~captum_legrad.views.ViewRules` of a Mistral 3 model's ``config``:
     ``image_sizes`` as the processor returns them; ``pixel_values`` ``(n_images, C, H, W)``."""
-    from ...views import ViewRules
 
-    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
+    def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[SampleViews]:
         sizes = inputs.get("image_sizes")
         if sizes is None:
             raise ValueError(

@@ -22,6 +22,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ...views import SampleViews, Source, View
+
 __all__ = [
     "ImageView", "split_images", "image_index", "size_rows", "flat_ints", "as_samples",
     "padding_out",
@@ -134,13 +136,11 @@ def flat_ints(value: Any) -> List[Any]:
     return out
 
 
-def as_samples(views: Sequence[ImageView], batch: int) -> List[Any]:
+def as_samples(views: Sequence[ImageView], batch: int) -> List[SampleViews]:
     """The views as :class:`~captum_legrad.views.SampleViews`, one per sample: each image a
     :class:`~captum_legrad.views.Source` of its size, each view's rectangle in its pixels
     (a view of a padded copy may reach beyond the image: its cells over the padding lie
     outside the canvas and are cut off when the views are placed)."""
-    from ...views import SampleViews, Source, View
-
     out = []
     for b in range(batch):
         mine = [v for v in views if v.sample == b]
