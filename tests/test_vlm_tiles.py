@@ -666,3 +666,38 @@ def test_explain_answer(name: str) -> None:
         speaking, processor(name), image, f"a {placeholder} what is this ?", max_new_tokens=2
     )
     assert generated.maps.shape[1:] == (height, width)
+
+
+def test_output_forms_and_refusals() -> None:
+    """``output="grid"`` for one view per sample (Mistral 3) is the view's raw map;
+    several views per sample and ``output="input"`` are refused naming the way out; LLaVA
+    with CLIP and strategy "full" (a CLS token in every crop) is refused."""
+    from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError
+
+    batch, answers = case("mistral3", seed=4)
+    explained = explained_for(model_for("mistral3", "sdpa"), batch, answers)
+    grid = LeGrad(explained).attribute_multi(
+        batch["pixel_values"], targets=range(3), output="grid", normalize=False
+    )
+    per_view = explained.view_maps(batch["pixel_values"], targets=range(3))
+    for b in range(2):
+        (own,) = per_view[b]
+        g_h, g_w = own.shape[-2:]
+        torch.testing.assert_close(grid[b, :, :g_h, :g_w], own, rtol=1e-5, atol=1e-7)
+        assert bool((grid[b, :, g_h:] == 0).all()) and bool((grid[b, :, :, g_w:] == 0).all())
+    with pytest.raises(ValueError, match='output="map"'):
+        LeGrad(explained).attribute(batch["pixel_values"], target=0)
+    batch, answers = case("llava_next", seed=4)
+    explained = explained_for(model_for("llava_next", "sdpa"), batch, answers)
+    with pytest.raises(ValueError, match="view_maps"):
+        LeGrad(explained).attribute_multi(batch["pixel_values"], targets=[0], output="grid")
+    model = model_for("llava_next", "sdpa")
+    full: Any = type(model)(model.config.__class__(**{
+        **model.config.to_dict(), "vision_feature_select_strategy": "full"
+    }))  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="CLS"):
+        AnswerLogits(full, batch["input_ids"], answers)
+    with pytest.raises(ValueError, match="image_sizes"):
+        AnswerLogits(model, batch["input_ids"], answers, batch["attention_mask"])(
+            batch["pixel_values"]
+        )
