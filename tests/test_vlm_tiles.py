@@ -228,8 +228,11 @@ def coordinate_image(height: int, width: int) -> Tensor:
     )  # fmt: skip
 
 
-def inputs(name: str, images: List[Tensor], texts: List[str]) -> Dict[str, Tensor]:
+def inputs(
+    name: str, images: List[Tensor], texts: List[str], side: str = "left"
+) -> Dict[str, Tensor]:
     proc = processor(name)
+    proc.tokenizer.padding_side = side
     nested: Any = [[im] for im in images] if name in ("idefics3", "smolvlm") else images
     out = proc(images=nested, text=texts, return_tensors="pt", padding=True)
     return {k: v for k, v in out.items() if isinstance(v, Tensor)}
@@ -563,6 +566,8 @@ def test_sdpa_equals_eager_and_batch_equals_single(name: str) -> None:
 
     batch, answers = case(name, seed=3)
     model = model_for(name, "sdpa")
+    with torch.no_grad():  # transformers installs its output-capturing hooks on first use
+        model(**teacher_forced(batch, answers)[0], use_cache=False)
     before = snapshot(model)
     together = explained_for(model, batch, answers).source_maps(batch["pixel_values"])
     assert_unchanged(before, snapshot(model))
@@ -572,7 +577,13 @@ def test_sdpa_equals_eager_and_batch_equals_single(name: str) -> None:
     placeholder = PLACEHOLDER.get(name, "<image>")
     sizes = IMAGE_SIZES[name]
     texts = [f"a {placeholder} what is this ?", f"USER: {placeholder} b"]
+    images = [random_image(*sizes[0], 3), random_image(*sizes[1], 4)]
+    right = inputs(name, images, texts, side="right")
+    assert bool((right["attention_mask"][:, 0] == 1).all())
+    assert not bool((right["attention_mask"][:, -1] == 1).all()), "no right padding"
+    right_maps = explained_for(model, right, answers).source_maps(right["pixel_values"])
     for b in range(2):
+        torch.testing.assert_close(right_maps[b][0], together[b][0], rtol=1e-4, atol=1e-4)
         for m, e in zip(together[b], eager[b]):
             torch.testing.assert_close(m, e, rtol=1e-4, atol=1e-4)
         alone = inputs(name, [random_image(*sizes[b], 3 + b)], [texts[b]])
@@ -685,8 +696,6 @@ def test_output_forms_and_refusals() -> None:
         g_h, g_w = own.shape[-2:]
         torch.testing.assert_close(grid[b, :, :g_h, :g_w], own, rtol=1e-5, atol=1e-7)
         assert bool((grid[b, :, g_h:] == 0).all()) and bool((grid[b, :, :, g_w:] == 0).all())
-    with pytest.raises(ValueError, match='output="map"'):
-        LeGrad(explained).attribute(batch["pixel_values"], target=0)
     batch, answers = case("llava_next", seed=4)
     explained = explained_for(model_for("llava_next", "sdpa"), batch, answers)
     with pytest.raises(ValueError, match="view_maps"):
@@ -701,3 +710,60 @@ def test_output_forms_and_refusals() -> None:
         AnswerLogits(model, batch["input_ids"], answers, batch["attention_mask"])(
             batch["pixel_values"]
         )
+
+
+@pytest.mark.parametrize("name", ["llava_next", "idefics3", "mistral3"])
+def test_input_form(name: str) -> None:
+    """``output="input"`` (``attribute``'s default): the canvas map seen through every
+    frame of ``pixel_values``: Mistral 3's image in its top-left corner, LLaVA-NeXT's base
+    view and Idefics3's global image the whole canvas resized."""
+    import torch.nn.functional as F
+
+    from captum_legrad import LeGrad
+
+    batch, answers = case(name, seed=6)
+    pixels = batch["pixel_values"]
+    legrad = LeGrad(explained_for(model_for(name, "sdpa"), batch, answers))
+    maps = legrad.attribute_multi(pixels, targets=range(3))  # (B, 3, H, W), padded
+    form = legrad.attribute_multi(pixels, targets=range(3), output="input")
+    assert form.shape == (pixels.shape[0], 3, *pixels.shape[1:])
+    one = legrad.attribute(pixels, target=1)
+    assert one.shape == pixels.shape
+    torch.testing.assert_close(one, form[:, 1])
+    sources = legrad.forward_func.views(pixels)
+    for b in range(2):
+        h, w = sources[b].sources[0].size
+        if name == "mistral3":
+            torch.testing.assert_close(form[b, :, 0, :h, :w], maps[b, :, :h, :w])
+            assert bool((form[b, :, :, h:] == 0).all()) and bool((form[b, :, :, :, w:] == 0).all())
+            continue
+        if name == "llava_next":
+            frame = form[b, :, 0, 0]  # the base view
+        else:
+            real = int((pixels[b].flatten(1) != 0).any(1).sum())
+            frame = form[b, :, real - 1, 0]  # the global image
+        canvas = maps[b, :, :h, :w].unsqueeze(0)
+        size = pixels.shape[-2:]
+        resized = F.interpolate(canvas, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(frame, resized[0], rtol=1e-4, atol=1e-5)
+
+
+def test_half_image_input_form() -> None:
+    """The half-image model's map in ``pixel_values``' own shape lies on the white pixels of
+    every frame (the base view and each crop, padding included)."""
+    from captum_legrad import LeGrad
+
+    model = white_tokens_only(llava_next("sdpa", vision_layers=1, seed=5))
+    batch = inputs("llava_next", [half_image(50, 80)], ["a <image> what is this ?"])
+    explained = explained_for(model, batch, torch.tensor([[2, 5, 7]]))
+    form = LeGrad(explained, layers=[0]).attribute(batch["pixel_values"], target=0)
+    pixels = batch["pixel_values"]
+    for f in range(pixels.shape[1]):
+        white = pixels[0, f, 0] > 0.99
+        black = pixels[0, f, 0] < 0.01
+        on = form[0, f, 0]
+        bright = float(on[white].mean()) if bool(white.any()) else 0.0
+        dark = float(on[black].mean()) if bool(black.any()) else 0.0
+        if bool(white.any()):
+            assert bright > 0.3, f"frame {f}: white pixels are off"
+        assert dark < (0.25 * bright if bool(white.any()) else 0.05), f"frame {f}: black is on"

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ...views import SampleViews, ViewRules
-from .vlm_tiles import ImageView, as_samples, padding_out
+from .vlm_tiles import ImageView, as_samples, padding_out, resample_box
 
 __all__ = ["tile_views", "tile_rules"]
 
@@ -188,5 +188,32 @@ def tile_rules(config: Any, family: str) -> ViewRules:
         )  # fmt: skip
         return as_samples(views, ids.shape[0])
 
+    def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
+        pixels = inputs[name]  # (B, frames, C, T, T)
+        side = int(pixels.shape[-1])
+        out = pixels.new_zeros((canvases[0][0].shape[0], *pixels.shape))
+        for b, sample in enumerate(canvases):
+            frame = 0
+            for canvas in sample:
+                height, width = canvas.shape[-2:]
+                rows, cols = height // side, width // side
+                boxes = []
+                if rows * cols > 1:  # split: the tiles row-major, then the global image
+                    boxes = [
+                        (i * side, j * side, (i + 1) * side, (j + 1) * side)
+                        for i in range(rows)
+                        for j in range(cols)
+                    ]
+                    boxes.append((0, 0, height, width))
+                else:  # one frame, the canvas its real pixels at 1:1
+                    boxes.append((0, 0, side, side))
+                for box in boxes:
+                    out[:, b, frame] = resample_box(canvas, box, (side, side)).unsqueeze(1)
+                    frame += 1
+        return out
+
     # (B, frames, C, T, T): batch-first, but not an image batch LeGrad could split or check.
-    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False)
+    return ViewRules(
+        describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False,
+        to_input=to_input,
+    )  # fmt: skip

@@ -31,11 +31,12 @@ from .vlm_tiles import (
     flat_ints,
     image_index,
     padding_out,
+    resample_box,
     size_rows,
     split_images,
 )
 
-__all__ = ["anyres_views", "crop_layout", "anyres_rules"]
+__all__ = ["anyres_views", "crop_layout", "anyres_rules", "frame_boxes"]
 
 
 def _best_resolution(size: Tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> Tuple[int, int]:
@@ -225,4 +226,57 @@ def anyres_rules(config: Any, onevision: bool = False) -> ViewRules:
         )  # fmt: skip
         return as_samples(views, ids.shape[0])
 
-    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False)
+    def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
+        pixels = inputs[name]
+        if pixels.dim() != 5:
+            raise ValueError(
+                f'output="input" for {family} needs pixel_values as the processor returns '
+                f"them, (n_images, crops, C, h, w); got {tuple(pixels.shape)}: use "
+                'output="map".'
+            )
+        sizes = [(int(h), int(w)) for h, w in size_rows(inputs["image_sizes"])]
+        counts = inputs.get("batch_num_images")
+        patched = [True] * len(sizes)
+        if onevision and counts is not None:
+            patched = [int(n) == 1 for n in flat_ints(counts) for _ in range(int(n))]
+        images = [canvas for sample in canvases for canvas in sample]
+        out = pixels.new_zeros((images[0].shape[0], *pixels.shape))
+        for i, canvas in enumerate(images):
+            boxes = frame_boxes(sizes[i], config, patched[i])
+            for f, box in enumerate(boxes):
+                out[:, i, f] = resample_box(canvas, box, pixels.shape[-2:]).unsqueeze(1)
+        return out
+
+    return ViewRules(
+        describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False,
+        to_input=to_input,
+    )  # fmt: skip
+
+
+def frame_boxes(
+    size: Tuple[int, int], config: Any, patched: bool = True
+) -> List[Tuple[float, float, float, float]]:
+    """The rectangle of the original image (in its pixels) each frame of an image's
+    ``pixel_values`` shows: the base view, then the crops of the padded canvas, row-major
+    (a crop may reach over the padding, beyond the image)."""
+    height, width = size
+    if not patched:
+        top, left, bottom, right = _square_box(size)
+        return [(top * height, left * width, bottom * height, right * width)]
+    crop = int(config.vision_config.image_size)
+    pinpoints = [tuple(int(v) for v in p) for p in config.image_grid_pinpoints]
+    best = _best_resolution(size, pinpoints)
+    new_h, new_w = _resized(size, best)
+    paste_y, paste_x = (best[0] - new_h) // 2, (best[1] - new_w) // 2
+    boxes = [(0.0, 0.0, float(height), float(width))]
+    for i in range(best[0] // crop):
+        for j in range(best[1] // crop):
+            boxes.append(
+                (
+                    (i * crop - paste_y) * height / new_h,
+                    (j * crop - paste_x) * width / new_w,
+                    ((i + 1) * crop - paste_y) * height / new_h,
+                    ((j + 1) * crop - paste_x) * width / new_w,
+                )
+            )
+    return boxes

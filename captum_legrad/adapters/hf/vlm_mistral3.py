@@ -68,4 +68,16 @@ def pixtral_rules(config: Any) -> ViewRules:
             )
         return as_samples(pixtral_views(padding_out(ids, mask), config, sizes), ids.shape[0])
 
-    return ViewRules(describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False)
+    def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
+        pixels = inputs[name]  # (n_images, C, H, W), each image in its top-left corner
+        images = [canvas for sample in canvases for canvas in sample]
+        out = pixels.new_zeros((images[0].shape[0], *pixels.shape))
+        for i, canvas in enumerate(images):
+            height, width = canvas.shape[-2:]
+            out[:, i, :, :height, :width] = canvas.unsqueeze(1)
+        return out
+
+    return ViewRules(
+        describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False,
+        to_input=to_input,
+    )  # fmt: skip

@@ -166,3 +166,28 @@ def padding_out(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     if attention_mask is None:
         return input_ids
     return input_ids.masked_fill(attention_mask.to(input_ids.device) == 0, -1)
+
+
+def resample_box(canvas: Tensor, box: Sequence[float], size: Tuple[int, int]) -> Tensor:
+    """A canvas map ``(K, H, W)`` seen through a frame: the frame's ``size`` pixels cover
+    ``box`` ``(top, left, bottom, right)`` of the canvas (in its pixels, possibly beyond
+    it); bilinear, zero outside the canvas. ``(K, h, w)``."""
+    import torch.nn.functional as F
+
+    height, width = canvas.shape[-2:]
+    top, left, bottom, right = (float(v) for v in box)
+    h, w = size
+    ys = top + (torch.arange(h, dtype=torch.float64) + 0.5) * (bottom - top) / h
+    xs = left + (torch.arange(w, dtype=torch.float64) + 0.5) * (right - left) / w
+    # grid_sample's align_corners=False: -1 and 1 are the canvas' outer edges.
+    grid = torch.stack(
+        torch.meshgrid(2 * xs / width - 1, 2 * ys / height - 1, indexing="xy"), dim=-1
+    ).to(canvas)
+    out = F.grid_sample(
+        canvas.unsqueeze(0), grid.unsqueeze(0), mode="bilinear", padding_mode="border",
+        align_corners=False,
+    )[0]  # fmt: skip
+    inside = ((ys >= 0) & (ys < height)).to(canvas)[:, None] * ((xs >= 0) & (xs < width)).to(
+        canvas
+    )[None, :]
+    return out * inside
