@@ -635,3 +635,22 @@ def test_gemma3_pools_four_by_four() -> None:
     maps = LeGrad(explained).attribute_multi(pixels, targets=range(2))
     assert maps.shape == (1, 2, 64, 64)
     torch.testing.assert_close(maps, finalize(expected, (64, 64)), rtol=1e-4, atol=1e-4)
+
+
+def test_view_helpers_on_one_grid() -> None:
+    """Families on one grid have one view per sample: view_maps is the raw grid map,
+    source_maps the normalised map."""
+    model = model_for("gemma3", "sdpa")
+    prompts, answers, pixels = case("gemma3", seed=13)
+    ids, mask = left_padded(prompts)
+    explained = AnswerLogits(model, ids, answers, mask)
+    legrad = LeGrad(explained)
+    grid = legrad.attribute_multi(pixels, targets=range(3), output="grid", normalize=False)
+    views = explained.view_maps(pixels)
+    assert len(views) == 2 and all(len(v) == 1 for v in views)
+    torch.testing.assert_close(torch.stack([v[0] for v in views]), grid)
+    maps = legrad.attribute_multi(pixels, targets=range(3))
+    canvases = explained.source_maps(pixels)
+    torch.testing.assert_close(torch.stack([c[0] for c in canvases]), maps, rtol=1e-5, atol=1e-6)
+    keys = explained.views(pixels)[0].views[0].positions
+    assert keys.tolist() == torch.nonzero(ids[0] == IMAGE)[:, 0].tolist()

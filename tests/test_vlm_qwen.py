@@ -503,6 +503,40 @@ def test_spec_hooks_are_validated() -> None:
     assert plain.batch_size((torch.zeros(4, 3, 8, 8),)) == 4
 
 
+def test_qwen3_moe_matches_oracle() -> None:
+    """Qwen3-VL-MoE: the same decoder with sparse expert MLPs (routed per token, so one
+    backward still serves every answer token)."""
+    torch.manual_seed(0)
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=2,
+        patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+        num_position_embeddings=64, deepstack_visual_indexes=[0],
+    )  # fmt: skip
+    text = _text(head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    config = tf.Qwen3VLMoeConfig(vision_config=vision, text_config=text, **TOKENS)
+    model = tf.Qwen3VLMoeForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF zero-initialises the experts' weights here: randomise them
+        for name, parameter in model.named_parameters():
+            if "experts" in name and not parameter.any():
+                parameter.normal_(0, 0.02)
+    prompts = [prompt([("image", A)]), prompt([("image", B)], before=(1,))]
+    answers = answers_for(2, 16)
+    pixels = patches([A, B], 16)
+    grid_thw = torch.tensor([A, B])
+    batch, positions, keys = oracle_batch(
+        prompts, answers, {"pixel_values": pixels, "image_grid_thw": grid_thw}
+    )
+    expected = oracle_token_maps(model, batch, positions, answers, keys)
+    ids, mask = pad(prompts, "right")
+    views = AnswerLogits(model, ids, answers, mask, image_grid_thw=grid_thw).view_maps(pixels)
+    scale = max(e.abs().max() for e in expected)
+    for b in range(2):
+        assert_not_vacuous(expected[b].permute(1, 0, 2).unsqueeze(0), lead=3)
+        got = views[b][0].flatten(1)
+        torch.testing.assert_close(got, expected[b].sum(1), rtol=1e-4, atol=TOL * scale)
+
+
 def test_qwen3_5_is_refused() -> None:
     hybrid = type("Qwen3_5ForConditionalGeneration", (nn.Module,), {})()
     with pytest.raises(UnsupportedModelError, match="linear-attention"):

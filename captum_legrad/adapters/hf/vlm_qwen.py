@@ -1,4 +1,4 @@
-"""Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): where each image's tokens are and what they cover.
+"""Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE): where each image's tokens are.
 
 The image processor resizes each image to a multiple of ``patch × merge`` pixels (dynamic
 resolution) and flattens it into ``grid_t · grid_h · grid_w`` patches of ``C ·
@@ -29,6 +29,7 @@ QWEN_VL = (
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
 )
 
 
