@@ -69,7 +69,9 @@ class View:
         source: Which image or video of the sample (index into
             :attr:`SampleViews.sources`, prompt order).
         box: ``(top, left, bottom, right)`` pixels of the source's canvas the view covers
-            (bottom and right exclusive).
+            (bottom and right exclusive). It may reach beyond the canvas (a view of a padded
+            copy, LLaVA-NeXT's crops): the view is upsampled to the whole box and cut to the
+            canvas; it must overlap the canvas.
         frames: ``(start, stop)`` frames of a video source the view covers; None for images.
         name: What the view is, for messages and figures (``"image"``, ``"video"``,
             ``"tile 0,1"``, ``"thumbnail"``).
@@ -93,7 +95,7 @@ class View:
                 f"{'x'.join(map(str, self.grid))} grid; give one position per grid cell."
             )
         top, left, bottom, right = self.box
-        if not (0 <= top < bottom and 0 <= left < right):
+        if not (top < bottom and left < right):
             raise ValueError(f"View {self.name!r}: the box {self.box} is empty.")
         if (len(self.grid) == 3) != (self.frames is not None):
             raise ValueError(
@@ -130,7 +132,8 @@ class SampleViews:
             if (source.kind == "video") != (view.rank == 3):
                 raise ValueError(f"View {view.name!r} of a {source.kind} has grid {view.grid}.")
             height, width = source.size[-2:]
-            if view.box[2] > height or view.box[3] > width:
+            top, left, bottom, right = view.box
+            if top >= height or left >= width or bottom <= 0 or right <= 0:
                 raise ValueError(
                     f"View {view.name!r} covers {view.box}, outside its source's {height}x{width} "
                     "canvas."
@@ -240,13 +243,24 @@ def source_maps(
             if view.source != index:
                 continue
             top, left, bottom, right = view.box
-            region: Tuple[slice, ...] = (slice(top, bottom), slice(left, right))
+            height, width = source.size[-2:]
+            # A box may reach beyond the canvas (a view of a padded copy): upsampled to the
+            # whole box, then cut to the canvas.
+            region: Tuple[slice, ...] = (
+                slice(max(top, 0), min(bottom, height)),
+                slice(max(left, 0), min(right, width)),
+            )
+            cut: Tuple[slice, ...] = (
+                slice(max(top, 0) - top, min(bottom, height) - top),
+                slice(max(left, 0) - left, min(right, width) - left),
+            )
             size: Tuple[int, ...] = (bottom - top, right - left)
             if view.frames is not None:
                 region = (slice(*view.frames), *region)
+                cut = (slice(None), *cut)
                 size = (view.frames[1] - view.frames[0], *size)
             up = upsample(values.unsqueeze(0).to(total.dtype), size, mode)[0]
-            total[(slice(None), *region)] += up
+            total[(slice(None), *region)] += up[(slice(None), *cut)]
             count[region] += 1
         out.append((total / count.clamp(min=1), count > 0))
     return out

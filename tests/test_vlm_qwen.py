@@ -564,7 +564,16 @@ def test_overlapping_views_are_averaged() -> None:
     assert torch.equal(canvas[0, :, 2:6], torch.full((8, 4), 2.0))
     assert torch.equal(canvas[0, :, 6:], torch.full((8, 2), 3.0))
     with pytest.raises(ValueError, match="outside"):
-        SampleViews((Source("image", (8, 8)),), (View(torch.arange(4), (2, 2), 0, (0, 0, 9, 8)),))
+        SampleViews((Source("image", (8, 8)),), (View(torch.arange(4), (2, 2), 0, (8, 0, 9, 8)),))
+    # A view reaching beyond the canvas (a padded copy) is upsampled whole and cut to it:
+    # rows -4..12 of a 2-row grid [1, 3], kept rows 0..8 (the middle half).
+    beyond = SampleViews(
+        (Source("image", (8, 8)),), (View(torch.arange(2), (2, 1), 0, (-4, 0, 12, 8)),)
+    )
+    ((canvas, valid),) = source_maps([torch.tensor([[[1.0], [3.0]]])], beyond)
+    column = F.interpolate(torch.tensor([[[[1.0], [3.0]]]]), size=(16, 8), mode="bilinear")
+    assert valid.all()
+    torch.testing.assert_close(canvas[0], column[0, 0, 4:12])
 
 
 # ------------------------------------------------------------------- the real processor

@@ -108,8 +108,12 @@ class AnswerLogits(nn.Module):
     and ``Gemma3ForConditionalGeneration`` (one image per sample on one grid), and
     ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
     ``Qwen3VLForConditionalGeneration`` (any image size, several images and videos per
-    sample, described through views: :mod:`captum_legrad.views`), with ``sdpa`` or
-    ``eager`` attention (``docs/models.md``).
+    sample, described through views: :mod:`captum_legrad.views`), and the tiled families
+    ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``
+    (a base view and the unpadded crops per image), ``Idefics3ForConditionalGeneration``,
+    ``SmolVLMForConditionalGeneration`` (tiles and the global image) and
+    ``Mistral3ForConditionalGeneration`` (views too), with ``sdpa`` or ``eager`` attention
+    (``docs/models.md``).
 
     The processor's other outputs are passed by their HF names (``**model_inputs``), for
     the prompt only, as the processor returns them; per-token ones (``mm_token_type_ids``)
@@ -117,7 +121,8 @@ class AnswerLogits(nn.Module):
     ``forward`` in the processor's shape: for Qwen-VL the flattened patches of every
     image, whose dim 0 is not the batch (the batch is ``input_ids``' rows). With one image
     (or video) per sample, LeGrad's ``output="grid"`` is its token grid and ``"map"`` its
-    canvas (Qwen-VL: the resized image); with several, use :meth:`source_maps` or
+    canvas (Qwen-VL: the resized image; LLaVA-NeXT: the original image, the base view and
+    the crops averaged); with several sources or views, use :meth:`source_maps` or
     :meth:`view_maps`.
 
     Args:

@@ -18,21 +18,28 @@ Families whose image tokens are not one fixed grid per sample are described thro
 (:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family:
 
 * Qwen2-VL, Qwen2.5-VL, Qwen3-VL (:mod:`.vlm_qwen`): dynamic resolution, several images and
-  videos per sample.
+  videos per sample;
+* LLaVA-NeXT and LLaVA-OneVision (:mod:`.vlm_llava_next`): AnyRes, a base view and the
+  unpadded crops per image;
+* Idefics3 and SmolVLM (:mod:`.vlm_idefics3`): tiles and the global image, pixel shuffle;
+* Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger.
 
-The other tiled or multi-crop models are refused with
-:class:`~captum_legrad.UnsupportedModelError` until their family module exists.
+(:mod:`.vlm_tiles` holds what the last three share.) The other tiled or multi-crop models
+are refused with :class:`~captum_legrad.UnsupportedModelError` naming why.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 from torch import nn
 
 from ...errors import UnsupportedModelError
 from ...views import ViewRules
+from .vlm_idefics3 import tile_rules
+from .vlm_llava_next import anyres_rules
+from .vlm_mistral3 import pixtral_rules
 from .vlm_qwen import QWEN_VL, qwen_rules
 
 __all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
@@ -43,16 +50,26 @@ SUPPORTED = (
     "PaliGemmaForConditionalGeneration",
     "Gemma3ForConditionalGeneration",
     *QWEN_VL,
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
 )
+
+#: The tiled and multi-crop families described by views: class name -> config -> rules.
+_TILED: Dict[str, Callable[[Any], ViewRules]] = {
+    "LlavaNextForConditionalGeneration": lambda config: anyres_rules(config),
+    "LlavaOnevisionForConditionalGeneration": lambda config: anyres_rules(config, True),
+    "Idefics3ForConditionalGeneration": lambda config: tile_rules(config, "Idefics3"),
+    "SmolVLMForConditionalGeneration": lambda config: tile_rules(config, "SmolVLM"),
+    "Mistral3ForConditionalGeneration": pixtral_rules,
+}
 
 #: Class names refused with a reason: tiled or dynamic-resolution image tokens.
 REFUSED = {
-    "LlavaNextForConditionalGeneration": "tiles the image into a base view plus crops",
     "LlavaNextVideoForConditionalGeneration": "tiles the image and adds video frames",
-    "LlavaOnevisionForConditionalGeneration": "tiles the image into crops (AnyRes)",
     "Idefics2ForConditionalGeneration": "splits the image and resamples it with a perceiver",
-    "Idefics3ForConditionalGeneration": "splits the image into tiles",
-    "SmolVLMForConditionalGeneration": "splits the image into tiles",
     "Qwen3_5ForConditionalGeneration": (
         "has a hybrid language model (Gated DeltaNet linear-attention layers between the "
         "softmax attention layers: no attention probabilities over the image tokens there)"
@@ -61,7 +78,6 @@ REFUSED = {
         "has a hybrid language model (Gated DeltaNet linear-attention layers between the "
         "softmax attention layers: no attention probabilities over the image tokens there)"
     ),
-    "Mistral3ForConditionalGeneration": "encodes images at dynamic resolution (Pixtral)",
     "Gemma3nForConditionalGeneration": "has an audio-vision encoder without a patch grid",
     "MllamaForConditionalGeneration": "reads the image through cross-attention, not tokens",
 }
@@ -156,7 +172,8 @@ def _refuse(model: nn.Module, reason: str) -> UnsupportedModelError:
 
 
 def _language_parts(model: Any) -> Tuple[Tuple[nn.Module, ...], nn.Module]:
-    language = model.model.language_model
+    inner = model.model
+    language = getattr(inner, "language_model", None) or inner.text_model  # Idefics3
     return tuple(language.layers), language.norm
 
 
@@ -185,7 +202,8 @@ def describe(model: nn.Module) -> VLMParts:
         )
     m: Any = model
     base = getattr(m, "model", None)
-    if not isinstance(getattr(base, "language_model", None), nn.Module):
+    language = getattr(base, "language_model", None) or getattr(base, "text_model", None)
+    if not isinstance(language, nn.Module):
         import transformers
 
         raise UnsupportedModelError(
@@ -199,6 +217,15 @@ def describe(model: nn.Module) -> VLMParts:
     vision = config.vision_config
     layers, norm = _language_parts(m)
     attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
+    if name in _TILED:
+        strategy = getattr(config, "vision_feature_select_strategy", None)
+        if strategy == "full" and vision.model_type == "clip_vision_model":
+            raise _refuse(model, "keeps CLIP's CLS token in every crop (strategy 'full')")
+        return VLMParts(
+            name, model, m.model, layers, attentions, norm, m.lm_head, None,
+            int(config.image_token_id), lambda h, w: (h, w), (1, 1), 0, 0, None, None,
+            _TILED[name](config),
+        )  # fmt: skip
     if name in QWEN_VL:
         rules = qwen_rules(config)
         step = _square(vision.patch_size)[0] * int(vision.spatial_merge_size)
