@@ -184,6 +184,9 @@ class ViewRules:
             refused with a pointer to ``"map"``.
         state: Attributes of the base model (``model.model``) its forward writes (Qwen-VL's
             cached ``rope_deltas``), restored after every call so the model is unchanged.
+        consumed: Inputs ``describe`` reads that the model's forward does not take (the
+            original ``image_sizes`` of InternVL and Llama 4, whose processors do not
+            return them; Gemma 4's ``num_soft_tokens_per_image``): never passed to the model.
     """
 
     describe: Callable[[Tensor, Tensor, Mapping[str, Any]], List[SampleViews]]
@@ -193,6 +196,7 @@ class ViewRules:
     batch_first: bool = True
     to_input: Optional[Callable[[List[List[Tensor]], str, Mapping[str, Any]], Tensor]] = None
     state: Tuple[str, ...] = ()
+    consumed: Tuple[str, ...] = ()
 
 
 def token_layout(samples: Sequence[SampleViews]) -> PatchLayout:

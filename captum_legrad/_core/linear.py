@@ -20,13 +20,26 @@ A linear that accelerate dispatches (``device_map``, CPU or disk offload) runs a
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from torch import Tensor, autograd, nn
 
 from .grad_mode import LinearModes
 
 __all__ = ["LinearInputGrad", "linear_input_grad_hooks", "dispatched"]
+
+
+def _alias(output: Tensor) -> Tensor:
+    """``output`` as a tensor that is not a view (same storage, no copy), so that a model
+    may modify the linear's output in place (Llama 4's MoE adds into it): autograd forbids
+    in-place changes of a view a custom Function returns. The output is passed in a list
+    (not as an input of the Function) and the original is dropped by the hook."""
+    if output._base is None:
+        return output
+    alias = output.new_empty(0)
+    return alias.set_(
+        output.untyped_storage(), output.storage_offset(), output.size(), output.stride()
+    )
 
 
 class LinearInputGrad(autograd.Function):
@@ -37,11 +50,11 @@ class LinearInputGrad(autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, inputs: Tensor, output: Tensor, weight: Tensor, token_dim: Optional[int]
+        ctx: Any, inputs: Tensor, holder: List[Tensor], weight: Tensor, token_dim: Optional[int]
     ) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.token_dim, ctx.input_shape = token_dim, inputs.shape
-        return output.view_as(output)
+        return _alias(holder[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
@@ -93,6 +106,6 @@ def linear_input_grad_hooks(
         if not (isinstance(inputs, Tensor) and inputs.requires_grad):
             return None
         linear: Any = module
-        return LinearInputGrad.apply(inputs, output, linear.weight, token_dim)
+        return LinearInputGrad.apply(inputs, [output], linear.weight, token_dim)
 
     return pre_hook, hook

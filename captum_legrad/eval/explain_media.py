@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 from torch import Tensor, nn
 
-from .explain import ExplainError, _safe, resolve_target
+from .explain import ExplainError, resolve_target, safe_name
 from .files import OutputFolder, atomic_path, unique_name
 from .media import Audio, Video, read_audio, read_video
 from .models import ModelError, _import, _one_line, _quiet, _unreachable
@@ -420,11 +420,11 @@ def explain_media(
     row_labels = [f"{n.split(',')[0]}\n{what} {s:.3f}" for n, s in zip(names, result.scores)]
     maps = legrad.attribute_multi(x, targets=chosen, output="input")[0].float().cpu()
     # everything is computed; now the files
-    base = _safe(path.stem)
+    base = safe_name(path.stem)
     taken: set = set()
     if path.parent.resolve() == out.path.resolve():
         taken.add(path.name.lower())
-    stems = [unique_name(f"{base}_{_safe(n.split(',')[0])}", taken) for n in names]
+    stems = [unique_name(f"{base}_{safe_name(n.split(',')[0])}", taken) for n in names]
     if isinstance(media, Video):
         frame_maps = maps.mean(2)  # (K, T, C, H, W) → (K, T, H, W): the channels are equal
         if int(frame_maps.shape[1]) != len(media.frames):

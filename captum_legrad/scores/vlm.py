@@ -108,12 +108,15 @@ class AnswerLogits(nn.Module):
     and ``Gemma3ForConditionalGeneration`` (one image per sample on one grid), and
     ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
     ``Qwen3VLForConditionalGeneration`` (any image size, several images and videos per
-    sample, described through views: :mod:`captum_legrad.views`), and the tiled families
+    sample, described through views: :mod:`captum_legrad.views`), the tiled families
     ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``
     (a base view and the unpadded crops per image), ``Idefics3ForConditionalGeneration``,
-    ``SmolVLMForConditionalGeneration`` (tiles and the global image) and
-    ``Mistral3ForConditionalGeneration`` (views too), with ``sdpa`` or ``eager`` attention
-    (``docs/models.md``).
+    ``SmolVLMForConditionalGeneration`` (tiles and the global image),
+    ``Mistral3ForConditionalGeneration`` (views too), and
+    ``InternVLForConditionalGeneration``, ``Gemma4ForConditionalGeneration`` and
+    ``Llama4ForConditionalGeneration`` (tiles, thumbnail or global view; InternVL and
+    Llama 4 also take ``image_sizes``, each image's original ``(H, W)``, which their
+    processors do not return), with ``sdpa`` or ``eager`` attention (``docs/models.md``).
 
     The processor's other outputs are passed by their HF names (``**model_inputs``), for
     the prompt only, as the processor returns them; per-token ones (``mm_token_type_ids``)
@@ -439,8 +442,10 @@ class AnswerLogits(nn.Module):
             pixel_values, input_ids, answer_ids, attention_mask, token_type_ids, answer_mask
         )
         self._local.plan = plan
-        kwargs: dict = {"use_cache": False, **plan.inputs}
         rules = self.parts.views
+        consumed = () if rules is None else rules.consumed
+        kwargs: dict = {"use_cache": False}
+        kwargs.update((k, v) for k, v in plan.inputs.items() if k not in consumed)
         name = "pixel_values" if rules is None else rules.main_input(plan.inputs)
         kwargs[name] = pixel_values
         if plan.token_type_ids is not None:
@@ -1000,16 +1005,20 @@ def _explain_views(
     generated = None
     if answer is None:
         generate: Any = model.generate
+        for_model = {k: v for k, v in batch.items() if k not in rules.consumed}
         with torch.no_grad():
             output = generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, **{main: pixels}, **batch,
+                do_sample=False, **{main: pixels}, **for_model,
             )  # fmt: skip
         generated = output[0, input_ids.shape[1] :].cpu()
     answer_ids = _answer_ids(tokenizer, answer, generated, skip_special_tokens)
+    original = _as_pixels(image)
+    if not video and "image_sizes" in rules.consumed and batch.get("image_sizes") is None:
+        # InternVL and Llama 4 processors do not return the original size their tiles need
+        batch["image_sizes"] = torch.tensor([list(original.shape[-2:])])
     explained = AnswerLogits(model, input_ids, answer_ids.to(device), attention_mask, **batch)
     canvas = explained.source_maps(pixels, layers=layers, normalize=False)[0][0].float()
-    original = _as_pixels(image)
     size = (original.shape[0], *original.shape[-2:]) if video else tuple(original.shape[-2:])
     raw = upsample(canvas.unsqueeze(0), size)[0]
     rank = len(size)

@@ -37,6 +37,9 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from ...views import ViewRules
+from . import vlm_gemma4 as gemma4
+from . import vlm_internvl as internvl
+from . import vlm_llama4 as llama4
 from .vlm_idefics3 import tile_rules
 from .vlm_llava_next import anyres_rules
 from .vlm_mistral3 import pixtral_rules
@@ -55,6 +58,9 @@ SUPPORTED = (
     "Idefics3ForConditionalGeneration",
     "SmolVLMForConditionalGeneration",
     "Mistral3ForConditionalGeneration",
+    *internvl.CLASSES,
+    *gemma4.CLASSES,
+    *llama4.CLASSES,
 )
 
 #: The tiled and multi-crop families described by views: class name -> config -> rules.
@@ -65,6 +71,9 @@ _TILED: Dict[str, Callable[[Any], ViewRules]] = {
     "SmolVLMForConditionalGeneration": lambda config: tile_rules(config, "SmolVLM"),
     "Mistral3ForConditionalGeneration": pixtral_rules,
 }
+
+#: Families described through views by their own module (``CLASSES``, ``rules(config)``).
+_VIEW_MODULES = {name: module for module in (internvl, gemma4, llama4) for name in module.CLASSES}
 
 #: Class names refused with a reason: tiled or dynamic-resolution image tokens.
 REFUSED = {
@@ -201,6 +210,8 @@ def describe(model: nn.Module) -> VLMParts:
             "with its lm_head). Pass one of these, or describe another VLM with a ViTSpec."
         )
     m: Any = model
+    if name in _VIEW_MODULES:
+        return _view_family(model, _VIEW_MODULES[name])
     base = getattr(m, "model", None)
     language = getattr(base, "language_model", None) or getattr(base, "text_model", None)
     if not isinstance(language, nn.Module):
@@ -282,4 +293,39 @@ def describe(model: nn.Module) -> VLMParts:
         name, model, m.model, layers, attentions, norm, m.lm_head,
         None, image_id, pooled_grid, pooled, tokens_side * tokens_side, 0, 0,
         lambda ids: (ids == image_id).long(),
+    )  # fmt: skip
+
+
+def _view_family(model: nn.Module, module: Any) -> VLMParts:
+    """The parts of InternVL, Gemma 4 or Llama 4: the language model's pieces and the
+    family module's view rules."""
+    m: Any = model
+    config = m.config
+    name = type(model).__name__
+    rules = module.rules(config)
+    if module is llama4:  # no base model: the whole model, read at the final norm
+        text = m.language_model
+        inner: nn.Module = llama4.Base(model)
+        layers, norm, head = tuple(text.model.layers), text.model.norm, text.lm_head
+        step = int(config.vision_config.image_size) // llama4.tokens_per_tile(config)[0]
+    else:
+        inner = m.model
+        layers, norm = _language_parts(m)
+        head = m.lm_head
+        vision = config.vision_config
+        if module is internvl:
+            grid = internvl.tokens_per_tile(config)
+            step = _square(vision.image_size)[0] // grid[0]
+        else:
+            step = int(vision.patch_size) * int(vision.pooling_kernel_size)
+    attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
+    softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+
+    def token_grid(height: int, width: int) -> Tuple[int, int]:
+        return height // step, width // step
+
+    return VLMParts(
+        name, model, inner, layers, attentions, norm, head,
+        None if softcap is None else float(softcap), int(config.image_token_id), token_grid,
+        (step, step), 0, 0, None, None, rules,
     )  # fmt: skip
