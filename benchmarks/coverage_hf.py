@@ -1,7 +1,9 @@
 """Coverage of Hugging Face ``transformers`` vision models through LeGrad.
 
 Every vision class of the families LeGrad recognises (ViT, CLIP, DINOv2, SigLIP, DeiT,
-BEiT, data2vec-vision, ViT-MAE, ViT-MSN, I-JEPA, DINOv3, AIMv2, MetaCLIP 2) and of the
+BEiT, data2vec-vision, ViT-MAE, ViT-MSN, I-JEPA, DINOv3, AIMv2, MetaCLIP 2; the video
+classifiers VideoMAE, ViViT, TimeSformer and V-JEPA 2 on ``(2, T, 3, 32, 32)`` videos, the
+Audio Spectrogram Transformer on ``(2, time, mel)`` spectrograms) and of the
 hierarchical or local-attention families it refuses (Swin, Swin V2, Donut-Swin, Hiera, PVT,
 PVT-v2, SegFormer, GLPN, MobileViT, MobileViT V2, LeViT, CvT, ViTDet, FocalNet,
 SwiftFormer, PoolFormer, DiNAT) is built from a tiny random-init configuration (2 layers;
@@ -204,16 +206,99 @@ def cases() -> List[Case]:
         ("DiNAT", "DinatConfig", ["DinatModel"], {}),
     ):
         rows += [(family, name, config, dict(kwargs), {}) for name in classes]
-    return rows
+    return rows + media_cases()
 
 
-def _randomize(model: torch.nn.Module) -> None:
+_SMALL: Dict[str, Any] = {k: v for k, v in _V.items() if k not in ("image_size", "patch_size")}
+
+
+def media_cases() -> List[Case]:
+    """The video classifiers and the Audio Spectrogram Transformer (issue #22)."""
+    frames = dict(image_size=32, num_frames=4)
+    rows = _vision(
+        "VideoMAE",
+        "VideoMAEConfig",
+        ["VideoMAEModel", "VideoMAEForVideoClassification"],
+        **frames,
+        tubelet_size=2,
+    )
+    rows += _vision(
+        "ViViT",
+        "VivitConfig",
+        ["VivitModel", "VivitForVideoClassification"],
+        **frames,
+        tubelet_size=[2, 8, 8],
+    )
+    rows += _vision(
+        "TimeSformer",
+        "TimesformerConfig",
+        ["TimesformerModel", "TimesformerForVideoClassification"],
+        **frames,
+    )
+    rows += [
+        (
+            "V-JEPA 2",
+            "VJEPA2ForVideoClassification",
+            "VJEPA2Config",
+            dict(
+                crop_size=32,
+                patch_size=8,
+                frames_per_clip=4,
+                tubelet_size=2,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                mlp_ratio=2.0,
+                num_pooler_layers=1,
+                pred_hidden_size=32,
+                pred_num_hidden_layers=1,
+                pred_num_attention_heads=2,
+                num_labels=5,
+            ),
+            {},
+        )
+    ]
+    audio = dict(_SMALL, patch_size=8, frequency_stride=4, time_stride=6, max_length=32,
+                 num_mel_bins=24)  # fmt: skip
+    rows += [
+        (
+            "AST",
+            name,
+            "ASTConfig",
+            {**audio, **({"num_labels": 5} if "Classif" in name else {})},
+            {},
+        )
+        for name in ("ASTModel", "ASTForAudioClassification")
+    ]
+    return rows  # fmt: skip
+
+
+def _input(case: Case) -> torch.Tensor:
+    """The input batch of two: images, videos ``(2, 4, 3, 32, 32)`` or spectrograms."""
+    gen = torch.Generator().manual_seed(0)
+    config = case[2]
+    if config.startswith(("VideoMAE", "Vivit", "Timesformer", "VJEPA2")):
+        return torch.randn(2, 4, 3, 32, 32, generator=gen)
+    if config == "ASTConfig":
+        return torch.randn(2, case[3]["max_length"], case[3]["num_mel_bins"], generator=gen)
+    return torch.randn(2, 3, 32, 32, generator=gen)
+
+
+def _has_sdpa(case: Case) -> bool:
+    """TimeSformer has no ``sdpa`` (eager attention only); every other class has."""
+    return case[2] != "TimesformerConfig"
+
+
+_MEDIA_CONFIGS = ("VideoMAEConfig", "VivitConfig", "TimesformerConfig", "VJEPA2Config", "ASTConfig")
+
+
+def _randomize(model: torch.nn.Module, scale: float = 0.3) -> None:
     """Random values for the all-zero tensors HF initialises (heads, tokens, tables)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
             if not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def _build(case: Case, attn: str, state: Optional[Dict[str, torch.Tensor]] = None) -> Any:
@@ -225,7 +310,10 @@ def _build(case: Case, attn: str, state: Optional[Dict[str, torch.Tensor]] = Non
     torch.manual_seed(0)
     model = getattr(tf, name.split(" ")[0])(config, **kwargs).eval()
     if state is None:
-        _randomize(model)
+        # the video and audio classes at HF's init scale (0.02), as tests/test_video_audio.py:
+        # biases of 0.3 make every value vector nearly the shared bias, and V-JEPA 2's one
+        # pooler query then gets all-zero maps
+        _randomize(model, 0.02 if config_name in _MEDIA_CONFIGS else 0.3)
     else:
         model.load_state_dict(state)
     return model
@@ -241,8 +329,9 @@ def _check(case: Case) -> str:
 
     eager = _build(case, "eager")
     spec = discover(eager)  # refusals raise here
-    model = _build(case, "sdpa", _state(eager))
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sdpa = _has_sdpa(case)  # TimeSformer: eager only
+    model = _build(case, "sdpa" if sdpa else "eager", _state(eager))
+    x = _input(case)
     target = torch.tensor([1, 3])
     maps = []
     for built in (model, eager):
@@ -275,7 +364,11 @@ def _check(case: Case) -> str:
         if spec.pool_attention is not None
         else ""
     )
-    return f"{attention}, {spec.num_prefix_tokens} prefix{pool}; sdpa = eager, batch = single"
+    same = "sdpa = eager" if sdpa else "eager only"
+    grid = "x".join(str(g) for g in spec.input_grid(x))
+    return (
+        f"{attention}, {spec.num_prefix_tokens} prefix{pool}, grid {grid}; {same}, batch = single"
+    )
 
 
 def sweep_one(case: Case) -> Row:

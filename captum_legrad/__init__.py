@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .scores.image import ImageImageSimilarity
     from .scores.text import ImageTextSimilarity
     from .scores.vlm import AnswerExplanation, AnswerLogits, explain_answer
-    from .spec import DescribesViT, PatchLayout, TokenInput, ViTSpec
+    from .spec import AttentionSite, DescribesViT, InputAxes, PatchLayout, TokenInput, ViTSpec
 
 # The names are imported on first use (PEP 562), so that ``import captum_legrad.cli`` (and
 # ``captum-legrad --help``) does not import torch.
@@ -31,6 +31,8 @@ _EXPORTS = {
     "TargetError": "errors",
     "UnsupportedModelError": "errors",
     "DescribesViT": "spec",
+    "InputAxes": "spec",
+    "AttentionSite": "spec",
     "PatchLayout": "spec",
     "TokenInput": "spec",
     "ViTSpec": "spec",
@@ -51,6 +53,8 @@ __all__ = [
     "ViTSpec",
     "TokenInput",
     "PatchLayout",
+    "InputAxes",
+    "AttentionSite",
     "DescribesViT",
     "ImageTextSimilarity",
     "ImageImageSimilarity",

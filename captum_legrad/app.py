@@ -11,13 +11,17 @@ or from Python / a Jupyter notebook::
 
 A person uploads images (or picks an example), gets the top-k predicted classes explained
 with names and scores, or types class names / indices, or free-text prompts for an
-image-text model (one map per prompt); chooses the layers (all, the last two, a custom set),
-the pooling and the opacity; sees the per-layer maps as a gallery; compares with baselines
-(Chefer GAE, GradCAM, Saliency) side by side; and downloads the maps (``.npy``) and the figure.
+image-text model (one map per prompt), or uploads a reference image and sees why each
+image is similar to it (:class:`~captum_legrad.ImageImageSimilarity`, feature models);
+chooses the layers (all, the last two, a custom set), the pooling and the opacity; sees the
+per-layer maps as a gallery; compares with baselines (Chefer GAE, GradCAM, Saliency) side
+by side; and downloads the maps (``.npy``) and the figure.
 
 It binds 127.0.0.1 unless told otherwise, makes no share link, sends no analytics and loads
-no fonts from the internet. Bad input (an unreadable file, an unknown class, an empty prompt)
-gets a message in the page; the server keeps running.
+no fonts from the internet. On start it prints the address it serves and how to stop it.
+Bad input (an unreadable file, an unknown class, an empty prompt) gets a message in the
+page and one line on the console; the server keeps running. Its temporary folders (the
+downloads, the examples, Gradio's uploads) are removed when it stops.
 
 The work is done by :class:`Explorer`, plain Python that the tests call without a browser;
 :func:`build` lays it out with Gradio (the ``app`` extra: ``pip install "captum-legrad[app]"``).
@@ -25,23 +29,45 @@ The work is done by :class:`Explorer`, plain Python that the tests call without 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import viz
 from .attribution import LeGrad
 from .discovery import discover
+from .errors import UnsupportedModelError
+from .eval.classes import ClassNameError, parse_classes
 from .eval.models import LoadedModel, ModelError, load_model
+from .internals import at_input_size, minmax_normalize
+from .scores.image import ImageImageSimilarity
 from .spec import ViTSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "Explorer",
@@ -51,6 +77,8 @@ __all__ = [
     "BASELINES",
     "LAYER_CHOICES",
     "build",
+    "describe",
+    "figure",
     "launch",
 ]
 
@@ -58,8 +86,15 @@ __all__ = [
 BASELINES: Dict[str, str] = {"Chefer GAE": "gae", "GradCAM": "gradcam", "Saliency": "saliency"}
 #: The layer choices: all blocks (the paper), the last two (the reference code), a custom set.
 LAYER_CHOICES = ("all", "last two", "custom")
-#: Gallery thumbnails are drawn at least this many pixels on their shorter side.
+#: Gallery images are drawn at least this many pixels on their shorter side.
 DISPLAY_SIZE = 256
+#: The colour map of every map on the page and in the figure.
+CMAP = "jet"
+#: How every map is drawn, on the page and in the figure: maps scaled to [0, 1], one colour
+#: map, colour bars in the figure (the opacity is the page's slider).
+STYLE = viz.FigureStyle(cmap=CMAP, vmin=0.0, vmax=1.0, colorbar=True)
+#: Gradio's first port when none is given (it moves up when this one is taken).
+DEFAULT_PORT = 7860
 
 Gallery = List[Tuple[np.ndarray, str]]
 
@@ -74,7 +109,8 @@ class Settings:
 
     Attributes:
         what: Class names or indices (comma-separated), or prompts (one per line or comma)
-            for image-text models; empty: the top-k predicted classes.
+            for image-text models; empty: the top-k predicted classes. Not used when
+            reference images are given (then the maps explain the similarity to them).
         top_k: How many predicted classes to explain when ``what`` is empty.
         layers: One of :data:`LAYER_CHOICES`.
         custom_layers: Block indices for ``layers="custom"``, e.g. ``"-3, -2, -1"``.
@@ -97,19 +133,26 @@ class Explanation:
     """What the page shows after **Explain**.
 
     Attributes:
-        summary: Markdown: per image, the explained classes or prompts with their scores.
-        maps: LeGrad overlays, one per (image, target), with captions.
+        summary: Markdown: a table of the images, the explained targets and their scores.
+        rows: The same table as ``(image, target, score)`` rows, one per map.
+        maps: LeGrad overlays, one per (image, target), with captions
+            ``"image: target (score)"``.
         layers: The per-layer maps of the first image and target.
         baselines: Baseline overlays, one per (image, target, baseline).
         files: The downloads: the maps (``.npy``, ``(images, targets, H, W)``) and the figure.
+        figure: The downloaded figure (a matplotlib ``Figure``): per image, the image and one
+            panel per target, each titled with the image's file name, the target and its
+            score, with a colour bar.
         seconds: Wall time of the explanation.
     """
 
     summary: str
+    rows: List[Tuple[str, str, str]] = field(default_factory=list)
     maps: Gallery = field(default_factory=list)
     layers: Gallery = field(default_factory=list)
     baselines: Gallery = field(default_factory=list)
     files: List[str] = field(default_factory=list)
+    figure: Optional[Figure] = None
     seconds: float = 0.0
 
 
@@ -118,16 +161,7 @@ ProgressFn = Callable[[float, str], None]
 
 def _at_size(spec: ViTSpec, x: Tensor) -> ContextManager[None]:
     """Run the model at ``x``'s size outside LeGrad (scores, Captum's Saliency)."""
-    from ._core.resize import at_input_size
-
     return at_input_size(spec.input_size, (int(x.shape[-2]), int(x.shape[-1])), family=spec.family)
-
-
-def _colour(heat: np.ndarray) -> np.ndarray:
-    """``(H, W)`` in [0, 1] → ``(H, W, 3)`` jet colours in [0, 1] (matplotlib, no pyplot)."""
-    from matplotlib import colormaps
-
-    return np.asarray(colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3], dtype=np.float32)
 
 
 def _display(rgb: np.ndarray) -> np.ndarray:
@@ -144,16 +178,42 @@ def _display(rgb: np.ndarray) -> np.ndarray:
 
 def _blend(image: Tensor, heat: Tensor, opacity: float) -> np.ndarray:
     """Image ``(3, H, W)`` in [0, 1] and map ``(H, W)`` in [0, 1] → display array."""
-    rgb = image.permute(1, 2, 0).numpy()
-    return _display((1 - opacity) * rgb + opacity * _colour(heat.numpy()))
+    return _display(viz.blend(image, heat, alpha=opacity, style=STYLE))
 
 
-def _normalise(maps: Tensor) -> Tensor:
-    flat = maps.flatten(-2)
-    low = flat.min(-1, keepdim=True).values
-    span = flat.max(-1, keepdim=True).values - low
-    out = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, 1.0), 0.0)
-    return out.view_as(maps)
+class _Workspace:
+    """Temporary folders that are removed when the explorer stops (or the process exits)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="captum-legrad-app-"))
+        self._set_env = False
+        # Gradio makes an (empty) folder in its default cache when it starts a server,
+        # whatever GRADIO_TEMP_DIR says later: removed too when it was not there before.
+        self._default_cache = Path(tempfile.gettempdir()) / "gradio"
+        self._cache_existed = self._default_cache.exists()
+        atexit.register(self.remove)
+
+    def folder(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def hold_gradio_files(self) -> None:
+        """Gradio's uploads and cached files go here too, unless GRADIO_TEMP_DIR is set."""
+        if "GRADIO_TEMP_DIR" not in os.environ:
+            os.environ["GRADIO_TEMP_DIR"] = str(self.folder("gradio"))
+            self._set_env = True
+
+    def remove(self) -> None:
+        if self._set_env and os.environ.get("GRADIO_TEMP_DIR") == str(self.root / "gradio"):
+            del os.environ["GRADIO_TEMP_DIR"]
+        self._set_env = False
+        shutil.rmtree(self.root, ignore_errors=True)
+        if not self._cache_existed and self._default_cache.is_dir():
+            for folder, _, _ in sorted(os.walk(self._default_cache), reverse=True):
+                with contextlib.suppress(OSError):  # only empty folders go
+                    os.rmdir(folder)
+        atexit.unregister(self.remove)
 
 
 class Explorer:
@@ -163,7 +223,7 @@ class Explorer:
         loaded (LoadedModel): The model with its input size, normalisation and class names
                     (:func:`captum_legrad.eval.models.load_model`).
         workdir (Path, optional): Where the downloads are written (one folder per request).
-                    Default: a temporary folder.
+                    Default: a temporary folder, removed by :meth:`close` or at exit.
         description (str, optional): A line about the model shown on the page.
 
     Examples::
@@ -182,14 +242,25 @@ class Explorer:
         description: str = "",
     ) -> None:
         self.loaded = loaded
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp())
+        self._own: Optional[_Workspace] = None
+        if workdir is None:
+            self._own = _Workspace()
+            workdir = self._own.root
+        self.workdir = Path(workdir)
         self.description = description
         self.image_text = loaded.with_prompts is not None
         self._spec: Optional[ViTSpec] = None if self.image_text else discover(loaded.model)
 
+    def close(self) -> None:
+        """Remove the temporary folder this explorer made (not a ``workdir`` it was given)."""
+        if self._own is not None:
+            self._own.remove()
+
     # ------------------------------------------------------------------ inputs
 
-    def _images(self, files: Sequence[Union[str, Path]]) -> Tuple[List[str], Tensor, Tensor]:
+    def _images(
+        self, files: Sequence[Union[str, Path]], what: str = "image"
+    ) -> Tuple[List[str], Tensor, Tensor]:
         """Names, the pictures as the model sees them (``[0, 1]``, resized and centre-cropped
         as its preprocessing does) and the model's inputs (its own preprocessing)."""
         from PIL import Image, UnidentifiedImageError
@@ -203,7 +274,8 @@ class Explorer:
                     photo = handle.convert("RGB")
             except (UnidentifiedImageError, OSError, ValueError) as error:
                 raise ExplorerError(
-                    f"{Path(file).name} is not an image this page can read."
+                    f"{Path(file).name} is not an image this page can read"
+                    + (" (the reference image)." if what == "reference" else ".")
                 ) from error
             array = np.asarray(photo, dtype=np.float32) / 255.0
             image = torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -235,42 +307,56 @@ class Explorer:
         return chosen
 
     def _class_targets(self, text: str, num_classes: int) -> List[int]:
-        classes = self.loaded.classes or []
-        lookup = {name.lower(): i for i, name in enumerate(classes)}
-        targets = []
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            if re.fullmatch(r"-?\d+", part):
-                index = int(part)
-                if not 0 <= index < num_classes:
-                    raise ExplorerError(
-                        f"Class {index} does not exist: the model has {num_classes} classes "
-                        f"(0..{num_classes - 1})."
-                    )
-            elif part.lower() in lookup:
-                index = lookup[part.lower()]
-            else:
-                known = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
-                hint = f" Known classes: {known}." if classes else " Use a class index."
-                raise ExplorerError(f"Unknown class name {part!r}.{hint}")
-            targets.append(index)
-        return list(dict.fromkeys(targets))
+        """Typed class names or indices → class indices, by the parser of
+        ``captum-legrad explain --target`` (:func:`captum_legrad.eval.classes.parse_classes`:
+        names, their synonyms, "did you mean")."""
+        try:
+            return parse_classes(text, self.loaded.classes, num_classes)
+        except ClassNameError as error:
+            message = str(error).replace("with --labels FILE", "with the command line's --labels")
+            message = message[:1].upper() + message[1:]
+            raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
 
     def _label(self, index: int) -> str:
         classes = self.loaded.classes
         return classes[index] if classes and 0 <= index < len(classes) else f"class {index}"
 
+    def _similarity(self, references: Sequence[Union[str, Path]]) -> Tuple[nn.Module, List[str]]:
+        """The model's similarity with the reference images, and a label per reference."""
+        names, _, inputs = self._images(references, what="reference")
+        try:
+            model = ImageImageSimilarity.from_images(self.loaded.model, inputs)
+        except UnsupportedModelError as error:
+            raise ExplorerError(
+                "This model has no image embedding to compare images with (its outputs are "
+                "class scores). Load a feature model to compare with an image: an image-text "
+                "model (OpenCLIP, HF CLIP / SigLIP), DINOv2, or timm with num_classes=0."
+            ) from error
+        except ValueError as error:
+            raise ExplorerError(
+                f"The reference image {names[0]} cannot be used with this model: {error}"
+            ) from error
+        return model.eval(), [f"like {name}" for name in names]
+
     # ------------------------------------------------------------------ the work
 
     def _model_and_targets(
-        self, x: Tensor, settings: Settings
+        self, x: Tensor, settings: Settings, references: Sequence[Union[str, Path]]
     ) -> Tuple[nn.Module, ViTSpec, Tensor, List[List[int]], List[str]]:
         """The model to explain, its spec, its scores, per-image targets and target labels."""
+        if references:
+            model, labels = self._similarity(references)
+            spec = discover(model)
+            with torch.no_grad(), _at_size(spec, x):
+                scores = model(x)
+            return model, spec, scores, [list(range(len(labels)))] * x.shape[0], labels
         if self.image_text:
             prompts = [p.strip() for p in re.split(r"[\n,]", settings.what) if p.strip()]
             if not prompts:
-                raise ExplorerError("Type at least one prompt, e.g. 'a cat, a remote'.")
+                raise ExplorerError(
+                    "Type at least one prompt, e.g. 'a cat, a remote' (or upload a reference "
+                    "image to compare with)."
+                )
             assert self.loaded.with_prompts is not None
             model = self.loaded.with_prompts(prompts).eval()
             spec = discover(model)
@@ -292,7 +378,9 @@ class Explorer:
             targets = scores.topk(k, dim=-1).indices.tolist()
         return model, self._spec, scores, targets, [self._label(i) for i in range(scores.shape[-1])]
 
-    def _score_text(self, scores: Tensor, index: int) -> str:
+    def _score_text(self, scores: Tensor, index: int, similarity: bool) -> str:
+        if similarity:
+            return f"cosine similarity {float(scores[index]):.3f}"
         if self.image_text:
             return f"cosine {float(scores[index]):.3f}"
         if self.loaded.multilabel:
@@ -304,47 +392,61 @@ class Explorer:
         files: Sequence[Union[str, Path]],
         settings: Settings,
         progress: Optional[ProgressFn] = None,
+        references: Optional[Sequence[Union[str, Path]]] = None,
     ) -> Explanation:
         """Explain every image for the targets ``settings`` names; see :class:`Explanation`.
 
+        Args:
+            files: The images.
+            settings: What to explain and how.
+            progress: Called with the fraction done and what runs now.
+            references: Reference images: then each map explains the cosine similarity of
+                an image with a reference (:class:`~captum_legrad.ImageImageSimilarity`,
+                for models with an image embedding) and ``settings.what`` is not used.
+
         Raises:
-            ExplorerError: an unreadable file, an unknown class, an empty prompt, bad layers.
+            ExplorerError: an unreadable file, an unknown class, an empty prompt, bad layers,
+                a reference with a model that has no image embedding.
         """
         start = time.perf_counter()
         report = progress or (lambda fraction, text: None)
         report(0.05, "reading images")
         names, pictures, x = self._images(files)
-        model, spec, scores, targets, labels = self._model_and_targets(x, settings)
+        similarity = bool(references)
+        model, spec, scores, targets, labels = self._model_and_targets(
+            x, settings, references or ()
+        )
         layers = self._layers(settings, spec.num_layers)
         if settings.pooling not in ("mean", "model"):
             raise ExplorerError("pooling must be 'mean' or 'model'.")
+        chosen = [b for b in settings.baselines if b in BASELINES]
+        unknown = [b for b in settings.baselines if b not in BASELINES]
+        if unknown:
+            raise ExplorerError(f"Unknown baseline {unknown[0]!r}; choose from {list(BASELINES)}.")
         legrad = LeGrad(model, layers, pooling=settings.pooling, spec=spec)
         index = torch.tensor(targets)  # (B, K)
         report(0.2, "LeGrad")
         maps = legrad.attribute_multi(x, targets=index, output="map")  # (B, K, H, W)
         result = Explanation(summary="")
-        lines: List[str] = []
+        titles: List[List[str]] = []
         for b, name in enumerate(names):
-            parts = []
+            titles.append([])
             for k, target in enumerate(targets[b]):
-                caption = f"{name}: {labels[target]} ({self._score_text(scores[b], target)})"
+                score = self._score_text(scores[b], target, similarity)
+                caption = f"{name}: {labels[target]} ({score})"
                 result.maps.append((_blend(pictures[b], maps[b, k], settings.opacity), caption))
-                parts.append(f"**{labels[target]}** ({self._score_text(scores[b], target)})")
-            lines.append(f"- {name}: " + ", ".join(parts))
-        result.summary = "\n".join(lines)
+                result.rows.append((name, labels[target], score))
+                titles[b].append(f"{name}\n{labels[target]} ({score})")
+        result.summary = _table(result.rows)
         report(0.5, "per-layer maps")
         first = int(targets[0][0])
         per_layer = legrad.attribute_layers(x[:1], target=first)[0]  # (L, g_h, g_w)
         upsampled = torch.nn.functional.interpolate(
             per_layer[None], size=pictures.shape[-2:], mode="bilinear", align_corners=False
         )[0]
-        for layer, heat in zip(legrad.layers, _normalise(upsampled)):
+        for layer, heat in zip(legrad.layers, minmax_normalize(upsampled)):
             caption = f"block {layer} ({names[0]}: {labels[first]})"
             result.layers.append((_blend(pictures[0], heat, settings.opacity), caption))
-        chosen = [b for b in settings.baselines if b in BASELINES]
-        unknown = [b for b in settings.baselines if b not in BASELINES]
-        if unknown:
-            raise ExplorerError(f"Unknown baseline {unknown[0]!r}; choose from {list(BASELINES)}.")
         if chosen:
             from .eval.harness import METHODS
 
@@ -356,36 +458,83 @@ class Explorer:
                 for k in range(index.shape[1]):
                     with sized:
                         attr = method.attribute(x, target=index[:, k])
-                    heat = _normalise(attr.detach().float().mean(dim=1))
+                    heat = minmax_normalize(attr.detach().float().mean(dim=1))
                     for b, name in enumerate(names):
                         caption = f"{baseline} — {name}: {labels[int(index[b, k])]}"
                         result.baselines.append(
                             (_blend(pictures[b], heat[b], settings.opacity), caption)
                         )
         report(0.9, "files")
-        result.files = self._save(names, pictures, maps, targets, labels)
+        result.figure = figure(names, pictures, maps, titles, settings.opacity)
+        result.files = self._save(maps, result.figure)
         result.seconds = time.perf_counter() - start
         report(1.0, "done")
         return result
 
-    def _save(
-        self,
-        names: List[str],
-        pictures: Tensor,
-        maps: Tensor,
-        targets: List[List[int]],
-        labels: List[str],
-    ) -> List[str]:
-        from . import viz
-
+    def _save(self, maps: Tensor, fig: Figure) -> List[str]:
         folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix="legrad-"))
         npy = folder / "legrad_maps.npy"
         np.save(npy, maps.numpy().astype(np.float32))
-        figure = folder / "legrad_figure.png"
-        columns = [labels[t] for t in targets[0]]
-        fig = viz.plot_targets(pictures, maps, columns)
-        fig.savefig(figure, dpi=100, bbox_inches="tight")
-        return [str(npy), str(figure)]
+        path = folder / "legrad_figure.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        return [str(npy), str(path)]
+
+
+def _table(rows: Sequence[Tuple[str, str, str]]) -> str:
+    """``(image, target, score)`` rows → a Markdown table (``|`` in names escaped)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| image | target | score |", "|---|---|---|"]
+    lines += [f"| {cell(a)} | **{cell(b)}** | {cell(c)} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def figure(
+    names: Sequence[str],
+    pictures: Tensor,
+    maps: Tensor,
+    titles: Sequence[Sequence[str]],
+    opacity: float = 0.5,
+    panel_size: float = 2.6,
+) -> Figure:
+    r"""The explorer's downloadable figure: one row per image, its picture then one panel per
+    target; every panel names its image, target and score, and has a colour bar.
+
+    Args:
+        names (sequence of str): The images' file names.
+        pictures (Tensor): ``(B, 3, H, W)`` in ``[0, 1]``, as the model saw them.
+        maps (Tensor): ``(B, K, H, W)`` LeGrad maps in ``[0, 1]``.
+        titles (sequence of sequence of str): ``titles[b][k]``, the title of map ``(b, k)``.
+        opacity (float, optional): Opacity of the maps. Default: 0.5
+        panel_size (float, optional): Height of a panel in inches. Default: 2.6
+
+    Returns:
+        *matplotlib.figure.Figure*
+    """
+    from matplotlib.figure import Figure
+
+    rows, k = int(maps.shape[0]), int(maps.shape[1])
+    fig = Figure(
+        figsize=(panel_size * (1 + 1.2 * k), (panel_size + 0.4) * rows), layout="constrained"
+    )
+    axes = fig.subplots(rows, k + 1, squeeze=False)
+    for b in range(rows):
+        ax = axes[b, 0]
+        ax.imshow(viz.denormalize(pictures[b]))
+        ax.set_title(f"{names[b]}\n(input)", fontsize=STYLE.title_size)
+        ax.set_axis_off()
+        for j in range(k):
+            viz.overlay(
+                pictures[b],
+                maps[b, j],
+                alpha=opacity,
+                title=titles[b][j],
+                ax=axes[b, j + 1],
+                style=STYLE,
+            )
+    return fig
 
 
 def _example_files(loaded: LoadedModel, folder: Path, count: int = 4) -> List[str]:
@@ -405,6 +554,30 @@ def _example_files(loaded: LoadedModel, folder: Path, count: int = 4) -> List[st
     return paths
 
 
+def describe(name: str, loaded: LoadedModel) -> str:
+    """The page's line about a named model: what it is and where its weights came from.
+
+    Args:
+        name (str): The model as the command line's ``--model`` names it.
+        loaded (LoadedModel): The model loaded by that name.
+
+    Returns:
+        Markdown, e.g. ``"Model: `timm:vit_small_patch16_224` with random weights
+        (`--random-weights`): the maps show nothing the model learned."``
+    """
+    if name == "default":
+        return (
+            "Model: the bundled shapes ViT (64×64 synthetic shapes: circle, square, ...). "
+            "It knows nothing of photos; use the examples or load your own model."
+        )
+    if loaded.random_init:
+        return (
+            f"Model: `{name}` with random weights (`--random-weights`): the maps show "
+            "nothing the model learned."
+        )
+    return f"Model: `{name}`, weights: {loaded.weights or 'as loaded'}."
+
+
 def _gradio() -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
@@ -412,6 +585,57 @@ def _gradio() -> Any:
     except ImportError as error:
         raise ImportError('The explorer needs Gradio: pip install "captum-legrad[app]".') from error
     return gradio
+
+
+#: The page's style: results drawn whole (contain, at their aspect ratio), captions in full.
+CSS = """
+.legrad-results .fixed-height { min-height: 0 !important; max-height: none !important; }
+.legrad-results .grid-wrap { overflow-y: visible !important; }
+.legrad-results .thumbnail-item {
+    aspect-ratio: auto !important; height: auto !important;
+    display: flex !important; flex-direction: column;
+}
+.legrad-results .thumbnail-item > img {
+    width: 100% !important; height: auto !important; object-fit: contain !important;
+}
+.legrad-results .caption-label {
+    position: static !important; max-width: none !important; white-space: normal !important;
+    overflow: visible !important; text-overflow: clip !important; border: none !important;
+    border-radius: 0 !important; text-align: left;
+}
+.legrad-colourbar { display: flex; align-items: center; gap: 0.5em; font-size: 0.9em; }
+.legrad-colourbar .bar { flex: 1; height: 14px; border-radius: 3px; }
+#summary table { font-size: 0.9em; }
+#summary table { width: 100%; }
+#summary td, #summary th { word-break: normal; overflow-wrap: break-word; }
+#message { color: var(--error-text-color, #b91c1c); }
+"""
+
+
+def _colour_bar() -> str:
+    """The colour bar of every map on the page, as HTML (a CSS gradient of the colour map)."""
+    from matplotlib import colormaps
+
+    stops = ", ".join(
+        "rgb({}, {}, {})".format(*(round(float(c) * 255) for c in colormaps[CMAP](i / 10)[:3]))
+        for i in range(11)
+    )
+    return (
+        '<div class="legrad-colourbar" id="colourbar"><span>0 (low)</span>'
+        f'<div class="bar" style="background: linear-gradient(to right, {stops});"></div>'
+        "<span>1 (high)</span></div>"
+        "<small>Each map is scaled to its own range: 0 is its least relevant pixel, "
+        "1 its most relevant.</small>"
+    )
+
+
+def _previews(paths: Optional[Sequence[Any]]) -> List[Tuple[str, str]]:
+    """Uploaded files → ``(path, file name)`` for the preview gallery."""
+    found = []
+    for item in paths or []:
+        path = str(getattr(item, "name", item))
+        found.append((path, Path(path).name))
+    return found
 
 
 def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
@@ -422,7 +646,7 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
         examples (sequence of str, optional): Image files offered as examples.
 
     Returns:
-        *gradio.Blocks*, to ``.launch()`` (see :func:`launch` for the safe defaults).
+        *gradio.Blocks*, to ``.launch(css=CSS)`` (see :func:`launch` for the safe defaults).
     """
     gr = _gradio()
     image_text = explorer.image_text
@@ -431,12 +655,22 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
             "## LeGrad explorer\n"
             + (explorer.description + "\n\n" if explorer.description else "")
             + "LeGrad (arXiv 2404.03214): which image regions each layer's attention used for "
-            "a class or prompt."
+            "a class, a prompt or the similarity to a reference image."
         )
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(
                     label="Images", file_count="multiple", file_types=["image"], type="filepath"
+                )
+                previews = gr.Gallery(
+                    label="Your images",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="previews",
+                    elem_classes=["legrad-results"],
+                    interactive=False,
                 )
                 if examples:
                     gr.Examples(examples=[[[path]] for path in examples], inputs=[files])
@@ -445,12 +679,25 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                     placeholder=(
                         "a cat, a remote"
                         if image_text
-                        else "names or indices, comma-separated; empty: the top-k predictions"
+                        else "names or indices, separated by , or ; (empty: the top-k predictions)"
                     ),
                     elem_id="what",
                 )
                 top_k = gr.Slider(
                     1, 10, value=1, step=1, label="Top-k predicted classes", visible=not image_text
+                )
+                reference = gr.File(
+                    label="Compare with an image (optional)",
+                    file_count="single",
+                    file_types=["image"],
+                    type="filepath",
+                    elem_id="reference",
+                    height=150,
+                )
+                gr.Markdown(
+                    "<small>With a reference image the maps show why each image is similar to "
+                    "it (cosine similarity of the model's image embeddings: CLIP, SigLIP, "
+                    "DINOv2, ...); the classes or prompts are then not used.</small>"
                 )
                 layers = gr.Radio(list(LAYER_CHOICES), value="all", label="Layers")
                 custom = gr.Textbox(label="Custom layers (block indices)", placeholder="-3, -2, -1")
@@ -459,10 +706,40 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
                 baselines = gr.CheckboxGroup(list(BASELINES), label="Baselines beside LeGrad")
                 button = gr.Button("Explain", variant="primary", elem_id="explain")
             with gr.Column(scale=2):
-                summary = gr.Markdown(elem_id="summary")
-                maps = gr.Gallery(label="LeGrad", columns=3, elem_id="maps")
-                per_layer = gr.Gallery(label="Per-layer maps (first image and target)", columns=6)
-                compared = gr.Gallery(label="Baselines", columns=3)
+                message = gr.Markdown(elem_id="message")
+                gr.HTML(_colour_bar())
+                with gr.Row():
+                    maps = gr.Gallery(
+                        label="LeGrad",
+                        columns=2,
+                        height="auto",
+                        object_fit="contain",
+                        fit_columns=False,
+                        elem_id="maps",
+                        elem_classes=["legrad-results"],
+                        scale=1,
+                    )
+                    with gr.Column(scale=1, min_width=280):
+                        summary = gr.Markdown(elem_id="summary")
+                per_layer = gr.Gallery(
+                    label="Per-layer maps (first image and target)",
+                    columns=4,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="layers",
+                    elem_classes=["legrad-results"],
+                )
+                compared = gr.Gallery(
+                    label="Baselines",
+                    visible=False,
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="baselines",
+                    elem_classes=["legrad-results"],
+                )
                 downloads = gr.File(
                     label="Downloads: maps (.npy) and figure", file_count="multiple"
                 )
@@ -471,6 +748,7 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
             paths: Optional[List[str]],
             what_text: str,
             k: float,
+            reference_path: Optional[str],
             layer_choice: str,
             custom_text: str,
             pooling_choice: str,
@@ -489,16 +767,37 @@ def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
             )
             try:
                 result = explorer.explain(
-                    paths or [], settings, progress=lambda f, text: progress(f, desc=text)
+                    paths or [],
+                    settings,
+                    progress=lambda f, text: progress(f, desc=text),
+                    references=[reference_path] if reference_path else None,
                 )
             except ExplorerError as error:
-                raise gr.Error(str(error)) from error
-            return result.summary, result.maps, result.layers, result.baselines, result.files
+                # the person's mistake: one line on the console, the message in the page
+                print(f"captum-legrad app: {error}", file=sys.stderr, flush=True)
+                gr.Warning(str(error))
+                return (
+                    f"**Could not explain:** {error}",
+                    "",
+                    [],
+                    [],
+                    gr.Gallery(value=[], visible=False),
+                    None,
+                )
+            return (
+                "",
+                result.summary,
+                result.maps,
+                result.layers,
+                gr.Gallery(value=result.baselines, visible=bool(result.baselines)),
+                result.files,
+            )
 
+        files.change(_previews, inputs=[files], outputs=[previews])
         button.click(
             run,
-            inputs=[files, what, top_k, layers, custom, pooling, opacity, baselines],
-            outputs=[summary, maps, per_layer, compared, downloads],
+            inputs=[files, what, top_k, reference, layers, custom, pooling, opacity, baselines],
+            outputs=[message, summary, maps, per_layer, compared, downloads],
         )
     return page
 
@@ -508,6 +807,17 @@ def _theme(gr: Any) -> Any:
     return gr.themes.Default(
         font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
+
+
+def _announce(url: str, asked: Optional[int], block: bool) -> None:
+    """Say where the explorer is served and how to stop it (as Jupyter and TensorBoard do)."""
+    from urllib.parse import urlparse
+
+    served = urlparse(url).port
+    first = int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
+    moved = f" (port {first} was taken)" if asked is None and served not in (None, first) else ""
+    stop = "Press Ctrl+C to stop it." if block else "Call .close() on the page to stop it."
+    print(f"LeGrad explorer running on {url}{moved}. {stop}", flush=True)
 
 
 def launch(
@@ -526,7 +836,12 @@ def launch(
     explain_size: Optional[Tuple[int, ...]] = None,
     block: bool = True,
 ) -> Any:
-    r"""Start the explorer for ``model`` and serve it on ``host:port``.
+    r"""Start the explorer for ``model``, serve it on ``host:port`` and print its address.
+
+    The temporary folders it makes (the downloads, the bundled model's examples, Gradio's
+    uploads unless ``GRADIO_TEMP_DIR`` is set) are removed when it stops: when a blocking
+    call ends (Ctrl+C raises ``KeyboardInterrupt`` after the server is closed), when
+    ``page.close()`` is called, or at the latest when the process exits.
 
     Args:
         model (str, nn.Module or LoadedModel): ``"default"``, ``"timm:NAME"``, ... (as the
@@ -537,7 +852,8 @@ def launch(
         host (str, optional): Interface to bind; ``"0.0.0.0"`` makes it reachable from
                     other machines, so it is never the default.
                     Default: "127.0.0.1"
-        port (int, optional): Port; Gradio picks a free one from 7860 when None.
+        port (int, optional): Port; when None, the first free one from 7860 (the address
+                    printed names the port it got).
         inline (bool, optional): Show the page inline in a Jupyter notebook.
                     Default: False
         examples (sequence of str, optional): Example images; the bundled model has its own.
@@ -554,14 +870,76 @@ def launch(
                     Default: True
 
     Returns:
-        The running ``gradio.Blocks``.
+        The running ``gradio.Blocks`` (closed already when ``block=True``).
+
+    Raises:
+        KeyboardInterrupt: Ctrl+C while blocking, after the server is closed and the
+                    temporary folders are removed.
 
     Examples::
 
         >>> from captum_legrad import app
-        >>> page = app.launch("default", block=False)  # http://127.0.0.1:7860
+        >>> page = app.launch("default", block=False)
+        LeGrad explorer running on http://127.0.0.1:7860/. Call .close() on the page to stop it.
         >>> page.close()
     """
+    workspace = _Workspace()
+    try:
+        page = _start(
+            workspace,
+            model,
+            weights,
+            host=host,
+            port=port,
+            inline=inline,
+            examples=examples,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            classes=classes,
+            random_weights=random_weights,
+            explain_size=explain_size,
+        )
+    except BaseException:
+        workspace.remove()
+        raise
+    _announce(str(page.local_url), port, block)
+    close = page.close
+
+    def close_and_clean(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return close(*args, **kwargs)
+        finally:
+            workspace.remove()
+
+    page.close = close_and_clean
+    if not block:
+        return page
+    try:
+        while page.is_running:
+            time.sleep(0.1)
+    finally:
+        page.close()
+    return page
+
+
+def _start(
+    workspace: _Workspace,
+    model: Union[str, nn.Module, LoadedModel],
+    weights: Optional[Union[str, Path]],
+    *,
+    host: str,
+    port: Optional[int],
+    inline: bool,
+    examples: Optional[Sequence[str]],
+    image_size: Tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    classes: Optional[Sequence[str]],
+    random_weights: bool,
+    explain_size: Optional[Tuple[int, ...]],
+) -> Any:
+    """Load the model, build the page and start serving it (not blocking)."""
     description = ""
     if isinstance(model, LoadedModel):
         loaded = model
@@ -582,26 +960,19 @@ def launch(
             )
         except ModelError as error:
             raise ExplorerError(str(error)) from error
-        if model == "default":
-            description = (
-                "Model: the bundled shapes ViT (64×64 synthetic shapes: circle, square, ...). "
-                "It knows nothing of photos; use the examples or load your own model."
-            )
-            if examples is None:
-                examples = _example_files(loaded, Path(tempfile.mkdtemp()) / "examples")
-        else:
-            description = f"Model: `{model}` ({loaded.weights or 'weights as loaded'})."
-            if loaded.random_init:
-                description += " Random weights: the maps show nothing the model learned."
+        description = describe(model, loaded)
+        if model == "default" and examples is None:
+            examples = _example_files(loaded, workspace.folder("examples"))
     if explain_size:
         try:
             loaded = loaded.at_size((explain_size[0], explain_size[-1]))
         except ModelError as error:
             raise ExplorerError(str(error)) from error
         description += f" Explained at {loaded.image_size[0]}×{loaded.image_size[1]}."
-    explorer = Explorer(loaded, description=description)
-    page = build(explorer, examples)
+    explorer = Explorer(loaded, workdir=workspace.folder("work"), description=description)
     gr = _gradio()
+    workspace.hold_gradio_files()
+    page = build(explorer, examples)
     page.queue(default_concurrency_limit=2)
     page.launch(
         server_name=host,
@@ -609,8 +980,9 @@ def launch(
         share=False,
         inline=inline,
         inbrowser=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         theme=_theme(gr),
+        css=CSS,
         show_error=True,
         quiet=True,
         allowed_paths=[str(explorer.workdir)]

@@ -6,38 +6,48 @@
         --out out/explain
     captum-legrad explain photos/ --model open_clip:ViT-B-16/openai \\
         --prompt "a cat" "a remote" --out out/explain
-    captum-legrad explain cat.jpg --model timm:vit_base_patch16_224 --weights vit.safetensors \\
-        --out out/explain
+    captum-legrad explain query.jpg --like a.jpg b.jpg --model timm:vit_base_patch16_224 \\
+        --out out/like
     captum-legrad eval --dataset shapes --out out/eval
     torchrun --nproc_per_node 4 -m captum_legrad.cli eval --dataset imagenet-seg \\
         --data gtsegs_ijcv.mat --model timm:vit_base_patch16_224 --weights vit.pth --out out/seg
 
-This module only parses arguments and calls functions: models come from
-:mod:`captum_legrad.eval.models` (one loader per family of the registry), the explain
-pipeline from :mod:`captum_legrad.eval.explain`, data from :mod:`captum_legrad.eval.batches`,
-the evaluation from :mod:`captum_legrad.eval.runner` and the files from
-:mod:`captum_legrad.eval.report`, :mod:`captum_legrad.eval.files` and :mod:`captum_legrad.viz`.
-Nothing here imports torch at module level, so ``--help`` is instant.
+This module parses the arguments, checks the few that need no model (``--device``,
+``--threshold``, ``--top-k``) and calls one function per command: ``eval`` and ``demo``
+:func:`captum_legrad.eval.commands.run_eval` / :func:`~captum_legrad.eval.commands.run_demo`,
+``explain`` :func:`captum_legrad.eval.explain.explain_photos` (``--like``:
+:func:`captum_legrad.eval.like.explain_like`; ``--ask``:
+:func:`captum_legrad.eval.ask.ask_photos`), ``app`` :func:`captum_legrad.app.launch`. It
+prints what they return and turns their errors into exit codes. Nothing here imports torch
+at module level, so ``--help`` and ``--version`` are instant.
 
-Errors in what was asked (a missing or unreadable file, an unknown model or class, weights
-that do not fit, pretrained weights that cannot be downloaded, an output folder that cannot
-be written, a device that is not there) end the program with exit code 2 and one line on
-stderr, before any work where they can be known before; folders the run created are
-removed again when it fails. Files are written under a temporary name and renamed when
-complete.
+Exit codes: 0 done; 1 ``explain`` explained every readable image but some could not be
+read (listed at the end; ``--strict`` refuses them at once instead); 2 an error in what was
+asked (a missing or unreadable file, an unknown model or class, weights that do not fit,
+pretrained weights that cannot be downloaded, an output folder that cannot be written, a
+device that is not there), reported in one line on stderr, before any work where it can be
+known before; 130 interrupted (Ctrl-C), reported in one line. Files are written under a
+temporary name and renamed when complete (with the mode the umask gives); a failed or
+interrupted run leaves every image's outputs complete or absent (``explain``) or nothing
+(``eval``, ``demo``), and removes the folders it created when they stay empty.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "CLIError", "METHOD_NAMES"]
+__all__ = ["main", "build_parser", "CLIError", "Interrupted", "METHOD_NAMES"]
+
+#: Exit code when some images of ``explain`` could not be read (the others were explained).
+EXIT_UNREADABLE = 1
+#: Exit code for an error in what was asked.
+EXIT_USAGE = 2
+#: Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 #: The evaluation's methods (``captum_legrad.eval.harness.METHOD_NAMES``; kept here so that
 #: building the parser imports no torch; a test checks that both agree).
@@ -62,6 +72,10 @@ class CLIError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what was done by then: reported in one line, exit code 130."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors reported in one line (exit code 2)."""
 
@@ -84,13 +98,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 def _user_errors() -> Iterator[None]:
     """Turn the library's errors about what was asked into :class:`CLIError`."""
     from .eval.batches import DataError
+    from .eval.classes import ClassNameError
     from .eval.explain import ExplainError
     from .eval.files import OutputError
+    from .eval.media import MediaError
     from .eval.models import ModelError
 
     try:
         yield
-    except (ModelError, ExplainError, OutputError, DataError) as error:
+    except (ModelError, ExplainError, OutputError, DataError, ClassNameError, MediaError) as error:
         raise CLIError(str(error)) from error
 
 
@@ -119,44 +135,41 @@ def _device(text: str) -> Any:
     return device
 
 
-def _eval_config(
-    loaded: Any, threshold_text: str, perturbation: bool, points: int, tolerance: Optional[int]
-) -> Any:
-    from .eval.harness import EvalConfig
+def _threshold(text: str) -> Any:
+    """``--threshold``: a number or ``mean``."""
+    if text == "mean":
+        return text
+    try:
+        return float(text)
+    except ValueError as error:
+        raise CLIError(f"--threshold must be a number or 'mean', got {text!r}") from error
 
-    threshold: Any = threshold_text
-    if threshold != "mean":
-        try:
-            threshold = float(threshold)
-        except ValueError as error:
-            raise CLIError(f"--threshold must be a number or 'mean', got {threshold!r}") from error
-    return EvalConfig(
-        patch_size=loaded.patch_size,
-        multilabel=loaded.multilabel,
-        perturbation=perturbation,
-        threshold=threshold,
-        num_point_classes=points,
-        pointing_tolerance=tolerance,
-    )
+
+def _image_size(args: argparse.Namespace) -> Optional[Tuple[int, int]]:
+    size = getattr(args, "image_size", None)
+    return (size[0], size[-1]) if size else None
+
+
+def _say(args: argparse.Namespace) -> Any:
+    """Where notes go: stderr, or nowhere under ``--quiet``."""
+    if getattr(args, "quiet", False):
+        return None
+    return lambda message: print(message, file=sys.stderr, flush=True)
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .eval.models import ModelError, load_model
+    from .eval.models import load_model
 
+    announce = _say(args)
     loaded = load_model(
-        args.model, args.weights, args.num_classes, random_weights=args.random_weights
+        args.model,
+        args.weights,
+        args.num_classes,
+        random_weights=args.random_weights,
+        announce=announce,
     )
-    size = getattr(args, "image_size", None)
-    if size:
-        try:
-            loaded = loaded.at_size((size[0], size[-1]))
-        except ModelError as error:
-            raise CLIError(str(error)) from error
-    return loaded
-
-
-def _written(out: Path, files: Sequence[Path]) -> str:
-    return f"wrote {len(files)} files to {out}:\n" + "\n".join(f"  {p.name}" for p in files)
+    size = _image_size(args)
+    return loaded.at_size(size) if size else loaded
 
 
 # --------------------------------------------------------------------------- commands
@@ -164,212 +177,108 @@ def _written(out: Path, files: Sequence[Path]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``captum-legrad eval``: metric table of LeGrad and the baselines on a data set."""
-    import torch
+    from .eval.commands import EvalRequest, check_request, run_eval
 
-    from .eval import distributed
-    from .eval.batches import (
-        PROMPT_TEMPLATE,
-        imagenet_seg_batches,
-        openimages_batches,
-        shapes_batches,
+    request = EvalRequest(
+        dataset=args.dataset,
+        out=args.out,
+        model=args.model,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        random_weights=args.random_weights,
+        image_size=_image_size(args),
+        data=args.data,
+        images=args.images,
+        class_descriptions=args.class_descriptions,
+        methods=tuple(args.methods or METHOD_NAMES),
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threshold=_threshold(args.threshold),
+        pointing_tolerance=args.pointing_tolerance,
+        perturbation=not args.no_perturbation,
+        plots=not args.no_plots,
+        quiet=args.quiet,
     )
-    from .eval.files import OutputFolder
-    from .eval.report import save_curves, save_examples, write_report
-    from .eval.runner import run_evaluation
-
-    methods = list(args.methods or METHOD_NAMES)
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        raise CLIError(
-            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}"
-        )
-    if args.dataset == "imagenet-seg" and args.data is None:
-        raise CLIError("--dataset imagenet-seg needs --data gtsegs_ijcv.mat")
-    if args.dataset == "openimages" and args.data is None:
-        raise CLIError("--dataset openimages needs --data POINT_LABELS.csv")
-    threshold_check = args.threshold
-    if threshold_check != "mean":
-        try:
-            float(threshold_check)
-        except ValueError as error:
-            raise CLIError(
-                f"--threshold must be a number or 'mean', got {threshold_check!r}"
-            ) from error
+    check_request(request)
     device = _device(args.device)
-    out = OutputFolder(args.out)
-    context = distributed.init(str(device))
     try:
-        torch.manual_seed(0)
-        loaded = _load(args)
-        loaded.model.to(context.device)
-        model = loaded.model
-        classes: Any = loaded.classes
-        perturbation = not args.no_perturbation
-        points = 0
-        if args.dataset == "shapes":
-            factories, classes = shapes_batches(
-                loaded, args.num_images or 1000, args.batch_size, args.seed, context.device
-            )
-            description = f"shapes test split (seed {args.seed})"
-        elif args.dataset == "imagenet-seg":
-            factories = imagenet_seg_batches(
-                loaded, args.data, args.num_images, args.batch_size, context.device
-            )
-            description = (
-                f"ImageNet-segmentation ({args.data.name}), explaining the predicted class"
-            )
-        else:
-            factories, model, points = openimages_batches(
-                loaded,
-                args.data,
-                args.images,
-                args.class_descriptions,
-                args.num_images,
-                args.batch_size,
-                context.device,
-            )
-            perturbation = False
-            classes = None
-            description = (
-                f"OpenImagesV7 point labels ({args.data.name}), prompt '{PROMPT_TEMPLATE}'"
-            )
-        config = _eval_config(loaded, args.threshold, perturbation, points, args.pointing_tolerance)
-        start = time.perf_counter()
-        outcome = run_evaluation(
-            model,
-            factories,
-            methods,
-            config,
-            context,
-            show_progress=not args.quiet,
-            examples=6 if context.is_main and not args.no_plots else 0,
-        )
-        seconds = time.perf_counter() - start
-        if context.is_main:
-            results = outcome.results(config)
-            accuracy = outcome.accuracy
-            kind = (
-                "every label right (exact set of present shapes)" if loaded.multilabel else "top-1"
-            )
-            lines = [
-                f"Dataset: {description}; {outcome.images} images, "
-                f"{int(next(iter(results.values()))['pairs'])} (image, target) pairs.",
-                f"Model: `{args.model}` ({loaded.weights or 'weights as loaded'})"
-                + (
-                    f"; classification accuracy, {kind}: {accuracy:.1f} %."
-                    if not math.isnan(accuracy)
-                    else "."
-                ),
-                f"Pointing game within {config.tolerance_for(*loaded.image_size)} px; maps "
-                f"binarised at {config.threshold} for mIoU / pixel accuracy; perturbation AUCs "
-                "are areas × 100 over 0–90 % of patches removed (model accuracy on the target).",
-                f"Computed on {context.device.type} with {torch.get_num_threads()} torch "
-                f"thread(s) × {context.world} process(es).",
-            ]
-            table = write_report(args.out, "captum-legrad eval", lines, results)
-            files = [args.out / "results.md", args.out / "results.csv"]
-            if not args.no_plots:
-                if save_curves(args.out / "curves.png", outcome, title=description):
-                    files.append(args.out / "curves.png")
-                if save_examples(args.out / "examples.png", loaded, outcome, classes=classes):
-                    files.append(args.out / "examples.png")
-            print("\n".join(lines))
-            print()
-            print(table)
-            print(f"\n{_written(args.out, files)}\n({seconds:.1f} s)")
-    except BaseException:
-        out.cleanup()
-        raise
-    finally:
-        distributed.finish()
+        report = run_eval(request, device)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted: nothing written (results.md / results.csv removed)"
+        ) from None
+    if report is not None:
+        print(report.text())
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``captum-legrad demo``: the bundled model, LeGrad beside the baselines."""
-    import torch
+    from .eval.commands import run_demo
 
-    from .eval.batches import shapes_batches
-    from .eval.distributed import Context
-    from .eval.files import OutputFolder
-    from .eval.models import load_model
-    from .eval.report import save_curves, save_examples, write_report
-    from .eval.runner import run_evaluation
-
-    start = time.perf_counter()
-    out = OutputFolder(args.out)
     try:
-        torch.manual_seed(0)
-        loaded = load_model("default")
-        config = _eval_config(loaded, "0.5", True, 0, None)
-        # small batches: the progress bar moves while the methods run
-        factories, classes = shapes_batches(
-            loaded, args.num_images, 4, args.seed, torch.device("cpu")
-        )
-        context = Context(rank=0, world=1, device=torch.device("cpu"))
-        if not args.quiet:
-            print(
-                f"demo: LeGrad and {len(METHOD_NAMES) - 1} baselines on {args.num_images} "
-                "held-out shapes images (bundled 64×64 model, CPU)",
-                file=sys.stderr,
-            )
-        outcome = run_evaluation(
-            loaded.model,
-            factories,
-            list(METHOD_NAMES),
-            config,
-            context,
-            show_progress=not args.quiet,
-            examples=args.examples,
-            description="demo: explaining and perturbing, batches of 4 images",
-        )
-        lines = [
-            f"Bundled shapes ViT on {outcome.images} held-out images; classification accuracy "
-            f"{outcome.accuracy:.1f} % (every label right, on these {outcome.images} images; "
-            "93.9 % on the 1000 of the full table).",
-        ]
-        table = write_report(args.out, "captum-legrad demo", lines, outcome.results(config))
-        files = [args.out / "results.md", args.out / "results.csv"]
-        if save_curves(args.out / "curves.png", outcome, title="Perturbation curves (demo)"):
-            files.append(args.out / "curves.png")
-        if args.examples and save_examples(
-            args.out / "demo.png",
-            loaded,
-            outcome,
-            methods=("legrad", "gae", "gradcam"),
-            classes=classes,
-            title="LeGrad beside Chefer GAE and GradCAM (white: the object's outline)",
-        ):
-            files.append(args.out / "demo.png")
-    except BaseException:
-        out.cleanup()
-        raise
-    print(lines[0])
-    print()
-    print(table)
-    print(f"\n{_written(args.out, files)}\n({time.perf_counter() - start:.1f} s)")
+        report = run_demo(args.out, args.num_images, args.examples, args.seed, args.quiet)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: nothing written") from None
+    print(report.text())
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``captum-legrad explain``: LeGrad maps of photos, on the photos."""
-    from .eval.explain import check_photos, explain_photos, image_files, read_labels, summary_lines
+    from .eval.explain import (
+        check_photos,
+        explain_photos,
+        image_files,
+        read_labels,
+        readable_photos,
+        summary_lines,
+    )
     from .eval.files import OutputFolder
     from .eval.progress import progress_bar
 
     if args.top_k < 1:
         raise CLIError(f"--top-k must be at least 1, got {args.top_k}")
+    kind = _media_input(args.input)
+    if kind is not None:
+        return _explain_media(args, kind)
+    if args.like is not None:
+        return _like(args)
     files = image_files(args.input)
-    check_photos(files)
+    # --ask and a single image: an unreadable image is an error at once
+    single = args.input.is_file() or args.ask is not None
+    unreadable: List[Tuple[Path, str]] = []
+    if args.strict or single:
+        check_photos(files)
+    else:
+        files, unreadable = readable_photos(files)
+        if not files:
+            listed = "; ".join(f"{p.name}: {why}" for p, why in unreadable)
+            raise CLIError(
+                f"none of the {len(unreadable)} images in {args.input} can be read ({listed})"
+            )
     labels = read_labels(args.labels) if args.labels is not None else None
     device = _device(args.device)
     out = OutputFolder(args.out)
+    say = _say(args)
 
-    def warn(message: str) -> None:
-        print(f"captum-legrad: warning: {message}", file=sys.stderr)
+    def warn(message: str) -> None:  # also under --quiet
+        print(f"captum-legrad: warning: {message}", file=sys.stderr, flush=True)
+
+    def note(message: str) -> None:  # silenced by --quiet
+        if say is not None:
+            say(f"captum-legrad: warning: {message}")
 
     if args.ask is not None:
         return _ask(args, files, out)
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        bar.update(n)
+
+    bar: Any = None
     try:
         loaded = _load(args)
         bar = progress_bar(len(files), "explain: photos", disable=args.quiet or len(files) == 1)
@@ -385,14 +294,141 @@ def cmd_explain(args: argparse.Namespace) -> int:
             fmt=args.format,
             device=device,
             warn=warn,
-            progress=bar.update,
+            note=note,
+            progress=step,
+            model_name=args.model,
+            on_unreadable=None
+            if (args.strict or single)
+            else lambda p, why: unreadable.append((p, why)),
         )
-        bar.close()
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        out.cleanup()
+        total = len(files) + len(unreadable)
+        raise Interrupted(f"interrupted: {done[0]} of {total} images written") from None
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        out.cleanup()
+        raise
+    bar.close()
+    print(f"model {args.model}, weights: {loaded.weights}")
+    print("\n".join(summary_lines(results, args.out)))
+    if unreadable:
+        print(
+            f"captum-legrad: {len(unreadable)} of {len(results) + len(unreadable)} images "
+            "could not be read and were skipped:",
+            file=sys.stderr,
+        )
+        for path, why in unreadable:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    return 0
+
+
+def _like(args: argparse.Namespace) -> int:
+    """``explain QUERY --like REF ...``: why QUERY is similar to each reference."""
+    from .eval.explain import ExplainError
+    from .eval.files import OutputFolder
+    from .eval.like import explain_like, like_lines
+
+    conflicting = [
+        flag
+        for flag, value in (
+            ("--target", args.target),
+            ("--prompt", args.prompt),
+            ("--ask", args.ask),
+            ("--labels", args.labels),
+        )
+        if value is not None
+    ]
+    if conflicting:
+        raise CLIError(f"--like explains similarities: drop {', '.join(conflicting)}")
+    if not args.input.is_file():
+        raise ExplainError(f"--like needs one query image file: no such image {args.input}")
+    missing = [p for p in args.like if not p.is_file()]
+    if missing:
+        raise ExplainError(f"--like: no such reference image: {missing[0]}")
+    device = _device(args.device)
+    out = OutputFolder(args.out)
+    try:
+        loaded = _load(args)
+        result = explain_like(
+            loaded,
+            args.input,
+            list(args.like),
+            out,
+            model_name=args.model,
+            layers=args.layers,
+            fmt=args.format,
+            device=device,
+            warn=lambda m: print(f"captum-legrad: warning: {m}", file=sys.stderr, flush=True),
+        )
+    except KeyboardInterrupt:
+        out.cleanup()
+        raise Interrupted("interrupted: 0 of 1 images written") from None
     except BaseException:
         out.cleanup()
         raise
     print(f"model {args.model}, weights: {loaded.weights}")
-    print("\n".join(summary_lines(results, args.out)))
+    print("\n".join(like_lines(result, args.out)))
+    return 0
+
+
+def _media_input(path: Path) -> Optional[str]:
+    """``"video"`` or ``"audio"`` for such a file (extension, else content), else None."""
+    from .eval.explain import IMAGE_EXTENSIONS
+    from .eval.media import media_kind
+
+    return media_kind(path, IMAGE_EXTENSIONS)
+
+
+def _explain_media(args: argparse.Namespace, kind: str) -> int:
+    """``explain clip.mp4`` / ``explain sound.wav``: an HF video or audio classifier."""
+    from .eval.explain import read_labels
+    from .eval.explain_media import explain_media, load_media_model, media_summary
+    from .eval.files import OutputFolder
+    from .eval.media import check_media
+
+    for given, option in (
+        (args.prompt, "--prompt"),
+        (args.ask, "--ask"),
+        (args.image_size, "--image-size"),
+        (args.weights, "--weights"),
+        (args.num_classes, "--num-classes"),
+    ):
+        if given is not None:
+            raise CLIError(f"{option} does not apply to a {kind} file ({args.input.name})")
+    check_media(args.input, kind)  # a bad file stops the run before the model loads
+    labels = read_labels(args.labels) if args.labels is not None else None
+    device = _device(args.device)
+    out = OutputFolder(args.out)
+
+    def warn(message: str) -> None:
+        if not args.quiet:
+            print(f"captum-legrad: warning: {message}", file=sys.stderr)
+
+    try:
+        loaded = load_media_model(args.model, kind, random_weights=args.random_weights)
+        result = explain_media(
+            loaded,
+            args.input,
+            out,
+            targets=args.target,
+            top_k=args.top_k,
+            labels=labels,
+            layers=args.layers,
+            animation=args.animation,
+            fmt=args.format,
+            device=device,
+            warn=warn,
+        )
+    except BaseException:
+        out.cleanup()
+        raise
+    print(f"model {args.model}, weights: {loaded.weights}")
+    print("\n".join(media_summary(result, args.out)))
     return 0
 
 
@@ -419,6 +455,9 @@ def _ask(args: argparse.Namespace, files: Sequence[Path], out: Any) -> int:
     except ModelError as error:
         out.cleanup()
         raise CLIError(str(error)) from error
+    except KeyboardInterrupt:
+        out.cleanup()
+        raise Interrupted(f"interrupted: {len(out.written)} files written") from None
     except BaseException:
         out.cleanup()
         raise
@@ -448,6 +487,10 @@ def cmd_app(args: argparse.Namespace) -> int:
         )
     except (ExplorerError, ImportError) as error:
         raise CLIError(str(error)) from error
+    except KeyboardInterrupt:
+        # launch() has closed the server and removed its temporary folders
+        print("captum-legrad: explorer stopped (Ctrl+C)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -470,6 +513,20 @@ def _positive(text: str) -> int:
 
 def _non_negative(text: str) -> int:
     return _whole_number(text, 0)
+
+
+def _version() -> str:
+    """The installed version, read without importing the package's torch modules."""
+    try:
+        from importlib.metadata import version
+
+        return version("captum-legrad")
+    except Exception:  # not installed (a source checkout): the package's own constant
+        import re
+
+        text = (Path(__file__).parent / "__init__.py").read_text(encoding="utf-8")
+        found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+        return found.group(1) if found else "unknown"
 
 
 def _model_help() -> str:
@@ -512,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LeGrad explanations for Vision Transformers (Captum): demo, explain, eval.",
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -538,7 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --target or --prompt the model's top-k predicted classes are explained.",
         formatter_class=_Formatter,
     )
-    explain.add_argument("input", type=Path, help="an image file or a folder of images")
+    explain.add_argument(
+        "input",
+        type=Path,
+        help="an image file or a folder of images; or a video (.mp4, ...) or audio file "
+        "(.wav, ...) with --model hf:VIDEO_OR_AUDIO_CLASSIFIER",
+    )
     explain.add_argument("--model", required=True, help=model_help)
     _weights_options(explain)
     what = explain.add_mutually_exclusive_group()
@@ -557,6 +620,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--prompt", nargs="+", metavar="TEXT", help="text prompts (image-text models)"
+    )
+    what.add_argument(
+        "--like",
+        nargs="+",
+        type=Path,
+        metavar="REFERENCE",
+        help="explain why the image INPUT is similar to each REFERENCE image (cosine of the "
+        "model's image embeddings; one map per reference); references of any size are "
+        "resized by the model's preprocessing",
+    )
+    explain.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the whole folder when one image cannot be read (default: explain the "
+        "readable ones, list the others at the end and exit with code 1)",
     )
     explain.add_argument(
         "--top-k",
@@ -586,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--answer", help="with --ask: explain this answer (default: generated)")
     explain.add_argument(
         "--max-new-tokens", type=_positive, default=32, help="with --ask: longest answer"
+    )
+    explain.add_argument(
+        "--animation",
+        choices=("gif", "mp4", "none"),
+        default="gif",
+        help="a video's animation of each map: gif (plays anywhere), mp4 (smaller; PyAV) or none",
     )
     explain.add_argument("--out", type=Path, required=True, help="output folder")
     explain.add_argument("--quiet", action="store_true", help="no progress bar or notes")
@@ -685,7 +769,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             code: int = args.func(args)
     except CLIError as error:
         print(f"captum-legrad: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Interrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code
 
 

@@ -4,7 +4,9 @@ You name the transformer blocks and the head; one forward on an example batch fi
 rest: in each block, the submodule whose own forward computes the attention (calls
 ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward`` or a softmax over
 3-D/4-D scores), the token layout (batch- or sequence-first), the prefix count (tokens
-minus patches) and the patch size (the patch embedding's strided ``Conv2d``).
+minus patches) and the patch size (the patch embedding's strided ``Conv2d``; for video or
+spectrogram transformers, described by ``input_axes``, the ``Conv3d`` / ``Conv1d`` /
+``Conv2d`` of the grid's rank, overlapping patches included).
 
 The forward runs with gradients on (as LeGrad runs the blocks: ``nn.MultiheadAttention``
 takes its fused fast path only without them) and with hooks that act only in the calling
@@ -21,9 +23,9 @@ from torch.overrides import TorchFunctionMode
 
 from ._core.attention import is_attention
 from ._core.hooks import ScopedHooks
-from .adapters.common import floor_grid, pair
+from .adapters.common import floor_grid
 from .errors import UnsupportedModelError
-from .spec import Readout, TokenInput, ViTSpec
+from .spec import IMAGE_AXES, InputAxes, Readout, TokenInput, ViTSpec
 
 __all__ = ["find_attentions", "vit_spec"]
 
@@ -136,19 +138,60 @@ def _attentions(
     return tuple(found)
 
 
-def _patch_size(model: nn.Module, blocks: Sequence[nn.Module]) -> Tuple[int, int]:
-    inside = {id(m) for block in blocks for m in block.modules()}
-    for module in model.modules():
-        if (
-            isinstance(module, nn.Conv2d)
-            and id(module) not in inside
-            and pair(module.kernel_size) == pair(module.stride)
-        ):
-            return pair(module.kernel_size)
-    raise ValueError(
-        f"{type(model).__name__} has no patch embedding vit_spec recognises (a Conv2d whose "
-        "stride equals its kernel size); pass patch_size=(p_h, p_w)."
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _sizes(value: Any, rank: int, what: str) -> Tuple[int, ...]:
+    """``value`` (an int, or one int per grid axis) as ``rank`` positive ints."""
+    sizes = (
+        tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * rank
     )
+    if len(sizes) != rank or min(sizes) < 1:
+        raise ValueError(f"{what} must be one positive size per grid axis ({rank}), got {value!r}.")
+    return sizes
+
+
+def _patch_embedding(
+    model: nn.Module, blocks: Sequence[nn.Module], rank: int
+) -> Tuple[Tuple[int, ...], Optional[Tuple[int, ...]]]:
+    """``(patch size, stride or None)`` of the patch embedding: the first ``Conv{rank}d``
+    outside the blocks whose stride equals its kernel, else the first whose stride is
+    smaller (overlapping patches, as the Audio Spectrogram Transformer's)."""
+    conv = _CONVS[rank]
+    inside = {id(m) for block in blocks for m in block.modules()}
+    candidates = [m for m in model.modules() if isinstance(m, conv) and id(m) not in inside]
+    for module in candidates:
+        if tuple(module.kernel_size) == tuple(module.stride):
+            return tuple(module.kernel_size), None
+    for module in candidates:
+        kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+        if all(1 < s <= k for s, k in zip(stride, kernel)):
+            return kernel, stride
+    raise ValueError(
+        f"{type(model).__name__} has no patch embedding vit_spec recognises (a "
+        f"{conv.__name__} whose stride equals its kernel size, or is smaller); pass "
+        "patch_size= (one size per grid axis) and, for overlapping patches, patch_stride="
+    )
+
+
+def _grid_rule(
+    patch: Tuple[int, ...], stride: Optional[Tuple[int, ...]]
+) -> Callable[..., Tuple[int, ...]]:
+    """``sizes → grid``: ``n // p`` per axis for tiling patches, ``(n − p) // s + 1`` for
+    patches every ``s`` cells."""
+    if stride is None:
+        if len(patch) == 2:
+            return floor_grid((patch[0], patch[1]))
+
+        def tiled(*sizes: int) -> Tuple[int, ...]:
+            return tuple(int(n) // p for n, p in zip(sizes, patch))
+
+        return tiled
+
+    def strided(*sizes: int) -> Tuple[int, ...]:
+        return tuple((int(n) - p) // s + 1 for n, p, s in zip(sizes, patch, stride))
+
+    return strided
 
 
 def vit_spec(
@@ -163,30 +206,49 @@ def vit_spec(
     num_prefix_tokens: Optional[int] = None,
     model_readout: Optional[Readout] = None,
     token_input: Optional[TokenInput] = None,
+    input_axes: Optional[InputAxes] = None,
+    patch_stride: Optional[Any] = None,
     family: str = "custom",
 ) -> ViTSpec:
     """Describe a custom ViT from its blocks and its head; one forward on ``example``
     finds the attention modules, the prefix count and the token layout.
 
+    The grid may have any rank: a video transformer's ``(t, h, w)`` tubelets or a
+    spectrogram transformer's ``(f, t)`` patches are described by ``input_axes`` (where
+    the grid's axes and the channels lie in the input); the patch size then comes from the
+    patch embedding's ``Conv1d`` / ``Conv2d`` / ``Conv3d`` of that rank (kernel in grid
+    order), overlapping patches (stride below the kernel) included.
+
     Args:
         model (nn.Module): The model LeGrad will run (its forward takes the image batch).
         blocks (Sequence[nn.Module]): The transformer blocks, in order (e.g. ``model.layers``).
         head (Callable): Pooled features ``(B, D)`` → scores ``(B, C)`` (the classifier).
-        example (Tensor): An image batch ``(B, C, H, W)`` the model accepts.
+        example (Tensor): An input batch the model accepts: images ``(B, C, H, W)``, or
+                    the layout ``input_axes`` names.
         norm (Callable, optional): The final norm, applied before the head.
                     Default: None (none)
         pool (str, optional): The model's own pooling for ``pooling="model"``: ``"token"``
                     (the first token) or ``"avg"`` (mean over the patch tokens).
                     ``pooling="mean"`` always uses the mean over all tokens.
                     Default: None (``"token"`` with prefix tokens, else ``"avg"``)
-        patch_size (int or tuple, optional): The patch size.
-                    Default: None (from the patch embedding's strided ``Conv2d``)
+        patch_size (int or tuple, optional): The patch size, one per grid axis.
+                    Default: None (from the patch embedding's strided convolution)
         num_prefix_tokens (int, optional): ``P``.
                     Default: None (tokens at the first block minus patches)
         model_readout (Callable, optional): ``Z (B, N, D)`` → scores, replacing ``pool``.
                     Default: None
         token_input (TokenInput, optional): How the blocks take the tokens.
                     Default: None (their first parameter)
+        input_axes (InputAxes, optional): Where the grid's axes and the channels are in
+                    the input (video ``InputAxes(grid=(1, 3, 4), channels=2)`` for ``(B,
+                    T, C, H, W)``; a spectrogram ``(B, time, mel)`` with frequency-first
+                    tokens ``InputAxes(grid=(2, 1), channels=None)``).
+                    Default: None (images ``(B, C, H, W)``)
+        patch_stride (int or tuple, optional): The step between patches where they
+                    overlap (``output="input"`` then gives each cell the mean of the
+                    patches covering it).
+                    Default: None (from the patch embedding, or tiling patches with
+                    ``patch_size``)
         family (str, optional): Name in messages.
                     Default: "custom"
 
@@ -201,6 +263,9 @@ def vit_spec(
 
         >>> spec = vit_spec(model, model.layers, model.classifier, images, norm=model.final)
         >>> attr = LeGrad(model, spec=spec).attribute(images, target=1)
+        >>> video_axes = InputAxes(grid=(1, 3, 4), channels=2, name="video")
+        >>> spec = vit_spec(video_model, video_model.blocks, video_model.head, videos,
+        ...                 input_axes=video_axes)
     """
     blocks = tuple(blocks)
     if not blocks:
@@ -217,14 +282,29 @@ def vit_spec(
     batch = example.shape[0]
     batch_first = not (tokens.shape[1] == batch and tokens.shape[0] != batch)
     n_tokens = tokens.shape[1] if batch_first else tokens.shape[0]
-    patch = pair(patch_size) if patch_size is not None else _patch_size(model, blocks)
-    grid = floor_grid(patch)
-    g_h, g_w = grid(example.shape[-2], example.shape[-1])
-    prefix = n_tokens - g_h * g_w if num_prefix_tokens is None else int(num_prefix_tokens)
+    axes = input_axes if input_axes is not None else IMAGE_AXES
+    rank = len(axes.grid)
+    stride: Optional[Tuple[int, ...]] = None
+    if patch_stride is not None:
+        stride = _sizes(patch_stride, rank, "patch_stride")
+    if patch_size is not None:
+        patch = _sizes(patch_size, rank, "patch_size")
+    else:
+        patch, found = _patch_embedding(model, blocks, rank)
+        stride = stride if stride is not None else found
+    if stride == patch:
+        stride = None
+    grid = _grid_rule(patch, stride)
+    cells = grid(*axes.sizes(example))
+    n_patches = 1
+    for size in cells:
+        n_patches *= int(size)
+    prefix = n_tokens - n_patches if num_prefix_tokens is None else int(num_prefix_tokens)
     if prefix < 0:
+        shape = "x".join(str(int(c)) for c in cells)
         raise ValueError(
-            f"The blocks see {n_tokens} tokens but a {g_h}x{g_w} grid of {patch} patches has "
-            f"{g_h * g_w}: pass patch_size= (and num_prefix_tokens=)."
+            f"The blocks see {n_tokens} tokens but a {shape} grid of {patch} patches has "
+            f"{n_patches}: pass patch_size= (and num_prefix_tokens=)."
         )
     pooling = pool if pool is not None else ("token" if prefix else "avg")
     if pooling not in _POOLS:
@@ -250,4 +330,6 @@ def vit_spec(
         grid=grid,
         batch_first=batch_first,
         token_input=tokens_in,
+        input_axes=axes,
+        patch_stride=stride,
     )

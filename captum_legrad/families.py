@@ -68,7 +68,8 @@ FAMILIES: Tuple[Family, ...] = (
         adapter="hf",
         extra="transformers",
         description="HF transformers ViT, DeiT, BEiT, data2vec, ViT-MAE/-MSN, I-JEPA, DINOv2/v3, "
-        "CLIP, MetaCLIP 2, SigLIP, SigLIP2 and AIMv2 vision models",
+        "CLIP, MetaCLIP 2, SigLIP, SigLIP2 and AIMv2 vision models, VideoMAE, ViViT, "
+        "TimeSformer and V-JEPA 2 video classifiers and the Audio Spectrogram Transformer",
         loader="captum_legrad.eval.models:load_hf",
         name_hint="PATH",
     ),

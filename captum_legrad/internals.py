@@ -17,7 +17,8 @@ else under ``_core`` may change without notice.
 * Maps: :func:`minmax_normalize`, :func:`upsample`, :func:`finish`.
 * Options: :data:`ROUTES`, :data:`POOLINGS`, :data:`OUTPUTS`, :data:`INTERPOLATE_MODES`.
 * Scoping: :class:`ScopedHooks`; resizing: :func:`resample_position_embedding`,
-  :class:`InputSize`.
+  :class:`InputSize`, :func:`at_input_size` (run a model at another input size for the
+  forwards inside a ``with`` block, as LeGrad does).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ._core.records import (
     prune_direct,
     reduce_lean,
 )
-from ._core.resize import InputSize, resample_position_embedding
+from ._core.resize import InputSize, at_input_size, resample_position_embedding
 from ._core.routes import Route, get_route
 
 __all__ = [
@@ -78,5 +79,6 @@ __all__ = [
     "INTERPOLATE_MODES",
     "ScopedHooks",
     "InputSize",
+    "at_input_size",
     "resample_position_embedding",
 ]

@@ -10,6 +10,10 @@ patch grid, per-layer maps) are upsampled with ``torch.nn.functional.interpolate
 colour maps and matplotlib scales each map to its own minimum and maximum unless
 ``vmin``/``vmax`` are given.
 
+How the figures look (colour map, opacity, colour bar, panel size, title size, dpi) is one
+:class:`FigureStyle`, passed as ``style=`` to every function; the functions' own keywords
+(``alpha=``, ``cmap=``, ...) still work and win over the style.
+
 matplotlib is an optional dependency (the ``viz`` extra: ``pip install
 "captum-legrad[viz]"``); it is imported when a function here runs, not when this module is
 imported.
@@ -20,7 +24,9 @@ move a map channels-last: ``attr[i].permute(1, 2, 0).numpy()``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "FigureStyle",
     "denormalize",
     "overlay",
     "plot_layers",
@@ -48,6 +55,69 @@ ArrayLike = Union[Tensor, np.ndarray]
 #: Per-channel statistics: one number for all channels or one per channel.
 Stats = Optional[Union[float, Sequence[float], Tensor]]
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class FigureStyle:
+    r"""How the figures of :mod:`captum_legrad.viz` look, in one object.
+
+    Every function here takes ``style=FigureStyle(...)``; a keyword given to the function
+    itself (``alpha=0.3``) wins over the style, and the style's defaults are the functions'
+    own defaults, so ``style=None`` draws what the functions always drew.
+
+    Attributes:
+        cmap (str): A matplotlib colour map name.
+                    Default: "jet"
+        alpha (float): Opacity of the maps over the images.
+                    Default: 0.5
+        colorbar (bool): Add a colour bar where a function makes it optional
+                    (:func:`overlay`, :func:`plot_methods`; :func:`plot_photo` always has
+                    one).
+                    Default: False
+        panel_size (float, optional): Size of one panel in inches (the height for
+                    :func:`plot_photo`, whose width follows the photo); None: each
+                    function's own (2.5 for :func:`plot_targets`, 1.8 for
+                    :func:`plot_methods`, ...).
+                    Default: None
+        title_size (str or float): Font size of panel titles (matplotlib sizes:
+                    ``"small"``, ``10``).
+                    Default: "small"
+        dpi (int): Resolution when saving.
+                    Default: 100
+        vmin (float, optional): Value drawn with the colour map's first colour, for
+                    un-scaled maps.
+                    Default: None (each map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: None (each map's maximum)
+
+    Examples::
+
+        >>> from captum_legrad.viz import FigureStyle, overlay, plot_targets
+        >>> paper = FigureStyle(cmap="inferno", alpha=0.6, colorbar=True, dpi=300)
+        >>> fig = overlay(x[0], attr[0], style=paper, save="one.png")
+        >>> fig = plot_targets(x, maps, prompts, style=paper, save="prompts.png")
+    """
+
+    cmap: str = "jet"
+    alpha: float = 0.5
+    colorbar: bool = False
+    panel_size: Optional[float] = None
+    title_size: Union[str, float] = "small"
+    dpi: int = 100
+    vmin: Optional[float] = None
+    vmax: Optional[float] = None
+
+
+def _resolve(style: Optional[FigureStyle], **given: Any) -> FigureStyle:
+    """``style`` (or the default style) with the keywords the caller gave (not None)."""
+    if style is not None and not isinstance(style, FigureStyle):
+        raise TypeError(f"style must be a captum_legrad.viz.FigureStyle, got {type(style)}.")
+    chosen = {key: value for key, value in given.items() if value is not None}
+    return dataclasses.replace(style or FigureStyle(), **chosen)
+
+
+def _panel(style: FigureStyle, default: float) -> float:
+    return style.panel_size if style.panel_size is not None else default
 
 
 def _matplotlib() -> Any:
@@ -152,8 +222,7 @@ def _draw(
     rgb: np.ndarray,
     amap: Optional[np.ndarray],
     *,
-    alpha: float,
-    cmap: str,
+    style: FigureStyle,
     vmin: Optional[float],
     vmax: Optional[float],
     title: Optional[str],
@@ -161,11 +230,11 @@ def _draw(
 ) -> None:
     ax.imshow(rgb, cmap="gray" if rgb.ndim == 2 else None, vmin=0.0, vmax=1.0)
     if amap is not None:
-        image = ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
+        image = ax.imshow(amap, cmap=style.cmap, alpha=style.alpha, vmin=vmin, vmax=vmax)
         if colorbar:
             ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title is not None:
-        ax.set_title(title, fontsize="small")
+        ax.set_title(title, fontsize=style.title_size)
     ax.set_axis_off()
 
 
@@ -181,16 +250,17 @@ def overlay(
     *,
     mean: Stats = None,
     std: Stats = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
     title: Optional[str] = None,
-    colorbar: bool = False,
+    colorbar: Optional[bool] = None,
     ax: Optional[Axes] = None,
-    figsize: Tuple[float, float] = (4.0, 4.0),
+    figsize: Optional[Tuple[float, float]] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""Draw one map over its (un-normalised) image.
 
@@ -207,9 +277,9 @@ def overlay(
         std (float, sequence or Tensor, optional): Normalisation std to undo.
                     Default: None
         alpha (float, optional): Opacity of the map.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         vmin (float, optional): Value drawn with the colour map's first colour.
                     Default: None (the map's minimum)
         vmax (float, optional): Value drawn with the colour map's last colour.
@@ -217,16 +287,19 @@ def overlay(
         title (str, optional): Title of the panel, e.g. the class name or prompt.
                     Default: None
         colorbar (bool, optional): Add a colour bar.
-                    Default: False
+                    Default: None (the style's, False)
         ax (matplotlib.axes.Axes, optional): Draw into these axes instead of a new
                     figure; their figure is returned.
                     Default: None
         figsize (tuple[float, float], optional): Size of a new figure in inches.
-                    Default: (4.0, 4.0)
+                    Default: None (the style's ``panel_size`` squared, else (4.0, 4.0))
         save (str or os.PathLike, optional): Save the figure there (``.png``, ...).
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure*: the figure drawn on.
@@ -239,10 +312,12 @@ def overlay(
         >>> fig = overlay(x[0], attr[0], mean=MEAN, std=STD, title="class 3",
         ...               save="legrad.png")
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, colorbar=colorbar, dpi=dpi)
     rgb = denormalize(image, mean, std)
     amap = _map(attribution, (rgb.shape[0], rgb.shape[1]))
     if ax is None:
-        fig = _matplotlib()(figsize=figsize, layout="constrained")
+        side = _panel(s, 4.0)
+        fig = _matplotlib()(figsize=figsize or (side, side), layout="constrained")
         ax = fig.add_subplot()
     else:
         _matplotlib()
@@ -252,14 +327,13 @@ def overlay(
         ax,
         rgb,
         amap,
-        alpha=alpha,
-        cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
+        style=s,
+        vmin=s.vmin,
+        vmax=s.vmax,
         title=title,
-        colorbar=colorbar,
+        colorbar=s.colorbar,
     )
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def _batched(value: ArrayLike, dims: int, what: str) -> Tensor:
@@ -275,13 +349,14 @@ def plot_targets(
     mean: Stats = None,
     std: Stats = None,
     show_image: bool = True,
-    alpha: float = 0.5,
-    cmap: str = "jet",
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
-    panel_size: float = 2.5,
+    panel_size: Optional[float] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""A grid of K targets: one row per image, one column per class name or prompt.
 
@@ -303,19 +378,22 @@ def plot_targets(
         show_image (bool, optional): Add a first column with the plain image.
                     Default: True
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         vmin (float, optional): As in :func:`overlay`.
                     Default: None
         vmax (float, optional): As in :func:`overlay`.
                     Default: None
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 2.5
+                    Default: None (the style's, else 2.5)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with ``B`` rows and ``K`` (+1) columns.
@@ -327,6 +405,8 @@ def plot_targets(
         >>> maps = LeGrad(sim).attribute_multi(x, targets=[0, 1, 2])
         >>> fig = plot_targets(x, maps, prompts, mean=MEAN, std=STD, save="prompts.png")
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, dpi=dpi)
+    panel_size = _panel(s, 2.5)
     one_image = _tensor(images, "images").dim() == 3
     imgs = _batched(images, 4, "images")
     grid = _tensor(maps, "maps")
@@ -354,10 +434,9 @@ def plot_targets(
                 axes[row, 0],
                 rgb,
                 None,
-                alpha=alpha,
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
+                style=s,
+                vmin=s.vmin,
+                vmax=s.vmax,
                 title="image" if row == 0 else None,
                 colorbar=False,
             )
@@ -366,14 +445,13 @@ def plot_targets(
                 axes[row, j + int(show_image)],
                 rgb,
                 _map(grid[row, j], size, "maps"),
-                alpha=alpha,
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
+                style=s,
+                vmin=s.vmin,
+                vmax=s.vmax,
                 title=names[j] if row == 0 else None,
                 colorbar=False,
             )
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_layers(
@@ -385,11 +463,12 @@ def plot_layers(
     std: Stats = None,
     show_sum: bool = True,
     ncols: Optional[int] = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_size: float = 2.5,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_size: Optional[float] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""The per-layer maps of one image, from :meth:`~captum_legrad.LeGrad.attribute_layers`.
 
@@ -414,15 +493,18 @@ def plot_layers(
         ncols (int, optional): Panels per row.
                     Default: None (up to 6)
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 2.5
+                    Default: None (the style's, else 2.5)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with one panel per layer (and the sum).
@@ -434,6 +516,8 @@ def plot_layers(
         >>> per_layer = legrad.attribute_layers(x, target=3)  # (B, n_layers, g_h, g_w)
         >>> fig = plot_layers(x[0], per_layer[0], legrad.layers, save="layers.png")
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
+    panel_size = _panel(s, 2.5)
     per_layer = _tensor(layer_maps, "layer_maps").float()
     if per_layer.dim() == 4 and per_layer.shape[0] == 1:
         per_layer = per_layer[0]
@@ -460,8 +544,7 @@ def plot_layers(
             ax,
             rgb,
             _map(amap, size, "layer_maps"),
-            alpha=alpha,
-            cmap=cmap,
+            style=s,
             vmin=None,
             vmax=None,
             title=title,
@@ -469,7 +552,7 @@ def plot_layers(
         )
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_methods(
@@ -480,13 +563,14 @@ def plot_methods(
     masks: Optional[ArrayLike] = None,
     mean: Stats = None,
     std: Stats = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_size: float = 1.8,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_size: Optional[float] = None,
     title: Optional[str] = None,
-    colorbar: bool = False,
+    colorbar: Optional[bool] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""Methods side by side: one row per image, the image, then one column per method.
 
@@ -509,20 +593,23 @@ def plot_methods(
         std (float, sequence or Tensor, optional): Normalisation std to undo.
                     Default: None
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 1.8
+                    Default: None (the style's, else 1.8)
         title (str, optional): The figure's title.
                     Default: None
         colorbar (bool, optional): Add one colour bar for all maps (right of the panels;
                     it adds one axes to ``fig.axes``).
-                    Default: False
+                    Default: None (the style's, False)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with ``N`` rows and ``1 + len(columns)`` columns.
@@ -532,6 +619,8 @@ def plot_methods(
         >>> from captum_legrad.viz import plot_methods
         >>> fig = plot_methods(x, {"LeGrad": legrad_maps, "GradCAM": gradcam_maps})
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, colorbar=colorbar, dpi=dpi)
+    panel_size = _panel(s, 1.8)
     imgs = _batched(images, 4, "images")
     rows = imgs.shape[0]
     names = list(columns)
@@ -550,8 +639,7 @@ def plot_methods(
             axes[row, 0],
             rgb,
             None,
-            alpha=alpha,
-            cmap=cmap,
+            style=s,
             vmin=None,
             vmax=None,
             title="image" if row == 0 else None,
@@ -563,7 +651,7 @@ def plot_methods(
             axes[row, 0].set_axis_on()
             axes[row, 0].set_xticks([])
             axes[row, 0].set_yticks([])
-            axes[row, 0].set_ylabel(labels[row], fontsize="small")
+            axes[row, 0].set_ylabel(labels[row], fontsize=s.title_size)
         for col, name in enumerate(names, start=1):
             amap = _map(_tensor(columns[name], name)[row], size, name)
             low, high = float(np.nanmin(amap)), float(np.nanmax(amap))
@@ -572,8 +660,7 @@ def plot_methods(
                 axes[row, col],
                 rgb,
                 scaled,
-                alpha=alpha,
-                cmap=cmap,
+                style=s,
                 vmin=0.0,
                 vmax=1.0,
                 title=name if row == 0 else None,
@@ -581,11 +668,11 @@ def plot_methods(
             )
     if title is not None:
         fig.suptitle(title)
-    if colorbar and names:
+    if s.colorbar and names:
         image = axes[0, 1].get_images()[-1]
         bar = fig.colorbar(image, ax=axes[:, 1:], fraction=0.03, pad=0.02, shrink=0.9)
-        bar.set_label("relevance (each map min-max scaled)", fontsize="small")
-    return _finish(fig, save, dpi)
+        bar.set_label("relevance (each map min-max scaled)", fontsize=s.title_size)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_curves(
@@ -594,9 +681,10 @@ def plot_curves(
     *,
     ylabel: str = "accuracy",
     title: Optional[str] = None,
-    figsize: Tuple[float, float] = (11.0, 4.0),
+    figsize: Optional[Tuple[float, float]] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""Positive and negative perturbation curves, one line per method.
 
@@ -610,11 +698,14 @@ def plot_curves(
         title (str, optional): The figure's title.
                     Default: None
         figsize (tuple[float, float], optional): Figure size in inches.
-                    Default: (11.0, 4.0)
+                    Default: None ((11.0, 4.0))
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with two panels (positive, negative) and the legend
@@ -625,14 +716,19 @@ def plot_curves(
         >>> from captum_legrad.viz import plot_curves
         >>> fig = plot_curves([0.0, 0.1, 0.2], {"LeGrad": (pos, neg)}, save="curves.png")
     """
-    fig = _matplotlib()(figsize=figsize, layout="constrained")
+    s = _resolve(style, dpi=dpi)
+    fig = _matplotlib()(figsize=figsize or (11.0, 4.0), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     x = [100 * f for f in fractions]
     for name, (positive, negative) in curves.items():
         for ax, curve in zip(axes, (positive, negative)):
             ax.plot(x, _tensor(curve, name).numpy(), marker="o", markersize=3, label=name)
-    axes[0].set_title("positive perturbation (most relevant removed first) ↓", fontsize="small")
-    axes[1].set_title("negative perturbation (least relevant removed first) ↑", fontsize="small")
+    axes[0].set_title(
+        "positive perturbation (most relevant removed first) ↓", fontsize=s.title_size
+    )
+    axes[1].set_title(
+        "negative perturbation (least relevant removed first) ↑", fontsize=s.title_size
+    )
     for ax in axes:
         ax.set_xlabel("% of patches removed")
         ax.grid(alpha=0.3)
@@ -641,9 +737,9 @@ def plot_curves(
         fig.suptitle(title)
     if curves:
         fig.legend(
-            *axes[0].get_legend_handles_labels(), loc="outside right center", fontsize="small"
+            *axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=s.title_size
         )
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_photo(
@@ -652,11 +748,12 @@ def plot_photo(
     titles: Sequence[str],
     *,
     suptitle: Optional[str] = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_height: float = 3.2,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_height: Optional[float] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""A photo, then one overlay per target, at the photo's own resolution and aspect.
 
@@ -673,16 +770,19 @@ def plot_photo(
         suptitle (str, optional): The figure's title.
                     Default: None
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_height (float, optional): Height of a panel in inches (the width follows
                     the photo's aspect ratio).
-                    Default: 3.2
+                    Default: None (the style's ``panel_size``, else 3.2)
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with ``1 + K`` panels, each overlay with a colour bar.
@@ -692,6 +792,8 @@ def plot_photo(
         >>> from captum_legrad.viz import plot_photo
         >>> fig = plot_photo(pil_image, maps, ["tabby cat\\nprobability 0.81"])
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
+    panel_height = panel_height if panel_height is not None else _panel(s, 3.2)
     if isinstance(photo, (np.ndarray, Tensor)):
         rgb = _tensor(photo, "photo").float()
         if rgb.dim() == 3 and rgb.shape[0] in (1, 3) and rgb.shape[-1] not in (1, 3):
@@ -712,7 +814,7 @@ def plot_photo(
         raise ValueError(f"{len(titles)} titles for {grid.shape[0]} maps: give one per map.")
     from matplotlib import colormaps
 
-    colours = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    colours = colormaps[s.cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     aspect = width / height
     panels = 1 + grid.shape[0]
     fig = _matplotlib()(
@@ -720,11 +822,11 @@ def plot_photo(
     )
     axes = fig.subplots(1, panels, squeeze=False)[0]
     axes[0].imshow(array)
-    axes[0].set_title(f"photo ({width}×{height})", fontsize="small")
+    axes[0].set_title(f"photo ({width}×{height})", fontsize=s.title_size)
     axes[0].set_axis_off()
     for ax, amap, title in zip(axes[1:], grid.numpy(), titles):
         ax.imshow(array)
-        image = ax.imshow(np.ma.masked_invalid(amap), cmap=colours, alpha=alpha, vmin=0, vmax=1)
+        image = ax.imshow(np.ma.masked_invalid(amap), cmap=colours, alpha=s.alpha, vmin=0, vmax=1)
         unseen = np.isnan(amap)
         if unseen.any():
             grey = np.zeros((height, width, 4), dtype=np.float32)
@@ -732,12 +834,12 @@ def plot_photo(
             ax.imshow(grey)
             ax.contourf(unseen.astype(np.float32), levels=[0.5, 1.5], colors="none", hatches=["//"])
         bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
-        bar.set_label("LeGrad relevance", fontsize="small")
-        ax.set_title(title, fontsize="small")
+        bar.set_label("LeGrad relevance", fontsize=s.title_size)
+        ax.set_title(title, fontsize=s.title_size)
         ax.set_axis_off()
     if suptitle is not None:
         fig.suptitle(suptitle)
-    return _finish(fig, save, dpi)
+    return _finish(fig, save, s.dpi)
 
 
 def plot_answer(
@@ -750,12 +852,13 @@ def plot_answer(
     std: Stats = None,
     show_image: bool = True,
     columns: int = 6,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    panel_size: float = 2.0,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    panel_size: Optional[float] = None,
     title: Optional[str] = None,
     save: Optional[PathLike] = None,
-    dpi: int = 100,
+    dpi: Optional[int] = None,
+    style: Optional[FigureStyle] = None,
 ) -> Figure:
     r"""A vision-language model's answer: one overlay per answer token, in reading order.
 
@@ -779,17 +882,20 @@ def plot_answer(
         columns (int, optional): Panels per row; long answers wrap.
                     Default: 6
         alpha (float, optional): Opacity of the maps.
-                    Default: 0.5
+                    Default: None (the style's, 0.5)
         cmap (str, optional): A matplotlib colour map name.
-                    Default: "jet"
+                    Default: None (the style's, "jet")
         panel_size (float, optional): Width and height of one panel in inches.
-                    Default: 2.0
+                    Default: None (the style's, else 2.0)
         title (str, optional): Figure title, e.g. the question.
                     Default: None
         save (str or os.PathLike, optional): Save the figure there.
                     Default: None
         dpi (int, optional): Resolution when saving.
-                    Default: 100
+                    Default: None (the style's, 100)
+        style (FigureStyle, optional): The look of the figure; the keywords above
+                    win over it.
+                    Default: None (:class:`FigureStyle`'s defaults)
 
     Returns:
         *matplotlib.figure.Figure* with one panel per token (plus the image and the
@@ -803,6 +909,8 @@ def plot_answer(
         >>> fig = plot_answer(result.pixel_values, result.maps, result.tokens,
         ...                   answer_map=result.answer_map, mean=MEAN, std=STD)
     """
+    s = _resolve(style, alpha=alpha, cmap=cmap, dpi=dpi)
+    panel_size = _panel(s, 2.0)
     img = _tensor(image, "image")
     if img.dim() == 4 and img.shape[0] == 1:
         img = img[0]
@@ -835,12 +943,695 @@ def plot_answer(
             ax.set_axis_off()
             continue
         amap, label = panels[slot]
-        _draw(
-            ax, rgb, amap, alpha=alpha, cmap=cmap, vmin=None, vmax=None, title=label, colorbar=False
+        _draw(ax, rgb, amap, style=s, vmin=None, vmax=None, title=label, colorbar=False)
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, save, s.dpi)
+
+
+__all__ += ["plot_answer"]
+
+
+# --------------------------------------------------------------------------- video and audio
+
+
+def _frames(video: ArrayLike) -> np.ndarray:
+    """A video as ``(T, H, W, 3)`` (or ``(T, H, W)`` grey) floats in [0, 1], un-normalised
+    later: model layout ``(T, C, H, W)`` / ``(1, T, C, H, W)`` or decoded frames
+    ``(T, H, W, 3)`` uint8."""
+    clip = _tensor(video, "video")
+    if clip.dim() == 5 and clip.shape[0] == 1:
+        clip = clip[0]
+    if clip.dim() != 4:
+        raise ValueError(
+            f"video must be one clip (T, C, H, W) as the model takes it, or frames (T, H, W, 3), "
+            f"got shape {tuple(clip.shape)}; pick one clip of a batch with x[i]."
         )
+    return clip.numpy()
+
+
+def _video_rgb(video: ArrayLike, mean: Stats, std: Stats) -> List[np.ndarray]:
+    clip = _frames(video)
+    if clip.shape[-1] in (1, 3) and clip.shape[1] not in (1, 3):  # channels-last frames
+        tensor = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(clip))
+    return [denormalize(frame, mean, std) for frame in tensor]
+
+
+def _video_maps(
+    maps: ArrayLike, frames: int, channels: int, size: Tuple[int, int], targets: Optional[int]
+) -> np.ndarray:
+    """Maps → ``(K, T, H, W)`` at the frames' size; a map with fewer time steps (a tubelet
+    grid) gives each frame its tubelet's map."""
+    grid = _tensor(maps, "maps").float()
+    if grid.dim() == 6 and grid.shape[0] == 1:  # attribute_multi(..., output="input"), B=1
+        grid = grid[0]
+    if grid.dim() == 5:
+        grid = grid.mean(2)  # (K, T, C, H, W): every channel holds the same map
+    elif grid.dim() == 4 and grid.shape[0] == frames and grid.shape[1] == channels:
+        if targets is None or targets == 1 or grid.shape[0] != targets:
+            grid = grid.mean(1, keepdim=False)[None]  # (T, C, H, W): one target
+    if grid.dim() == 3:
+        grid = grid[None]
+    if grid.dim() != 4:
+        raise ValueError(
+            "maps must be one target's (T, H, W) or (T, C, H, W), or K targets' (K, T, H, W) "
+            f"or (K, T, C, H, W), got shape {tuple(_tensor(maps, 'maps').shape)}."
+        )
+    steps = grid.shape[1]
+    if steps != frames:
+        index = torch.tensor([i * steps // frames for i in range(frames)])
+        grid = grid[:, index]
+    if tuple(grid.shape[-2:]) != tuple(size):
+        grid = upsample(grid.flatten(0, 1)[:, None], size)[:, 0].view(*grid.shape[:2], *size)
+    return grid.numpy()
+
+
+def _frame_title(
+    position: int, indices: Optional[Sequence[int]], times: Optional[Sequence[float]]
+) -> str:
+    index = int(indices[position]) if indices is not None else position
+    text = f"frame {index}"
+    if times is not None:
+        text += f"\n{float(times[position]):.2f} s"
+    return text
+
+
+def _shown(frames: int, chosen: Optional[Sequence[int]], max_columns: int) -> List[int]:
+    if chosen is not None:
+        picked = [int(i) for i in chosen]
+        bad = [i for i in picked if not 0 <= i < frames]
+        if bad:
+            raise ValueError(f"frames {bad} are out of range for a clip of {frames} frames.")
+        return picked
+    if frames <= max_columns:
+        return list(range(frames))
+    return [int(i) for i in np.rint(np.linspace(0, frames - 1, max_columns))]
+
+
+def plot_video(
+    video: ArrayLike,
+    maps: ArrayLike,
+    labels: Optional[Sequence[str]] = None,
+    *,
+    times: Optional[Sequence[float]] = None,
+    indices: Optional[Sequence[int]] = None,
+    frames: Optional[Sequence[int]] = None,
+    max_columns: int = 16,
+    show_frames: bool = True,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    panel_size: float = 1.6,
+    title: Optional[str] = None,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""A video's map as a strip of frames: one column per frame, one row per target.
+
+    All panels share one colour scale (a video's map is normalised over all its frames
+    together, so a frame that is dim here is less relevant than a bright one) and one
+    colour bar. Column titles name each frame's index in the clip and, with ``times``,
+    its time in seconds.
+
+    Args:
+
+        video (Tensor or numpy.ndarray): One clip as the model takes it, ``(T, C, H, W)``
+                    (or ``(1, T, C, H, W)``; HF video models' ``pixel_values``), or decoded
+                    frames ``(T, H, W, 3)`` (uint8 or floats in [0, 1]).
+        maps (Tensor or numpy.ndarray): One target's map ``(T, H, W)``
+                    (``output="map"`` without its channel) or ``(T, C, H, W)``
+                    (``output="input"``), or K targets' ``(K, T, H, W)`` or
+                    ``(K, T, C, H, W)`` (``attribute_multi(...)[0]``). A map with fewer
+                    time steps than frames (``output="grid"``: one step per tubelet) gives
+                    each frame its tubelet's map; other spatial sizes are upsampled
+                    bilinearly. A 4-D map whose first sizes are the clip's ``T`` and ``C``
+                    is read as one target's ``(T, C, H, W)`` unless ``labels`` names ``T``
+                    targets.
+        labels (sequence of str, optional): One row label per target (class name).
+                    Default: None ("target 0", ...)
+        times (sequence of float, optional): Each frame's time in seconds (titles).
+                    Default: None
+        indices (sequence of int, optional): Each frame's index in the original clip
+                    (titles), e.g. the sampled frame numbers.
+                    Default: None (0, 1, ...)
+        frames (sequence of int, optional): Which of the ``T`` frames to draw.
+                    Default: None (all, or ``max_columns`` spread evenly)
+        max_columns (int, optional): Most frames drawn when ``frames`` is not given.
+                    Default: 16
+        show_frames (bool, optional): A first row with the plain frames.
+                    Default: True
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): Value of the colour map's first colour.
+                    Default: None (the smallest value of all maps)
+        vmax (float, optional): Value of the colour map's last colour.
+                    Default: None (the largest value of all maps)
+        panel_size (float, optional): Width and height of one panel in inches.
+                    Default: 1.6
+        title (str, optional): The figure's title.
+                    Default: None
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``K`` (+1) rows of frames and a colour bar (the
+        last axes of ``fig.axes``).
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_video
+        >>> x = processor(frames, return_tensors="pt")["pixel_values"]  # (1, T, C, H, W)
+        >>> maps = LeGrad(model).attribute_multi(x, targets=[3, 7])     # (1, 2, T, C, H, W)
+        >>> fig = plot_video(x[0], maps[0], ["class 3", "class 7"], mean=MEAN, std=STD,
+        ...                  save="clip.png")
+    """
+    rgb = _video_rgb(video, mean, std)
+    clip = _frames(video)
+    channels = int(clip.shape[1]) if clip.shape[1] in (1, 3) else int(clip.shape[-1])
+    size = (rgb[0].shape[0], rgb[0].shape[1])
+    count = len(rgb)
+    stack = _video_maps(maps, count, channels, size, len(labels) if labels is not None else None)
+    k = stack.shape[0]
+    names = [f"target {i}" for i in range(k)] if labels is None else list(labels)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} labels for {k} maps: give one label per target.")
+    for what, values in (("times", times), ("indices", indices)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{what} has {len(values)} entries for {count} frames.")
+    shown = _shown(count, frames, max_columns)
+    low = float(np.nanmin(stack)) if vmin is None else vmin
+    high = float(np.nanmax(stack)) if vmax is None else vmax
+    rows = k + int(show_frames)
+    aspect = size[1] / size[0]
+    fig = _matplotlib()(
+        figsize=(panel_size * aspect * len(shown) + 1.2, panel_size * rows + 0.4),
+        layout="constrained",
+    )
+    axes = fig.subplots(rows, len(shown), squeeze=False)
+    image = None
+    for col, position in enumerate(shown):
+        if show_frames:
+            ax = axes[0, col]
+            ax.imshow(rgb[position], cmap="gray" if rgb[position].ndim == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for row in range(k):
+            ax = axes[row + int(show_frames), col]
+            ax.imshow(rgb[position], cmap="gray" if rgb[position].ndim == 2 else None)
+            image = ax.imshow(stack[row, position], cmap=cmap, alpha=alpha, vmin=low, vmax=high)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(_frame_title(position, indices, times), fontsize="small")
+    if show_frames:
+        axes[0, 0].set_ylabel("frames", fontsize="small")
+    for row in range(k):
+        axes[row + int(show_frames), 0].set_ylabel(names[row], fontsize="small")
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes[int(show_frames) :, :], fraction=0.03, pad=0.01)
+        bar.set_label("LeGrad relevance", fontsize="small")
     if title is not None:
         fig.suptitle(title)
     return _finish(fig, save, dpi)
 
 
-__all__ += ["plot_answer"]
+def _compose(rgb: np.ndarray, amap: np.ndarray, colours: Any, alpha: float) -> np.ndarray:
+    """One overlay frame, ``(H, W, 3)`` floats: the frame blended with the coloured map."""
+    base = np.repeat(rgb[..., None], 3, axis=-1) if rgb.ndim == 2 else rgb
+    coloured = np.asarray(colours(amap))[..., :3]
+    seen = np.isfinite(amap)[..., None]
+    blended = (1.0 - alpha) * base + alpha * coloured
+    return np.where(seen, blended, base).astype(np.float32)
+
+
+def overlay_frames(
+    video: ArrayLike,
+    maps: ArrayLike,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+) -> np.ndarray:
+    r"""One target's map blended into every frame of its clip, as images.
+
+    Args:
+
+        video (Tensor or numpy.ndarray): As in :func:`plot_video`.
+        maps (Tensor or numpy.ndarray): One target's ``(T, H, W)`` or ``(T, C, H, W)``
+                    map (fewer time steps or another spatial size as in
+                    :func:`plot_video`).
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): Value of the colour map's first colour.
+                    Default: None (the map's minimum over all frames)
+        vmax (float, optional): Value of the colour map's last colour.
+                    Default: None (the map's maximum over all frames)
+
+    Returns:
+        *numpy.ndarray* ``(T, H, W, 3)`` uint8.
+
+    Examples::
+
+        >>> from captum_legrad.viz import overlay_frames
+        >>> frames = overlay_frames(x[0], attr[0], mean=MEAN, std=STD)
+    """
+    _matplotlib()
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    rgb = _video_rgb(video, mean, std)
+    clip = _frames(video)
+    channels = int(clip.shape[1]) if clip.shape[1] in (1, 3) else int(clip.shape[-1])
+    size = (rgb[0].shape[0], rgb[0].shape[1])
+    stack = _video_maps(maps, len(rgb), channels, size, 1)
+    if stack.shape[0] != 1:
+        raise ValueError(f"one target's map is needed, got {stack.shape[0]}: pass maps[k].")
+    norm = Normalize(
+        vmin=float(np.nanmin(stack)) if vmin is None else vmin,
+        vmax=float(np.nanmax(stack)) if vmax is None else vmax,
+    )
+    colours = colormaps[cmap]
+    out = [
+        _compose(frame, norm(amap).filled(np.nan), colours, alpha)
+        for frame, amap in zip(rgb, stack[0])
+    ]
+    return (np.clip(np.stack(out), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _caption(frame: np.ndarray, text: str, colours: Any) -> np.ndarray:
+    """The frame over a band with ``text`` and a colour bar (low → high)."""
+    from PIL import Image, ImageDraw
+
+    height, width = frame.shape[:2]
+    band = 16
+    canvas = np.full((height + band, width, 3), 255, dtype=np.uint8)
+    canvas[:height] = frame
+    bar_width = max(width // 4, 8)
+    ramp = (np.asarray(colours(np.linspace(0.0, 1.0, bar_width)))[:, :3] * 255).astype(np.uint8)
+    canvas[height + 4 : height + band - 4, width - bar_width - 2 : width - 2] = ramp[None]
+    image = Image.fromarray(canvas)
+    ImageDraw.Draw(image).text((2, height + 2), text, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def animate_video(
+    video: ArrayLike,
+    maps: ArrayLike,
+    path: PathLike,
+    *,
+    times: Optional[Sequence[float]] = None,
+    indices: Optional[Sequence[int]] = None,
+    fps: Optional[float] = None,
+    min_size: int = 160,
+    caption: bool = True,
+    format: Optional[str] = None,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+) -> str:
+    r"""Write one target's map over its clip as an animation: GIF (Pillow) or MP4 (PyAV).
+
+    Each frame of the clip becomes one frame of the animation (:func:`overlay_frames`, one
+    colour scale for all frames), enlarged so that its shorter side is at least
+    ``min_size`` pixels, with a caption band: the frame's position, its index in the
+    clip, its time, and the colour bar (low → high). A GIF loops and plays anywhere (a
+    browser, a README); an MP4 (H.264 where FFmpeg has it, else MPEG-4 part 2, yuv420p) is
+    smaller for long clips and needs PyAV (the ``media`` extra).
+
+    Args:
+
+        video (Tensor or numpy.ndarray): As in :func:`plot_video`.
+        maps (Tensor or numpy.ndarray): One target's map, as in :func:`overlay_frames`.
+        path (str or os.PathLike): Where to write (``.gif`` or ``.mp4``).
+        times (sequence of float, optional): Each frame's time in seconds (caption, and
+                    the default frame rate).
+                    Default: None
+        indices (sequence of int, optional): Each frame's index in the clip (caption).
+                    Default: None
+        fps (float, optional): Frames per second of the animation.
+                    Default: None (real time from ``times``, between 1 and 30; else 4)
+        min_size (int, optional): Shorter side of the animation in pixels at least.
+                    Default: 160
+        caption (bool, optional): Add the caption band.
+                    Default: True
+        format (str, optional): ``"gif"`` or ``"mp4"``.
+                    Default: None (from the suffix of ``path``)
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map.
+                    Default: 0.5
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: "jet"
+        vmin (float, optional): As in :func:`overlay_frames`.
+                    Default: None
+        vmax (float, optional): As in :func:`overlay_frames`.
+                    Default: None
+
+    Returns:
+        *str*: the path written.
+
+    Examples::
+
+        >>> from captum_legrad.viz import animate_video
+        >>> animate_video(x[0], attr[0], "clip.gif", mean=MEAN, std=STD)
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    kind = (format or os.fspath(path).rsplit(".", 1)[-1]).lower()
+    if kind not in ("gif", "mp4"):
+        raise ValueError(f"animations are written as gif or mp4, got {kind!r}.")
+    frames = overlay_frames(
+        video, maps, mean=mean, std=std, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax
+    )
+    count, height, width = frames.shape[:3]
+    for what, values in (("times", times), ("indices", indices)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{what} has {len(values)} entries for {count} frames.")
+    if fps is None:
+        span = float(times[-1]) - float(times[0]) if times is not None and count > 1 else 0.0
+        fps = min(max((count - 1) / span, 1.0), 30.0) if span > 0 else 4.0
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}.")
+    scale = max(1, -(-min_size // min(height, width)))
+    images = []
+    for position, frame in enumerate(frames):
+        image = Image.fromarray(frame)
+        if scale > 1:
+            image = image.resize((width * scale, height * scale), Image.Resampling.BILINEAR)
+        array = np.asarray(image)
+        if caption:
+            index = int(indices[position]) if indices is not None else position
+            text = f"{position + 1}/{count}  frame {index}"
+            if times is not None:
+                text += f"  {float(times[position]):.2f} s"
+            array = _caption(array, text, colours=colormaps[cmap])
+        images.append(array)
+    if kind == "gif":
+        # one palette per frame by fast octree quantisation: Pillow's default (median cut)
+        # takes seconds per large frame
+        first, *rest = [
+            Image.fromarray(a).quantize(256, method=Image.Quantize.FASTOCTREE) for a in images
+        ]
+        first.save(
+            path,
+            format="GIF",
+            save_all=True,
+            append_images=rest,
+            duration=max(round(1000.0 / fps), 20),
+            loop=0,
+            disposal=1,
+        )
+    else:
+        _write_mp4(images, path, fps)
+    return os.fspath(path)
+
+
+def _write_mp4(images: Sequence[np.ndarray], path: PathLike, fps: float) -> None:
+    from fractions import Fraction
+
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError(
+            "writing MP4 needs PyAV: install the 'media' extra: pip install "
+            '"captum-legrad[media]" (or pip install av), or write a .gif.'
+        ) from error
+    height, width = images[0].shape[:2]
+    even = (height + height % 2, width + width % 2)  # yuv420p needs even sides
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(os.fspath(path), mode="w", format="mp4") as container:
+        stream: Any = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width = even
+        stream.pix_fmt = "yuv420p"
+        for array in images:
+            padded = np.zeros((*even, 3), dtype=np.uint8)
+            padded[:height, :width] = array
+            for packet in stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _kaldi_mel(hz: np.ndarray) -> np.ndarray:
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def mel_bin_of(
+    hz: float, bins: int, sampling_rate: int, fmin: float = 20.0, fmax: Optional[float] = None
+) -> float:
+    """The (fractional) mel bin whose centre is ``hz`` on Kaldi's mel scale
+    (``1127 ln(1 + f / 700)``, ``bins`` triangular filters from ``fmin`` to ``fmax``, the
+    Nyquist frequency by default), as ``torchaudio.compliance.kaldi.fbank`` and the Audio
+    Spectrogram Transformer's feature extractor build them."""
+    top = sampling_rate / 2.0 if fmax is None else fmax
+    low, high = _kaldi_mel(np.array(fmin)), _kaldi_mel(np.array(top))
+    step = (high - low) / (bins + 1)
+    return float((_kaldi_mel(np.array(hz)) - low) / step - 1.0)
+
+
+def plot_spectrogram(
+    spectrogram: ArrayLike,
+    maps: ArrayLike,
+    labels: Optional[Sequence[str]] = None,
+    *,
+    sampling_rate: int = 16000,
+    hop_length: Optional[int] = None,
+    frequency: str = "mel",
+    fmin: float = 20.0,
+    fmax: Optional[float] = None,
+    duration: Optional[float] = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    spectrogram_cmap: str = "gray",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    figsize: Optional[Tuple[float, float]] = None,
+    title: Optional[str] = None,
+    save: Optional[PathLike] = None,
+    dpi: int = 100,
+) -> Figure:
+    r"""An audio map over its spectrogram: time (s) across, frequency up, a colour bar.
+
+    The first panel is the spectrogram alone, then one panel per target with its map over
+    the spectrogram; all panels share the time axis and one colour scale. With
+    ``duration``, the padding after the end of the audio (feature extractors pad to a
+    fixed length) is hatched.
+
+    Args:
+
+        spectrogram (Tensor or numpy.ndarray): ``(time, mel)``, as the Audio Spectrogram
+                    Transformer takes it (``input_values``; ``(1, time, mel)`` too).
+        maps (Tensor or numpy.ndarray): In the same layout: one target's ``(time, mel)``
+                    (``output="input"``) or K targets' ``(K, time, mel)``
+                    (``attribute_multi(..., output="input")[0]``).
+        labels (sequence of str, optional): One title per target.
+                    Default: None ("target 0", ...)
+        sampling_rate (int, optional): The audio's sampling rate (Hz).
+                    Default: 16000
+        hop_length (int, optional): Samples between spectrogram frames.
+                    Default: None (10 ms: ``sampling_rate // 100``, Kaldi's frame shift)
+        frequency (str, optional): ``"mel"`` (the axis counts mel bins) or ``"hz"`` (the
+                    same axis labelled in Hz at the bins' centres, Kaldi's mel scale from
+                    ``fmin`` to ``fmax``; see :func:`mel_bin_of`).
+                    Default: "mel"
+        fmin (float, optional): Lowest filter frequency (Hz), for ``frequency="hz"``.
+                    Default: 20.0
+        fmax (float, optional): Highest filter frequency (Hz).
+                    Default: None (the Nyquist frequency)
+        duration (float, optional): The audio's length in seconds; later frames are
+                    padding and hatched.
+                    Default: None
+        alpha (float, optional): Opacity of the maps.
+                    Default: 0.5
+        cmap (str, optional): The maps' colour map.
+                    Default: "jet"
+        spectrogram_cmap (str, optional): The spectrogram's colour map.
+                    Default: "gray"
+        vmin (float, optional): Value of the colour map's first colour.
+                    Default: None (the smallest value of all maps)
+        vmax (float, optional): Value of the colour map's last colour.
+                    Default: None (the largest value of all maps)
+        figsize (tuple[float, float], optional): Figure size in inches.
+                    Default: None (10 wide, 2.2 per panel)
+        title (str, optional): The figure's title.
+                    Default: None
+        save (str or os.PathLike, optional): Save the figure there.
+                    Default: None
+        dpi (int, optional): Resolution when saving.
+                    Default: 100
+
+    Returns:
+        *matplotlib.figure.Figure* with ``1 + K`` panels and a colour bar (the last axes).
+
+    Examples::
+
+        >>> from captum_legrad.viz import plot_spectrogram
+        >>> x = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_values"]
+        >>> maps = LeGrad(ast).attribute_multi(x, targets=[0, 5], output="input")
+        >>> fig = plot_spectrogram(x[0], maps[0], ["Speech", "Music"], frequency="hz")
+    """
+    if frequency not in ("mel", "hz"):
+        raise ValueError(f"frequency must be 'mel' or 'hz', got {frequency!r}.")
+    spec = _tensor(spectrogram, "spectrogram").float()
+    if spec.dim() == 3 and spec.shape[0] == 1:
+        spec = spec[0]
+    if spec.dim() != 2:
+        raise ValueError(
+            f"spectrogram must be (time, mel), got shape {tuple(spec.shape)}; pick one clip "
+            "of a batch with x[i]."
+        )
+    stack = _tensor(maps, "maps").float()
+    if stack.dim() == 4 and stack.shape[0] == 1:
+        stack = stack[0]
+    if stack.dim() == 2:
+        stack = stack[None]
+    if stack.dim() != 3 or tuple(stack.shape[1:]) != tuple(spec.shape):
+        raise ValueError(
+            f"maps must be (time, mel) or (K, time, mel) like the spectrogram "
+            f"{tuple(spec.shape)}, got {tuple(_tensor(maps, 'maps').shape)}; use "
+            'output="input" for maps in the spectrogram\'s layout.'
+        )
+    k = stack.shape[0]
+    names = [f"target {i}" for i in range(k)] if labels is None else list(labels)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} labels for {k} maps: give one label per target.")
+    steps, bins = spec.shape
+    hop = hop_length if hop_length is not None else sampling_rate // 100
+    seconds = steps * hop / float(sampling_rate)
+    extent = (0.0, seconds, -0.5, bins - 0.5)
+    low = float(np.nanmin(stack.numpy())) if vmin is None else vmin
+    high = float(np.nanmax(stack.numpy())) if vmax is None else vmax
+    fig = _matplotlib()(figsize=figsize or (10.0, 2.2 * (1 + k) + 0.4), layout="constrained")
+    axes = fig.subplots(1 + k, 1, sharex=True, squeeze=False)[:, 0]
+    image = None
+    for row, ax in enumerate(axes):
+        ax.imshow(
+            spec.T.numpy(), origin="lower", aspect="auto", extent=extent, cmap=spectrogram_cmap
+        )
+        if row == 0:
+            ax.set_title("spectrogram", fontsize="small")
+        else:
+            image = ax.imshow(
+                stack[row - 1].T.numpy(),
+                origin="lower",
+                aspect="auto",
+                extent=extent,
+                cmap=cmap,
+                alpha=alpha,
+                vmin=low,
+                vmax=high,
+            )
+            ax.set_title(names[row - 1], fontsize="small")
+        if duration is not None and duration < seconds:
+            ax.axvspan(duration, seconds, facecolor="none", edgecolor="white", hatch="//")
+        if frequency == "mel":
+            ax.set_ylabel("mel bin")
+        else:
+            top = sampling_rate / 2.0 if fmax is None else fmax
+            marks = [f for f in (100, 250, 500, 1000, 2000, 4000, 8000, 16000) if fmin < f < top]
+            ax.set_yticks([mel_bin_of(f, bins, sampling_rate, fmin, fmax) for f in marks])
+            ax.set_yticklabels([f"{f:g}" for f in marks])
+            ax.set_ylabel("frequency (Hz)")
+        ax.set_ylim(-0.5, bins - 0.5)
+    axes[-1].set_xlabel("time (s)")
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes), fraction=0.03, pad=0.01)
+        bar.set_label("LeGrad relevance", fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, save, dpi)
+
+
+__all__ += ["plot_video", "overlay_frames", "animate_video", "plot_spectrogram", "mel_bin_of"]
+
+
+def blend(
+    image: ArrayLike,
+    attribution: ArrayLike,
+    *,
+    mean: Stats = None,
+    std: Stats = None,
+    alpha: Optional[float] = None,
+    cmap: Optional[str] = None,
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    style: Optional[FigureStyle] = None,
+) -> np.ndarray:
+    r"""The overlay of :func:`overlay` as an RGB array instead of a figure (for web pages,
+    image files and galleries): ``(1 - alpha) * image + alpha * colours(map)``.
+
+    Args:
+
+        image (Tensor or numpy.ndarray): The image ``(C, H, W)`` or ``(1, C, H, W)``, as
+                    given to the model.
+        attribution (Tensor or numpy.ndarray): Its map, as for :func:`overlay` (a map of
+                    another size is upsampled bilinearly to the image).
+        mean (float, sequence or Tensor, optional): Normalisation mean to undo.
+                    Default: None
+        std (float, sequence or Tensor, optional): Normalisation std to undo.
+                    Default: None
+        alpha (float, optional): Opacity of the map, 0..1.
+                    Default: the style's (0.5)
+        cmap (str, optional): A matplotlib colour map name.
+                    Default: the style's ("jet")
+        vmin (float, optional): Value drawn with the colour map's first colour.
+                    Default: the style's (None: the map's minimum)
+        vmax (float, optional): Value drawn with the colour map's last colour.
+                    Default: the style's (None: the map's maximum)
+        style (FigureStyle, optional): Colour map, opacity and range in one object; the
+                    keywords above win over it.
+                    Default: None (``FigureStyle()``)
+
+    Returns:
+        *numpy.ndarray*: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
+
+    Examples::
+
+        >>> from PIL import Image
+        >>> from captum_legrad.viz import blend
+        >>> rgb = blend(x[0], attr[0], mean=MEAN, std=STD, alpha=0.5)
+        >>> Image.fromarray((rgb * 255).round().astype("uint8")).save("legrad.png")
+    """
+    _matplotlib()
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    rgb = denormalize(image, mean, std)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    amap = _map(attribution, (rgb.shape[0], rgb.shape[1]))
+    s = _resolve(style, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax)
+    scale = Normalize(vmin=s.vmin, vmax=s.vmax, clip=True)
+    colours = np.asarray(colormaps[s.cmap](scale(amap))[..., :3], dtype=np.float32)
+    mixed = (1 - s.alpha) * rgb + s.alpha * colours
+    return np.asarray(np.clip(mixed, 0.0, 1.0), dtype=np.float32)
+
+
+__all__ += ["blend"]

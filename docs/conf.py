@@ -42,7 +42,9 @@ autodoc_default_options: dict = {}
 
 html_theme = "alabaster"
 html_title = f"captum_legrad {release}"
-html_static_path: list = []
+# docs/_static/custom.css: tables and code blocks scroll inside their column
+html_static_path: list = ["_static"]
+html_css_files = ["custom.css"]
 
 
 def _captum_returns(

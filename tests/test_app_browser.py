@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ def serve(tmp_path: Path, *extra: str) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
+    LOGS[url] = tmp_path / "server.log"
     try:
         deadline = time.monotonic() + SERVER_START_S
         while True:
@@ -66,14 +68,18 @@ def serve(tmp_path: Path, *extra: str) -> Iterator[str]:
         log.close()
 
 
-@pytest.fixture
-def default_app(tmp_path: Path) -> Iterator[str]:
-    yield from serve(tmp_path)
+#: The server log of each served address.
+LOGS: Dict[str, Path] = {}
 
 
-@pytest.fixture
-def clip_app(tmp_path: Path) -> Iterator[str]:
-    yield from serve(tmp_path, "--clip")
+@pytest.fixture(scope="module")
+def default_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from serve(tmp_path_factory.mktemp("default_app"))
+
+
+@pytest.fixture(scope="module")
+def clip_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from serve(tmp_path_factory.mktemp("clip_app"), "--clip")
 
 
 def photo(path: Path) -> Path:
@@ -87,15 +93,82 @@ def photo(path: Path) -> Path:
     return path
 
 
+def shape_images(tmp_path: Path) -> List[Path]:
+    """Two images of the bundled model's own domain with different top classes."""
+    from PIL import Image
+
+    from captum_legrad.data import ShapesDataset
+
+    data = ShapesDataset(2, seed=1)  # top classes: circle and ring
+    paths = []
+    for i in range(2):
+        array = (data[i].image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).resize((128, 128)).save(tmp_path / f"shapes_{i}.png")
+        paths.append(tmp_path / f"shapes_{i}.png")
+    return paths
+
+
 def artifact(name: str, tmp_path: Path) -> Path:
     folder = Path(os.environ.get("LEGRAD_ARTIFACTS", str(tmp_path)))
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
 
 
-def explain_in_browser(url: str, tmp_path: Path, upload: Path, what: str, shot: str) -> List[str]:
-    """Upload, type, press Explain; returns the gallery captions. Fails on any outside request."""
+#: For every result image: its natural and drawn aspect ratios, whether the drawn picture
+#: lies whole inside the box and every clipping ancestor, and whether a caption covers it.
+GEOMETRY = """(selector) => [...document.querySelectorAll(selector)].map(img => {
+  const box = img.getBoundingClientRect();
+  const fit = getComputedStyle(img).objectFit;
+  const nw = img.naturalWidth, nh = img.naturalHeight;
+  let w = box.width, h = box.height;
+  if (fit === 'contain' || fit === 'scale-down') {
+    const k = Math.min(box.width / nw, box.height / nh, fit === 'scale-down' ? 1 : Infinity);
+    w = nw * k; h = nh * k;
+  } else if (fit === 'cover') {
+    const k = Math.max(box.width / nw, box.height / nh); w = nw * k; h = nh * k;
+  } else if (fit === 'none') { w = nw; h = nh; }
+  const drawn = {left: box.left + (box.width - w) / 2, top: box.top + (box.height - h) / 2};
+  drawn.right = drawn.left + w; drawn.bottom = drawn.top + h;
+  let clip = {left: box.left, top: box.top, right: box.right, bottom: box.bottom};
+  for (let el = img.parentElement; el; el = el.parentElement) {
+    const style = getComputedStyle(el);
+    const clips = ['hidden', 'clip'];
+    if (clips.includes(style.overflowX) || clips.includes(style.overflowY)) {
+      const r = el.getBoundingClientRect();
+      clip = {left: Math.max(clip.left, r.left), top: Math.max(clip.top, r.top),
+              right: Math.min(clip.right, r.right), bottom: Math.min(clip.bottom, r.bottom)};
+    }
+  }
+  const inside = drawn.left >= clip.left - 1 && drawn.top >= clip.top - 1
+    && drawn.right <= clip.right + 1 && drawn.bottom <= clip.bottom + 1;
+  const caption = img.parentElement.querySelector('.caption-label');
+  let covered = 0, text = '', truncated = false;
+  if (caption) {
+    const c = caption.getBoundingClientRect();
+    covered = Math.max(0, Math.min(c.right, drawn.right) - Math.max(c.left, drawn.left))
+      * Math.max(0, Math.min(c.bottom, drawn.bottom) - Math.max(c.top, drawn.top));
+    text = caption.innerText;
+    truncated = caption.scrollWidth > caption.clientWidth + 1
+      || caption.scrollHeight > caption.clientHeight + 1;
+  }
+  return {natural: nw / nh, drawn: w / h, inside, covered, caption: text, truncated,
+          alt: img.alt, width: w};
+})"""
+
+
+def explore(
+    url: str,
+    tmp_path: Path,
+    uploads: Sequence[Path],
+    what: str,
+    shot: str,
+    reference: Optional[Path] = None,
+    error: str = "",
+) -> Dict[str, Any]:
+    """Upload, type, press Explain; returns the summary and the geometry of the results
+    (or, with ``error``, waits for that message). Fails on any request off the server."""
     outside: List[str] = []
+    found: Dict[str, Any] = {}
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
@@ -103,50 +176,135 @@ def explain_in_browser(url: str, tmp_path: Path, upload: Path, what: str, shot: 
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
-            def local_only(route: object) -> None:
-                request_url = route.request.url  # type: ignore[attr-defined]
+            def local_only(route: Any) -> None:
+                request_url = route.request.url
                 if request_url.startswith(("http://127.0.0.1", "data:", "blob:")):
-                    route.continue_()  # type: ignore[attr-defined]
+                    route.continue_()
                 else:
                     outside.append(request_url)
-                    route.abort()  # type: ignore[attr-defined]
+                    route.abort()
 
             page.route("**/*", local_only)
             page.goto(url)
             page.locator("#explain").wait_for(timeout=60_000)
-            page.locator("input[type=file]").first.set_input_files(str(upload))
+            page.locator("input[type=file]").first.set_input_files([str(p) for p in uploads])
+            previews = page.locator("#previews img")
+            previews.nth(len(uploads) - 1).wait_for(timeout=60_000)
+            if reference is not None:
+                page.locator("#reference input[type=file]").set_input_files(str(reference))
+                page.get_by_text(reference.name).first.wait_for(timeout=60_000)
             if what:
                 page.locator("#what textarea, #what input").first.fill(what)
             page.locator("#explain").click()
-            images = page.locator("#maps img")
-            images.first.wait_for(timeout=120_000)
+            if error:
+                page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
+                page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
+                return found
+            page.locator("#maps img").first.wait_for(timeout=120_000)
+            page.locator("#layers img").first.wait_for(timeout=120_000)
             page.wait_for_function(
-                "() => [...document.querySelectorAll('#maps img')]"
+                "() => [...document.querySelectorAll('.legrad-results img')]"
                 ".every(img => img.complete && img.naturalWidth > 0)",
                 timeout=60_000,
             )
-            summary = page.locator("#summary").inner_text()
-            captions = [summary]
+            found["summary"] = page.locator("#summary").inner_text()
+            found["previews"] = page.evaluate(GEOMETRY, "#previews img")
+            found["maps"] = page.evaluate(GEOMETRY, "#maps img")
+            found["layers"] = page.evaluate(GEOMETRY, "#layers img")
+            found["colour bar"] = page.locator("#colourbar").inner_text()
             page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
         finally:
             browser.close()
     assert outside == [], f"the page asked the internet for {outside[:5]}"
-    return captions
+    return found
 
 
-def test_upload_a_photo_and_see_the_top_class_explained(default_app: str, tmp_path: Path) -> None:
+def assert_whole(results: List[Dict[str, Any]], count: int) -> None:
+    """``count`` images, each drawn whole at its own aspect ratio, no caption over it."""
+    assert len(results) == count
+    for image in results:
+        assert abs(image["drawn"] - image["natural"]) < 0.01, image
+        assert image["inside"] and image["covered"] == 0, image
+        assert not image["truncated"] and image["width"] > 100, image
+
+
+def test_one_image_drawn_whole_with_its_caption(default_app: str, tmp_path: Path) -> None:
     from captum_legrad.data import CLASSES
 
-    (summary,) = explain_in_browser(
-        default_app, tmp_path, photo(tmp_path / "photo.png"), "", "app_default.png"
+    found = explore(default_app, tmp_path, [photo(tmp_path / "photo.png")], "", "app_one_image.png")
+    assert "photo.png" in found["summary"] and "p = " in found["summary"]
+    assert any(name in found["summary"] for name in CLASSES)
+    assert "0 (low)" in found["colour bar"] and "1 (high)" in found["colour bar"]
+    assert_whole(found["previews"], 1)
+    assert_whole(found["maps"], 1)
+    assert_whole(found["layers"], 4)  # the bundled model's 4 blocks
+    caption = found["maps"][0]["caption"]
+    assert re.fullmatch(rf"photo\.png: ({'|'.join(CLASSES)}) \(p = [01]\.\d\d\)", caption)
+    assert found["previews"][0]["caption"] == "photo.png"
+    assert artifact("app_one_image.png", tmp_path).stat().st_size > 10_000
+
+
+def test_two_images_each_caption_names_its_image_and_target(
+    default_app: str, tmp_path: Path
+) -> None:
+    first, second = shape_images(tmp_path)
+    found = explore(default_app, tmp_path, [first, second], "", "app_two_images.png")
+    assert_whole(found["previews"], 2)
+    assert_whole(found["maps"], 2)
+    assert_whole(found["layers"], 4)
+    captions = [image["caption"] for image in found["maps"]]
+    assert re.fullmatch(r"shapes_0\.png: circle \(p = 1\.00\)", captions[0]), captions
+    assert re.fullmatch(r"shapes_1\.png: ring \(p = 1\.00\)", captions[1]), captions
+    for caption, image in zip(captions, found["maps"]):
+        assert image["alt"] == caption
+    assert "shapes_0.png\tcircle" in found["summary"] and "shapes_1.png\tring" in found["summary"]
+
+
+def test_a_typo_is_a_message_on_the_page_and_one_line_on_the_console(
+    default_app: str, tmp_path: Path
+) -> None:
+    explore(
+        default_app,
+        tmp_path,
+        [photo(tmp_path / "photo.png")],
+        "circel",
+        "app_typo.png",
+        error="Unknown class name 'circel'",
     )
-    assert "photo.png" in summary and "p = " in summary
-    assert any(name in summary for name in CLASSES)
-    assert artifact("app_default.png", tmp_path).stat().st_size > 10_000
+    log = LOGS[default_app].read_text()
+    assert "Traceback" not in log
+    assert [line for line in log.splitlines() if "circel" in line] == [
+        "captum-legrad app: Unknown class name 'circel' for this model; did you mean 'circle' (0)?"
+    ]
 
 
 def test_a_prompt_gets_its_map(clip_app: str, tmp_path: Path) -> None:
-    (summary,) = explain_in_browser(
-        clip_app, tmp_path, photo(tmp_path / "photo.png"), "a red square", "app_prompt.png"
+    found = explore(
+        clip_app, tmp_path, [photo(tmp_path / "photo.png")], "a red square", "app_prompt.png"
     )
-    assert "a red square" in summary and "cosine" in summary
+    assert "a red square" in found["summary"] and "cosine" in found["summary"]
+    assert_whole(found["maps"], 1)
+
+
+def test_compare_with_an_image(clip_app: str, tmp_path: Path) -> None:
+    first, second = shape_images(tmp_path)
+    found = explore(clip_app, tmp_path, [first, second], "", "app_compare.png", reference=second)
+    assert_whole(found["maps"], 2)
+    captions = [image["caption"] for image in found["maps"]]
+    assert re.fullmatch(
+        r"shapes_0\.png: like shapes_1\.png \(cosine similarity 0\.\d{3}\)", captions[0]
+    )
+    assert captions[1] == "shapes_1.png: like shapes_1.png (cosine similarity 1.000)"
+
+
+def test_compare_with_a_classifier_is_one_message(default_app: str, tmp_path: Path) -> None:
+    first, second = shape_images(tmp_path)
+    explore(
+        default_app,
+        tmp_path,
+        [first],
+        "",
+        "app_compare_classifier.png",
+        reference=second,
+        error="This model has no image embedding",
+    )

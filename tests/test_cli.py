@@ -55,6 +55,7 @@ from PIL import Image
 from captum_legrad import LeGrad
 from captum_legrad.cli import main
 from captum_legrad.data import ShapesDataset, load_default_model, normalize
+from captum_legrad.eval import models
 from captum_legrad.eval.datasets import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,7 @@ def test_explain_timm_with_local_weights_matches_direct_call(
     np.testing.assert_allclose(np.load(out / "im_remote_control.npy"), expected, atol=1e-5)
     with torch.no_grad():
         probability = float(model(x).softmax(-1)[0, 2])
-    assert f"remote control ({probability:.2f})" in stdout
+    assert f"remote control ({probability:.3f})" in stdout  # as the figure prints it
     assert f"weights: file {weights}" in stdout  # says where the weights came from
 
 
@@ -291,6 +292,8 @@ def test_timm_hub_unreachable_says_how_to_pass_weights(
     calls: List[str] = []
     if not offline:  # the hub "is unreachable": the download raises as without a network
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        # the host answers the first connection (else the loader goes offline at once)
+        monkeypatch.setattr(models, "probe_host", lambda host, port, timeout: True)
 
         def unreachable(repo_id: str, filename: str, **kwargs: Any) -> str:
             calls.append(filename)
@@ -300,7 +303,10 @@ def test_timm_hub_unreachable_says_how_to_pass_weights(
     out = tmp_path / "out"
     argv = ["explain", str(tmp_path / "x.png"), "--model", "timm:vit_tiny_patch16_224"]
     code, _, err = run([*argv, "--out", str(out)], capsys)
-    assert code == 2 and err.count("\n") == 1, err
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 + (not offline), err
+    if not offline:  # said before trying (offline: the cache only, nothing to wait for)
+        assert lines[0] == "loading pretrained weights of timm:vit_tiny_patch16_224 from the hub..."
     assert "cannot load the pretrained weights of timm:vit_tiny_patch16_224" in err
     assert "--weights FILE" in err and "--random-weights" in err
     assert ("HF_HUB_OFFLINE is set" in err) == offline
@@ -329,8 +335,10 @@ def test_torchvision_hub_unreachable(
     assert code == 2 and "HF_HUB_OFFLINE is set" in err and "--weights FILE" in err
     assert calls == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(models, "probe_host", lambda host, port, timeout: True)
     code, _, err = run(argv, capsys)
-    assert code == 2 and "hub cannot be reached" in err and err.count("\n") == 1
+    assert code == 2 and "hub cannot be reached" in err and err.count("\n") == 2
+    assert err.startswith("loading pretrained weights of torchvision:vit_b_16 from the hub...")
     assert calls == ["https://download.pytorch.org/models/vit_b_16-c867db91.pth"]
 
 
@@ -370,7 +378,7 @@ def test_open_clip_prompts_with_local_weights(
     expected = project_by_hand(heat, (40, 30), (42, 32), (5, 0))
     np.testing.assert_allclose(np.load(tmp_path / "o" / "x_a_dog.npy"), expected, atol=1e-5)
     with torch.no_grad():
-        assert f"a dog ({float(sim(x)[0, 1]):.2f})" in stdout
+        assert f"a dog ({float(sim(x)[0, 1]):.3f})" in stdout
 
 
 def test_explain_hf_folder_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -506,6 +514,22 @@ BAD_INPUT = [
     (["eval", "--dataset", "shapes", "--device", "cuda"], "no CUDA GPU is available"),
     (["eval", "--dataset", "imagenet-seg", "--data", "nope.mat"], "not found"),
     (["eval", "--dataset", "imagenet-seg"], "needs --data"),
+    (
+        ["eval", "--dataset", "imagenet-seg", "--data", "LABELS3"],
+        "labels.txt is not an HDF5 file",
+    ),
+    (
+        [
+            "explain",
+            "IMG",
+            "--model",
+            "timm:vit_tiny_patch16_224",
+            "--random-weights",
+            "--ask",
+            "q",
+        ],
+        "--ask needs a vision-language model from transformers, not timm:",
+    ),
     (["eval", "--dataset", "shapes", "--methods", "legrad", "lime"], "unknown method"),
     (["eval", "--dataset", "shapes", "--threshold", "half"], "--threshold"),
     (["demo", "--num-images", "0"], "must be at least 1, got 0"),

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from test_capture_and_spec import TinyCustomViT, _custom_oracle
+from test_grids import VIDEO, Spectrogram, VideoViT, oracle_video
 from torch import nn
 
-from captum_legrad import LeGrad, UnsupportedModelError
+from captum_legrad import InputAxes, LeGrad, UnsupportedModelError
 from captum_legrad.custom import find_attentions, vit_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +127,43 @@ def test_patch_size_is_asked_for_when_it_cannot_be_found() -> None:
     assert spec.num_prefix_tokens == 2
     with pytest.raises(ValueError, match=r"18 tokens"):
         vit_spec(model, model.layers, model.classifier, x, patch_size=3)
+
+
+# ------------------------------------------------------------------ grids of any rank
+
+
+def test_docs_video_example_runs() -> None:
+    text = (ROOT / "docs" / "models.md").read_text()
+    section = text.split("### Video and spectrogram transformers of your own", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    exec(compile(block.group(1), "docs/models.md video vit_spec example", "exec"), {})
+
+
+def test_vit_spec_describes_a_video_grid_as_the_oracle_says() -> None:
+    torch.manual_seed(0)
+    model = VideoViT().eval()
+    video = torch.randn(2, 4, 3, 8, 12, generator=torch.Generator().manual_seed(3))
+    spec = vit_spec(
+        model, model.blocks, model.head, video, norm=model.norm, input_axes=VIDEO, pool="avg"
+    )
+    assert spec.patch_size == (2, 4, 4) and spec.patch_stride is None
+    assert spec.num_prefix_tokens == 1 and spec.input_grid(video) == (2, 2, 3)
+    ref = oracle_video(model, video, 1)  # the toy's own readout: head(norm(mean of all))
+    assert float(ref.flatten(2).std(-1).min()) > 0
+    got = LeGrad(model, spec=spec).attribute_layers(video, target=1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_vit_spec_finds_overlapping_spectrogram_patches() -> None:
+    torch.manual_seed(1)
+    model = Spectrogram().eval()
+    spectrogram = torch.randn(2, 11, 9)  # time 11, mel 9 → (f, t) grid (3, 4)
+    axes = InputAxes(grid=(2, 1), channels=None, name="spectrogram")
+    spec = vit_spec(model, model.blocks, model.head, spectrogram, norm=model.norm, input_axes=axes)
+    assert spec.patch_size == (4, 4) and spec.patch_stride == (2, 2)
+    assert spec.num_prefix_tokens == 0 and spec.input_grid(spectrogram) == (3, 4)
+    legrad = LeGrad(model, spec=spec)
+    assert legrad.attribute(spectrogram, target=0).shape == spectrogram.shape
+    with pytest.raises(ValueError, match="one positive size per grid axis"):
+        vit_spec(model, model.blocks, model.head, spectrogram, input_axes=axes, patch_size=(4,))

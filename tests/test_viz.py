@@ -219,3 +219,41 @@ def test_reports_leave_the_pyplot_backend_alone(tmp_path: Path) -> None:
     assert "matplotlib.use(" not in "".join(
         p.read_text() for p in (Path(__file__).parents[1] / "captum_legrad").rglob("*.py")
     )
+
+
+def test_one_style_object_for_every_figure(tmp_path: Path) -> None:
+    """FigureStyle sets cmap, alpha, colour bar, panel size, title size and dpi for every
+    function; a keyword given to the function wins; no style draws what it always drew."""
+    style = viz.FigureStyle(
+        cmap="inferno", alpha=0.7, colorbar=True, panel_size=1.5, title_size=13, dpi=30
+    )
+    x, amap = pictures(2), torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    fig = viz.overlay(x[0], amap[0], title="t", style=style, save=tmp_path / "o.png")
+    ax = fig.axes[0]
+    assert ax.images[1].get_cmap().name == "inferno" and ax.images[1].get_alpha() == 0.7
+    assert len(fig.axes) == 2  # the style's colour bar
+    assert ax.title.get_fontsize() == 13
+    assert tuple(fig.get_size_inches()) == (1.5, 1.5)
+    assert imread(tmp_path / "o.png").shape[0] < 1.5 * 30 + 2  # saved at the style's dpi
+    mine = viz.overlay(x[0], amap[0], style=style, alpha=0.2, cmap="gray", colorbar=False)
+    assert mine.axes[0].images[1].get_alpha() == 0.2 and len(mine.axes) == 1
+    assert mine.axes[0].images[1].get_cmap().name == "gray"
+    plain = viz.overlay(x[0], amap[0])  # the old defaults
+    assert plain.axes[0].images[1].get_cmap().name == "jet"
+    assert plain.axes[0].images[1].get_alpha() == 0.5 and tuple(plain.get_size_inches()) == (4, 4)
+    grid = viz.plot_targets(x, amap[:, None], ["a"], style=style)
+    assert tuple(grid.get_size_inches()) == (3.0, 3.0)  # 2 × 2 panels of 1.5 in
+    assert grid.axes[1].images[1].get_cmap().name == "inferno"
+    assert grid.axes[1].title.get_fontsize() == 13
+    layers = viz.plot_layers(x[0], torch.rand(3, 4, 4), show_sum=False, style=style)
+    assert tuple(layers.get_size_inches()) == (4.5, 1.5)
+    methods = viz.plot_methods(x, {"m": amap}, style=style)
+    assert len(methods.axes) == 5 and methods.axes[1].images[1].get_alpha() == 0.7
+    photo = viz.plot_photo(x[0].permute(1, 2, 0).numpy(), amap[:1], ["p"], style=style)
+    assert photo.get_size_inches()[1] == pytest.approx(1.5 + 0.8)
+    answer = viz.plot_answer(x[0], amap, ["a", "b"], style=style)
+    assert answer.axes[1].images[1].get_cmap().name == "inferno"
+    curves = viz.plot_curves([0.0, 0.5], {"m": (torch.ones(2), torch.zeros(2))}, style=style)
+    assert curves.axes[0].title.get_fontsize() == 13
+    with pytest.raises(TypeError, match="FigureStyle"):
+        viz.overlay(x[0], amap[0], style={"cmap": "gray"})  # type: ignore[arg-type]

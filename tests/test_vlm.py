@@ -378,12 +378,12 @@ def test_threads_share_one_model() -> None:
 
 
 def test_unsupported_models_are_refused() -> None:
-    tiled = type("LlavaNextForConditionalGeneration", (nn.Module,), {})()
+    video = type("LlavaNextVideoForConditionalGeneration", (nn.Module,), {})()
     with pytest.raises(UnsupportedModelError, match="tiles the image"):
-        AnswerLogits(tiled, torch.tensor([1]), torch.tensor([2]))
-    smol = type("SmolVLMForConditionalGeneration", (nn.Module,), {})()
-    with pytest.raises(UnsupportedModelError, match="splits the image into tiles"):
-        AnswerLogits(smol, torch.tensor([1]), torch.tensor([2]))
+        AnswerLogits(video, torch.tensor([1]), torch.tensor([2]))
+    resampled = type("Idefics2ForConditionalGeneration", (nn.Module,), {})()
+    with pytest.raises(UnsupportedModelError, match="perceiver"):
+        AnswerLogits(resampled, torch.tensor([1]), torch.tensor([2]))
     with pytest.raises(UnsupportedModelError, match="not a supported vision-language"):
         AnswerLogits(nn.Linear(2, 2), torch.tensor([1]), torch.tensor([2]))
 

@@ -24,7 +24,9 @@ from oracle_vlm_more import logits_at, on_grid, per_key  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 
 from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError  # noqa: E402
-from captum_legrad.adapters.hf import gemma4, internvl, llama4  # noqa: E402
+from captum_legrad.adapters.hf import vlm_gemma4 as gemma4  # noqa: E402
+from captum_legrad.adapters.hf import vlm_internvl as internvl  # noqa: E402
+from captum_legrad.adapters.hf import vlm_llama4 as llama4  # noqa: E402
 
 IMAGE = 63  # the image placeholder id of every tiny model below
 BOI, EOI = 60, 61

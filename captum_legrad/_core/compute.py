@@ -236,6 +236,9 @@ def _per_layer(reduced: List[Tensor], result: ForwardResult) -> List[Tensor]:
     layout, an attention-pool record split into its layers, several parts of one layer
     (head groups, sites) summed with their shares."""
     n_layers = result.scores.shape[0]
+    # Layers that a dispatched model (accelerate's device_map) runs on other devices: their
+    # maps join the scores' device.
+    reduced = [values.to(result.scores.device) for values in reduced]
     first = result.parts[0]
     if first.layer is None:  # an attention pool: (k, L·B, N_k)
         k = reduced[0].shape[0]

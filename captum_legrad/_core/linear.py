@@ -13,6 +13,9 @@ b)`` (``t`` acting alike on every token: dropout in eval, LayerScale, drop path,
 residual add), the gradient at that linear's output is the same for every token too, and
 its input gradient ``Wᵀ g`` is one row broadcast to every token. Which linear that is, is
 model knowledge: the adapters name it in :attr:`~captum_legrad.spec.ViTSpec.mlp_outputs`.
+
+A linear that accelerate dispatches (``device_map``, CPU or disk offload) runs as it is
+(:func:`dispatched`): its weights exist only during its own forward.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import Tensor, autograd, nn
 
 from .grad_mode import LinearModes
 
-__all__ = ["LinearInputGrad", "linear_input_grad_hooks"]
+__all__ = ["LinearInputGrad", "linear_input_grad_hooks", "dispatched"]
 
 
 def _alias(output: Tensor) -> Tensor:
@@ -65,6 +68,15 @@ class LinearInputGrad(autograd.Function):
         return row.expand(ctx.input_shape), None, None, None
 
 
+def dispatched(module: nn.Module) -> bool:
+    """Whether accelerate's hooks wrap ``module``'s forward (a model loaded with
+    ``device_map``, or offloaded): the forward moves its inputs to the module's device and
+    may load its weights only for the call (they are on the meta device before and after).
+    Such a linear runs unchanged, on the graph, so that its backward keeps the weight it
+    used."""
+    return getattr(module, "_hf_hook", None) is not None
+
+
 def linear_input_grad_hooks(
     token_dim: Optional[int] = None,
 ) -> Tuple[Callable[..., Any], Callable[..., Any]]:
@@ -81,9 +93,12 @@ def linear_input_grad_hooks(
     modes = LinearModes()  # grad mode before each (possibly nested) call of the linear
 
     def pre_hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
-        modes.push()
+        if not dispatched(module):
+            modes.push()
 
     def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
+        if dispatched(module):
+            return None  # it ran as it is, on the graph: its backward has its own weight
         enabled = modes.pop()
         if not (enabled and isinstance(output, Tensor) and args):
             return None

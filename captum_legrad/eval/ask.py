@@ -19,14 +19,14 @@ def load_vlm(spec: str, random_weights: bool = False) -> Tuple[Any, Any]:
         ModelError: not an ``hf:`` model, transformers missing, or the model cannot be
             loaded (offline and not cached, not a supported VLM); one line.
     """
+    family, _, name = spec.partition(":")
+    if family != "hf" or not name:  # first: whatever the weights, this model cannot answer
+        raise ModelError(
+            f"--ask needs a vision-language model from transformers, not {spec}: --model "
+            "hf:ORG/NAME or hf:FOLDER (LLaVA-1.5, PaliGemma, Gemma 3)"
+        )
     if random_weights:
         raise ModelError("--ask explains a trained VLM's answer: drop --random-weights")
-    family, _, name = spec.partition(":")
-    if family != "hf" or not name:
-        raise ModelError(
-            "--ask needs a vision-language model from transformers: --model hf:ORG/NAME or "
-            "hf:FOLDER (LLaVA-1.5, PaliGemma, Gemma 3)"
-        )
     try:
         import transformers
     except ImportError as error:

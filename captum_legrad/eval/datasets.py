@@ -102,7 +102,16 @@ class ImageNetSegmentation(torch.utils.data.Dataset):
             raise FileNotFoundError(f"ImageNet-segmentation file not found: {self.path}")
         self.image_size = image_size
         h5py = _h5py()
-        with h5py.File(self.path, "r") as handle:
+        try:
+            opened = h5py.File(self.path, "r")
+        except OSError as error:  # h5py: "file signature not found", without the file
+            reason = " ".join(str(error).split())
+            raise ValueError(
+                f"{self.path} is not an HDF5 file (the MATLAB v7.3 .mat format of "
+                f"gtsegs_ijcv.mat): {reason}; pass the ImageNet-segmentation file "
+                "gtsegs_ijcv.mat"
+            ) from error
+        with opened as handle:
             if "value/img" not in handle or "value/gt" not in handle:
                 raise ValueError(
                     f"{self.path} has no value/img and value/gt datasets; expected the "

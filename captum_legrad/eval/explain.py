@@ -23,16 +23,16 @@ extension in the name, and targets whose names clean up to the same text get a s
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .._core.resize import at_input_size
+from .classes import ClassNameError, resolve_class
 from .files import OutputFolder, unique_name
 from .models import LoadedModel
 
@@ -42,10 +42,15 @@ __all__ = [
     "PhotoResult",
     "image_files",
     "photo_names",
+    "open_photo",
+    "safe_name",
     "read_labels",
     "resolve_target",
     "explain_photos",
     "check_photos",
+    "readable_photos",
+    "model_label",
+    "format_score",
     "summary_lines",
 ]
 
@@ -88,7 +93,8 @@ def image_files(path: Path) -> List[Path]:
     raise ExplainError(f"no such image or folder: {path}")
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``_ . -``; at most 60 characters."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:60] or "target"
 
 
@@ -100,9 +106,9 @@ def photo_names(files: Sequence[Path]) -> Dict[Path, str]:
     taken: set = set()
     names = {}
     for path in files:
-        base = _safe(path.stem)
+        base = safe_name(path.stem)
         if stems[path.stem.lower()] > 1:
-            base = f"{base}_{_safe(path.suffix.lstrip('.'))}"
+            base = f"{base}_{safe_name(path.suffix.lstrip('.'))}"
         names[path] = unique_name(base, taken)
     return names
 
@@ -125,48 +131,17 @@ def read_labels(path: Path) -> List[str]:
 def resolve_target(text: str, classes: Optional[Sequence[str]], outputs: int) -> int:
     """A ``--target`` entry (an index or a class name) → a class index.
 
-    A name matches a class name, or one of its comma-separated synonyms (ImageNet's "tabby,
-    tabby cat"), ignoring case.
-
-    Raises:
-        ExplainError: An index out of range, or a name that matches no class or several.
+    :func:`captum_legrad.eval.classes.resolve_class` (the parser the explorer uses too),
+    with its error as an :class:`ExplainError`.
     """
     try:
-        index = int(text)
-    except ValueError:
-        index = None
-    if index is not None:
-        if not 0 <= index < outputs:
-            raise ExplainError(
-                f"target {index} is out of range: the model has {outputs} outputs "
-                f"(0..{outputs - 1})"
-            )
-        return index
-    if not classes:
-        raise ExplainError(
-            f"--target {text!r} is a name, but this model has no class names: give a class "
-            "index, or the names with --labels FILE"
-        )
-    wanted = " ".join(text.lower().split())
-    hits = [
-        i
-        for i, name in enumerate(classes)
-        if wanted == name.lower() or wanted in [s.strip().lower() for s in name.split(",")]
-    ]
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        listed = ", ".join(f"{i} ({classes[i]})" for i in hits)
-        raise ExplainError(f"--target {text!r} names several classes: {listed}; give the index")
-    words = {s.strip().lower(): i for i, name in enumerate(classes) for s in name.split(",")}
-    close = difflib.get_close_matches(wanted, list(words), n=3, cutoff=0.6)
-    hint = (
-        "; did you mean " + ", ".join(f"{c!r} ({words[c]})" for c in close) + "?" if close else ""
-    )
-    raise ExplainError(f"unknown class name {text!r} for this model{hint}")
+        return resolve_class(text, classes, outputs)
+    except ClassNameError as error:
+        raise ExplainError(str(error)) from error
 
 
-def _open_photo(path: Path) -> Any:
+def open_photo(path: Path) -> Any:
+    """The photo as an RGB PIL image; :class:`ExplainError` (one line) if it cannot be read."""
     from PIL import Image
 
     try:
@@ -176,16 +151,59 @@ def _open_photo(path: Path) -> Any:
         raise ExplainError(f"cannot read image {path}: {error}") from error
 
 
-def check_photos(files: Sequence[Path]) -> None:
-    """Open every photo's header (cheap) so that an unreadable file stops the run first."""
+def _unreadable(path: Path) -> Optional[str]:
+    """Why the photo cannot be read (its header and data checked, cheaply); None if it can."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as handle:
+            handle.verify()
+    except Exception as error:  # PIL raises many kinds for a broken file
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
+
+
+def readable_photos(files: Sequence[Path]) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+    """The photos whose files can be read, and the others with the reason."""
+    good: List[Path] = []
+    bad: List[Tuple[Path, str]] = []
     for path in files:
-        try:
-            with Image.open(path) as handle:
-                handle.verify()
-        except Exception as error:  # PIL raises many kinds for a broken file
-            raise ExplainError(f"cannot read image {path}: {error}") from error
+        reason = _unreadable(path)
+        if reason is None:
+            good.append(path)
+        else:
+            bad.append((path, reason))
+    return good, bad
+
+
+def check_photos(files: Sequence[Path]) -> None:
+    """Open every photo's header (cheap) so that an unreadable file stops the run first."""
+    for path in files:
+        reason = _unreadable(path)
+        if reason is not None:
+            raise ExplainError(f"cannot read image {path}: {reason}")
+
+
+def model_label(spec: str, loaded: LoadedModel) -> str:
+    """The model in words for a figure's title: ``SPEC`` and what its weights are when the
+    figure could be taken for a real result ("random weights", "bundled synthetic-shapes
+    model", "weights from FILE")."""
+    if loaded.shapes_model:
+        what = "bundled synthetic-shapes model"
+        if loaded.weights.startswith("file "):
+            what += f", weights from {Path(loaded.weights[5:]).name}"
+    elif loaded.random_init:
+        what = "random weights"
+    elif loaded.weights.startswith("file "):
+        what = f"weights from {Path(loaded.weights[5:]).name}"
+    else:
+        what = ""
+    return f"{spec} ({what})" if what else spec
+
+
+def format_score(score: float) -> str:
+    """A probability or similarity as the terminal and the figure both print it."""
+    return f"{score:.3f}"
 
 
 def _scores(raw: Tensor, loaded: LoadedModel, prompts: bool) -> Tensor:
@@ -198,7 +216,7 @@ def _scores(raw: Tensor, loaded: LoadedModel, prompts: bool) -> Tensor:
 
 def _title(name: str, score: float, prompts: bool, multilabel: bool) -> str:
     what = "similarity" if prompts else ("probability (sigmoid)" if multilabel else "probability")
-    return f"{name}\n{what} {score:.3f}"
+    return f"{name}\n{what} {format_score(score)}"
 
 
 def explain_photos(
@@ -215,8 +233,15 @@ def explain_photos(
     device: Optional[torch.device] = None,
     warn: Callable[[str], None] = lambda message: None,
     progress: Callable[[int], Any] = lambda n: None,
+    note: Optional[Callable[[str], None]] = None,
+    model_name: str = "",
+    on_unreadable: Optional[Callable[[Path, str], None]] = None,
 ) -> List[PhotoResult]:
     r"""Explain each photo and write its maps and figure into ``out``.
+
+    Each photo's files (its ``.npy`` maps and its figure) are written together: when the
+    run stops in between (an error, Ctrl-C), the files of that photo are removed again, so
+    every photo's outputs are complete or absent.
 
     Args:
         loaded (LoadedModel): The model (:func:`~captum_legrad.eval.models.load_model`).
@@ -227,7 +252,8 @@ def explain_photos(
         prompts (Sequence[str], optional): Text prompts (image-text models, ``--prompt``).
                     Default: None
         top_k (int, optional): Without targets or prompts, explain the ``top_k`` highest
-                    scoring classes of each photo.
+                    scoring classes of each photo (capped at the model's classes, with a
+                    warning).
                     Default: 1
         labels (Sequence[str], optional): Class names replacing the model's (``--labels``).
                     Default: None
@@ -237,11 +263,22 @@ def explain_photos(
                     Default: "png"
         device (torch.device, optional): Where to run.
                     Default: None (CPU)
-        warn (callable, optional): Called with each warning (one line).
-        progress (callable, optional): Called with 1 after each photo.
+        warn (callable, optional): Called with each warning (one line), each warning once
+                    (random weights).
+        progress (callable, optional): Called with 1 after each photo's files are written.
+        note (callable, optional): Called with each note (one line), each note once: the
+                    bundled shapes model used on other images, ``top_k`` capped.
+                    Default: None (``warn``)
+        model_name (str, optional): The model as the user named it, for the figure titles
+                    (:func:`model_label` adds "random weights" and the like).
+                    Default: "" (no model in the title)
+        on_unreadable (callable, optional): Called with ``(photo, reason)`` for a photo
+                    that cannot be read, which is then skipped; None: such a photo stops
+                    the run (checked for all photos before any work).
+                    Default: None
 
     Returns:
-        One :class:`PhotoResult` per photo.
+        One :class:`PhotoResult` per photo explained.
 
     Raises:
         ExplainError: Bad targets, prompts, labels or images; the message is one line.
@@ -251,7 +288,8 @@ def explain_photos(
 
     if top_k < 1:
         raise ExplainError(f"--top-k must be at least 1, got {top_k}")
-    check_photos(files)
+    if on_unreadable is None:
+        check_photos(files)
     if prompts:
         if loaded.with_prompts is None:
             raise ExplainError(
@@ -273,8 +311,21 @@ def explain_photos(
         legrad = LeGrad(model, layers=layers)
     except (TypeError, ValueError) as error:
         raise ExplainError(" ".join(str(error).split())) from error
+    said: set = set()
+
+    def warn_once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            warn(message)
+
+    def note_once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            (note or warn)(message)
+
     if loaded.random_init:
-        warn("the model has random weights: its maps and scores show nothing learned")
+        warn_once("the model has random weights: its maps and scores show nothing learned")
+    label = model_label(model_name, loaded) if model_name else ""
     view = loaded.preprocessing()
     names_of = photo_names(files)
     inputs = {path.resolve() for path in files}
@@ -282,7 +333,13 @@ def explain_photos(
     fixed: Optional[List[int]] = None
     results: List[PhotoResult] = []
     for path in files:
-        photo = _open_photo(path)
+        try:
+            photo = open_photo(path)
+        except ExplainError as error:
+            if on_unreadable is None:
+                raise
+            on_unreadable(path, str(error).split(": ", 1)[-1])
+            continue
         x = loaded.prepare(photo)[None].to(device)
         size = (int(x.shape[-2]), int(x.shape[-1]))  # --image-size: outside the training size
         with (
@@ -306,17 +363,22 @@ def explain_photos(
                     raise ExplainError(f"--target names class {doubled[0]} more than once")
             chosen = fixed
         else:
+            if top_k > outputs:
+                note_once(
+                    f"--top-k {top_k}: the model has only {outputs} classes, so all "
+                    f"{outputs} are explained"
+                )
             chosen = [int(i) for i in raw.topk(min(top_k, outputs)).indices]
         if loaded.shapes_model:
             width, height = photo.size
+            trained = loaded.trained_size or loaded.image_size
             if (height, width) != loaded.image_size or not bool((raw > 0).any()):
-                warn(
+                note_once(
                     f"--model default is a tiny model trained on synthetic "
-                    f"{loaded.image_size[0]}×{loaded.image_size[1]} shapes "
-                    f"({', '.join(loaded.classes or [])}); {path.name} "
-                    f"({width}×{height}{'' if bool((raw > 0).any()) else ', no shape detected'})"
-                    " is not such an image, so its classes and maps mean nothing here: use a "
-                    "pretrained model, e.g. --model timm:vit_base_patch16_224"
+                    f"{trained[0]}×{trained[1]} shapes ({', '.join(loaded.classes or [])}); "
+                    "photos that are not such images (here: another size, or no shape "
+                    "detected) get classes and maps that mean nothing: use a pretrained "
+                    "model, e.g. --model timm:vit_base_patch16_224"
                 )
         maps = legrad.attribute_multi(x, targets=chosen, output="map")[0]
         geometry = view.geometry(photo.size[1], photo.size[0])
@@ -330,20 +392,31 @@ def explain_photos(
             names=names,
             scores=[float(scores[t]) for t in chosen],
         )
-        base = names_of[path]
-        for k, name in enumerate(names):
-            label = name.split(",")[0] if not prompts else name
-            file_name = unique_name(f"{base}_{_safe(label)}", taken) + ".npy"
-            result.files.append(out.save_npy(file_name, projected[k].numpy().astype("float32")))
         titles = [
             _title(name, score, bool(prompts), loaded.multilabel)
             for name, score in zip(names, result.scores)
         ]
-        figure = viz.plot_photo(photo, projected, titles, suptitle=f"{path.name}: LeGrad")
+        heading = f"{path.name}: LeGrad" + (f", {label}" if label else "")
+        figure = viz.plot_photo(photo, projected, titles, suptitle=heading)
+        base = names_of[path]
+        npy_names = [
+            unique_name(f"{base}_{safe_name(name.split(',')[0] if not prompts else name)}", taken)
+            + ".npy"
+            for name in names
+        ]
         figure_name = unique_name(base, taken) + f".{fmt}"
         while (out.path / figure_name).resolve() in inputs:  # never overwrite a photo
             figure_name = unique_name(f"{base}_legrad", taken) + f".{fmt}"
-        result.files.append(out.save_figure(figure_name, figure, fmt))
+        try:  # all of this photo's files, or none
+            for k, file_name in enumerate(npy_names):
+                result.files.append(out.save_npy(file_name, projected[k].numpy().astype("float32")))
+            result.files.append(out.save_figure(figure_name, figure, fmt))
+        except BaseException:
+            for written in result.files:
+                written.unlink(missing_ok=True)
+                if written in out.written:
+                    out.written.remove(written)
+            raise
         results.append(result)
         progress(1)
     return results
@@ -354,7 +427,7 @@ def summary_lines(results: Sequence[PhotoResult], out: Path) -> List[str]:
     lines = []
     for result in results:
         what = "; ".join(
-            f"{name.split(',')[0]} ({score:.2f})"
+            f"{name.split(',')[0]} ({format_score(score)})"
             for name, score in zip(result.names, result.scores)
         )
         files = ", ".join(p.name for p in result.files)

@@ -18,11 +18,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
-__all__ = ["OutputError", "OutputFolder", "atomic_path", "unique_name"]
+__all__ = ["OutputError", "OutputFolder", "atomic_path", "file_mode", "unique_name"]
 
 
 class OutputError(ValueError):
     """An output folder that cannot be used (a file, not writable, not creatable)."""
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask: ``0o666 & ~umask``.
+
+    The umask can only be read by setting it; it is set back at once (the command line is
+    single-threaded when it writes files).
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
@@ -46,6 +57,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

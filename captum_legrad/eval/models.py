@@ -27,8 +27,11 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import os
 import re
+import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +84,8 @@ class LoadedModel:
                     ``"file w.pth"``, ``"random"``, ``"bundled"``).
         random_init: The weights are random (nothing it shows was learned).
         shapes_model: The bundled synthetic-shapes model (meaningless on photos).
+        trained_size: The input size the model was trained at, when :meth:`at_size`
+                    changed ``image_size`` (None: ``image_size``).
     """
 
     model: nn.Module
@@ -97,6 +102,7 @@ class LoadedModel:
     weights: str = ""
     random_init: bool = False
     shapes_model: bool = False
+    trained_size: Optional[Tuple[int, int]] = None
 
     def normalize(self, images: Tensor) -> Tensor:
         """``[0, 1]`` images → the model's input."""
@@ -132,7 +138,13 @@ class LoadedModel:
             resize=view.resize,
             size=(round(view.size[0] * scale_h), round(view.size[1] * scale_w)),
         )
-        return dataclasses.replace(self, image_size=(height, width), view=scaled, transform=None)
+        return dataclasses.replace(
+            self,
+            image_size=(height, width),
+            view=scaled,
+            transform=None,
+            trained_size=self.trained_size or self.image_size,
+        )
 
     def prepare(self, photo: Any) -> Tensor:
         """A PIL RGB image → the model's normalised input ``(3, H, W)``, as the model expects."""
@@ -263,9 +275,100 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+#: Seconds :func:`load_model` waits for the hub by default before it gives up.
+HUB_TIMEOUT = 10.0
+
+# the settings of the load_model call in progress: what to say before a download and how
+# long to wait; the reason the hub was not tried, for the error message
+_HUB: Dict[str, Any] = {"announce": None, "timeout": HUB_TIMEOUT, "unanswered": None}
+
+
+def probe_host(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except Exception:  # OSError, socket.timeout, a name that does not resolve, ...
+        return False
+
+
+def _hub_host(family: str) -> Tuple[str, int]:
+    if family == "torchvision":
+        return "download.pytorch.org", 443
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+        return endpoint.hostname or "huggingface.co", endpoint.port or 443
+    except ImportError:
+        return "huggingface.co", 443
+
+
+@contextlib.contextmanager
+def _hub(spec: str, family: str, weights: bool = True) -> Iterator[None]:
+    """Around a loader's download: say so first, and wait for the hub only so long.
+
+    Unless ``HF_HUB_OFFLINE`` is set (then the cache is all there is, at once): says
+    (through ``load_model(announce=...)``) "loading pretrained weights of SPEC from the
+    hub..."; then one TCP connection to the hub's host is
+    tried with the timeout first: when it does not open, the call runs offline (the cache
+    only), so a missing file fails at once instead of after the libraries' retries; when
+    it opens, huggingface_hub's ETag and download timeouts (its ``HF_HUB_ETAG_TIMEOUT`` /
+    ``HF_HUB_DOWNLOAD_TIMEOUT``, as environment variables and as its constants) and the
+    socket default timeout (torch.hub's downloads) are the timeout for the call. Everything
+    is restored afterwards.
+    """
+    announce = _HUB["announce"]
+    timeout = float(_HUB["timeout"])
+    _HUB["unanswered"] = None
+    if _offline():  # the cache only: nothing to wait for
+        yield
+        return
+    if announce is not None and weights:
+        announce(f"loading pretrained weights of {spec} from the hub...")
+    host, port = _hub_host(family)
+    reachable = probe_host(host, port, timeout)
+    seconds = str(max(1, math.ceil(timeout)))
+    env = {"HF_HUB_ETAG_TIMEOUT": seconds, "HF_HUB_DOWNLOAD_TIMEOUT": seconds}
+    values: Dict[str, Any] = {
+        "HF_HUB_ETAG_TIMEOUT": int(seconds),
+        "HF_HUB_DOWNLOAD_TIMEOUT": int(seconds),
+    }
+    if not reachable:
+        env["HF_HUB_OFFLINE"] = "1"
+        values["HF_HUB_OFFLINE"] = True
+        _HUB["unanswered"] = f"{host} did not answer within {timeout:g} s"
+    constants: Any = None
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        pass
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved = {key: getattr(constants, key) for key in values if hasattr(constants, key)}
+    socket_timeout = socket.getdefaulttimeout()
+    try:
+        os.environ.update(env)
+        for key in saved:
+            setattr(constants, key, values[key])
+        socket.setdefaulttimeout(timeout)
+        yield
+    finally:
+        socket.setdefaulttimeout(socket_timeout)
+        for key, value in saved.items():
+            setattr(constants, key, value)
+        for key, old in saved_env.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def _unreachable(spec: str, error: Optional[BaseException], how: str) -> ModelError:
+    unanswered = _HUB["unanswered"]
     reason = "HF_HUB_OFFLINE is set" if _offline() else "the hub cannot be reached"
-    if error is not None and not _offline():
+    if unanswered:
+        reason = f"the hub cannot be reached ({unanswered})"
+    elif error is not None and not _offline():
         reason += f" ({_one_line(str(error), 120)})"
     return ModelError(
         f"cannot load the pretrained weights of {spec}: {reason} and they are not cached; {how}"
@@ -391,7 +494,7 @@ def load_timm(
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
     try:
-        with _quiet():
+        with _quiet(), _hub(spec, "timm") if pretrained else contextlib.nullcontext():
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as error:  # timm: "Unknown model (...)", or a download error
         if "Unknown model" in str(error) or not pretrained:
@@ -473,8 +576,9 @@ def load_open_clip(
     # open_clip < 2.27 has no weights_only (its torch.load then uses torch's default, which
     # is weights_only=True from torch 2.6 on)
     safe = {"weights_only": True} if "weights_only" in inspect.signature(create).parameters else {}
+    online = tag is not None or hub
     try:
-        with _quiet():
+        with _quiet(), _hub(spec, "open_clip") if online else contextlib.nullcontext():
             model, _, transform = create(name, pretrained=tag, **safe)
     except Exception as error:  # download errors surface as RuntimeError / OSError
         if tag is None and not hub:
@@ -574,12 +678,17 @@ def load_hf(
             f"{name} not found"
         )
     transformers = _import("transformers", "transformers")
+    from ..adapters.hf import image_text_class
+
     how = "save it with save_pretrained where the hub is reachable and pass hf:FOLDER"
     source = str(path) if local else name
+    scope = (
+        contextlib.nullcontext() if local else _hub(f"hf:{name}", "hf", weights=not random_weights)
+    )
     try:
-        with _quiet():
+        with _quiet(), scope:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
-            text_model = config.model_type in ("clip", "siglip", "siglip2")
+            text_model = image_text_class(config) is not None
             loader = (
                 transformers.AutoModel
                 if text_model
@@ -685,7 +794,7 @@ def load_torchvision(
     if pretrained and _offline() and not _torchvision_cached(enum.url):
         raise _unreachable(spec, None, _PASS_WEIGHTS)
     try:
-        with _quiet():
+        with _quiet(), _hub(spec, "torchvision") if pretrained else contextlib.nullcontext():
             model = torchvision.models.get_model(
                 name, weights=enum if pretrained else None, **kwargs
             )
@@ -745,12 +854,19 @@ def load_model(
     weights: Optional[Path] = None,
     num_classes: Optional[int] = None,
     random_weights: bool = False,
+    *,
+    announce: Optional[Callable[[str], None]] = None,
+    hub_timeout: float = HUB_TIMEOUT,
 ) -> LoadedModel:
     """Load ``default`` or ``FAMILY:NAME`` (see :func:`model_choices`).
 
     Without ``weights`` or ``random_weights`` the library's pretrained weights are loaded
     (downloaded by the library when the hub is reachable, else from its cache). The loader of
     each family is named in its :data:`~captum_legrad.families.FAMILIES` row.
+
+    Before a download, ``announce`` is called with "loading pretrained weights of SPEC from
+    the hub..."; the hub gets ``hub_timeout`` seconds to answer (one connection attempt),
+    else the weights come from the cache or the call fails at once (see ``_hub``).
 
     Raises:
         ModelError: An unknown specification or model name, a missing, corrupt or
@@ -779,5 +895,10 @@ def load_model(
         raise ModelError(f"unknown model family {prefix!r} in {spec!r}: use {model_choices()}")
     module_name, _, function = row.loader.partition(":")
     loader = getattr(importlib.import_module(module_name), function)
-    loaded: LoadedModel = loader(name, weights, num_classes, random_weights=random_weights)
+    previous = dict(_HUB)
+    _HUB.update(announce=announce, timeout=hub_timeout, unanswered=None)
+    try:
+        loaded: LoadedModel = loader(name, weights, num_classes, random_weights=random_weights)
+    finally:
+        _HUB.update(previous)
     return loaded

@@ -51,8 +51,16 @@ def markdown_table(results: Results) -> str:
 
 
 def write_csv(path: Path, results: Results) -> None:
-    """Every measured value, one row per method (written atomically)."""
-    keys = sorted({key for row in results.values() for key in row})
+    """Every measured value, one row per method (written atomically).
+
+    Columns that no method measured (NaN in every row, e.g. ``p_miou`` without point
+    labels) are left out; a NaN in a kept column means that method was not measured there.
+    """
+    keys = sorted(
+        key
+        for key in {key for row in results.values() for key in row}
+        if any(not math.isnan(row.get(key, float("nan"))) for row in results.values())
+    )
     with (
         atomic_path(path) as temporary,
         open(temporary, "w", newline="", encoding="utf-8") as handle,
@@ -80,9 +88,14 @@ def save_examples(
     outcome: EvalOutcome,
     methods: Optional[Sequence[str]] = None,
     classes: Optional[Sequence[str]] = None,
-    title: Optional[str] = "Example explanations (white: the object's outline)",
+    title: Optional[str] = "Example explanations",
 ) -> bool:
-    """The kept example pairs, the image and one overlay per method; False if none were kept."""
+    """The kept example pairs, the image and one overlay per method; False if none were kept.
+
+    The title gets a second line that says what is drawn: the row label is the explained
+    class, the explained object's outline (where the data have masks) is white on the image
+    column, and each map is min-max scaled (the colour bar).
+    """
     batch, maps = outcome.example_batch, outcome.example_maps
     if batch is None or not maps:
         return False
@@ -94,6 +107,10 @@ def save_examples(
         str(classes[int(t)]) if classes is not None else str(int(t)) for t in batch.targets[:n]
     ]
     masks = batch.masks[:n].cpu() if batch.masks is not None else None
+    legend = "row label: the explained class" + (
+        "; white line on the image: that object's outline" if masks is not None else ""
+    )
+    title = f"{title}\n{legend}" if title else legend
     figure = viz.plot_methods(
         batch.images[:n].cpu(),
         shown,
@@ -116,11 +133,23 @@ def _save(figure: Any, path: Path) -> None:
 
 
 def save_curves(path: Path, outcome: EvalOutcome, title: Optional[str] = None) -> bool:
-    """The mean perturbation curves of every method; False if none were measured."""
+    """The mean perturbation curves of every method; False if none were measured.
+
+    Each curve is the model's accuracy on the explained class (the share of (image,
+    target) pairs it still gets right) while patches are removed in the method's order.
+    """
     curves = outcome.curves()
     if not curves:
         return False
     named = {_display_name(name): value for name, value in curves.items()}
-    heading = "Perturbation curves" + (f": {title}" if title else "")
-    _save(viz.plot_curves(DEFAULT_FRACTIONS, named, title=heading), path)
+    heading = "Model accuracy on the explained class as patches are removed" + (
+        f" ({title})" if title else ""
+    )
+    figure = viz.plot_curves(
+        DEFAULT_FRACTIONS,
+        named,
+        ylabel="accuracy on the explained class (share of pairs)",
+        title=heading,
+    )
+    _save(figure, path)
     return True

@@ -76,6 +76,17 @@ def _repeat_rows(tensor: Tensor, batch: int, name: str) -> Tensor:
     return tensor.repeat_interleave(batch // rows, dim=0)
 
 
+def _plain_linear(head: nn.Module, device: torch.device) -> bool:
+    """Whether ``head`` is an ``nn.Linear`` whose weight can be read directly on ``device``:
+    not wrapped by accelerate's hooks (``device_map``: offloaded weights live on the meta
+    device until the module's own forward loads them)."""
+    return (
+        type(head) is nn.Linear
+        and getattr(head, "_hf_hook", None) is None
+        and head.weight.device == device
+    )
+
+
 class AnswerLogits(nn.Module):
     r"""The logits of a teacher-forced answer of a vision-language model, as an explainable model.
 
@@ -97,7 +108,11 @@ class AnswerLogits(nn.Module):
     and ``Gemma3ForConditionalGeneration`` (one image per sample on one grid), and
     ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
     ``Qwen3VLForConditionalGeneration`` (any image size, several images and videos per
-    sample, described through views: :mod:`captum_legrad.views`),
+    sample, described through views: :mod:`captum_legrad.views`), the tiled families
+    ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``
+    (a base view and the unpadded crops per image), ``Idefics3ForConditionalGeneration``,
+    ``SmolVLMForConditionalGeneration`` (tiles and the global image),
+    ``Mistral3ForConditionalGeneration`` (views too), and
     ``InternVLForConditionalGeneration``, ``Gemma4ForConditionalGeneration`` and
     ``Llama4ForConditionalGeneration`` (tiles, thumbnail or global view; InternVL and
     Llama 4 also take ``image_sizes``, each image's original ``(H, W)``, which their
@@ -109,7 +124,8 @@ class AnswerLogits(nn.Module):
     ``forward`` in the processor's shape: for Qwen-VL the flattened patches of every
     image, whose dim 0 is not the batch (the batch is ``input_ids``' rows). With one image
     (or video) per sample, LeGrad's ``output="grid"`` is its token grid and ``"map"`` its
-    canvas (Qwen-VL: the resized image); with several, use :meth:`source_maps` or
+    canvas (Qwen-VL: the resized image; LLaVA-NeXT: the original image, the base view and
+    the crops averaged); with several sources or views, use :meth:`source_maps` or
     :meth:`view_maps`.
 
     Args:
@@ -381,22 +397,26 @@ class AnswerLogits(nn.Module):
         parts = self.parts
         batch = plan.positions.shape[0]
         repeats = hidden.shape[0] // batch
-        index = plan.positions.repeat(repeats, 1)  # (R·B, T)
+        # A dispatched model (device_map) may run layer l on another device than the inputs.
+        index = plan.positions.repeat(repeats, 1).to(hidden.device)  # (R·B, T)
         rows = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if not normed:
             rows = parts.norm(rows)
-        answer = plan.answer_ids.repeat(repeats, 1)
+        answer = plan.answer_ids.repeat(repeats, 1).to(rows.device)
         head = parts.lm_head
-        if type(head) is nn.Linear:
-            # lm_head(rows)[answer], computed for the answer's vocabulary rows only.
+        if isinstance(head, nn.Linear) and _plain_linear(head, rows.device):
+            # lm_head(rows)[answer], computed for the answer's vocabulary rows only, in
+            # float32 (half-precision models: the dot products are not rounded).
             weight = head.weight[answer]  # (R·B, T, D)
-            logits = (rows * weight.to(rows.dtype)).sum(-1)
+            logits = (rows.float() * weight.float()).sum(-1)
             if head.bias is not None:
-                logits = logits + head.bias[answer].to(rows.dtype)
-        else:
-            logits = head(rows).gather(-1, answer.unsqueeze(-1)).squeeze(-1)
+                logits = logits + head.bias[answer].float()
+        else:  # another head, or one accelerate dispatches (its weights may be offloaded)
+            out = head(rows).to(rows.device)
+            logits = out.gather(-1, answer.unsqueeze(-1)).squeeze(-1).float()
         if parts.softcap is not None:
             logits = torch.tanh(logits / parts.softcap) * parts.softcap
+        logits = logits.to(plan.positions.device)  # every layer's scores on one device
         if self.reduce == "sum":
             kept = plan.answer_mask.repeat(repeats, 1)
             logits = logits.masked_fill(~kept, 0.0).sum(dim=1, keepdim=True)
@@ -771,6 +791,21 @@ def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
+def _placement(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where the model takes its inputs and the dtype of its (first) floating weights. A
+    model accelerate dispatches (``device_map``, offload) takes them on its execution
+    device: its parameters may be on the meta device (offloaded) or spread over devices."""
+    params = list(model.parameters())
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    hook: Any = getattr(model, "_hf_hook", None)
+    where = getattr(hook, "execution_device", None)
+    if where is None:
+        where = next((p.device for p in params if p.device.type != "meta"), "cpu")
+    if isinstance(where, int):  # accelerate names a GPU by its index
+        return torch.device("cuda", where), dtype
+    return torch.device(where), dtype
+
+
 def explain_answer(
     model: nn.Module,
     processor: Any,
@@ -830,8 +865,7 @@ def explain_answer(
     pixel_values: Tensor = batch["pixel_values"]
     attention_mask: Optional[Tensor] = batch.get("attention_mask")
     token_type_ids: Optional[Tensor] = batch.get("token_type_ids")
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    device, dtype = _placement(model)
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     if answer is None:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids.to(device)}

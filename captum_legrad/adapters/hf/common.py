@@ -144,23 +144,38 @@ def patch_size_of(embeddings: Any, config: Any) -> Tuple[int, int]:
     return pair(size)
 
 
+def has_text_tower(model: Any) -> bool:
+    """Whether a transformers model (or model class) is an image-text model: it has
+    ``get_image_features`` and ``get_text_features`` (CLIP, SigLIP, SigLIP2, MetaCLIP 2,
+    AIMv2, ...). The one rule: the adapters run such a model through
+    ``get_image_features``, and :class:`~captum_legrad.ImageTextSimilarity` embeds prompts
+    with ``get_text_features``."""
+    return callable(getattr(model, "get_image_features", None)) and callable(
+        getattr(model, "get_text_features", None)
+    )
+
+
 def image_features_forward(model: nn.Module) -> Optional[Callable[..., Any]]:
     """``get_image_features`` of a multimodal model, whose forward takes text first."""
     method = getattr(model, "get_image_features", None)
-    return method if callable(method) and hasattr(model, "get_text_features") else None
+    return method if has_text_tower(model) else None
 
 
 def returns_features(model: nn.Module) -> bool:
-    """Whether ``model``'s output is an image embedding rather than class scores: every
-    class but the ``*ForImageClassification*`` ones (base models, vision models, multimodal
-    models through ``get_image_features``), and a classifier built with ``num_labels=0``
-    (its heads are identities)."""
-    if "ForImageClassification" not in type(model).__name__:
+    """Whether ``model``'s output is an embedding rather than class scores: every class but
+    the ``*ForImageClassification*``, ``*ForVideoClassification`` and
+    ``*ForAudioClassification`` ones (base models, vision models, multimodal models through
+    ``get_image_features``), and a classifier built with ``num_labels=0`` (its heads are
+    identities)."""
+    if not any(kind in type(model).__name__ for kind in _CLASSIFIERS):
         return True
     heads = [getattr(model, name, None) for name in ("classifier", "cls_classifier")]
+    heads = [getattr(head, "dense", head) for head in heads]  # AST's head: norm, then dense
     modules = [head for head in heads if isinstance(head, nn.Module)]
     return bool(modules) and all(isinstance(head, nn.Identity) for head in modules)
 
+
+_CLASSIFIERS = ("ForImageClassification", "ForVideoClassification", "ForAudioClassification")
 
 _FLAG = "interpolate_pos_encoding"
 

@@ -18,22 +18,31 @@ Families whose image tokens are not one fixed grid per sample are described thro
 (:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family:
 
 * Qwen2-VL, Qwen2.5-VL, Qwen3-VL (:mod:`.vlm_qwen`): dynamic resolution, several images and
-  videos per sample.
+  videos per sample;
+* LLaVA-NeXT and LLaVA-OneVision (:mod:`.vlm_llava_next`): AnyRes, a base view and the
+  unpadded crops per image;
+* Idefics3 and SmolVLM (:mod:`.vlm_idefics3`): tiles and the global image, pixel shuffle;
+* Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger.
 
-The other tiled or multi-crop models are refused with
-:class:`~captum_legrad.UnsupportedModelError` until their family module exists.
+(:mod:`.vlm_tiles` holds what the last three share.) The other tiled or multi-crop models
+are refused with :class:`~captum_legrad.UnsupportedModelError` naming why.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 from torch import nn
 
 from ...errors import UnsupportedModelError
 from ...views import ViewRules
-from . import gemma4, internvl, llama4
+from . import vlm_gemma4 as gemma4
+from . import vlm_internvl as internvl
+from . import vlm_llama4 as llama4
+from .vlm_idefics3 import tile_rules
+from .vlm_llava_next import anyres_rules
+from .vlm_mistral3 import pixtral_rules
 from .vlm_qwen import QWEN_VL, qwen_rules
 
 __all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
@@ -44,22 +53,32 @@ SUPPORTED = (
     "PaliGemmaForConditionalGeneration",
     "Gemma3ForConditionalGeneration",
     *QWEN_VL,
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
     *internvl.CLASSES,
     *gemma4.CLASSES,
     *llama4.CLASSES,
 )
+
+#: The tiled and multi-crop families described by views: class name -> config -> rules.
+_TILED: Dict[str, Callable[[Any], ViewRules]] = {
+    "LlavaNextForConditionalGeneration": lambda config: anyres_rules(config),
+    "LlavaOnevisionForConditionalGeneration": lambda config: anyres_rules(config, True),
+    "Idefics3ForConditionalGeneration": lambda config: tile_rules(config, "Idefics3"),
+    "SmolVLMForConditionalGeneration": lambda config: tile_rules(config, "SmolVLM"),
+    "Mistral3ForConditionalGeneration": pixtral_rules,
+}
 
 #: Families described through views by their own module (``CLASSES``, ``rules(config)``).
 _VIEW_MODULES = {name: module for module in (internvl, gemma4, llama4) for name in module.CLASSES}
 
 #: Class names refused with a reason: tiled or dynamic-resolution image tokens.
 REFUSED = {
-    "LlavaNextForConditionalGeneration": "tiles the image into a base view plus crops",
     "LlavaNextVideoForConditionalGeneration": "tiles the image and adds video frames",
-    "LlavaOnevisionForConditionalGeneration": "tiles the image into crops (AnyRes)",
     "Idefics2ForConditionalGeneration": "splits the image and resamples it with a perceiver",
-    "Idefics3ForConditionalGeneration": "splits the image into tiles",
-    "SmolVLMForConditionalGeneration": "splits the image into tiles",
     "Qwen3_5ForConditionalGeneration": (
         "has a hybrid language model (Gated DeltaNet linear-attention layers between the "
         "softmax attention layers: no attention probabilities over the image tokens there)"
@@ -68,12 +87,40 @@ REFUSED = {
         "has a hybrid language model (Gated DeltaNet linear-attention layers between the "
         "softmax attention layers: no attention probabilities over the image tokens there)"
     ),
-    "Mistral3ForConditionalGeneration": "encodes images at dynamic resolution (Pixtral)",
     "Gemma3nForConditionalGeneration": "has an audio-vision encoder without a patch grid",
     "MllamaForConditionalGeneration": "reads the image through cross-attention, not tokens",
 }
 
 _VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+# Families whose image tokens cannot be mapped back to the image honestly: each image token
+# is a learned query (or latent) that mixes every patch, so no token belongs to a place.
+REFUSED.update(
+    {
+        "Blip2ForConditionalGeneration": (
+            "reads the image through a Q-Former's learned queries, each a mix of every patch"
+        ),
+        "InstructBlipForConditionalGeneration": (
+            "reads the image through a Q-Former's learned queries, each a mix of every patch"
+        ),
+        "InstructBlipVideoForConditionalGeneration": (
+            "reads the frames through a Q-Former's learned queries, each a mix of every patch"
+        ),
+        "IdeficsForVisionText2Text": (
+            "resamples the image with a perceiver and reads it through cross-attention"
+        ),
+        "Kosmos2ForConditionalGeneration": (
+            "resamples the image into latent queries, each a mix of every patch"
+        ),
+        "AriaForConditionalGeneration": (
+            "resamples the image with learned queries (cross-attention projector)"
+        ),
+        "InternVLForConditionalGeneration": (
+            "tiles the image into dynamic tiles plus a thumbnail (pixel shuffle)"
+        ),
+        "Llama4ForConditionalGeneration": "tiles the image into crops plus a global view",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -134,7 +181,8 @@ def _refuse(model: nn.Module, reason: str) -> UnsupportedModelError:
 
 
 def _language_parts(model: Any) -> Tuple[Tuple[nn.Module, ...], nn.Module]:
-    language = model.model.language_model
+    inner = model.model
+    language = getattr(inner, "language_model", None) or inner.text_model  # Idefics3
     return tuple(language.layers), language.norm
 
 
@@ -165,7 +213,8 @@ def describe(model: nn.Module) -> VLMParts:
     if name in _VIEW_MODULES:
         return _view_family(model, _VIEW_MODULES[name])
     base = getattr(m, "model", None)
-    if not isinstance(getattr(base, "language_model", None), nn.Module):
+    language = getattr(base, "language_model", None) or getattr(base, "text_model", None)
+    if not isinstance(language, nn.Module):
         import transformers
 
         raise UnsupportedModelError(
@@ -179,6 +228,15 @@ def describe(model: nn.Module) -> VLMParts:
     vision = config.vision_config
     layers, norm = _language_parts(m)
     attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
+    if name in _TILED:
+        strategy = getattr(config, "vision_feature_select_strategy", None)
+        if strategy == "full" and vision.model_type == "clip_vision_model":
+            raise _refuse(model, "keeps CLIP's CLS token in every crop (strategy 'full')")
+        return VLMParts(
+            name, model, m.model, layers, attentions, norm, m.lm_head, None,
+            int(config.image_token_id), lambda h, w: (h, w), (1, 1), 0, 0, None, None,
+            _TILED[name](config),
+        )  # fmt: skip
     if name in QWEN_VL:
         rules = qwen_rules(config)
         step = _square(vision.patch_size)[0] * int(vision.spatial_merge_size)
@@ -220,6 +278,12 @@ def describe(model: nn.Module) -> VLMParts:
     # Gemma 3: the patch grid is average-pooled to tokens_per_side² tokens.
     tokens_side = round(int(config.mm_tokens_per_image) ** 0.5)
     kernel = (side[0] // patch[0]) // tokens_side
+    if kernel < 1 or kernel * tokens_side != side[0] // patch[0]:
+        raise _refuse(
+            model,
+            f"pools its {side[0] // patch[0]}-patch side to {tokens_side} tokens "
+            "(mm_tokens_per_image), not an integer kernel",
+        )
     pooled = (patch[0] * kernel, patch[1] * kernel)
 
     def pooled_grid(height: int, width: int) -> Tuple[int, int]:

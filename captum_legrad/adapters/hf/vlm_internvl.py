@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...errors import UnsupportedModelError
-from .tiles import TileView, image_size_of, runs, sample_views, tile_boxes
+from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views, tile_boxes
 
 __all__ = ["CLASSES", "tokens_per_tile", "arrangement", "views", "rules"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedModelError
-from .tiles import TileView, image_size_of, runs, sample_views
+from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views
 
 __all__ = ["CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules"]
 

@@ -1,0 +1,355 @@
+"""Coverage of the vision-language models of the installed ``transformers`` through
+:class:`~captum_legrad.AnswerLogits`.
+
+Every class of the image-text-to-text and multimodal-LM auto mappings
+(``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, ``MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES``,
+and the Vision2Seq mapping where the release has it) whose configuration has a vision part
+is built at a tiny random-init configuration: the default configuration's sizes shrunk
+generically (:func:`shrink`: 1 layer per stack, widths 32–64, at most 2 experts; nothing
+is downloaded). Where the tiny build fails, the class is built at its default configuration
+on the meta device (no memory, no weights), which is enough to see whether
+``AnswerLogits`` refuses it; where neither builds offline (incomplete default
+configurations), an instance of the class whose ``__init__`` did not run (``stub``).
+
+A row is ``works`` when ``AnswerLogits`` builds, ``LeGrad(...).attribute_multi`` gives a map
+per answer token and no map is all zero or constant; ``refused`` when ``AnswerLogits``
+raises ``UnsupportedModelError`` (its message is the detail); ``error`` otherwise (the rule
+of issue #21: no VLM that takes an image may raise anything else, or return a silent
+all-zero map). ``skipped`` rows could not be built at all offline (the reason is given).
+Exactness against an independent oracle is the job of ``tests/test_vlm.py``.
+
+Run alone: ``python benchmarks/coverage_vlm.py`` prints a Markdown table and the counts
+(``--markdown docs/coverage_vlm.md`` writes the page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+#: (class, status, build, detail)
+Row = Tuple[str, str, str, str]
+
+#: Config attributes set, wherever a (sub-)configuration has them, for a tiny build.
+SMALL: Dict[str, Any] = {
+    "num_hidden_layers": 1,
+    "num_layers": 1,
+    "depth": 1,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "num_decoder_layers": 1,
+    "num_encoder_layers": 1,
+    "vision_layers": 1,
+    "text_layers": 1,
+    "hidden_size": 64,
+    "d_model": 64,
+    "embed_dim": 64,
+    "n_embd": 64,
+    "width": 64,
+    "intermediate_size": 64,
+    "ffn_dim": 64,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_attention_heads": 4,
+    "num_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 2,
+    "num_local_experts": 2,
+    "n_routed_experts": 2,
+    "num_experts_per_tok": 1,
+    "n_shared_experts": 1,
+    "out_hidden_size": 64,
+    "projection_dim": 64,
+    "vision_output_dim": 64,
+    "first_k_dense_replace": 0,
+}
+
+
+def vlm_classes() -> List[str]:
+    """The image-taking generation classes of the installed transformers' auto mappings."""
+    from transformers.models.auto import modeling_auto
+
+    names: Dict[str, str] = {}
+    for attr in (
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES",
+    ):
+        for model_type, value in getattr(modeling_auto, attr, {}).items():
+            for name in value if isinstance(value, (tuple, list)) else (value,):
+                names.setdefault(name, model_type)
+    return sorted(names)
+
+
+def _config_class(name: str) -> Optional[Any]:
+    """The configuration class of model class ``name`` (None if transformers lacks it)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    return None if cls is None else getattr(cls, "config_class", None)
+
+
+def _sub_configs(config: Any) -> List[Any]:
+    """``config`` and every configuration nested in it."""
+    from transformers import PretrainedConfig
+
+    found, stack, seen = [], [config], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        for value in vars(current).values():
+            if isinstance(value, PretrainedConfig):
+                stack.append(value)
+    return found
+
+
+def takes_images(config: Any) -> bool:
+    """Whether the configuration (or one nested in it) has a vision part: a vision, image
+    or video sub-configuration, or image token ids."""
+    words = ("vision", "image", "visual", "video", "pixel", "vit")
+    for part in _sub_configs(config):
+        names = " ".join([*vars(part), str(getattr(part, "model_type", ""))]).lower()
+        if any(word in names for word in words):
+            return True
+    return False
+
+
+def shrink(config: Any) -> Any:
+    """``config`` with every stack at 1 layer, widths at 32–64 and sizes kept consistent
+    (attention layer-type lists cut to the layer count, the vocabulary holding every token
+    id the configuration names). Image sizes are kept: they fix the image-token counts."""
+    for part in _sub_configs(config):
+        for key, value in SMALL.items():
+            current = getattr(part, key, None)
+            if isinstance(current, int) and not isinstance(current, bool) and current > value:
+                setattr(part, key, value)
+        heads = getattr(part, "num_attention_heads", None)
+        kv = getattr(part, "num_key_value_heads", None)
+        if isinstance(heads, int) and isinstance(kv, int) and kv > heads:
+            part.num_key_value_heads = heads
+        for key in ("layer_types", "mlp_layer_types", "attention_layer_types"):
+            value = getattr(part, key, None)
+            layers = getattr(part, "num_hidden_layers", None)
+            if isinstance(value, list) and isinstance(layers, int):
+                setattr(part, key, value[:layers])
+        for key in ("depths",):
+            value = getattr(part, key, None)
+            if isinstance(value, list):
+                setattr(part, key, [1] * len(value))
+    # Gemma 3's pooling: mm_tokens_per_image must pool the vision patch grid evenly.
+    vision = getattr(config, "vision_config", None)
+    if hasattr(config, "mm_tokens_per_image") and vision is not None:
+        side = int(vision.image_size) // int(vision.patch_size)
+        tokens_side = side // 2 if side % 2 == 0 else side
+        config.mm_tokens_per_image = tokens_side * tokens_side
+    # Token ids (image placeholders) beyond a shrunk or default vocabulary: grow it.
+    ids = [
+        v
+        for part in _sub_configs(config)
+        for k, v in vars(part).items()
+        if k.endswith("token_id") or k.endswith("token_index")
+        if isinstance(v, int) and not isinstance(v, bool)
+    ]
+    for part in _sub_configs(config):
+        vocab = getattr(part, "vocab_size", None)
+        if isinstance(vocab, int) and ids and max(ids) >= vocab:
+            part.vocab_size = max(ids) + 1
+    return config
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Random values (HF's init scale) for the all-zero tensors HF initialises: projectors,
+    gates, tables; an all-zero projector makes every image token the same."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.any():
+                tensor.normal_(0.0, 0.02)
+
+
+def build(name: str) -> Tuple[Optional[torch.nn.Module], str]:
+    """Model class ``name`` at a tiny configuration, or at its default configuration on the
+    meta device (``(model, how)``); ``(None, reason)`` if neither builds."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    config_cls = _config_class(name)
+    if cls is None or config_cls is None:
+        return None, f"not in transformers {transformers.__version__}"
+    try:
+        config = config_cls()
+    except Exception as error:
+        return None, f"default config fails: {type(error).__name__}: {error}"[:200]
+    if not takes_images(config):
+        return None, "no vision part in its configuration"
+    errors = []
+    try:
+        tiny = shrink(config_cls())
+        tiny._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = cls(tiny).eval()
+        _randomize(model)
+        return model, "tiny"
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+    try:
+        with torch.device("meta"):
+            model = cls(config_cls()).eval()
+        return model, f"meta (tiny build: {errors[0][:120]})"
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+    # Neither configuration builds (its defaults are incomplete offline): an instance of the
+    # class without running its __init__, enough for AnswerLogits' check of the class.
+    model = cls.__new__(cls)
+    torch.nn.Module.__init__(model)
+    return model, f"stub (no configuration builds offline: {errors[-1][:120]})"
+
+
+def _inputs(model: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prompt holding one image's tokens, a 3-token answer and one image, for the models
+    whose image is one fixed-size grid (what :func:`captum_legrad.adapters.hf.vlm.describe`
+    gives)."""
+    from captum_legrad.adapters.hf.vlm import describe
+
+    parts = describe(model)
+    vision = model.config.vision_config
+    side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    image = parts.image_token_id
+    prompt = torch.tensor([[1, *[image] * parts.tokens_per_image, 2]])
+    if parts.family == "Gemma3ForConditionalGeneration":
+        begin, end = model.config.boi_token_id, model.config.eoi_token_id
+        prompt = torch.tensor([[1, begin, *[image] * parts.tokens_per_image, end, 2]])
+    answer = torch.tensor([[3, 4, 5]])
+    pixels = torch.randn(1, getattr(vision, "num_channels", 3), side, side)
+    return prompt, answer, pixels
+
+
+def _reason(error: Exception) -> str:
+    """The refusal's reason: its message up to the list of supported models."""
+    return str(error).split(";")[0].split(": LeGrad's answer maps support")[0]
+
+
+def check(name: str, model: torch.nn.Module, how: str) -> Tuple[str, str]:
+    """``(status, detail)`` of one built class."""
+    from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError
+
+    try:
+        AnswerLogits(model, torch.tensor([1]), torch.tensor([2]))
+    except UnsupportedModelError as error:
+        return "refused", _reason(error)
+    except Exception as error:
+        return "error", f"{type(error).__name__}: {error}"[:300]
+    if how != "tiny":
+        return "error", f"accepted but not built tiny: {how}"
+    try:
+        prompt, answer, pixels = _inputs(model)
+        maps = LeGrad(AnswerLogits(model, prompt, answer)).attribute_multi(
+            pixels, targets=range(answer.shape[1]), output="grid", normalize=False
+        )
+    except UnsupportedModelError as error:
+        return "refused", _reason(error)
+    except Exception as error:
+        return "error", f"{type(error).__name__}: {error}"[:300]
+    flat = maps.flatten(2)
+    if not bool(torch.isfinite(flat).all()):
+        return "error", "a map is not finite"
+    if bool((flat.amax(-1) == flat.amin(-1)).any()):
+        return "error", "a map is all zero or constant"
+    return "works", f"{answer.shape[1]} token maps on a {tuple(maps.shape[-2:])} grid"
+
+
+def sweep(names: Optional[Sequence[str]] = None) -> List[Row]:
+    rows: List[Row] = []
+    for name in names or vlm_classes():
+        start = time.perf_counter()
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            model, how = build(name)
+            if model is None:
+                rows.append((name, "skipped", "-", how))
+                continue
+            status, detail = check(name, model, how)
+        rows.append((name, status, how.split(" ")[0], detail))
+        del model
+        seconds = time.perf_counter() - start
+        print(f"{name}: {status} ({seconds:.1f} s)", file=sys.stderr)
+    return rows
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table, with the counts below it."""
+    import transformers
+
+    lines = [
+        "| class | status | built | detail |",
+        "|---|---|---|---|",
+        *(f"| `{n}` | {s} | {b} | {d.replace('|', '/')} |" for n, s, b, d in rows),
+    ]
+    counts: Dict[str, int] = {}
+    for _, status, _, _ in rows:
+        counts[status] = counts.get(status, 0) + 1
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    lines += ["", f"transformers {transformers.__version__}, torch {torch.__version__}: {summary}."]
+    return "\n".join(lines)
+
+
+PAGE_HEAD = """# Coverage: vision-language models (answer maps)
+
+Every image-taking generation class of the installed transformers (the image-text-to-text,
+multimodal-LM and Vision2Seq auto mappings), built at a tiny random-init configuration and
+given to `AnswerLogits` (`docs/method.md`, "Vision-language models"). **works**: a map per
+answer token, none all zero or constant; **refused**: `UnsupportedModelError`, the first
+clause of its message shown; **error**: anything else (none is allowed: issue #21);
+**skipped**: the class has no vision part (audio, speech, proteins). *built*: `tiny` (the
+configuration shrunk generically: one layer per stack, widths 64), `meta` (the tiny
+configuration did not build; the default configuration on the meta device, enough for the
+refusal) or `stub` (no configuration builds offline: an instance of the class whose
+`__init__` did not run, so only the refusal by class is checked). Exactness is tested
+against an independent oracle in `tests/test_vlm.py`.
+
+Regenerate (a few minutes on 2 cores):
+
+```
+PYTHONPATH=$PWD python benchmarks/coverage_vlm.py --markdown docs/coverage_vlm.md
+```
+
+"""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="classes to sweep (default: all)")
+    parser.add_argument("--markdown", type=Path, help="write the docs page here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    rows = sweep(args.names)
+    table = markdown(rows)
+    print(table)
+    if args.markdown is not None:
+        args.markdown.write_text(PAGE_HEAD + table + "\n")
+    print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0 if all(row[1] != "error" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,507 @@
+"""``captum-legrad explain`` for a video or an audio file: LeGrad maps on the frames or on
+the spectrogram.
+
+For a video (``clip.mp4``):
+
+1. the model's ``num_frames`` frames are sampled uniformly over the clip
+   (:func:`~captum_legrad.eval.media.read_video`) and given to the model's own image (or
+   video) processor, which resizes, crops and normalises them into ``(1, T, C, H, W)``;
+2. the targets are the given classes (indices or names) or the model's ``top_k``
+   predicted classes;
+3. :meth:`LeGrad.attribute_multi <captum_legrad.LeGrad.attribute_multi>` gives one map per
+   target in the model's input layout (``output="input"``, min-max normalised over all
+   frames together);
+4. written: ``<clip>_<target>.npy`` (float32 ``(T, H, W)``, one map per model frame, on the
+   processed frames), one figure ``<clip>.<format>`` (a strip of the frames, one row per
+   target, :func:`~captum_legrad.viz.plot_video`) and one animation per target,
+   ``<clip>_<target>.gif`` (or ``.mp4``, :func:`~captum_legrad.viz.animate_video`).
+
+For an audio file (``sound.wav``): the waveform is resampled to the feature extractor's
+rate (:func:`~captum_legrad.eval.media.read_audio`), the extractor builds the spectrogram
+``(1, time, mel)``, and the maps are written as ``<sound>_<target>.npy`` (float32
+``(time, mel)``, the spectrogram's layout) and drawn over the spectrogram in
+``<sound>.<format>`` (:func:`~captum_legrad.viz.plot_spectrogram`, time in seconds,
+frequency in Hz on the mel axis, the padding after the sound hatched).
+
+Everything is computed before the first file is written, and every file is written
+atomically, so a bad file or a failing model leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .explain import ExplainError, resolve_target, safe_name
+from .files import OutputFolder, atomic_path, unique_name
+from .media import Audio, Video, read_audio, read_video
+from .models import ModelError, _import, _one_line, _quiet, _unreachable
+
+__all__ = [
+    "MediaModel",
+    "MediaResult",
+    "VIDEO_MODEL_TYPES",
+    "AUDIO_MODEL_TYPES",
+    "ANIMATIONS",
+    "load_media_model",
+    "explain_media",
+    "media_summary",
+]
+
+#: HF ``model_type`` of the video classifiers → the name of their main input.
+VIDEO_MODEL_TYPES: Dict[str, str] = {
+    "videomae": "pixel_values",
+    "vivit": "pixel_values",
+    "timesformer": "pixel_values",
+    "vjepa2": "pixel_values_videos",
+}
+#: HF ``model_type`` of the audio classifiers → the name of their main input.
+AUDIO_MODEL_TYPES: Dict[str, str] = {"audio-spectrogram-transformer": "input_values"}
+#: ``--animation`` choices.
+ANIMATIONS = ("gif", "mp4", "none")
+
+
+@dataclass
+class MediaModel:
+    """A video or audio classifier ready for explanation.
+
+    Attributes:
+        model: Scores ``(B, K)`` from the main input (``(B, T, C, H, W)`` video or
+                    ``(B, time, mel)`` spectrogram).
+        kind: ``"video"`` or ``"audio"``.
+        prepare: A :class:`~captum_legrad.eval.media.Video` or
+                    :class:`~captum_legrad.eval.media.Audio` → the model's input, batch 1
+                    (the model's own processor).
+        classes: Class names, when known.
+        num_frames: Frames the video model takes.
+        sampling_rate: The rate the audio model's feature extractor expects (Hz).
+        hop_length: Samples between spectrogram frames (audio).
+        window: Spectrogram frames the extractor pads or cuts to (audio), 0 if none.
+        mean, std: The processor's normalisation (to draw the frames).
+        spec: A :class:`~captum_legrad.ViTSpec` for a model discovery does not know.
+        multilabel: The classes are independent (sigmoid) rather than exclusive (softmax).
+        weights: Where the weights came from, in words.
+        random_init: The weights are random.
+    """
+
+    model: nn.Module
+    kind: str
+    prepare: Callable[[Union[Video, Audio]], Tensor]
+    classes: Optional[List[str]] = None
+    num_frames: int = 16
+    sampling_rate: int = 16000
+    hop_length: int = 160
+    window: int = 0
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    spec: Any = None
+    multilabel: bool = False
+    weights: str = ""
+    random_init: bool = False
+
+
+@dataclass
+class MediaResult:
+    """What was explained in one video or audio file and where it was written.
+
+    Attributes:
+        file: The video or audio file.
+        kind: ``"video"`` or ``"audio"``.
+        targets: The explained class indices.
+        names: Their class names.
+        scores: The model's probabilities.
+        files: The files written.
+        notes: What the reader should know (frames sampled, audio cut), one line each.
+    """
+
+    file: Path
+    kind: str
+    targets: List[int]
+    names: List[str]
+    scores: List[float]
+    files: List[Path] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+class _Logits(nn.Module):
+    """An HF video or audio classifier returning its logits from its main input."""
+
+    def __init__(self, model: nn.Module, input_name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.input_name = input_name
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        logits: Tensor = self.model(**{self.input_name: inputs}).logits
+        return logits
+
+
+@contextlib.contextmanager
+def _no_progress_bars(transformers: Any) -> Iterator[None]:
+    """transformers' "Loading weights" bars off while the model loads (the command prints
+    one line on an error), on again after if they were on."""
+    logging: Any = getattr(getattr(transformers, "utils", None), "logging", None)
+    enabled = getattr(logging, "is_progress_bar_enabled", None)
+    was_on = bool(enabled()) if callable(enabled) else False
+    if was_on:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
+def load_media_model(spec: str, kind: str, random_weights: bool = False) -> MediaModel:
+    r"""An HF video or audio classifier and its own processor, from ``hf:FOLDER`` or
+    ``hf:ORG/NAME``.
+
+    Video models (VideoMAE, ViViT, TimeSformer, V-JEPA 2) are loaded with
+    ``AutoModelForVideoClassification`` and ``AutoImageProcessor`` (V-JEPA 2:
+    ``AutoVideoProcessor``); the number of frames is the config's ``num_frames``
+    (``frames_per_clip``). The Audio Spectrogram Transformer is loaded with
+    ``AutoModelForAudioClassification`` and ``AutoFeatureExtractor``.
+
+    Args:
+        spec (str): ``hf:FOLDER`` (``save_pretrained``) or ``hf:ORG/NAME``.
+        kind (str): ``"video"`` or ``"audio"``: the file to explain.
+        random_weights (bool, optional): Random weights (the config only).
+                    Default: False
+
+    Returns:
+        :class:`MediaModel`.
+
+    Raises:
+        ModelError: Not an ``hf:`` model, a model of the other kind, no processor, or
+            weights that cannot be loaded; one line.
+    """
+    prefix, _, name = spec.partition(":")
+    if prefix != "hf" or not name:
+        raise ModelError(
+            f"a {kind} file needs a Hugging Face {kind} classifier: --model hf:FOLDER or "
+            "hf:ORG/NAME (video: VideoMAE, ViViT, TimeSformer, V-JEPA 2; audio: AST), got "
+            f"{spec!r}"
+        )
+    path = Path(name)
+    local = path.is_dir()
+    transformers = _import("transformers", "transformers")
+    source = str(path) if local else name
+    how = "save it with save_pretrained where the hub is reachable and pass hf:FOLDER"
+    try:
+        with _quiet():
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as error:
+        if local:
+            raise ModelError(
+                f"cannot read the model folder {path}: {_one_line(str(error))}"
+            ) from error
+        raise _unreachable(f"hf:{name}", error, how) from error
+    model_type = str(getattr(config, "model_type", ""))
+    types = VIDEO_MODEL_TYPES if kind == "video" else AUDIO_MODEL_TYPES
+    if model_type not in types:
+        known = ", ".join(sorted(types))
+        other = "audio" if kind == "video" else "video"
+        what = (
+            f"a {other} model"
+            if model_type in (AUDIO_MODEL_TYPES if kind == "video" else VIDEO_MODEL_TYPES)
+            else "not a video or audio classifier LeGrad explains"
+        )
+        raise ModelError(
+            f"hf:{name} is {model_type or 'unknown'} ({what}); a {kind} file needs one of: {known}"
+        )
+    input_name = types[model_type]
+    try:
+        with _quiet(), _no_progress_bars(transformers):
+            if kind == "video":
+                loader = transformers.AutoModelForVideoClassification
+                processor_class = (
+                    transformers.AutoVideoProcessor
+                    if model_type == "vjepa2"
+                    else transformers.AutoImageProcessor
+                )
+            else:
+                loader = transformers.AutoModelForAudioClassification
+                processor_class = transformers.AutoFeatureExtractor
+            if random_weights:
+                model = loader.from_config(config).eval()
+            else:
+                model = loader.from_pretrained(source, local_files_only=local).eval()
+            try:
+                processor = processor_class.from_pretrained(source, local_files_only=local)
+            except (OSError, ValueError) as error:
+                part = "image/video processor" if kind == "video" else "feature extractor"
+                raise ModelError(
+                    f"hf:{name} has no {part}"
+                    f" ({_one_line(str(error), 120)}); save it with processor.save_pretrained "
+                    "into the model folder"
+                ) from error
+    except OSError as error:
+        if local:
+            raise ModelError(
+                f"cannot read the model folder {path}: {_one_line(str(error))}"
+            ) from error
+        raise _unreachable(f"hf:{name}", error, how) from error
+    labels = getattr(config, "id2label", None) or {}
+    multilabel = getattr(config, "problem_type", None) == "multi_label_classification"
+    weights = (
+        "random (--random-weights)"
+        if random_weights
+        else (f"folder {path}" if local else "pretrained (Hugging Face hub)")
+    )
+    common: Dict[str, Any] = dict(
+        model=_Logits(model, input_name).eval(),
+        kind=kind,
+        classes=[labels[i] for i in sorted(labels)] if labels else None,
+        multilabel=multilabel,
+        weights=weights,
+        random_init=random_weights,
+    )
+    if kind == "video":
+        frames = int(
+            getattr(config, "num_frames", None) or getattr(config, "frames_per_clip", None) or 16
+        )
+
+        def prepare_video(media: Union[Video, Audio]) -> Tensor:
+            assert isinstance(media, Video)
+            if model_type == "vjepa2":
+                batch = processor(videos=[media.frames], return_tensors="pt")
+            else:
+                batch = processor(media.frames, return_tensors="pt")
+            pixels: Tensor = batch[input_name]
+            return pixels
+
+        return MediaModel(
+            prepare=prepare_video,
+            num_frames=frames,
+            mean=getattr(processor, "image_mean", None),
+            std=getattr(processor, "image_std", None),
+            **common,
+        )
+    rate = int(getattr(processor, "sampling_rate", 16000))
+
+    def prepare_audio(media: Union[Video, Audio]) -> Tensor:
+        assert isinstance(media, Audio)
+        batch = processor(media.waveform, sampling_rate=media.sampling_rate, return_tensors="pt")
+        values: Tensor = batch[input_name]
+        return values
+
+    return MediaModel(
+        prepare=prepare_audio,
+        sampling_rate=rate,
+        hop_length=max(rate // 100, 1),  # Kaldi fbank: 10 ms frame shift
+        window=int(getattr(processor, "max_length", 0) or 0),
+        **common,
+    )
+
+
+@contextlib.contextmanager
+def _all_or_nothing(out: OutputFolder) -> Iterator[None]:
+    """Remove the files written in the block if it fails (each is written atomically)."""
+    before = len(out.written)
+    try:
+        yield
+    except BaseException:
+        for written in out.written[before:]:
+            written.unlink(missing_ok=True)
+        del out.written[before:]
+        raise
+
+
+def _scores(raw: Tensor, multilabel: bool) -> Tensor:
+    return raw.sigmoid() if multilabel else raw.softmax(dim=-1)
+
+
+def explain_media(
+    loaded: MediaModel,
+    path: Path,
+    out: OutputFolder,
+    *,
+    targets: Optional[Sequence[str]] = None,
+    top_k: int = 1,
+    labels: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[int]] = None,
+    animation: str = "gif",
+    fmt: str = "png",
+    device: Optional[torch.device] = None,
+    warn: Callable[[str], None] = lambda message: None,
+) -> MediaResult:
+    r"""Explain one video or audio file and write its maps, figure and animations.
+
+    Args:
+        loaded (MediaModel): The model (:func:`load_media_model`).
+        path (Path): The video or audio file.
+        out (OutputFolder): Where to write.
+        targets (Sequence[str], optional): Class indices or names (``--target``).
+                    Default: None (the ``top_k`` predicted classes)
+        top_k (int, optional): Without targets, explain this many classes.
+                    Default: 1
+        labels (Sequence[str], optional): Class names replacing the model's.
+                    Default: None
+        layers (Sequence[int], optional): LeGrad's blocks.
+                    Default: None (all)
+        animation (str, optional): ``"gif"``, ``"mp4"`` or ``"none"`` (video only).
+                    Default: "gif"
+        fmt (str, optional): Figure format, ``png``, ``jpg`` or ``pdf``.
+                    Default: "png"
+        device (torch.device, optional): Where to run.
+                    Default: None (CPU)
+        warn (callable, optional): Called with each warning (one line).
+
+    Returns:
+        :class:`MediaResult`.
+
+    Raises:
+        MediaError: The file cannot be read (see :mod:`captum_legrad.eval.media`).
+        ExplainError: Bad targets or labels, or a model LeGrad cannot explain; one line.
+
+    Examples::
+
+        >>> loaded = load_media_model("hf:videomae-kinetics", "video")
+        >>> result = explain_media(loaded, Path("clip.mp4"), OutputFolder(Path("out")))
+    """
+    from .. import viz
+    from ..attribution import LeGrad
+
+    if top_k < 1:
+        raise ExplainError(f"--top-k must be at least 1, got {top_k}")
+    if animation not in ANIMATIONS:
+        raise ExplainError(f"--animation must be one of {', '.join(ANIMATIONS)}, got {animation}")
+    path = Path(path)
+    media: Union[Video, Audio]
+    if loaded.kind == "video":
+        media = read_video(path, loaded.num_frames)
+    else:
+        media = read_audio(path, loaded.sampling_rate)
+    try:
+        x = loaded.prepare(media)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ExplainError(
+            f"the model's processor cannot prepare {path.name}: {_one_line(str(error))}"
+        ) from error
+    device = device if device is not None else torch.device("cpu")
+    model = loaded.model.to(device).eval()
+    x = x.to(device)
+    try:
+        legrad = LeGrad(model, spec=loaded.spec, layers=layers)
+    except (TypeError, ValueError) as error:
+        raise ExplainError(" ".join(str(error).split())) from error
+    if loaded.random_init:
+        warn("the model has random weights: its maps and scores show nothing learned")
+    with torch.no_grad():
+        raw = model(x)[0].float().cpu()
+    outputs = int(raw.shape[-1])
+    classes = list(labels) if labels is not None else loaded.classes
+    if labels is not None and len(labels) != outputs:
+        raise ExplainError(f"--labels has {len(labels)} names but the model has {outputs} outputs")
+    if targets:
+        chosen = [resolve_target(t, classes, outputs) for t in targets]
+        doubled = sorted({t for t in chosen if chosen.count(t) > 1})
+        if doubled:
+            raise ExplainError(f"--target names class {doubled[0]} more than once")
+    else:
+        chosen = [int(i) for i in raw.topk(min(top_k, outputs)).indices]
+    scores = _scores(raw, loaded.multilabel)
+    names = [
+        classes[t] if classes is not None and t < len(classes) else f"class {t}" for t in chosen
+    ]
+    result = MediaResult(
+        file=path,
+        kind=loaded.kind,
+        targets=chosen,
+        names=names,
+        scores=[float(scores[t]) for t in chosen],
+    )
+    what = "probability (sigmoid)" if loaded.multilabel else "probability"
+    row_labels = [f"{n.split(',')[0]}\n{what} {s:.3f}" for n, s in zip(names, result.scores)]
+    maps = legrad.attribute_multi(x, targets=chosen, output="input")[0].float().cpu()
+    # everything is computed; now the files
+    base = safe_name(path.stem)
+    taken: set = set()
+    if path.parent.resolve() == out.path.resolve():
+        taken.add(path.name.lower())
+    stems = [unique_name(f"{base}_{safe_name(n.split(',')[0])}", taken) for n in names]
+    if isinstance(media, Video):
+        frame_maps = maps.mean(2)  # (K, T, C, H, W) → (K, T, H, W): the channels are equal
+        if int(frame_maps.shape[1]) != len(media.frames):
+            result.notes.append(
+                f"the model takes {frame_maps.shape[1]} frames; {len(media.frames)} were sampled"
+            )
+        distinct = len(set(media.indices))
+        result.notes.append(
+            f"{len(media.frames)} frames sampled uniformly from {media.total}"
+            + (
+                f" (the clip is shorter: {distinct} distinct)"
+                if distinct < len(media.indices)
+                else ""
+            )
+        )
+        figure = viz.plot_video(
+            x[0].cpu(),
+            frame_maps,
+            row_labels,
+            times=media.times,
+            indices=media.indices,
+            mean=loaded.mean,
+            std=loaded.std,
+            title=f"{path.name}: LeGrad ({len(media.frames)} of {media.total} frames)",
+        )
+        with _all_or_nothing(out):
+            for stem, amap in zip(stems, frame_maps):
+                result.files.append(out.save_npy(f"{stem}.npy", amap.numpy().astype("float32")))
+            result.files.append(out.save_figure(unique_name(base, taken) + f".{fmt}", figure, fmt))
+            if animation == "none":
+                return result
+            for stem, amap in zip(stems, frame_maps):
+                target = out.file(unique_name(f"{stem}_anim", taken) + f".{animation}")
+                with atomic_path(target) as temporary:
+                    viz.animate_video(
+                        x[0].cpu(),
+                        amap,
+                        temporary,
+                        times=media.times,
+                        indices=media.indices,
+                        format=animation,
+                        mean=loaded.mean,
+                        std=loaded.std,
+                    )
+                out.written.append(target)
+                result.files.append(target)
+        return result
+    spectrogram_maps = maps  # (K, time, mel)
+    seen = float(x.shape[1]) * loaded.hop_length / loaded.sampling_rate
+    if media.duration > seen + 1e-6:
+        result.notes.append(
+            f"the model sees the first {seen:.2f} s of {media.duration:.2f} s of sound"
+        )
+    figure = viz.plot_spectrogram(
+        x[0].cpu(),
+        spectrogram_maps,
+        row_labels,
+        sampling_rate=loaded.sampling_rate,
+        hop_length=loaded.hop_length,
+        frequency="hz",
+        duration=media.duration,
+        title=f"{path.name}: LeGrad ({media.duration:.2f} s, resampled "
+        f"{media.source_rate} → {media.sampling_rate} Hz)",
+    )
+    with _all_or_nothing(out):
+        for stem, amap in zip(stems, spectrogram_maps):
+            result.files.append(out.save_npy(f"{stem}.npy", amap.numpy().astype("float32")))
+        result.files.append(out.save_figure(unique_name(base, taken) + f".{fmt}", figure, fmt))
+    return result
+
+
+def media_summary(result: MediaResult, out: Path) -> List[str]:
+    """Lines for the terminal: what was explained, the notes, the files written."""
+    what = "; ".join(
+        f"{name.split(',')[0]} ({score:.2f})" for name, score in zip(result.names, result.scores)
+    )
+    lines = [f"{result.file.name}: {what} → {', '.join(p.name for p in result.files)}"]
+    lines += [f"note: {note}" for note in result.notes]
+    lines.append(f"wrote {len(result.files)} files to {out}")
+    return lines

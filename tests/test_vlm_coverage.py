@@ -1,0 +1,103 @@
+"""Representative VLMs that answer maps do not (yet) support are refused clearly.
+
+Issue #21's rule: no VLM that takes an image may raise anything but
+``UnsupportedModelError`` (naming why), or return a silent all-zero map. Real instances of
+a perceiver-resampler model (Idefics2), a Q-Former model (BLIP-2), a cross-attention model
+(Mllama), a tiled model (LLaVA-NeXT) and a dynamic-resolution model (Qwen2-VL) are built at
+tiny random-init configurations. A family that becomes supported (Qwen2-VL is being added)
+passes as long as it is accepted without any other exception. The sweep of every class is
+``benchmarks/coverage_vlm.py`` (``docs/coverage_vlm.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import pytest
+import torch
+from torch import nn
+
+tf = pytest.importorskip("transformers")
+
+from _versions import requires  # noqa: E402
+
+from captum_legrad import AnswerLogits, UnsupportedModelError  # noqa: E402
+
+pytestmark = requires("transformers", "LlavaModel", since="transformers 4.52")
+
+#: Sizes set wherever a (sub-)configuration has them.
+_TINY: Dict[str, int] = {
+    "num_hidden_layers": 1,
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "depth": 1,
+    "embed_dim": 64,
+    "out_hidden_size": 64,
+    "vision_output_dim": 64,
+}
+
+#: class -> (config class, why it is refused: a phrase of the message)
+CASES = {
+    "Idefics2ForConditionalGeneration": ("Idefics2Config", "perceiver"),
+    "Blip2ForConditionalGeneration": ("Blip2Config", "Q-Former"),
+    "MllamaForConditionalGeneration": ("MllamaConfig", "cross-attention"),
+    "LlavaNextForConditionalGeneration": ("LlavaNextConfig", "tiles"),
+    "Qwen2VLForConditionalGeneration": ("Qwen2VLConfig", "dynamic resolution"),
+}
+
+
+def _tiny(config: Any) -> Any:
+    """``config`` with every nested configuration's stacks and widths made tiny."""
+    stack, seen = [config], set()
+    while stack:
+        part = stack.pop()
+        if id(part) in seen:
+            continue
+        seen.add(id(part))
+        for key, value in _TINY.items():
+            current = getattr(part, key, None)
+            if isinstance(current, int) and current > value:
+                setattr(part, key, value)
+        for key in ("layer_types", "cross_attention_layers"):
+            value = getattr(part, key, None)
+            if isinstance(value, list) and key == "layer_types":
+                setattr(part, key, value[: part.num_hidden_layers])
+            elif isinstance(value, list):  # Mllama: which text layers cross-attend
+                setattr(part, key, [0])
+        stack += [v for v in vars(part).values() if isinstance(v, tf.PretrainedConfig)]
+    return config
+
+
+def _build(name: str) -> nn.Module:
+    config_name = CASES[name][0]
+    if not hasattr(tf, name) or not hasattr(tf, config_name):
+        pytest.skip(f"transformers {tf.__version__} has no {name}")
+    torch.manual_seed(0)
+    return getattr(tf, name)(_tiny(getattr(tf, config_name)())).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_refused_or_supported_never_another_error(name: str) -> None:
+    model = _build(name)
+    assert type(model).__name__ == name
+    ids, answer = torch.tensor([[1, 2, 3]]), torch.tensor([[4]])
+    try:
+        explained = AnswerLogits(model, ids, answer)
+    except UnsupportedModelError as error:
+        message = str(error)
+        assert name in message and CASES[name][1] in message, message
+        return
+    # Supported (on a branch that added the family): the description is the model's own.
+    spec = explained.legrad_spec()
+    assert len(spec.blocks) >= 1 and spec.blocks[0] in set(model.modules())
+
+
+def test_unknown_vlm_gets_the_generic_refusal() -> None:
+    model = _build("LlavaNextForConditionalGeneration")
+    renamed = type("SomeNewVLMForConditionalGeneration", (type(model),), {})
+    model.__class__ = renamed  # an unknown class with a known layout
+    with pytest.raises(UnsupportedModelError, match="not a supported vision-language model"):
+        AnswerLogits(model, torch.tensor([1]), torch.tensor([2]))
