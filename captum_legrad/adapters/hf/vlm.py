@@ -115,10 +115,6 @@ REFUSED.update(
         "AriaForConditionalGeneration": (
             "resamples the image with learned queries (cross-attention projector)"
         ),
-        "InternVLForConditionalGeneration": (
-            "tiles the image into dynamic tiles plus a thumbnail (pixel shuffle)"
-        ),
-        "Llama4ForConditionalGeneration": "tiles the image into crops plus a global view",
     }
 )
 
