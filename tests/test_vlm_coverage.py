@@ -22,6 +22,7 @@ tf = pytest.importorskip("transformers")
 from _versions import requires  # noqa: E402
 
 from captum_legrad import AnswerLogits, UnsupportedModelError  # noqa: E402
+from captum_legrad.adapters.hf.vlm import describe  # noqa: E402
 
 pytestmark = requires("transformers", "LlavaModel", since="transformers 4.52")
 
@@ -85,14 +86,19 @@ def test_refused_or_supported_never_another_error(name: str) -> None:
     assert type(model).__name__ == name
     ids, answer = torch.tensor([[1, 2, 3]]), torch.tensor([[4]])
     try:
-        explained = AnswerLogits(model, ids, answer)
+        describe(model)
     except UnsupportedModelError as error:
         message = str(error)
         assert name in message and CASES[name][1] in message, message
+        with pytest.raises(UnsupportedModelError):
+            AnswerLogits(model, ids, answer)
         return
-    # Supported (on a branch that added the family): the description is the model's own.
-    spec = explained.legrad_spec()
-    assert len(spec.blocks) >= 1 and spec.blocks[0] in set(model.modules())
+    # Supported (on a branch that added the family): AnswerLogits takes it, or asks for the
+    # processor's other outputs by name (a ValueError saying what to pass), nothing else.
+    try:
+        AnswerLogits(model, ids, answer)
+    except ValueError as error:
+        assert "processor" in str(error) or "image" in str(error), str(error)
 
 
 def test_unknown_vlm_gets_the_generic_refusal() -> None:
