@@ -29,7 +29,7 @@ from torch import Tensor
 from ...views import SampleViews, ViewRules
 from .vlm_tiles import ImageView, as_samples, padding_out, resample_box
 
-__all__ = ["tile_views", "tile_rules"]
+__all__ = ["CLASSES", "tile_views", "tile_rules", "rules", "token_step"]
 
 
 def _runs(row: Tensor, image_id: int) -> List[Tuple[int, int]]:
@@ -217,3 +217,19 @@ def tile_rules(config: Any, family: str) -> ViewRules:
         describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False,
         to_input=to_input,
     )  # fmt: skip
+
+
+#: The classes this module describes.
+CLASSES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+
+
+def rules(config: Any) -> ViewRules:
+    """The family's :class:`~captum_legrad.views.ViewRules`: :func:`tile_rules`, named
+    SmolVLM for a ``smolvlm`` config and Idefics3 otherwise."""
+    smol = getattr(config, "model_type", None) == "smolvlm"
+    return tile_rules(config, "SmolVLM" if smol else "Idefics3")
+
+
+def token_step(config: Any) -> int:
+    """1: the views' boxes carry the geometry (``VLMParts.grid`` is unused)."""
+    return 1

@@ -25,7 +25,7 @@ from torch import Tensor
 from ...errors import UnsupportedModelError
 from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views, tile_boxes
 
-__all__ = ["CLASSES", "tokens_per_tile", "arrangement", "views", "rules"]
+__all__ = ["CLASSES", "tokens_per_tile", "arrangement", "views", "rules", "token_step"]
 
 
 def tokens_per_tile(config: Any) -> Tuple[int, int]:
@@ -166,3 +166,10 @@ def rules(config: Any) -> Any:
         batch_first=False,
         consumed=("image_sizes",),
     )
+
+
+def token_step(config: Any) -> int:
+    """The pixels one token covers per side: the tile side over :func:`tokens_per_tile`."""
+    size = config.vision_config.image_size
+    side = size if isinstance(size, int) else int(size[0])
+    return int(side) // tokens_per_tile(config)[0]

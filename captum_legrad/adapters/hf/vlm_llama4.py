@@ -20,7 +20,7 @@ The arrangement is read from the separators; the padding needs the image's origi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,10 @@ from torch import Tensor, nn
 from ...errors import UnsupportedModelError
 from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views
 
-__all__ = ["CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules"]
+__all__ = [
+    "CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules",
+    "token_step", "language_parts",
+]  # fmt: skip
 
 
 def tokens_per_tile(config: Any) -> Tuple[int, int]:
@@ -260,3 +263,17 @@ def rules(config: Any) -> Any:
         batch_first=False,
         consumed=("image_sizes",),
     )
+
+
+def token_step(config: Any) -> int:
+    """The pixels one token covers per side: the tile side over :func:`tokens_per_tile`."""
+    return int(config.vision_config.image_size) // tokens_per_tile(config)[0]
+
+
+def language_parts(
+    model: nn.Module,
+) -> Tuple[nn.Module, Tuple[nn.Module, ...], nn.Module, nn.Module]:
+    """``(inner, layers, norm, lm_head)``: Llama 4 has no base model, so the inner model is
+    :class:`Base` (the whole model, read at the final norm)."""
+    text: Any = cast(Any, model).language_model
+    return Base(model), tuple(text.model.layers), text.model.norm, text.lm_head
