@@ -15,17 +15,25 @@ fixed resolution:
   (``k = 4`` for the released models), so the map lives on the pooled token grid.
 
 Families whose image tokens are not one fixed grid per sample are described through views
-(:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family:
+(:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family, registered in one
+table, :data:`VIEW_FAMILIES`:
 
 * Qwen2-VL, Qwen2.5-VL, Qwen3-VL (:mod:`.vlm_qwen`): dynamic resolution, several images and
   videos per sample;
 * LLaVA-NeXT and LLaVA-OneVision (:mod:`.vlm_llava_next`): AnyRes, a base view and the
   unpadded crops per image;
 * Idefics3 and SmolVLM (:mod:`.vlm_idefics3`): tiles and the global image, pixel shuffle;
-* Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger.
+* Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger;
+* InternVL (:mod:`.vlm_internvl`): dynamic tiles and a thumbnail;
+* Gemma 4 (:mod:`.vlm_gemma4`): one pooled patch grid per image;
+* Llama 4 (:mod:`.vlm_llama4`): tiles of a padded canvas and a global view.
 
-(:mod:`.vlm_tiles` holds what the last three share.) The other tiled or multi-crop models
-are refused with :class:`~captum_legrad.UnsupportedModelError` naming why.
+Each of these modules exposes ``CLASSES``, ``rules(config)`` and ``token_step(config)``
+(and ``language_parts(model)`` where the model has no base model); :func:`describe` takes
+one path for all of them. :mod:`.vlm_tiles` holds what the tiled families share (the view
+records, their conversion to :class:`~captum_legrad.views.SampleViews`, the run and
+rectangle helpers). The other tiled or multi-crop models are refused with
+:class:`~captum_legrad.UnsupportedModelError` naming why.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views
+from .vlm_tiles import TileView, image_size_of, runs, sample_views
 
 __all__ = ["CLASSES", "token_grids", "views", "rules", "token_step"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedModelError
-from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views
+from .vlm_tiles import TileView, check_image_count, image_size_of, runs, sample_views
 
 __all__ = [
     "CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules",
@@ -249,12 +249,7 @@ def rules(config: Any) -> Any:
         sizes = None if given is None else torch.as_tensor(given).view(-1, 2).tolist()
         found = views(ids.masked_fill(mask == 0, -1).cpu(), *ids_of, grid, tile, sizes)
         assert sizes is not None  # views() raises without them
-        count = sum(len({v.image for v in sample}) for sample in found)
-        if len(sizes) != count:
-            raise ValueError(
-                f"image_sizes has {len(sizes)} rows but the prompts hold {count} images: give "
-                "one (height, width) row per image."
-            )
+        check_image_count(sizes, found)
         return sample_views(found, [(int(h), int(w)) for h, w in sizes])
 
     return ViewRules(
