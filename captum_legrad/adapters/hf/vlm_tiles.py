@@ -153,7 +153,7 @@ def flat_ints(value: Any) -> List[Any]:
 
 
 def _placed(
-    sizes: Sequence[Tuple[int, int]],
+    sizes: Sequence[Tuple[int, ...]],
     views: Sequence[Tuple[Tensor, Tuple[int, int], int, Sequence[float], str]],
 ) -> SampleViews:
     """One sample's :class:`~captum_legrad.views.SampleViews`: image ``i`` a source of size
