@@ -15,17 +15,25 @@ fixed resolution:
   (``k = 4`` for the released models), so the map lives on the pooled token grid.
 
 Families whose image tokens are not one fixed grid per sample are described through views
-(:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family:
+(:mod:`captum_legrad.views`; ``VLMParts.views``), one module per family, registered in one
+table, :data:`VIEW_FAMILIES`:
 
 * Qwen2-VL, Qwen2.5-VL, Qwen3-VL (:mod:`.vlm_qwen`): dynamic resolution, several images and
   videos per sample;
 * LLaVA-NeXT and LLaVA-OneVision (:mod:`.vlm_llava_next`): AnyRes, a base view and the
   unpadded crops per image;
 * Idefics3 and SmolVLM (:mod:`.vlm_idefics3`): tiles and the global image, pixel shuffle;
-* Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger.
+* Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger;
+* InternVL (:mod:`.vlm_internvl`): dynamic tiles and a thumbnail;
+* Gemma 4 (:mod:`.vlm_gemma4`): one pooled patch grid per image;
+* Llama 4 (:mod:`.vlm_llama4`): tiles of a padded canvas and a global view.
 
-(:mod:`.vlm_tiles` holds what the last three share.) The other tiled or multi-crop models
-are refused with :class:`~captum_legrad.UnsupportedModelError` naming why.
+Each of these modules exposes ``CLASSES``, ``rules(config)`` and ``token_step(config)``
+(and ``language_parts(model)`` where the model has no base model); :func:`describe` takes
+one path for all of them. :mod:`.vlm_tiles` holds what the tiled families share (the view
+records, their conversion to :class:`~captum_legrad.views.SampleViews`, the run and
+rectangle helpers). The other tiled or multi-crop models are refused with
+:class:`~captum_legrad.UnsupportedModelError` naming why.
 """
 
 from __future__ import annotations
@@ -37,43 +45,45 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from ...views import ViewRules
-from . import vlm_gemma4 as gemma4
-from . import vlm_internvl as internvl
-from . import vlm_llama4 as llama4
-from .vlm_idefics3 import tile_rules
-from .vlm_llava_next import anyres_rules
-from .vlm_mistral3 import pixtral_rules
-from .vlm_qwen import QWEN_VL, qwen_rules
+from . import (
+    vlm_gemma4,
+    vlm_idefics3,
+    vlm_internvl,
+    vlm_llama4,
+    vlm_llava_next,
+    vlm_mistral3,
+    vlm_qwen,
+)
 
 __all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
+
+#: The families described through views, one module each. Every module exposes the same
+#: interface: ``CLASSES`` (the class names it describes), ``rules(config)`` (its
+#: :class:`~captum_legrad.views.ViewRules`) and ``token_step(config)`` (the pixels one
+#: token covers per side, ``VLMParts.pixels_per_token``); a module whose model has no base
+#: model (Llama 4) also gives ``language_parts(model)`` → ``(inner, layers, norm, lm_head)``.
+VIEW_FAMILIES: Tuple[Any, ...] = (
+    vlm_qwen,
+    vlm_llava_next,
+    vlm_idefics3,
+    vlm_mistral3,
+    vlm_internvl,
+    vlm_gemma4,
+    vlm_llama4,
+)
+
+#: Class name -> the module of :data:`VIEW_FAMILIES` that describes it.
+_VIEW_MODULES: Dict[str, Any] = {
+    name: module for module in VIEW_FAMILIES for name in module.CLASSES
+}
 
 #: Class names of the supported models.
 SUPPORTED = (
     "LlavaForConditionalGeneration",
     "PaliGemmaForConditionalGeneration",
     "Gemma3ForConditionalGeneration",
-    *QWEN_VL,
-    "LlavaNextForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration",
-    "Idefics3ForConditionalGeneration",
-    "SmolVLMForConditionalGeneration",
-    "Mistral3ForConditionalGeneration",
-    *internvl.CLASSES,
-    *gemma4.CLASSES,
-    *llama4.CLASSES,
+    *_VIEW_MODULES,
 )
-
-#: The tiled and multi-crop families described by views: class name -> config -> rules.
-_TILED: Dict[str, Callable[[Any], ViewRules]] = {
-    "LlavaNextForConditionalGeneration": lambda config: anyres_rules(config),
-    "LlavaOnevisionForConditionalGeneration": lambda config: anyres_rules(config, True),
-    "Idefics3ForConditionalGeneration": lambda config: tile_rules(config, "Idefics3"),
-    "SmolVLMForConditionalGeneration": lambda config: tile_rules(config, "SmolVLM"),
-    "Mistral3ForConditionalGeneration": pixtral_rules,
-}
-
-#: Families described through views by their own module (``CLASSES``, ``rules(config)``).
-_VIEW_MODULES = {name: module for module in (internvl, gemma4, llama4) for name in module.CLASSES}
 
 #: Class names refused with a reason: tiled or dynamic-resolution image tokens.
 REFUSED = {
@@ -206,8 +216,9 @@ def describe(model: nn.Module) -> VLMParts:
             "with its lm_head). Pass one of these, or describe another VLM with a ViTSpec."
         )
     m: Any = model
-    if name in _VIEW_MODULES:
-        return _view_family(model, _VIEW_MODULES[name])
+    module = _VIEW_MODULES.get(name)
+    if module is not None and hasattr(module, "language_parts"):
+        return _view_family(model, module)
     base = getattr(m, "model", None)
     language = getattr(base, "language_model", None) or getattr(base, "text_model", None)
     if not isinstance(language, nn.Module):
@@ -224,26 +235,8 @@ def describe(model: nn.Module) -> VLMParts:
     vision = config.vision_config
     layers, norm = _language_parts(m)
     attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
-    if name in _TILED:
-        strategy = getattr(config, "vision_feature_select_strategy", None)
-        if strategy == "full" and vision.model_type == "clip_vision_model":
-            raise _refuse(model, "keeps CLIP's CLS token in every crop (strategy 'full')")
-        return VLMParts(
-            name, model, m.model, layers, attentions, norm, m.lm_head, None,
-            int(config.image_token_id), lambda h, w: (h, w), (1, 1), 0, 0, None, None,
-            _TILED[name](config),
-        )  # fmt: skip
-    if name in QWEN_VL:
-        rules = qwen_rules(config)
-        step = _square(vision.patch_size)[0] * int(vision.spatial_merge_size)
-
-        def merged_grid(height: int, width: int) -> Tuple[int, int]:
-            return height // step, width // step
-
-        return VLMParts(
-            name, model, m.model, layers, attentions, norm, m.lm_head, None,
-            int(config.image_token_id), merged_grid, (step, step), 0, 0, None, None, rules,
-        )  # fmt: skip
+    if module is not None:
+        return _view_family(model, module)
     patch = _square(vision.patch_size)
     side = _square(vision.image_size)
     if vision.model_type not in _VISION_TOWERS:
@@ -293,27 +286,23 @@ def describe(model: nn.Module) -> VLMParts:
 
 
 def _view_family(model: nn.Module, module: Any) -> VLMParts:
-    """The parts of InternVL, Gemma 4 or Llama 4: the language model's pieces and the
+    """The parts of a family of :data:`VIEW_FAMILIES`: the language model's pieces and the
     family module's view rules."""
     m: Any = model
     config = m.config
     name = type(model).__name__
+    vision = config.vision_config
+    strategy = getattr(config, "vision_feature_select_strategy", None)
+    if strategy == "full" and getattr(vision, "model_type", None) == "clip_vision_model":
+        raise _refuse(model, "keeps CLIP's CLS token in every crop (strategy 'full')")
     rules = module.rules(config)
-    if module is llama4:  # no base model: the whole model, read at the final norm
-        text = m.language_model
-        inner: nn.Module = llama4.Base(model)
-        layers, norm, head = tuple(text.model.layers), text.model.norm, text.lm_head
-        step = int(config.vision_config.image_size) // llama4.tokens_per_tile(config)[0]
+    if hasattr(module, "language_parts"):
+        inner, layers, norm, head = module.language_parts(model)
     else:
         inner = m.model
         layers, norm = _language_parts(m)
         head = m.lm_head
-        vision = config.vision_config
-        if module is internvl:
-            grid = internvl.tokens_per_tile(config)
-            step = _square(vision.image_size)[0] // grid[0]
-        else:
-            step = int(vision.patch_size) * int(vision.pooling_kernel_size)
+    step = int(module.token_step(config))
     attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
     softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
 

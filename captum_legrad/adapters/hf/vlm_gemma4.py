@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views
+from .vlm_tiles import TileView, image_size_of, runs, sample_views
 
-__all__ = ["CLASSES", "token_grids", "views", "rules"]
+__all__ = ["CLASSES", "token_grids", "views", "rules", "token_step"]
 
 
 def token_grids(image_position_ids: Tensor, pooling: int) -> List[Tuple[int, int]]:
@@ -168,3 +168,9 @@ def rules(config: Any) -> Any:
         to_input=to_input,
         consumed=("image_sizes", "num_soft_tokens_per_image"),
     )
+
+
+def token_step(config: Any) -> int:
+    """The pixels one soft token covers per side: ``patch_size · pooling_kernel_size``."""
+    vision = config.vision_config
+    return int(vision.patch_size) * int(vision.pooling_kernel_size)

@@ -28,17 +28,9 @@ from torch import Tensor
 
 from ...views import SampleViews, ViewRules
 from .vlm_tiles import ImageView, as_samples, padding_out, resample_box
+from .vlm_tiles import runs as token_runs
 
-__all__ = ["tile_views", "tile_rules"]
-
-
-def _runs(row: Tensor, image_id: int) -> List[Tuple[int, int]]:
-    """``(start, end)`` of every maximal run of ``image_id`` in ``row``."""
-    is_image = (row == image_id).long()
-    change = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
-    starts = torch.nonzero(change == 1)[:, 0].tolist()
-    ends = torch.nonzero(change == -1)[:, 0].tolist()
-    return list(zip(starts, ends))
+__all__ = ["CLASSES", "tile_views", "tile_rules", "rules", "token_step"]
 
 
 def _valid(mask: Optional[Tensor], side: int) -> Tuple[int, int]:
@@ -95,7 +87,7 @@ def tile_views(
     views: List[ImageView] = []
     for b in range(batch):
         row = input_ids[b]
-        runs = _runs(row, image_id)
+        runs = token_runs(row, image_id)
         if not runs:
             continue
         for start, end in runs:
@@ -217,3 +209,19 @@ def tile_rules(config: Any, family: str) -> ViewRules:
         describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False,
         to_input=to_input,
     )  # fmt: skip
+
+
+#: The classes this module describes.
+CLASSES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+
+
+def rules(config: Any) -> ViewRules:
+    """The family's :class:`~captum_legrad.views.ViewRules`: :func:`tile_rules`, named
+    SmolVLM for a ``smolvlm`` config and Idefics3 otherwise."""
+    smol = getattr(config, "model_type", None) == "smolvlm"
+    return tile_rules(config, "SmolVLM" if smol else "Idefics3")
+
+
+def token_step(config: Any) -> int:
+    """1: the views' boxes carry the geometry (``VLMParts.grid`` is unused)."""
+    return 1

@@ -23,9 +23,16 @@ import torch
 from torch import Tensor
 
 from ...errors import UnsupportedModelError
-from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views, tile_boxes
+from .vlm_tiles import (
+    TileView,
+    check_image_count,
+    image_size_of,
+    runs,
+    sample_views,
+    tile_boxes,
+)
 
-__all__ = ["CLASSES", "tokens_per_tile", "arrangement", "views", "rules"]
+__all__ = ["CLASSES", "tokens_per_tile", "arrangement", "views", "rules", "token_step"]
 
 
 def tokens_per_tile(config: Any) -> Tuple[int, int]:
@@ -151,12 +158,7 @@ def rules(config: Any) -> Any:
     def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
         sizes = _sizes(inputs.get("image_sizes"))
         found = views(ids.masked_fill(mask == 0, -1).cpu(), image_id, grid, tile, sizes)
-        count = sum(len({v.image for v in sample}) for sample in found)
-        if sizes is not None and len(sizes) != count:
-            raise ValueError(
-                f"image_sizes has {len(sizes)} rows but the prompts hold {count} images: give "
-                "one (height, width) row per image."
-            )
+        count = check_image_count(sizes, found)
         every = sizes if sizes is not None else [tile] * count
         return sample_views(found, every)
 
@@ -166,3 +168,10 @@ def rules(config: Any) -> Any:
         batch_first=False,
         consumed=("image_sizes",),
     )
+
+
+def token_step(config: Any) -> int:
+    """The pixels one token covers per side: the tile side over :func:`tokens_per_tile`."""
+    size = config.vision_config.image_size
+    side = size if isinstance(size, int) else int(size[0])
+    return int(side) // tokens_per_tile(config)[0]

@@ -20,15 +20,18 @@ The arrangement is read from the separators; the padding needs the image's origi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedModelError
-from .vlm_tile_boxes import TileView, image_size_of, runs, sample_views
+from .vlm_tiles import TileView, check_image_count, image_size_of, runs, sample_views
 
-__all__ = ["CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules"]
+__all__ = [
+    "CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules",
+    "token_step", "language_parts",
+]  # fmt: skip
 
 
 def tokens_per_tile(config: Any) -> Tuple[int, int]:
@@ -246,12 +249,7 @@ def rules(config: Any) -> Any:
         sizes = None if given is None else torch.as_tensor(given).view(-1, 2).tolist()
         found = views(ids.masked_fill(mask == 0, -1).cpu(), *ids_of, grid, tile, sizes)
         assert sizes is not None  # views() raises without them
-        count = sum(len({v.image for v in sample}) for sample in found)
-        if len(sizes) != count:
-            raise ValueError(
-                f"image_sizes has {len(sizes)} rows but the prompts hold {count} images: give "
-                "one (height, width) row per image."
-            )
+        check_image_count(sizes, found)
         return sample_views(found, [(int(h), int(w)) for h, w in sizes])
 
     return ViewRules(
@@ -260,3 +258,17 @@ def rules(config: Any) -> Any:
         batch_first=False,
         consumed=("image_sizes",),
     )
+
+
+def token_step(config: Any) -> int:
+    """The pixels one token covers per side: the tile side over :func:`tokens_per_tile`."""
+    return int(config.vision_config.image_size) // tokens_per_tile(config)[0]
+
+
+def language_parts(
+    model: nn.Module,
+) -> Tuple[nn.Module, Tuple[nn.Module, ...], nn.Module, nn.Module]:
+    """``(inner, layers, norm, lm_head)``: Llama 4 has no base model, so the inner model is
+    :class:`Base` (the whole model, read at the final norm)."""
+    text: Any = cast(Any, model).language_model
+    return Base(model), tuple(text.model.layers), text.model.norm, text.lm_head

@@ -36,7 +36,9 @@ from .vlm_tiles import (
     split_images,
 )
 
-__all__ = ["anyres_views", "crop_layout", "anyres_rules", "frame_boxes"]
+__all__ = [
+    "CLASSES", "anyres_views", "crop_layout", "anyres_rules", "frame_boxes", "rules", "token_step",
+]  # fmt: skip
 
 
 def _best_resolution(size: Tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> Tuple[int, int]:
@@ -280,3 +282,18 @@ def frame_boxes(
                 )
             )
     return boxes
+
+
+#: The classes this module describes.
+CLASSES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+
+
+def rules(config: Any) -> ViewRules:
+    """The family's :class:`~captum_legrad.views.ViewRules`: :func:`anyres_rules`, with
+    LLaVA-OneVision's rules for a ``llava_onevision`` config."""
+    return anyres_rules(config, getattr(config, "model_type", None) == "llava_onevision")
+
+
+def token_step(config: Any) -> int:
+    """1: the views' boxes carry the geometry (``VLMParts.grid`` is unused)."""
+    return 1

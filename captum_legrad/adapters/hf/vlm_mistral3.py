@@ -18,7 +18,7 @@ from torch import Tensor
 from ...views import SampleViews, ViewRules
 from .vlm_tiles import ImageView, as_samples, image_index, padding_out, size_rows, split_images
 
-__all__ = ["pixtral_views", "pixtral_rules"]
+__all__ = ["CLASSES", "pixtral_views", "pixtral_rules", "rules", "token_step"]
 
 
 def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[ImageView]:
@@ -81,3 +81,17 @@ def pixtral_rules(config: Any) -> ViewRules:
         describe=describe, main_input=lambda inputs: "pixel_values", batch_first=False,
         to_input=to_input,
     )  # fmt: skip
+
+
+#: The classes this module describes.
+CLASSES = ("Mistral3ForConditionalGeneration",)
+
+
+def rules(config: Any) -> ViewRules:
+    """The family's :class:`~captum_legrad.views.ViewRules` (:func:`pixtral_rules`)."""
+    return pixtral_rules(config)
+
+
+def token_step(config: Any) -> int:
+    """1: the views' boxes carry the geometry (``VLMParts.grid`` is unused)."""
+    return 1

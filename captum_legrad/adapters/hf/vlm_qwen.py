@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...views import SampleViews, Source, View, ViewRules
 
-__all__ = ["QWEN_VL", "qwen_rules"]
+__all__ = ["QWEN_VL", "CLASSES", "qwen_rules", "rules", "token_step"]
 
 #: The Qwen-VL classes whose language model is a decoder of softmax attention layers.
 QWEN_VL = (
@@ -159,3 +159,18 @@ def qwen_rules(config: Any) -> ViewRules:
         to_input=to_input,
         state=("rope_deltas",),
     )
+
+
+#: The classes this module describes.
+CLASSES = QWEN_VL
+
+
+def rules(config: Any) -> ViewRules:
+    """The family's :class:`~captum_legrad.views.ViewRules` (:func:`qwen_rules`)."""
+    return qwen_rules(config)
+
+
+def token_step(config: Any) -> int:
+    """The pixels one merged token covers per side: ``patch_size · spatial_merge_size``."""
+    vision = config.vision_config
+    return _ints(vision.patch_size)[0] * int(vision.spatial_merge_size)

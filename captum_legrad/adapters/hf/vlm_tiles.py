@@ -1,23 +1,38 @@
 """Image views of a vision-language model's sequence: which image tokens came from where.
 
 A tiled or multi-crop VLM turns one image into several *views* (a downscaled base or
-global view, crops or tiles of a larger copy); each view's tokens form a grid over a
-rectangle of the original image. :class:`ImageView` records, for one view of one image of
-one sample, the sequence positions of its tokens (row-major over its grid; separator and
-newline tokens left out) and the rectangle of the original image it covers, as fractions of
-the image's height and width (a view of a padded copy may reach beyond ``[0, 1]``: its
-cells over the padding lie outside the image).
+global view, crops or tiles of a larger copy, or the whole image); each view's tokens form a
+grid over a rectangle of the original image. This module is the one place the view families
+(:data:`captum_legrad.adapters.hf.vlm.VIEW_FAMILIES`) share: a view record, the conversion
+of views to :class:`~captum_legrad.views.SampleViews` (:func:`as_samples`,
+:func:`sample_views`, both through one placement rule: boxes rounded to pixels of the
+original image, every image a :class:`~captum_legrad.views.Source` of its size), and the
+helpers over ``input_ids`` and rectangles (:func:`runs`, :func:`split_images`,
+:func:`image_index`, :func:`image_size_of`, :func:`tile_boxes`, :func:`check_image_count`,
+:func:`padding_out`, :func:`resample_box`).
 
-The per-family rules (``llava_next``, ``idefics3``, ``mistral3``) build the views from
-``input_ids``, the model's config and the processor's outputs, following the placement of
-the model's own ``get_image_features`` and placeholder scatter: the image tokens of the
-whole batch, in row-major order over ``(B, S)``, receive the image features in order.
+Two records describe a view, one per way the families' rules find them:
+
+* :class:`ImageView` (LLaVA-NeXT / OneVision, Idefics3 / SmolVLM, Mistral 3: the families
+  whose rules walk the processor's images in order over the whole batch): the sample and
+  the image's index within it, the sequence positions of its tokens (row-major over its
+  grid; separator and newline tokens left out), and the rectangle of the original image it
+  covers as fractions of the image's height and width (a view of a padded copy may reach
+  beyond ``[0, 1]``: its cells over the padding lie outside the image);
+* :class:`TileView` (InternVL, Gemma 4, Llama 4: rules that walk each sample's runs of image
+  tokens): the image's index over the batch and the rectangle in pixels of the original
+  image, grouped per sample by the caller.
+
+The per-family rules build the views from ``input_ids``, the model's config and the
+processor's outputs, following the placement of the model's own ``get_image_features`` and
+placeholder scatter: the image tokens of the whole batch, in row-major order over
+``(B, S)``, receive the image features in order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,8 +40,9 @@ from torch import Tensor
 from ...views import SampleViews, Source, View
 
 __all__ = [
-    "ImageView", "split_images", "image_index", "size_rows", "flat_ints", "as_samples",
-    "padding_out",
+    "ImageView", "TileView", "split_images", "image_index", "size_rows", "flat_ints",
+    "as_samples", "sample_views", "padding_out", "resample_box", "runs", "image_size_of",
+    "tile_boxes", "check_image_count",
 ]  # fmt: skip
 
 
@@ -136,6 +152,21 @@ def flat_ints(value: Any) -> List[Any]:
     return out
 
 
+def _placed(
+    sizes: Sequence[Tuple[int, ...]],
+    views: Sequence[Tuple[Tensor, Tuple[int, int], int, Sequence[float], str]],
+) -> SampleViews:
+    """One sample's :class:`~captum_legrad.views.SampleViews`: image ``i`` a source of size
+    ``sizes[i]``; each view ``(positions, grid, image, box, name)`` with its ``box`` in
+    pixels of its image (floats), rounded to whole pixels."""
+    sources = tuple(Source("image", tuple(size)) for size in sizes)
+    made = []
+    for positions, grid, image, box, name in views:
+        top, left, bottom, right = (round(v) for v in box)
+        made.append(View(positions, grid, image, (top, left, bottom, right), None, name))
+    return SampleViews(sources, tuple(made))
+
+
 def as_samples(views: Sequence[ImageView], batch: int) -> List[SampleViews]:
     """The views as :class:`~captum_legrad.views.SampleViews`, one per sample: each image a
     :class:`~captum_legrad.views.Source` of its size, each view's rectangle in its pixels
@@ -147,18 +178,121 @@ def as_samples(views: Sequence[ImageView], batch: int) -> List[SampleViews]:
         sizes: dict = {}
         for v in mine:
             sizes.setdefault(v.image, v.size)
-        sources = tuple(Source("image", sizes[i]) for i in range(len(sizes)))
         placed = []
         for v in mine:
             height, width = v.size
             top, left, bottom, right = v.box
-            box = (
-                round(top * height), round(left * width),
-                round(bottom * height), round(right * width),
-            )  # fmt: skip
-            placed.append(View(v.positions, v.grid, v.image, box, None, v.kind))
-        out.append(SampleViews(sources, tuple(placed)))
+            box = (top * height, left * width, bottom * height, right * width)
+            placed.append((v.positions, v.grid, v.image, box, v.kind))
+        out.append(_placed([sizes[i] for i in range(len(sizes))], placed))
     return out
+
+
+class TileView(NamedTuple):
+    """One view of one image, found in a sample's runs of image tokens.
+
+    Attributes:
+        image: The image's index among all images of the batch, in the processor's order
+            (row-major over samples, then in order within a sample).
+        positions: ``(g_h·g_w,)`` sequence positions of the view's tokens, row-major on
+            ``grid``.
+        grid: ``(g_h, g_w)`` the view's token grid.
+        box: ``(top, left, bottom, right)`` the rectangle of the original image (pixels,
+            floats) the grid covers; cells split it evenly. It may reach past the image by
+            less than one cell where the model's canvas was padded (the cell is partly
+            padding).
+        kind: ``"tile"``, ``"global"`` (a downscaled whole image beside tiles) or
+            ``"image"`` (the image's only view).
+    """
+
+    image: int
+    positions: Tensor
+    grid: Tuple[int, int]
+    box: Tuple[float, float, float, float]
+    kind: str
+
+
+def _names(views: Sequence[TileView]) -> List[str]:
+    """The views' names: ``"tile k"`` in order, ``"global"``, ``"image"``."""
+    out, k = [], 0
+    for view in views:
+        if view.kind == "tile":
+            out.append(f"tile {k}")
+            k += 1
+        else:
+            out.append(view.kind)
+    return out
+
+
+def sample_views(
+    per_sample: Sequence[Sequence[TileView]], sizes: Sequence[Tuple[int, int]]
+) -> List[SampleViews]:
+    """:class:`TileView` lists → :class:`~captum_legrad.views.SampleViews`, one per sample:
+    every image a source of its original size ``sizes[image]``, boxes rounded to pixels."""
+    out = []
+    for views in per_sample:
+        images = sorted({view.image for view in views})
+        local = {image: k for k, image in enumerate(images)}
+        placed = [
+            (view.positions.cpu(), view.grid, local[view.image], view.box, name)
+            for view, name in zip(views, _names(views))
+        ]
+        out.append(_placed([tuple(sizes[image]) for image in images], placed))
+    return out
+
+
+def runs(row: Tensor, token_id: int) -> List[Tuple[int, int]]:
+    """``(start, end)`` of every maximal run of ``token_id`` in the 1-d ``row``."""
+    hit = (row == token_id).long()
+    if not bool(hit.any()):
+        return []
+    padded = torch.cat([hit.new_zeros(1), hit, hit.new_zeros(1)])
+    edges = torch.diff(padded)
+    starts = torch.nonzero(edges == 1)[:, 0].tolist()
+    ends = torch.nonzero(edges == -1)[:, 0].tolist()
+    return list(zip(starts, ends))
+
+
+def image_size_of(
+    image_sizes: Optional[Sequence[Sequence[int]]], index: int, family: str, why: str
+) -> Tuple[int, int]:
+    """The original ``(H, W)`` of image ``index``; a clear error when it is not given."""
+    if image_sizes is None:
+        raise ValueError(
+            f"{family} needs each image's original size to map its tokens back to the "
+            f"image ({why}): pass image_sizes=[(height, width), ...], one row per image in "
+            "the processor's order (explain_answer passes it)."
+        )
+    if index >= len(image_sizes):
+        raise ValueError(
+            f"image_sizes has {len(image_sizes)} rows but the prompts hold more images; "
+            "give one (height, width) row per image."
+        )
+    size = image_sizes[index]
+    return int(size[0]), int(size[1])
+
+
+def check_image_count(sizes: Optional[Sequence[Any]], found: Sequence[Sequence[TileView]]) -> int:
+    """The number of images in ``found``; raises when ``image_sizes`` (``sizes``, None: not
+    given) does not give one row per image."""
+    count = sum(len({v.image for v in sample}) for sample in found)
+    if sizes is not None and len(sizes) != count:
+        raise ValueError(
+            f"image_sizes has {len(sizes)} rows but the prompts hold {count} images: give "
+            "one (height, width) row per image."
+        )
+    return count
+
+
+def tile_boxes(
+    rows: int, cols: int, height: float, width: float
+) -> List[Tuple[float, float, float, float]]:
+    """The rectangles of a ``rows × cols`` split of a ``height × width`` image, row-major."""
+    return [
+        (r * height / rows, c * width / cols, (r + 1) * height / rows, (c + 1) * width / cols)
+        for r in range(rows)
+        for c in range(cols)
+    ]
 
 
 def padding_out(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
