@@ -206,6 +206,12 @@ def describe(model: nn.Module) -> VLMParts:
             "with its lm_head). Pass one of these, or describe another VLM with a ViTSpec."
         )
     m: Any = model
+    if getattr(getattr(m, "config", None), "vision_config", False) is None:
+        raise UnsupportedModelError(
+            f"{name} was built without a vision part (its config's vision_config is None), "
+            "so it takes no image and its answer has no image map: load a checkpoint whose "
+            "configuration has a vision_config."
+        )
     if name in _VIEW_MODULES:
         return _view_family(model, _VIEW_MODULES[name])
     base = getattr(m, "model", None)
