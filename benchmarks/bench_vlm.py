@@ -178,18 +178,38 @@ def long_inputs(
         temporal = config.vision_config.temporal_patch_size
         pixels = torch.randn(int(grid.prod()), 3 * temporal * PATCH * PATCH, generator=gen)
         extra["image_grid_thw"] = grid
+        image = torch.cat(  # <|vision_start|> image tokens <|vision_end|>, as the processor
+            [
+                torch.tensor([int(config.vision_start_token_id)]),
+                torch.full((side * side,), image_id),
+                torch.tensor([int(config.vision_end_token_id)]),
+            ]
+        )
     else:
         image_id = IMAGE_TOKEN
         pixels = torch.randn(1, 3, side * PATCH, side * PATCH, generator=gen)
+        image = torch.full((side * side,), image_id)
     prompt = torch.cat(
         [
             torch.randint(1, 30000, (5,), generator=gen),
-            torch.full((side * side,), image_id),
+            image,
             torch.randint(1, 30000, (11,), generator=gen),
         ]
     )[None]
+    if family == "qwen2vl":  # the processor's token types: 1 at the image tokens
+        extra["mm_token_type_ids"] = (prompt == image_id).long()
     answer = torch.randint(1, 30000, (1, answer_tokens), generator=gen)
     return prompt, answer, pixels, extra
+
+
+def over_sequence(extra: Dict[str, Tensor], answer_tokens: int) -> Dict[str, Tensor]:
+    """The prompt's inputs for a call on prompt + answer: per-token ones (Qwen's
+    ``mm_token_type_ids``) extended with 0 over the answer, as ``generate`` does."""
+    full = dict(extra)
+    types = full.get("mm_token_type_ids")
+    if types is not None:
+        full["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, answer_tokens)], dim=1)
+    return full
 
 
 def eager_fallback(
@@ -208,7 +228,11 @@ def eager_fallback(
     keys = (prompt[0] == image_id).nonzero()[:, 0]
     with torch.enable_grad():
         out: Any = model(
-            input_ids=ids, pixel_values=pixels, output_attentions=True, use_cache=False, **extra
+            input_ids=ids,
+            pixel_values=pixels,
+            output_attentions=True,
+            use_cache=False,
+            **over_sequence(extra, t),
         )
         attentions = out.attentions
         maps = []
@@ -241,7 +265,7 @@ def run_memory_worker(args: argparse.Namespace) -> None:
                 pixel_values=pixels,
                 use_cache=False,
                 logits_to_keep=t + 1,
-                **extra,
+                **over_sequence(extra, t),
             )
 
     def call() -> None:

@@ -11,9 +11,7 @@ on the meta device (no memory, no weights), which is enough to see whether
 ``AnswerLogits`` refuses it; where neither builds offline (incomplete default
 configurations), an instance of the class whose ``__init__`` did not run (``stub``).
 
-A row is ``accepted`` when a supported family needs inputs this sweep does not build
-(multi-view families: their tests do); ``works`` when ``AnswerLogits`` builds,
-``LeGrad(...).attribute_multi`` gives a map
+A row is ``works`` when ``AnswerLogits`` builds, ``LeGrad(...).attribute_multi`` gives a map
 per answer token and no map is all zero or constant; ``refused`` when ``AnswerLogits``
 raises ``UnsupportedModelError`` (its message is the detail); ``error`` otherwise (the rule
 of issue #21: no VLM that takes an image may raise anything else, or return a silent
@@ -158,6 +156,17 @@ def shrink(config: Any) -> Any:
             value = getattr(part, key, None)
             if isinstance(value, list):
                 setattr(part, key, [1] * len(value))
+    # Qwen-VL's M-RoPE sections (temporal, height, width) must sum to half the head width.
+    for part in _sub_configs(config):
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = getattr(part, key, None)
+            kind = str(getattr(part, "model_type", ""))
+            multi = "mrope_section" in (rope or {}) or ("vl" in kind and "text" in kind)
+            if isinstance(rope, dict) and multi:  # Qwen2-VL's default: [16, 24, 24]
+                heads = int(getattr(part, "num_attention_heads", 1) or 1)
+                head = getattr(part, "head_dim", None) or int(part.hidden_size) // heads
+                half = int(head) // 2
+                rope["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
     # Gemma 3's pooling: mm_tokens_per_image must pool the vision patch grid evenly.
     vision = getattr(config, "vision_config", None)
     if hasattr(config, "mm_tokens_per_image") and vision is not None:
@@ -245,6 +254,35 @@ def _inputs(model: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return prompt, answer, pixels
 
 
+QWEN = (
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+)
+
+
+def _qwen_inputs(model: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, Any]]:
+    """One image of ``2·merge × 2·merge`` patches (4 tokens after the merger) as Qwen's
+    processor lays it out: flattened patches, ``image_grid_thw``, the vision start/end tokens
+    around the image tokens and ``mm_token_type_ids``."""
+    config = model.config
+    vision = config.vision_config
+    merge = int(vision.spatial_merge_size)
+    width = int(getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3))
+    width *= int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
+    side = 2 * merge
+    pixels = torch.randn(side * side, width)
+    image = int(config.image_token_id)
+    start, end = int(config.vision_start_token_id), int(config.vision_end_token_id)
+    prompt = torch.tensor([[1, start, *[image] * 4, end, 2]])
+    extra = {
+        "image_grid_thw": torch.tensor([[1, side, side]]),
+        "mm_token_type_ids": (prompt == image).long(),
+    }
+    return prompt, torch.tensor([[3, 4, 5]]), pixels, extra
+
+
 def _reason(error: Exception) -> str:
     """The refusal's reason: its message up to the list of supported models."""
     return str(error).split(";")[0].split(": LeGrad's answer maps support")[0]
@@ -253,25 +291,33 @@ def _reason(error: Exception) -> str:
 def check(name: str, model: torch.nn.Module, how: str) -> Tuple[str, str]:
     """``(status, detail)`` of one built class."""
     from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError
-    from captum_legrad.adapters.hf.vlm import describe
 
     try:
-        describe(model)  # what AnswerLogits checks first
+        if name in QWEN and how == "tiny":  # its inputs name the image's grid
+            prompt, answer, _, extra = _qwen_inputs(model)
+            AnswerLogits(model, prompt, answer, **extra)
+        else:
+            AnswerLogits(model, torch.tensor([1]), torch.tensor([2]))
     except UnsupportedModelError as error:
         return "refused", _reason(error)
     except Exception as error:
         return "error", f"{type(error).__name__}: {error}"[:300]
     if how != "tiny":
         return "error", f"accepted but not built tiny: {how}"
+    from captum_legrad.adapters.hf.vlm import describe
+
+    extra: Dict[str, Any] = {}
     try:
-        prompt, answer, pixels = _inputs(model)
-    except Exception as error:
-        return "accepted", (
-            "AnswerLogits takes it, but this sweep builds inputs for one-grid families only "
-            f"({type(error).__name__}): its maps are tested in tests/test_vlm*.py"
-        )
-    try:
-        maps = LeGrad(AnswerLogits(model, prompt, answer)).attribute_multi(
+        if name in QWEN:
+            prompt, answer, pixels, extra = _qwen_inputs(model)
+        elif describe(model).views is not None:
+            return "accepted", (
+                "AnswerLogits accepts it; its inputs (tiles, crops, image_sizes) are built by "
+                "its processor: exact maps tested in tests/test_vlm_tiles.py, test_vlm_more.py"
+            )
+        else:
+            prompt, answer, pixels = _inputs(model)
+        maps = LeGrad(AnswerLogits(model, prompt, answer, **extra)).attribute_multi(
             pixels, targets=range(answer.shape[1]), output="grid", normalize=False
         )
     except UnsupportedModelError as error:
@@ -326,16 +372,17 @@ PAGE_HEAD = """# Coverage: vision-language models (answer maps)
 Every image-taking generation class of the installed transformers (the image-text-to-text,
 multimodal-LM and Vision2Seq auto mappings), built at a tiny random-init configuration and
 given to `AnswerLogits` (`docs/method.md`, "Vision-language models"). **works**: a map per
-answer token, none all zero or constant; **accepted**: supported, but the sweep has no
-input builder for the family (multi-view families; their tests build the processor's
-inputs); **refused**: `UnsupportedModelError`, the first
-clause of its message shown; **error**: anything else (none is allowed: issue #21);
-**skipped**: the class has no vision part (audio, speech, proteins). *built*: `tiny` (the
-configuration shrunk generically: one layer per stack, widths 64), `meta` (the tiny
-configuration did not build; the default configuration on the meta device, enough for the
-refusal) or `stub` (no configuration builds offline: an instance of the class whose
-`__init__` did not run, so only the refusal by class is checked). Exactness is tested
-against an independent oracle in `tests/test_vlm.py`.
+answer token, none all zero or constant; **accepted**: `AnswerLogits` takes the class
+(tiled, multi-crop and multi-view families whose inputs only their processor lays out:
+`image_sizes`, tiles, crops; their maps are tested end to end with each family's real
+processor in `tests/test_vlm_tiles.py` and `tests/test_vlm_more.py`); **refused**:
+`UnsupportedModelError`, the first clause of its message shown; **error**: anything else
+(none is allowed: issue #21); **skipped**: the class has no vision part (audio, speech,
+proteins). *built*: `tiny` (the configuration shrunk generically: one layer per stack,
+widths 64), `meta` (the tiny configuration did not build; the default configuration on the
+meta device, enough for the refusal) or `stub` (no configuration builds offline: an instance
+of the class whose `__init__` did not run, so only the refusal by class is checked).
+Exactness is tested against an independent oracle in `tests/test_vlm.py`.
 
 Regenerate (a few minutes on 2 cores):
 

@@ -241,6 +241,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise CLIError(f"--top-k must be at least 1, got {args.top_k}")
     kind = _media_input(args.input)
+    if kind == "video" and args.ask is not None:
+        return _ask_video(args)
     if kind is not None:
         return _explain_media(args, kind)
     if args.like is not None:
@@ -463,6 +465,52 @@ def _ask(args: argparse.Namespace, files: Sequence[Path], out: Any) -> int:
         raise
     for path, text in answers:
         print(f"{path.name}: {args.ask} → {text}")
+    print(out.summary())
+    return 0
+
+
+def _ask_video(args: argparse.Namespace) -> int:
+    """``explain clip.mp4 --ask``: a video VLM's answer (Qwen-VL), a frame strip per token."""
+    from .eval.ask import ask_video, load_vlm
+    from .eval.files import OutputFolder
+    from .eval.media import check_media
+    from .eval.models import ModelError
+
+    if not args.ask.strip():
+        raise CLIError("--ask needs a question")
+    for given, option in (
+        (args.prompt, "--prompt"),
+        (args.image_size, "--image-size"),
+        (args.weights, "--weights"),
+        (args.num_classes, "--num-classes"),
+    ):
+        if given is not None:
+            raise CLIError(f"{option} does not apply to --ask ({args.input.name})")
+    check_media(args.input, "video")  # a bad file stops the run before the model loads
+    out = OutputFolder(args.out)
+    try:
+        model, processor = load_vlm(args.model, args.random_weights)
+        text = ask_video(
+            model,
+            processor,
+            args.input,
+            out,
+            args.ask,
+            answer=args.answer,
+            max_new_tokens=args.max_new_tokens,
+            layers=args.layers,
+            fmt=args.format,
+        )
+    except ModelError as error:
+        out.cleanup()
+        raise CLIError(str(error)) from error
+    except KeyboardInterrupt:
+        out.cleanup()
+        raise Interrupted(f"interrupted: {len(out.written)} files written") from None
+    except BaseException:
+        out.cleanup()
+        raise
+    print(f"{args.input.name}: {args.ask} → {text}")
     print(out.summary())
     return 0
 

@@ -22,7 +22,6 @@ tf = pytest.importorskip("transformers")
 from _versions import requires  # noqa: E402
 
 from captum_legrad import AnswerLogits, UnsupportedModelError  # noqa: E402
-from captum_legrad.adapters.hf.vlm import describe  # noqa: E402
 
 pytestmark = requires("transformers", "LlavaModel", since="transformers 4.52")
 
@@ -86,19 +85,17 @@ def test_refused_or_supported_never_another_error(name: str) -> None:
     assert type(model).__name__ == name
     ids, answer = torch.tensor([[1, 2, 3]]), torch.tensor([[4]])
     try:
-        describe(model)
+        explained = AnswerLogits(model, ids, answer)
     except UnsupportedModelError as error:
         message = str(error)
         assert name in message and CASES[name][1] in message, message
-        with pytest.raises(UnsupportedModelError):
-            AnswerLogits(model, ids, answer)
         return
-    # Supported (on a branch that added the family): AnswerLogits takes it, or asks for the
-    # processor's other outputs by name (a ValueError saying what to pass), nothing else.
-    try:
-        AnswerLogits(model, ids, answer)
-    except ValueError as error:
-        assert "processor" in str(error) or "image" in str(error), str(error)
+    except ValueError as error:  # supported, and its image grid is a required input (Qwen)
+        assert name.startswith("Qwen") and "image_grid_thw" in str(error), str(error)
+        return
+    # Supported (on a branch that added the family): the description is the model's own.
+    spec = explained.legrad_spec()
+    assert len(spec.blocks) >= 1 and spec.blocks[0] in set(model.modules())
 
 
 def test_unknown_vlm_gets_the_generic_refusal() -> None:
@@ -107,3 +104,16 @@ def test_unknown_vlm_gets_the_generic_refusal() -> None:
     model.__class__ = renamed  # an unknown class with a known layout
     with pytest.raises(UnsupportedModelError, match="not a supported vision-language model"):
         AnswerLogits(model, torch.tensor([1]), torch.tensor([2]))
+
+
+def test_a_vlm_built_without_a_vision_part_is_refused() -> None:
+    """Gemma 4's default configuration has no vision_config (text only): refused naming
+    that, not an AttributeError from reading the missing vision configuration."""
+    if not hasattr(tf, "Gemma4ForConditionalGeneration"):
+        pytest.skip(f"transformers {tf.__version__} has no Gemma4ForConditionalGeneration")
+    config = tf.Gemma4Config()
+    assert config.vision_config is None
+    with torch.device("meta"):  # the default sizes: no memory, no weights
+        model = tf.Gemma4ForConditionalGeneration(config).eval()
+    with pytest.raises(UnsupportedModelError, match="built without a vision part"):
+        AnswerLogits(model, torch.tensor([[1, 2, 3]]), torch.tensor([[4]]))

@@ -956,7 +956,7 @@ def _as_pixels(value: Any) -> Tensor:
         return tensor / 255.0 if not value.is_floating_point() else tensor
     import numpy as np
 
-    array = np.asarray(value)
+    array = np.array(value)  # a copy: PIL images give read-only arrays
     if array.ndim == 4:
         return torch.stack([_as_pixels(frame) for frame in array])
     tensor = torch.as_tensor(array)

@@ -216,6 +216,12 @@ def describe(model: nn.Module) -> VLMParts:
             "with its lm_head). Pass one of these, or describe another VLM with a ViTSpec."
         )
     m: Any = model
+    if getattr(getattr(m, "config", None), "vision_config", False) is None:
+        raise UnsupportedModelError(
+            f"{name} was built without a vision part (its config's vision_config is None), "
+            "so it takes no image and its answer has no image map: load a checkpoint whose "
+            "configuration has a vision_config."
+        )
     module = _VIEW_MODULES.get(name)
     if module is not None and hasattr(module, "language_parts"):
         return _view_family(model, module)
