@@ -1202,8 +1202,17 @@ def _start(
             media_model = load_media_model(model, kind, random_weights=random_weights)
         except ModelError as error:
             raise ExplorerError(str(error)) from error
+        weights_text = (
+            "with random weights (`--random-weights`): the maps show nothing the model learned"
+            if media_model.random_init
+            else (
+                "weights from its folder"
+                if media_model.weights.startswith("folder")
+                else f"weights: {media_model.weights}"
+            )
+        )
         description = (
-            f"Model: `{model}`, a {kind} classifier; weights: {media_model.weights}. "
+            f"Model: `{model}`, a {kind} classifier, {weights_text}. "
             f"Upload a{'n audio' if kind == 'audio' else ' video'} file."
         )
         explorer = MediaExplorer(
