@@ -604,7 +604,8 @@ class MediaExplorer:
         try:
             explained = compute_media(self.loaded, path, targets=targets, top_k=max(1, int(top_k)))
         except (MediaError, ExplainError) as error:
-            message = " ".join(str(error).split())
+            # the file by its name: the page's upload folder means nothing to the person
+            message = " ".join(str(error).split()).replace(str(path), path.name)
             message = message[:1].upper() + message[1:]
             raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
         report(0.7, "files")

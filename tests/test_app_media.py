@@ -267,6 +267,7 @@ def test_bad_files_give_one_line(
         explorer.explain(media[name])
     text = str(caught.value)
     assert message in text and "\n" not in text and "Traceback" not in text
+    assert str(media[name].parent) not in text  # named by its file name, not its folder
     upload = "Upload an audio" if kind == "audio" else "Upload a video"
     with pytest.raises(ExplorerError, match=upload):
         explorer.explain(None)

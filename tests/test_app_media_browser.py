@@ -96,3 +96,4 @@ def test_a_corrupt_video_is_one_message_and_one_console_line(
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "corrupt.mp4" in line]
     assert len(lines) == 1 and lines[0].startswith("captum-legrad app: "), lines
+    assert lines[0].startswith("captum-legrad app: Cannot read video corrupt.mp4: "), lines
