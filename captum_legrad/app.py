@@ -1197,7 +1197,7 @@ def _start(
         if weights is not None or explain_size:
             raise ExplorerError(
                 f"{model} is a {kind} classifier: it loads its own weights and size from its "
-                "folder (leave out --weights and --explain-size)"
+                "folder (leave out --weights and --image-size)"
             )
         try:
             media_model = load_media_model(model, kind, random_weights=random_weights)
