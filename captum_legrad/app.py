@@ -61,6 +61,17 @@ from .attribution import LeGrad
 from .discovery import discover
 from .errors import UnsupportedModelError
 from .eval.classes import ClassNameError, parse_classes
+from .eval.explain import ExplainError
+from .eval.explain_media import (
+    MediaExplanation,
+    MediaModel,
+    compute_media,
+    load_media_model,
+    media_model_kind,
+    save_media,
+)
+from .eval.files import OutputFolder
+from .eval.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, MediaError
 from .eval.models import LoadedModel, ModelError, load_model
 from .internals import at_input_size, minmax_normalize
 from .scores.image import ImageImageSimilarity
@@ -74,6 +85,8 @@ __all__ = [
     "ExplorerError",
     "Settings",
     "Explanation",
+    "MediaExplorer",
+    "MediaView",
     "BASELINES",
     "LAYER_CHOICES",
     "build",
@@ -480,6 +493,145 @@ class Explorer:
         return [str(npy), str(path)]
 
 
+@dataclass
+class MediaView:
+    """What the page shows after **Explain** for a video or audio file.
+
+    Attributes:
+        summary: Markdown: a table of the file, the explained targets and their
+            probabilities, and the notes (frames sampled, sound cut).
+        rows: The same table as ``(file, target, probability)`` rows, one per target.
+        captions: ``"file: target (p = 0.41)"``, one per target.
+        figure: The frame strip (video) or the spectrogram figure (audio), a matplotlib
+            ``Figure`` titled with the file's name, one row per target.
+        figure_file: The figure as a PNG file.
+        animations: One animated GIF per target (video; empty for audio).
+        files: The downloads: the maps (``.npy``, one per target), the figure, the GIFs.
+        explained: The computation behind it (maps, inputs, the media read).
+        seconds: Wall time of the explanation.
+    """
+
+    summary: str
+    rows: List[Tuple[str, str, str]]
+    captions: List[str]
+    figure: Figure
+    figure_file: str
+    animations: List[str]
+    files: List[str]
+    explained: MediaExplanation
+    seconds: float = 0.0
+
+
+class MediaExplorer:
+    r"""The explorer's work for a Hugging Face video or audio classifier: read the file,
+    run the model's own processor, explain, draw, save
+    (:func:`~captum_legrad.eval.explain_media.compute_media`, the computation of
+    ``captum-legrad explain`` for media).
+
+    Args:
+        loaded (MediaModel): The model and its processor
+                    (:func:`~captum_legrad.eval.explain_media.load_media_model`).
+        workdir (Path, optional): Where the downloads are written (one folder per request).
+                    Default: a temporary folder, removed by :meth:`close` or at exit.
+        description (str, optional): A line about the model shown on the page.
+
+    Examples::
+
+        >>> from captum_legrad.app import MediaExplorer
+        >>> from captum_legrad.eval.explain_media import load_media_model
+        >>> explorer = MediaExplorer(load_media_model("hf:videomae-kinetics", "video"))
+        >>> view = explorer.explain("clip.mp4", top_k=2)
+        >>> view.captions, view.animations
+    """
+
+    def __init__(
+        self,
+        loaded: MediaModel,
+        workdir: Optional[Path] = None,
+        description: str = "",
+    ) -> None:
+        self.loaded = loaded
+        self.kind = loaded.kind
+        self._own: Optional[_Workspace] = None
+        if workdir is None:
+            self._own = _Workspace()
+            workdir = self._own.root
+        self.workdir = Path(workdir)
+        self.description = description
+
+    def close(self) -> None:
+        """Remove the temporary folder this explorer made (not a ``workdir`` it was given)."""
+        if self._own is not None:
+            self._own.remove()
+
+    def _targets(self, what: str) -> Optional[List[str]]:
+        if not what.strip():
+            return None
+        outputs = self.loaded.num_classes or len(self.loaded.classes or [])
+        try:
+            chosen = parse_classes(what, self.loaded.classes, outputs)
+        except ClassNameError as error:
+            message = str(error)
+            message = message[:1].upper() + message[1:]
+            raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
+        if not chosen:
+            raise ExplorerError("Type class names or indices, or leave the field empty.")
+        return [str(index) for index in chosen]
+
+    def explain(
+        self,
+        file: Optional[Union[str, Path]],
+        what: str = "",
+        top_k: int = 1,
+        progress: Optional[ProgressFn] = None,
+    ) -> MediaView:
+        """Explain one video or audio file for the classes ``what`` names (names or indices,
+        as ``captum-legrad explain --target``), or its ``top_k`` predicted classes.
+
+        Raises:
+            ExplorerError: no file, a file that is not a readable video or audio file (one
+                line, as the command line says it), an unknown class.
+        """
+        start = time.perf_counter()
+        report = progress or (lambda fraction, text: None)
+        if not file:
+            raise ExplorerError(
+                f"Upload a{'n audio' if self.kind == 'audio' else ' video'} file first."
+            )
+        path = Path(file)
+        targets = self._targets(what)
+        report(0.1, f"reading the {self.kind} and explaining")
+        try:
+            explained = compute_media(self.loaded, path, targets=targets, top_k=max(1, int(top_k)))
+        except (MediaError, ExplainError) as error:
+            # the file by its name: the page's upload folder means nothing to the person
+            message = " ".join(str(error).split()).replace(str(path), path.name)
+            message = message[:1].upper() + message[1:]
+            raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
+        report(0.7, "files")
+        folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix="legrad-"))
+        written = save_media(explained, OutputFolder(folder), animation="gif", fmt="png")
+        result = explained.result
+        rows = [
+            (path.name, name, f"p = {score:.2f}")
+            for name, score in zip(result.names, result.scores)
+        ]
+        captions = [f"{a}: {b} ({c})" for a, b, c in rows]
+        notes = "".join(f"\n\n<small>{note}</small>" for note in result.notes)
+        report(1.0, "done")
+        return MediaView(
+            summary=_table(rows).replace("| image |", f"| {self.kind} |", 1) + notes,
+            rows=rows,
+            captions=captions,
+            figure=explained.figure,
+            figure_file=str(next(p for p in written if p.suffix == ".png")),
+            animations=[str(p) for p in written if p.suffix == ".gif"],
+            files=[str(p) for p in written],
+            explained=explained,
+            seconds=time.perf_counter() - start,
+        )
+
+
 def _table(rows: Sequence[Tuple[str, str, str]]) -> str:
     """``(image, target, score)`` rows → a Markdown table (``|`` in names escaped)."""
 
@@ -638,16 +790,113 @@ def _previews(paths: Optional[Sequence[Any]]) -> List[Tuple[str, str]]:
     return found
 
 
-def build(explorer: Explorer, examples: Optional[Sequence[str]] = None) -> Any:
+def _build_media(explorer: MediaExplorer) -> Any:
+    """The page for a video or audio classifier: one file input of that kind, the classes,
+    the figure, the animations (video) and the downloads."""
+    gr = _gradio()
+    kind = explorer.kind
+    extensions = list(VIDEO_EXTENSIONS if kind == "video" else AUDIO_EXTENSIONS)
+    shown = "frames" if kind == "video" else "spectrogram"
+    with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
+        gr.Markdown(
+            "## LeGrad explorer\n"
+            + (explorer.description + "\n\n" if explorer.description else "")
+            + f"LeGrad (arXiv 2404.03214): which parts of the {shown} the model's attention "
+            "used for a class."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                media = gr.File(
+                    label="Video file" if kind == "video" else "Audio file",
+                    file_count="single",
+                    file_types=extensions,
+                    type="filepath",
+                    elem_id="media",
+                )
+                what = gr.Textbox(
+                    label="Classes",
+                    placeholder="names or indices, separated by , or ; "
+                    "(empty: the top-k predictions)",
+                    elem_id="what",
+                )
+                top_k = gr.Slider(1, 10, value=1, step=1, label="Top-k predicted classes")
+                button = gr.Button("Explain", variant="primary", elem_id="explain")
+            with gr.Column(scale=3):
+                message = gr.Markdown(elem_id="message")
+                gr.HTML(_colour_bar())
+                summary = gr.Markdown(elem_id="summary")
+                strip = gr.Gallery(
+                    label="Frame strip" if kind == "video" else "Spectrogram",
+                    columns=1,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="figure",
+                    elem_classes=["legrad-results"],
+                )
+                animations = gr.Gallery(
+                    label="Animated overlay (one per target)",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    visible=kind == "video",
+                    elem_id="animations",
+                    elem_classes=["legrad-results"],
+                )
+                downloads = gr.File(
+                    label="Downloads: maps (.npy), figure"
+                    + (" and animations (.gif)" if kind == "video" else ""),
+                    file_count="multiple",
+                )
+
+        def run(
+            path: Optional[str],
+            what_text: str,
+            k: float,
+            progress: Any = gr.Progress(),  # noqa: B008  (Gradio injects it by default)
+        ) -> Tuple[Any, ...]:
+            try:
+                view = explorer.explain(
+                    path, what_text or "", int(k), progress=lambda f, t: progress(f, desc=t)
+                )
+            except ExplorerError as error:
+                print(f"captum-legrad app: {error}", file=sys.stderr, flush=True)
+                gr.Warning(str(error))
+                return (f"**Could not explain:** {error}", "", [], [], None)
+            title = "; ".join(view.captions)
+            return (
+                "",
+                view.summary,
+                [(view.figure_file, title)],
+                list(zip(view.animations, view.captions)),
+                view.files,
+            )
+
+        button.click(
+            run,
+            inputs=[media, what, top_k],
+            outputs=[message, summary, strip, animations, downloads],
+        )
+    return page
+
+
+def build(
+    explorer: Union[Explorer, MediaExplorer], examples: Optional[Sequence[str]] = None
+) -> Any:
     """The explorer's page: a ``gradio.Blocks`` around ``explorer``.
 
     Args:
-        explorer (Explorer): Does the work.
+        explorer (Explorer or MediaExplorer): Does the work; a :class:`MediaExplorer` (a
+                    video or audio classifier) gets a page with one video or audio input,
+                    an :class:`Explorer` the image inputs.
         examples (sequence of str, optional): Image files offered as examples.
 
     Returns:
         *gradio.Blocks*, to ``.launch(css=CSS)`` (see :func:`launch` for the safe defaults).
     """
+    if isinstance(explorer, MediaExplorer):
+        return _build_media(explorer)
     gr = _gradio()
     image_text = explorer.image_text
     with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
@@ -941,6 +1190,36 @@ def _start(
 ) -> Any:
     """Load the model, build the page and start serving it (not blocking)."""
     description = ""
+    explorer: Union[Explorer, MediaExplorer]
+    kind = media_model_kind(model) if isinstance(model, str) else None
+    if kind is not None:
+        assert isinstance(model, str)
+        if weights is not None or explain_size:
+            raise ExplorerError(
+                f"{model} is a {kind} classifier: it loads its own weights and size from its "
+                "folder (leave out --weights and --image-size)"
+            )
+        try:
+            media_model = load_media_model(model, kind, random_weights=random_weights)
+        except ModelError as error:
+            raise ExplorerError(str(error)) from error
+        weights_text = (
+            "with random weights (`--random-weights`): the maps show nothing the model learned"
+            if media_model.random_init
+            else (
+                "weights from its folder"
+                if media_model.weights.startswith("folder")
+                else f"weights: {media_model.weights}"
+            )
+        )
+        description = (
+            f"Model: `{model}`, a {kind} classifier, {weights_text}. "
+            f"Upload a{'n audio' if kind == 'audio' else ' video'} file."
+        )
+        explorer = MediaExplorer(
+            media_model, workdir=workspace.folder("work"), description=description
+        )
+        return _serve(explorer, workspace, None, host=host, port=port, inline=inline)
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, nn.Module):
@@ -970,6 +1249,19 @@ def _start(
             raise ExplorerError(str(error)) from error
         description += f" Explained at {loaded.image_size[0]}×{loaded.image_size[1]}."
     explorer = Explorer(loaded, workdir=workspace.folder("work"), description=description)
+    return _serve(explorer, workspace, examples, host=host, port=port, inline=inline)
+
+
+def _serve(
+    explorer: Union[Explorer, MediaExplorer],
+    workspace: _Workspace,
+    examples: Optional[Sequence[str]],
+    *,
+    host: str,
+    port: Optional[int],
+    inline: bool,
+) -> Any:
+    """Build the page and start serving it (not blocking)."""
     gr = _gradio()
     workspace.hold_gradio_files()
     page = build(explorer, examples)

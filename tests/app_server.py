@@ -1,6 +1,6 @@
 """Serve the explorer for the browser test: the bundled model, or a tiny OpenCLIP model.
 
-python tests/app_server.py --port 7861 [--clip]
+python tests/app_server.py --port 7861 [--clip | --model hf:FOLDER]
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--clip", action="store_true")
+    parser.add_argument("--model", default="default", help="e.g. hf:FOLDER (a video model)")
     args = parser.parse_args()
-    model = tiny_clip() if args.clip else "default"
+    model = tiny_clip() if args.clip else args.model
     app.launch(model, port=args.port, block=False)
     print("serving", flush=True)
     while True:

@@ -48,7 +48,11 @@ __all__ = [
     "VIDEO_MODEL_TYPES",
     "AUDIO_MODEL_TYPES",
     "ANIMATIONS",
+    "MediaExplanation",
     "load_media_model",
+    "media_model_kind",
+    "compute_media",
+    "save_media",
     "explain_media",
     "media_summary",
 ]
@@ -87,6 +91,7 @@ class MediaModel:
         multilabel: The classes are independent (sigmoid) rather than exclusive (softmax).
         weights: Where the weights came from, in words.
         random_init: The weights are random.
+        num_classes: The model's number of classes (0: not known before a forward pass).
     """
 
     model: nn.Module
@@ -103,6 +108,7 @@ class MediaModel:
     multilabel: bool = False
     weights: str = ""
     random_init: bool = False
+    num_classes: int = 0
 
 
 @dataclass
@@ -155,6 +161,34 @@ def _no_progress_bars(transformers: Any) -> Iterator[None]:
     finally:
         if was_on:
             logging.enable_progress_bar()
+
+
+def media_model_kind(spec: str) -> Optional[str]:
+    """``"video"`` or ``"audio"`` when ``spec`` names a local Hugging Face folder
+    (``hf:FOLDER``) holding a video or audio classifier LeGrad explains, else None (a hub
+    name or an image model: the image path loads it).
+
+    Args:
+        spec (str): A ``--model`` value.
+
+    Returns:
+        ``"video"``, ``"audio"`` or None.
+    """
+    prefix, _, name = spec.partition(":")
+    config = Path(name) / "config.json"
+    if prefix != "hf" or not name or not config.is_file():
+        return None
+    import json
+
+    try:
+        model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
+    if model_type in VIDEO_MODEL_TYPES:
+        return "video"
+    if model_type in AUDIO_MODEL_TYPES:
+        return "audio"
+    return None
 
 
 def load_media_model(spec: str, kind: str, random_weights: bool = False) -> MediaModel:
@@ -260,6 +294,7 @@ def load_media_model(spec: str, kind: str, random_weights: bool = False) -> Medi
         multilabel=multilabel,
         weights=weights,
         random_init=random_weights,
+        num_classes=int(getattr(config, "num_labels", 0) or len(labels)),
     )
     if kind == "video":
         frames = int(
@@ -316,26 +351,49 @@ def _scores(raw: Tensor, multilabel: bool) -> Tensor:
     return raw.sigmoid() if multilabel else raw.softmax(dim=-1)
 
 
-def explain_media(
+@dataclass
+class MediaExplanation:
+    """LeGrad maps and the figure for one video or audio file, nothing written yet
+    (:func:`compute_media`; :func:`save_media` writes them).
+
+    Attributes:
+        result: What was explained (its ``files`` still empty).
+        media: The frames or the waveform read from the file.
+        inputs: The model's input, batch 1: ``(1, T, C, H, W)`` or ``(1, time, mel)``.
+        maps: One map per target: ``(K, T, H, W)`` on the processed frames (video) or
+            ``(K, time, mel)`` on the spectrogram (audio), min-max normalised.
+        figure: The frame strip (:func:`~captum_legrad.viz.plot_video`) or the spectrogram
+            figure (:func:`~captum_legrad.viz.plot_spectrogram`), one row per target.
+        mean, std: The processor's normalisation (to draw the frames).
+    """
+
+    result: MediaResult
+    media: Union[Video, Audio]
+    inputs: Tensor
+    maps: Tensor
+    figure: Any
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+
+def compute_media(
     loaded: MediaModel,
     path: Path,
-    out: OutputFolder,
     *,
     targets: Optional[Sequence[str]] = None,
     top_k: int = 1,
     labels: Optional[Sequence[str]] = None,
     layers: Optional[Sequence[int]] = None,
-    animation: str = "gif",
-    fmt: str = "png",
     device: Optional[torch.device] = None,
     warn: Callable[[str], None] = lambda message: None,
-) -> MediaResult:
-    r"""Explain one video or audio file and write its maps, figure and animations.
+) -> MediaExplanation:
+    r"""Read one video or audio file, run the model's processor and compute LeGrad's maps
+    and the figure, without writing anything (the explorer shows them; :func:`explain_media`
+    writes them).
 
     Args:
         loaded (MediaModel): The model (:func:`load_media_model`).
         path (Path): The video or audio file.
-        out (OutputFolder): Where to write.
         targets (Sequence[str], optional): Class indices or names (``--target``).
                     Default: None (the ``top_k`` predicted classes)
         top_k (int, optional): Without targets, explain this many classes.
@@ -344,16 +402,12 @@ def explain_media(
                     Default: None
         layers (Sequence[int], optional): LeGrad's blocks.
                     Default: None (all)
-        animation (str, optional): ``"gif"``, ``"mp4"`` or ``"none"`` (video only).
-                    Default: "gif"
-        fmt (str, optional): Figure format, ``png``, ``jpg`` or ``pdf``.
-                    Default: "png"
         device (torch.device, optional): Where to run.
                     Default: None (CPU)
         warn (callable, optional): Called with each warning (one line).
 
     Returns:
-        :class:`MediaResult`.
+        :class:`MediaExplanation`.
 
     Raises:
         MediaError: The file cannot be read (see :mod:`captum_legrad.eval.media`).
@@ -362,15 +416,14 @@ def explain_media(
     Examples::
 
         >>> loaded = load_media_model("hf:videomae-kinetics", "video")
-        >>> result = explain_media(loaded, Path("clip.mp4"), OutputFolder(Path("out")))
+        >>> explained = compute_media(loaded, Path("clip.mp4"), top_k=2)
+        >>> explained.maps.shape  # (2, 16, 224, 224)
     """
     from .. import viz
     from ..attribution import LeGrad
 
     if top_k < 1:
         raise ExplainError(f"--top-k must be at least 1, got {top_k}")
-    if animation not in ANIMATIONS:
-        raise ExplainError(f"--animation must be one of {', '.join(ANIMATIONS)}, got {animation}")
     path = Path(path)
     media: Union[Video, Audio]
     if loaded.kind == "video":
@@ -419,12 +472,7 @@ def explain_media(
     what = "probability (sigmoid)" if loaded.multilabel else "probability"
     row_labels = [f"{n.split(',')[0]}\n{what} {s:.3f}" for n, s in zip(names, result.scores)]
     maps = legrad.attribute_multi(x, targets=chosen, output="input")[0].float().cpu()
-    # everything is computed; now the files
-    base = safe_name(path.stem)
-    taken: set = set()
-    if path.parent.resolve() == out.path.resolve():
-        taken.add(path.name.lower())
-    stems = [unique_name(f"{base}_{safe_name(n.split(',')[0])}", taken) for n in names]
+    inputs = x.detach().cpu()
     if isinstance(media, Video):
         frame_maps = maps.mean(2)  # (K, T, C, H, W) → (K, T, H, W): the channels are equal
         if int(frame_maps.shape[1]) != len(media.frames):
@@ -441,7 +489,7 @@ def explain_media(
             )
         )
         figure = viz.plot_video(
-            x[0].cpu(),
+            inputs[0],
             frame_maps,
             row_labels,
             times=media.times,
@@ -450,37 +498,17 @@ def explain_media(
             std=loaded.std,
             title=f"{path.name}: LeGrad ({len(media.frames)} of {media.total} frames)",
         )
-        with _all_or_nothing(out):
-            for stem, amap in zip(stems, frame_maps):
-                result.files.append(out.save_npy(f"{stem}.npy", amap.numpy().astype("float32")))
-            result.files.append(out.save_figure(unique_name(base, taken) + f".{fmt}", figure, fmt))
-            if animation == "none":
-                return result
-            for stem, amap in zip(stems, frame_maps):
-                target = out.file(unique_name(f"{stem}_anim", taken) + f".{animation}")
-                with atomic_path(target) as temporary:
-                    viz.animate_video(
-                        x[0].cpu(),
-                        amap,
-                        temporary,
-                        times=media.times,
-                        indices=media.indices,
-                        format=animation,
-                        mean=loaded.mean,
-                        std=loaded.std,
-                    )
-                out.written.append(target)
-                result.files.append(target)
-        return result
-    spectrogram_maps = maps  # (K, time, mel)
+        return MediaExplanation(
+            result, media, inputs, frame_maps, figure, mean=loaded.mean, std=loaded.std
+        )
     seen = float(x.shape[1]) * loaded.hop_length / loaded.sampling_rate
     if media.duration > seen + 1e-6:
         result.notes.append(
             f"the model sees the first {seen:.2f} s of {media.duration:.2f} s of sound"
         )
     figure = viz.plot_spectrogram(
-        x[0].cpu(),
-        spectrogram_maps,
+        inputs[0],
+        maps,  # (K, time, mel)
         row_labels,
         sampling_rate=loaded.sampling_rate,
         hop_length=loaded.hop_length,
@@ -489,11 +517,137 @@ def explain_media(
         title=f"{path.name}: LeGrad ({media.duration:.2f} s, resampled "
         f"{media.source_rate} → {media.sampling_rate} Hz)",
     )
+    return MediaExplanation(result, media, inputs, maps, figure)
+
+
+def save_media(
+    explained: MediaExplanation,
+    out: OutputFolder,
+    *,
+    animation: str = "gif",
+    fmt: str = "png",
+) -> List[Path]:
+    r"""Write what :func:`compute_media` computed: ``<file>_<target>.npy`` per target, the
+    figure ``<file>.<fmt>`` and, for a video, one animation per target
+    (``<file>_<target>_anim.gif`` or ``.mp4``). All or nothing: on an error the files
+    written so far are removed.
+
+    Args:
+        explained (MediaExplanation): From :func:`compute_media`; its ``result.files``
+                    gets the files written.
+        out (OutputFolder): Where to write.
+        animation (str, optional): ``"gif"``, ``"mp4"`` or ``"none"`` (video only).
+                    Default: "gif"
+        fmt (str, optional): Figure format, ``png``, ``jpg`` or ``pdf``.
+                    Default: "png"
+
+    Returns:
+        The files written, in order.
+
+    Raises:
+        ExplainError: An unknown ``animation``.
+    """
+    from .. import viz
+
+    if animation not in ANIMATIONS:
+        raise ExplainError(f"--animation must be one of {', '.join(ANIMATIONS)}, got {animation}")
+    result = explained.result
+    path = result.file
+    base = safe_name(path.stem)
+    taken: set = set()
+    if path.parent.resolve() == out.path.resolve():
+        taken.add(path.name.lower())
+    stems = [unique_name(f"{base}_{safe_name(n.split(',')[0])}", taken) for n in result.names]
+    written: List[Path] = []
     with _all_or_nothing(out):
-        for stem, amap in zip(stems, spectrogram_maps):
-            result.files.append(out.save_npy(f"{stem}.npy", amap.numpy().astype("float32")))
-        result.files.append(out.save_figure(unique_name(base, taken) + f".{fmt}", figure, fmt))
-    return result
+        for stem, amap in zip(stems, explained.maps):
+            written.append(out.save_npy(f"{stem}.npy", amap.numpy().astype("float32")))
+        figure_name = unique_name(base, taken) + f".{fmt}"
+        written.append(out.save_figure(figure_name, explained.figure, fmt))
+        if result.kind == "video" and animation != "none":
+            assert isinstance(explained.media, Video)
+            for stem, amap in zip(stems, explained.maps):
+                target = out.file(unique_name(f"{stem}_anim", taken) + f".{animation}")
+                with atomic_path(target) as temporary:
+                    viz.animate_video(
+                        explained.inputs[0],
+                        amap,
+                        temporary,
+                        times=explained.media.times,
+                        indices=explained.media.indices,
+                        format=animation,
+                        mean=explained.mean,
+                        std=explained.std,
+                    )
+                out.written.append(target)
+                written.append(target)
+    result.files.extend(written)
+    return written
+
+
+def explain_media(
+    loaded: MediaModel,
+    path: Path,
+    out: OutputFolder,
+    *,
+    targets: Optional[Sequence[str]] = None,
+    top_k: int = 1,
+    labels: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[int]] = None,
+    animation: str = "gif",
+    fmt: str = "png",
+    device: Optional[torch.device] = None,
+    warn: Callable[[str], None] = lambda message: None,
+) -> MediaResult:
+    r"""Explain one video or audio file and write its maps, figure and animations
+    (:func:`compute_media`, then :func:`save_media`).
+
+    Args:
+        loaded (MediaModel): The model (:func:`load_media_model`).
+        path (Path): The video or audio file.
+        out (OutputFolder): Where to write.
+        targets (Sequence[str], optional): Class indices or names (``--target``).
+                    Default: None (the ``top_k`` predicted classes)
+        top_k (int, optional): Without targets, explain this many classes.
+                    Default: 1
+        labels (Sequence[str], optional): Class names replacing the model's.
+                    Default: None
+        layers (Sequence[int], optional): LeGrad's blocks.
+                    Default: None (all)
+        animation (str, optional): ``"gif"``, ``"mp4"`` or ``"none"`` (video only).
+                    Default: "gif"
+        fmt (str, optional): Figure format, ``png``, ``jpg`` or ``pdf``.
+                    Default: "png"
+        device (torch.device, optional): Where to run.
+                    Default: None (CPU)
+        warn (callable, optional): Called with each warning (one line).
+
+    Returns:
+        :class:`MediaResult`.
+
+    Raises:
+        MediaError: The file cannot be read (see :mod:`captum_legrad.eval.media`).
+        ExplainError: Bad targets or labels, or a model LeGrad cannot explain; one line.
+
+    Examples::
+
+        >>> loaded = load_media_model("hf:videomae-kinetics", "video")
+        >>> result = explain_media(loaded, Path("clip.mp4"), OutputFolder(Path("out")))
+    """
+    if animation not in ANIMATIONS:
+        raise ExplainError(f"--animation must be one of {', '.join(ANIMATIONS)}, got {animation}")
+    explained = compute_media(
+        loaded,
+        path,
+        targets=targets,
+        top_k=top_k,
+        labels=labels,
+        layers=layers,
+        device=device,
+        warn=warn,
+    )
+    save_media(explained, out, animation=animation, fmt=fmt)
+    return explained.result
 
 
 def media_summary(result: MediaResult, out: Path) -> List[str]:
