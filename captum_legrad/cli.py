@@ -726,10 +726,16 @@ def build_parser() -> argparse.ArgumentParser:
     explorer = sub.add_parser(
         "app",
         help="the interactive LeGrad explorer in the browser (Gradio, app extra)",
-        description="Upload photos, pick classes or prompts, see LeGrad's maps (docs/app.md).",
+        description="Upload photos (or a video or sound for a video/audio classifier), pick "
+        "classes or prompts, see LeGrad's maps (docs/app.md).",
         formatter_class=_Formatter,
     )
-    explorer.add_argument("--model", default="default", help=model_help)
+    explorer.add_argument(
+        "--model",
+        default="default",
+        help=model_help + "; hf:FOLDER of a video or audio classifier (VideoMAE, ViViT, "
+        "TimeSformer, V-JEPA 2, AST) serves a page for one video or sound",
+    )
     explorer.add_argument(
         "--weights", type=Path, help="local weights (.safetensors or a torch.save state dict)"
     )
