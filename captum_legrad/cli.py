@@ -38,7 +38,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "CLIError", "Interrupted", "METHOD_NAMES"]
 
@@ -108,6 +108,21 @@ def _user_errors() -> Iterator[None]:
         yield
     except (ModelError, ExplainError, OutputError, DataError, ClassNameError, MediaError) as error:
         raise CLIError(str(error)) from error
+
+
+@contextlib.contextmanager
+def _whole_or_nothing(out: Any, interrupted: Callable[[], str]) -> Iterator[None]:
+    """Remove what ``out`` wrote when the command fails; Ctrl-C becomes :class:`Interrupted`
+    with the line ``interrupted()`` gives (the library's errors are turned into
+    :class:`CLIError` by :func:`_user_errors` around every command)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        out.cleanup()
+        raise Interrupted(interrupted()) from None
+    except BaseException:
+        out.cleanup()
+        raise
 
 
 def _device(text: str) -> Any:
@@ -354,7 +369,7 @@ def _like(args: argparse.Namespace) -> int:
         raise ExplainError(f"--like: no such reference image: {missing[0]}")
     device = _device(args.device)
     out = OutputFolder(args.out)
-    try:
+    with _whole_or_nothing(out, lambda: "interrupted: 0 of 1 images written"):
         loaded = _load(args)
         result = explain_like(
             loaded,
@@ -367,12 +382,6 @@ def _like(args: argparse.Namespace) -> int:
             device=device,
             warn=lambda m: print(f"captum-legrad: warning: {m}", file=sys.stderr, flush=True),
         )
-    except KeyboardInterrupt:
-        out.cleanup()
-        raise Interrupted("interrupted: 0 of 1 images written") from None
-    except BaseException:
-        out.cleanup()
-        raise
     print(f"model {args.model}, weights: {loaded.weights}")
     print("\n".join(like_lines(result, args.out)))
     return 0
@@ -437,11 +446,10 @@ def _explain_media(args: argparse.Namespace, kind: str) -> int:
 def _ask(args: argparse.Namespace, files: Sequence[Path], out: Any) -> int:
     """``explain --ask``: a vision-language model's answer, one map per token."""
     from .eval.ask import ask_photos, load_vlm
-    from .eval.models import ModelError
 
     if not args.ask.strip():
         raise CLIError("--ask needs a question")
-    try:
+    with _whole_or_nothing(out, lambda: f"interrupted: {len(out.written)} files written"):
         model, processor = load_vlm(args.model, args.random_weights)
         answers = ask_photos(
             model,
@@ -454,15 +462,6 @@ def _ask(args: argparse.Namespace, files: Sequence[Path], out: Any) -> int:
             layers=args.layers,
             fmt=args.format,
         )
-    except ModelError as error:
-        out.cleanup()
-        raise CLIError(str(error)) from error
-    except KeyboardInterrupt:
-        out.cleanup()
-        raise Interrupted(f"interrupted: {len(out.written)} files written") from None
-    except BaseException:
-        out.cleanup()
-        raise
     for path, text in answers:
         print(f"{path.name}: {args.ask} → {text}")
     print(out.summary())
@@ -474,7 +473,6 @@ def _ask_video(args: argparse.Namespace) -> int:
     from .eval.ask import ask_video, load_vlm
     from .eval.files import OutputFolder
     from .eval.media import check_media
-    from .eval.models import ModelError
 
     if not args.ask.strip():
         raise CLIError("--ask needs a question")
@@ -488,7 +486,7 @@ def _ask_video(args: argparse.Namespace) -> int:
             raise CLIError(f"{option} does not apply to --ask ({args.input.name})")
     check_media(args.input, "video")  # a bad file stops the run before the model loads
     out = OutputFolder(args.out)
-    try:
+    with _whole_or_nothing(out, lambda: f"interrupted: {len(out.written)} files written"):
         model, processor = load_vlm(args.model, args.random_weights)
         text = ask_video(
             model,
@@ -501,15 +499,6 @@ def _ask_video(args: argparse.Namespace) -> int:
             layers=args.layers,
             fmt=args.format,
         )
-    except ModelError as error:
-        out.cleanup()
-        raise CLIError(str(error)) from error
-    except KeyboardInterrupt:
-        out.cleanup()
-        raise Interrupted(f"interrupted: {len(out.written)} files written") from None
-    except BaseException:
-        out.cleanup()
-        raise
     print(f"{args.input.name}: {args.ask} → {text}")
     print(out.summary())
     return 0
