@@ -453,6 +453,15 @@ class ViTSpec:
             operation after the attention is per token). Targets on distinct rows then
             share one backward (each target's gradient is its own row of the summed
             gradient). Default None: one batched backward over the targets.
+        read_rows: Optional rule (:data:`ScoreRowRule`) giving the rows ``(B, R)`` at
+            which the readout reads each block's output (a language model's logits at the
+            predicting positions), for models whose blocks compute per token after their
+            attention (a decoder layer: output projection, residual, norms, MLP or MoE).
+            On the lean route, whose block graphs start at the attention output, every
+            tensor a block saves for the backward is then kept at these rows only
+            (:mod:`captum_legrad._core.saved`): the gradient at the other rows is zero, so
+            the maps are the same, and the memory of the graph is linear in ``R`` instead
+            of the sequence. Default None: whole tensors are kept.
         parallel_attentions: Blocks (indices) whose attention module runs several attention
             calls side by side whose outputs are summed into the residual stream, each
             through its own output projection (timm's ``ParallelThingsBlock``). Those
@@ -537,6 +546,7 @@ class ViTSpec:
     output_attentions: FrozenSet[int] = frozenset()
     token_mean_readout: bool = False
     score_rows: Optional[ScoreRowRule] = None
+    read_rows: Optional[ScoreRowRule] = None
     parallel_attentions: FrozenSet[int] = frozenset()
     product_inputs: Mapping[int, nn.Module] = field(default_factory=dict)
     mlp_outputs: Mapping[int, nn.Module] = field(default_factory=dict)

@@ -14,7 +14,7 @@ changed, nothing is patched process-wide.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
@@ -28,6 +28,7 @@ from . import grad_mode
 from .hooks import ScopedHooks, mode_stack_guard
 from .records import AttentionRecord
 from .routes import Route, get_route
+from .saved import ReadRows
 
 __all__ = ["record_attention", "capture_blocks", "Captured"]
 
@@ -128,6 +129,7 @@ def capture_blocks(
     differentiable: bool,
     route: Union[str, Route] = "lean",
     token_mean_readout: bool = False,
+    read_rows: Optional[Callable[[], Tensor]] = None,
 ) -> Iterator[Captured]:
     """Hook ``spec``'s blocks for one forward and collect ``Z^l`` (and the records of
     ``A^l``).
@@ -139,13 +141,25 @@ def capture_blocks(
     attention instead) the blocks' outputs are only collected, without any graph.
     ``token_mean_readout``: the scores read each ``Z^l`` only through its mean over tokens
     (the lean route then takes one row per sample through the blocks'
-    :attr:`~captum_legrad.spec.ViTSpec.mlp_outputs`).
+    :attr:`~captum_legrad.spec.ViTSpec.mlp_outputs`). ``read_rows``: returns the rows
+    ``(B, R)`` at which the scores read each ``Z^l``
+    (:attr:`~captum_legrad.spec.ViTSpec.read_rows`); where a block's graph starts at its
+    attention output (the lean route), the tensors it saves are kept at these rows only
+    (:mod:`.saved`).
     """
     chosen = get_route(route)
     selected = {layer: slot for slot, layer in enumerate(layers)}
     captured = Captured(tokens=[torch.empty(0)] * len(layers))
     seen = [False] * len(layers)
     token_dim = 1 if spec.batch_first else 0
+    rows_only = (
+        ReadRows(read_rows)
+        if read_rows is not None
+        and differentiable
+        and spec.batch_first
+        and not chosen.graph_from_input
+        else None
+    )
 
     def root_pre_hook(module: nn.Module, args: Any) -> None:
         grad_mode.model_entered()
@@ -158,7 +172,10 @@ def capture_blocks(
             if not differentiate:
                 return None
             tokens = spec.tokens
-            return tokens.replace(args, kwargs, chosen.cut(tokens.get(args, kwargs)))
+            inputs = tokens.get(args, kwargs)
+            if rows_only is not None:
+                rows_only.tokens = (int(inputs.shape[0]), int(inputs.shape[1]))
+            return tokens.replace(args, kwargs, chosen.cut(inputs))
 
         return hook
 
@@ -181,6 +198,8 @@ def capture_blocks(
 
     def block_post_hook(module: nn.Module, args: Any, output: Any) -> None:
         grad_mode.block_left()
+        if rows_only is not None:
+            rows_only.tokens = None
 
     modules: List[nn.Module] = []
     outputs: List[bool] = []
@@ -204,6 +223,7 @@ def capture_blocks(
     with (
         record_attention(modules, chosen, outputs, products, later) as records,
         ScopedHooks() as hooks,
+        nullcontext() if rows_only is None else rows_only.hooks(),
     ):
         hooks.forward_pre(spec.root, root_pre_hook)
         hooked: Set[int] = set()

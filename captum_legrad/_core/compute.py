@@ -19,6 +19,7 @@ depends on the route.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -194,8 +195,14 @@ def run_forward(
     pooled = spec.pool_attention is not None
     token_mean = pooling == "mean" and spec.token_mean_readout
     with torch.enable_grad():
+        read_rows = None if spec.read_rows is None else partial(spec.read_rows, inputs)
         with capture_blocks(
-            spec, layers, differentiable=not pooled, route=chosen, token_mean_readout=token_mean
+            spec,
+            layers,
+            differentiable=not pooled,
+            route=chosen,
+            token_mean_readout=token_mean,
+            read_rows=read_rows,
         ) as captured:
             # The output itself is not needed: scores come from the readout of each layer
             # (models returning ModelOutput objects are fine).

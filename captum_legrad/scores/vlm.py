@@ -497,6 +497,9 @@ class AnswerLogits(nn.Module):
             # layer's attention is per token: token j depends on A^l only through row
             # positions[j], so all tokens share one backward.
             score_rows=None if self.reduce == "sum" else self._score_rows,
+            # The same positions are all the readout reads (also when it sums them): the
+            # lean route keeps each layer's graph after its attention at these rows only.
+            read_rows=self._score_rows,
             samples=None if rules is None or rules.batch_first else self._samples,
             map_forms=None if rules is None else MapForms(self._forms, self._to_input),
         )
