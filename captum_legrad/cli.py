@@ -420,7 +420,8 @@ def _explain_media(args: argparse.Namespace, kind: str) -> int:
         if not args.quiet:
             print(f"captum-legrad: warning: {message}", file=sys.stderr)
 
-    try:
+    # The files of one video or sound are written all or nothing (save_media).
+    with _whole_or_nothing(out, lambda: "interrupted: nothing written"):
         loaded = load_media_model(args.model, kind, random_weights=args.random_weights)
         result = explain_media(
             loaded,
@@ -435,9 +436,6 @@ def _explain_media(args: argparse.Namespace, kind: str) -> int:
             device=device,
             warn=warn,
         )
-    except BaseException:
-        out.cleanup()
-        raise
     print(f"model {args.model}, weights: {loaded.weights}")
     print("\n".join(media_summary(result, args.out)))
     return 0

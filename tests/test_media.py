@@ -893,3 +893,28 @@ def test_the_other_video_families_run_through_explain(
     np.testing.assert_allclose(saved, expected.numpy(), rtol=1e-5, atol=1e-6)
     with Image.open(result.files[-1]) as gif:
         assert gif.n_frames == 4
+
+
+def test_cli_ctrl_c_while_writing_a_clip_leaves_nothing_and_exits_130(
+    files: Dict[str, Path],
+    tmp_path: Path,
+    toy_loader: None,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C after the clip's first file was written: one line, exit 130, no files."""
+    save_figure = OutputFolder.save_figure
+
+    def interrupted(self: OutputFolder, *args: Any, **kwargs: Any) -> Path:
+        written = save_figure(self, *args, **kwargs)
+        assert written.is_file()  # the run was in the middle of writing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputFolder, "save_figure", interrupted)
+    out = tmp_path / "new" / "out"
+    code = main(["explain", str(files["clip"]), "--model", "hf:toy", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 130
+    assert captured.err.strip().splitlines() == ["interrupted: nothing written"]
+    assert captured.out == ""
+    assert not (tmp_path / "new").exists()
