@@ -85,6 +85,7 @@ def test_a_vlm_folder_is_told_apart(qwen: Dict[str, Any], tmp_path: Path) -> Non
     assert vlm_model(f"hf:{qwen['root'] / 'qwen'}")
     assert not vlm_model("default") and not vlm_model(f"timm:{qwen['root'] / 'qwen'}")
     assert not vlm_model(f"hf:{tmp_path}")  # no config.json
+    assert not vlm_model("hf:no-such-org/no-such-model")  # not resolvable: the other loaders
     (tmp_path / "config.json").write_text('{"model_type": "videomae"}')
     assert not vlm_model(f"hf:{tmp_path}")
     page = build(qwen["explorer"])
@@ -240,3 +241,48 @@ def test_bad_input_is_one_message(qwen: Dict[str, Any], tmp_path: Path) -> None:
         message = str(caught.value)
         assert start in message and "\n" not in message, message
         assert str(tmp_path) not in message  # the file by its name only
+
+
+def test_llava_one_grid_on_the_processed_image(tmp_path: Path) -> None:
+    """LLaVA-1.5 (one grid): the maps are on the image as the processor resized and cropped
+    it (as --ask draws them), its normalisation undone; the table equals generate's."""
+    from test_cli import _tiny_llava_folder, require
+
+    require("transformers", "LlavaModel", since="transformers 4.52")  # the VLM layout
+    model, processor = _tiny_llava_folder(tmp_path / "llava")
+    photo = _photo(tmp_path / "pic.png", 40, 50, seed=5)
+    explorer = AskExplorer(*load_vlm(f"hf:{tmp_path / 'llava'}"), workdir=tmp_path / "work")
+    assert not explorer.takes_video
+    view = explorer.ask(tmp_path / "pic.png", "w3 w4", max_new_tokens=3, opacity=0.0)
+    expected = explain_answer(model, processor, photo, "<image> w3 w4", max_new_tokens=3)
+    assert_not_vacuous(expected.maps)
+    torch.testing.assert_close(view.explained.result.maps, expected.maps, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.load(view.files[0]), expected.maps.numpy(), atol=1e-6)
+    # the processed image (CLIP's resize and centre crop to 32x32), un-normalised, upscaled
+    pixels = processor.image_processor(photo, return_tensors="pt")["pixel_values"][0]
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    rgb = ((pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round()
+    seen = Image.fromarray(rgb.astype(np.uint8)).resize((256, 256), Image.Resampling.BILINEAR)
+    for image, _ in view.maps:
+        assert image.shape == (256, 256, 3)
+        assert np.abs(image.astype(int) - np.asarray(seen).astype(int)).max() <= 2
+    batch = processor(text=["<image> w3 w4"], images=[photo], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=3, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    steps = torch.stack(out.logits)[: len(expected.tokens), 0].float()
+    ids = expected.answer_ids[:, None]
+    np.testing.assert_allclose(view.explained.logits, steps.gather(1, ids)[:, 0], atol=1e-4)
+    np.testing.assert_allclose(
+        view.explained.probabilities, steps.softmax(-1).gather(1, ids)[:, 0], atol=1e-5
+    )
+
+
+def test_launch_refuses_weights_for_a_vlm(qwen: Dict[str, Any]) -> None:
+    from captum_legrad import app
+
+    with pytest.raises(ExplorerError, match="vision-language model: it loads its own weights"):
+        app.launch(f"hf:{qwen['root'] / 'qwen'}", weights="vit.safetensors", block=False)

@@ -65,7 +65,7 @@ def vlm_model(spec: str) -> bool:
 
         with _quiet():
             found = transformers.AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, ImportError):  # not cached offline, not a model
         return False
     return str(getattr(found, "model_type", "")) in names
 
