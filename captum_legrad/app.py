@@ -60,6 +60,7 @@ from . import viz
 from .attribution import LeGrad
 from .discovery import discover
 from .errors import UnsupportedModelError
+from .eval.ask import AskExplanation, compute_ask, load_vlm, save_ask, takes_video, vlm_model
 from .eval.classes import ClassNameError, parse_classes
 from .eval.explain import ExplainError
 from .eval.explain_media import (
@@ -87,6 +88,8 @@ __all__ = [
     "Explanation",
     "MediaExplorer",
     "MediaView",
+    "AskExplorer",
+    "AskView",
     "BASELINES",
     "LAYER_CHOICES",
     "build",
@@ -632,6 +635,205 @@ class MediaExplorer:
         )
 
 
+@dataclass
+class AskView:
+    """What the page shows after **Ask** for a vision-language model.
+
+    Attributes:
+        summary: Markdown: the question, the answer and a table of its tokens with their
+            logits and probabilities.
+        rows: The same table as ``(token, logit, probability)`` rows, one per token.
+        maps: For a photo, one overlay per answer token on the photo (the original photo
+            for the families described by views: tiles and views placed back, else the
+            processed image), captioned ``photo.png: "cat"``, then the whole answer's map
+            (``photo.png: whole answer "a cat"``). Empty for a video.
+        strip: For a video, the figure ``--ask`` writes (a frame strip per token and one
+            for the whole answer) as a PNG file and its caption; None for a photo.
+        animations: For a video, one animated GIF per answer token and its caption.
+        files: The downloads: the files ``explain --ask`` writes (the maps ``.npy`` and
+            the figure).
+        explained: The computation behind it (:class:`~captum_legrad.eval.ask.AskExplanation`).
+        seconds: Wall time of the explanation.
+    """
+
+    summary: str
+    rows: List[Tuple[str, str, str]]
+    maps: Gallery
+    strip: Optional[Tuple[str, str]]
+    animations: List[Tuple[str, str]]
+    files: List[str]
+    explained: AskExplanation
+    seconds: float = 0.0
+
+
+def _quoted(token: str) -> str:
+    """A token as a caption shows it: in double quotes, without its leading space."""
+    return '"' + (token.strip() or token).replace("\n", "\\n") + '"'
+
+
+class AskExplorer:
+    r"""The explorer's work for a vision-language model: answer a question about an image
+    (or a video) and explain every answer token (:func:`~captum_legrad.eval.ask.compute_ask`,
+    the computation of ``captum-legrad explain --ask``; :func:`~captum_legrad.eval.ask.save_ask`
+    writes the same files).
+
+    Args:
+        model (nn.Module): The vision-language model (:func:`~captum_legrad.eval.ask.load_vlm`).
+        processor (Any): Its processor.
+        workdir (Path, optional): Where the downloads are written (one folder per request).
+                    Default: a temporary folder, removed by :meth:`close` or at exit.
+        description (str, optional): A line about the model shown on the page.
+
+    Examples::
+
+        >>> from captum_legrad.app import AskExplorer
+        >>> from captum_legrad.eval.ask import load_vlm
+        >>> explorer = AskExplorer(*load_vlm("hf:qwen2-vl-2b"))
+        >>> view = explorer.ask("photo.png", "What is this?")
+        >>> view.rows, [caption for _, caption in view.maps]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        workdir: Optional[Path] = None,
+        description: str = "",
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.takes_video = takes_video(model, processor)
+        self._own: Optional[_Workspace] = None
+        if workdir is None:
+            self._own = _Workspace()
+            workdir = self._own.root
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.description = description
+
+    def close(self) -> None:
+        """Remove the temporary folder this explorer made (not a ``workdir`` it was given)."""
+        if self._own is not None:
+            self._own.remove()
+
+    def ask(
+        self,
+        file: Optional[Union[str, Path]],
+        question: str,
+        answer: str = "",
+        max_new_tokens: int = 32,
+        opacity: float = 0.5,
+        progress: Optional[ProgressFn] = None,
+    ) -> AskView:
+        """Answer ``question`` about the image or video ``file`` (or explain ``answer``
+        when given) and explain every answer token.
+
+        Args:
+            file: An image, or a video (by its extension, :data:`VIDEO_EXTENSIONS`) for a
+                model that takes videos.
+            question: The question.
+            answer: The answer to explain; empty: the model's own greedy answer.
+            max_new_tokens: Longest generated answer.
+            opacity: Opacity of the maps over the image.
+            progress: Called with the fraction done and what runs now.
+
+        Raises:
+            ExplorerError: no file, an empty question, an unreadable file, a video with a
+                model that answers about images only, an answer without tokens.
+        """
+        start = time.perf_counter()
+        report = progress or (lambda fraction, text: None)
+        if not file:
+            raise ExplorerError(
+                "Upload an image" + (" or a video" if self.takes_video else "") + " first."
+            )
+        if not question.strip():
+            raise ExplorerError("Type a question about the image, e.g. 'What is in the picture?'")
+        path = Path(file)
+        video = path.suffix.lower() in VIDEO_EXTENSIONS
+        report(0.1, "answering and explaining")
+        try:
+            explained = compute_ask(
+                self.model,
+                self.processor,
+                path,
+                question.strip(),
+                video=video,
+                answer=answer.strip() or None,
+                max_new_tokens=max(1, int(max_new_tokens)),
+                scores=True,
+            )
+        except (MediaError, ModelError, ValueError) as error:
+            # the file by its name: the page's upload folder means nothing to the person
+            message = " ".join(str(error).split()).replace(str(path), path.name)
+            message = message.replace("--ask on a video", "A video")
+            message = message[:1].upper() + message[1:]
+            raise ExplorerError(message if message[-1:] in ".?!" else message + ".") from error
+        report(0.7, "files")
+        folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix="legrad-"))
+        written = save_ask(explained, OutputFolder(folder), animation="gif" if video else "none")
+        files = [p for p in written if p.suffix != ".gif"]  # what explain --ask writes
+        result = explained.result
+        name = path.name
+        captions = [f"{name}: {_quoted(token)}" for token in result.tokens]
+        gifs = [str(p) for p in written if p.suffix == ".gif"]
+        animations = list(zip(gifs, captions))
+        assert explained.logits is not None and explained.probabilities is not None
+        rows = [
+            (token, f"{logit:.2f}", f"{p:.3f}")
+            for token, logit, p in zip(result.tokens, explained.logits, explained.probabilities)
+        ]
+        maps: Gallery = []
+        strip = None
+        if video:
+            strip = (str(files[1]), f"{name}: {question.strip()} → {result.text}")
+        else:
+            image = result.pixel_values[0]
+            for heat, caption in zip(result.maps, captions):
+                maps.append((self._blend(explained, image, heat, opacity), caption))
+            whole = f"{name}: whole answer {_quoted(str(result.text))}"
+            maps.append((self._blend(explained, image, result.answer_map, opacity), whole))
+        report(1.0, "done")
+        return AskView(
+            summary=_answer_table(name, question.strip(), str(result.text), rows),
+            rows=rows,
+            maps=maps,
+            strip=strip,
+            animations=animations,
+            files=[str(p) for p in files],
+            explained=explained,
+            seconds=time.perf_counter() - start,
+        )
+
+    @staticmethod
+    def _blend(explained: AskExplanation, image: Tensor, heat: Tensor, opacity: float) -> Any:
+        rgb = viz.blend(
+            image, heat, mean=explained.mean, std=explained.std, alpha=opacity, style=STYLE
+        )
+        return _display(rgb)
+
+
+def _answer_table(
+    name: str, question: str, answer: str, rows: Sequence[Tuple[str, str, str]]
+) -> str:
+    """The question, the answer and its tokens as Markdown (``|`` in texts escaped)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        f"**{cell(name)}**: {cell(question)} → **{cell(answer)}**",
+        "",
+        "| # | token | logit | probability |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {j} | {cell(_quoted(token))} | {logit} | {p} |"
+        for j, (token, logit, p) in enumerate(rows, start=1)
+    ]
+    return "\n".join(lines)
+
+
 def _table(rows: Sequence[Tuple[str, str, str]]) -> str:
     """``(image, target, score)`` rows → a Markdown table (``|`` in names escaped)."""
 
@@ -790,6 +992,120 @@ def _previews(paths: Optional[Sequence[Any]]) -> List[Tuple[str, str]]:
     return found
 
 
+def _build_ask(explorer: AskExplorer) -> Any:
+    """The page for a vision-language model: one image (or video) input, the question, an
+    optional answer, the token table, the overlays (or the frame strip and animations) and
+    the downloads."""
+    gr = _gradio()
+    video = explorer.takes_video
+    what = "an image or a video" if video else "an image"
+    with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
+        gr.Markdown(
+            "## LeGrad explorer\n"
+            + (explorer.description + "\n\n" if explorer.description else "")
+            + "LeGrad (arXiv 2404.03214): which image regions each word of a "
+            "vision-language model's answer came from."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                media = gr.File(
+                    label="Image or video" if video else "Image",
+                    file_count="single",
+                    file_types=["image", *VIDEO_EXTENSIONS] if video else ["image"],
+                    type="filepath",
+                    elem_id="media",
+                )
+                question = gr.Textbox(
+                    label="Question", placeholder="What is in the picture?", elem_id="question"
+                )
+                answer = gr.Textbox(
+                    label="Answer to explain (optional)",
+                    placeholder="empty: the model's own answer",
+                    elem_id="answer",
+                )
+                longest = gr.Slider(
+                    1, 64, value=32, step=1, label="Longest answer (tokens)", elem_id="longest"
+                )
+                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
+                button = gr.Button("Ask", variant="primary", elem_id="explain")
+                gr.Markdown(f"<small>Upload {what}, type a question and press Ask.</small>")
+            with gr.Column(scale=2):
+                message = gr.Markdown(elem_id="message")
+                gr.HTML(_colour_bar())
+                summary = gr.Markdown(elem_id="summary")
+                maps = gr.Gallery(
+                    label="One map per answer token, then the whole answer",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    elem_id="maps",
+                    elem_classes=["legrad-results"],
+                )
+                strip = gr.Gallery(
+                    label="Frame strip (one row per answer token, then the whole answer)",
+                    columns=1,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    visible=False,
+                    elem_id="figure",
+                    elem_classes=["legrad-results"],
+                )
+                animations = gr.Gallery(
+                    label="Animated overlay (one per answer token)",
+                    columns=3,
+                    height="auto",
+                    object_fit="contain",
+                    fit_columns=False,
+                    visible=False,
+                    elem_id="animations",
+                    elem_classes=["legrad-results"],
+                )
+                downloads = gr.File(
+                    label="Downloads: maps (.npy) and figure, as explain --ask writes them",
+                    file_count="multiple",
+                )
+
+        def run(
+            path: Optional[str],
+            question_text: str,
+            answer_text: str,
+            most: float,
+            alpha: float,
+            progress: Any = gr.Progress(),  # noqa: B008  (Gradio injects it by default)
+        ) -> Tuple[Any, ...]:
+            try:
+                view = explorer.ask(
+                    path,
+                    question_text or "",
+                    answer_text or "",
+                    int(most),
+                    float(alpha),
+                    progress=lambda f, t: progress(f, desc=t),
+                )
+            except ExplorerError as error:
+                print(f"captum-legrad app: {error}", file=sys.stderr, flush=True)
+                gr.Warning(str(error))
+                hidden = gr.Gallery(value=[], visible=False)
+                return (f"**Could not explain:** {error}", "", [], hidden, hidden, None)
+            return (
+                "",
+                view.summary,
+                gr.Gallery(value=view.maps, visible=bool(view.maps)),
+                gr.Gallery(value=[view.strip] if view.strip else [], visible=bool(view.strip)),
+                gr.Gallery(value=view.animations, visible=bool(view.animations)),
+                view.files,
+            )
+
+        button.click(
+            run,
+            inputs=[media, question, answer, longest, opacity],
+            outputs=[message, summary, maps, strip, animations, downloads],
+        )
+    return page
+
+
 def _build_media(explorer: MediaExplorer) -> Any:
     """The page for a video or audio classifier: one file input of that kind, the classes,
     the figure, the animations (video) and the downloads."""
@@ -882,14 +1198,17 @@ def _build_media(explorer: MediaExplorer) -> Any:
 
 
 def build(
-    explorer: Union[Explorer, MediaExplorer], examples: Optional[Sequence[str]] = None
+    explorer: Union[Explorer, MediaExplorer, AskExplorer],
+    examples: Optional[Sequence[str]] = None,
 ) -> Any:
     """The explorer's page: a ``gradio.Blocks`` around ``explorer``.
 
     Args:
-        explorer (Explorer or MediaExplorer): Does the work; a :class:`MediaExplorer` (a
-                    video or audio classifier) gets a page with one video or audio input,
-                    an :class:`Explorer` the image inputs.
+        explorer (Explorer, MediaExplorer or AskExplorer): Does the work; a
+                    :class:`MediaExplorer` (a video or audio classifier) gets a page with
+                    one video or audio input, an :class:`AskExplorer` (a vision-language
+                    model) the "ask" page (an image or video, a question, an optional
+                    answer), an :class:`Explorer` the image inputs.
         examples (sequence of str, optional): Image files offered as examples.
 
     Returns:
@@ -897,6 +1216,8 @@ def build(
     """
     if isinstance(explorer, MediaExplorer):
         return _build_media(explorer)
+    if isinstance(explorer, AskExplorer):
+        return _build_ask(explorer)
     gr = _gradio()
     image_text = explorer.image_text
     with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
@@ -1190,7 +1511,24 @@ def _start(
 ) -> Any:
     """Load the model, build the page and start serving it (not blocking)."""
     description = ""
-    explorer: Union[Explorer, MediaExplorer]
+    explorer: Union[Explorer, MediaExplorer, AskExplorer]
+    if isinstance(model, str) and vlm_model(model):
+        if weights is not None or explain_size:
+            raise ExplorerError(
+                f"{model} is a vision-language model: it loads its own weights and sizes from "
+                "its folder (leave out --weights and --image-size)"
+            )
+        try:
+            vlm, processor = load_vlm(model, random_weights=random_weights)
+        except ModelError as error:
+            raise ExplorerError(str(error).replace("--ask", "the explorer")) from error
+        ask = AskExplorer(vlm, processor, workdir=workspace.folder("work"))
+        ask.description = (
+            f"Model: `{model}`, a vision-language model ({type(vlm).__name__}). Upload "
+            + ("an image or a video" if ask.takes_video else "an image")
+            + " and ask a question; each word of the answer gets its map."
+        )
+        return _serve(ask, workspace, None, host=host, port=port, inline=inline)
     kind = media_model_kind(model) if isinstance(model, str) else None
     if kind is not None:
         assert isinstance(model, str)
@@ -1253,7 +1591,7 @@ def _start(
 
 
 def _serve(
-    explorer: Union[Explorer, MediaExplorer],
+    explorer: Union[Explorer, MediaExplorer, AskExplorer],
     workspace: _Workspace,
     examples: Optional[Sequence[str]],
     *,

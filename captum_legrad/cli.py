@@ -721,7 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default="default",
         help=model_help + "; hf:FOLDER of a video or audio classifier (VideoMAE, ViViT, "
-        "TimeSformer, V-JEPA 2, AST) serves a page for one video or sound",
+        "TimeSformer, V-JEPA 2, AST) serves a page for one video or sound; hf:FOLDER of a "
+        "vision-language model (Qwen-VL, LLaVA, PaliGemma, ...) a page that asks it about "
+        "an image or a video",
     )
     explorer.add_argument(
         "--weights", type=Path, help="local weights (.safetensors or a torch.save state dict)"

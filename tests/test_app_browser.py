@@ -33,7 +33,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve(tmp_path: Path, *extra: str) -> Iterator[str]:
+def serve(tmp_path: Path, *extra: str, cwd: Optional[Path] = None) -> Iterator[str]:
+    """Start ``tests/app_server.py`` (in ``cwd``: a model folder by a clean relative name,
+    as the page's header shows it) and yield its address."""
     port = free_port()
     script = Path(__file__).with_name("app_server.py")
     log = (tmp_path / "server.log").open("w")
@@ -41,6 +43,7 @@ def serve(tmp_path: Path, *extra: str) -> Iterator[str]:
         [sys.executable, str(script), "--port", str(port), *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
+        cwd=cwd,
     )
     url = f"http://127.0.0.1:{port}/"
     LOGS[url] = tmp_path / "server.log"

@@ -23,7 +23,11 @@ media = _media
 
 @pytest.fixture(scope="module")
 def video_app(folders: Dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from serve(tmp_path_factory.mktemp("video_app"), "--model", f"hf:{folders['video']}")
+    # served from a folder holding the model as "videomae-tiny": the page's header names it
+    # as a person would type it, not by a temporary path
+    root = tmp_path_factory.mktemp("video_app")
+    (root / "videomae-tiny").symlink_to(folders["video"], target_is_directory=True)
+    yield from serve(root, "--model", "hf:videomae-tiny", cwd=root)
 
 
 def upload(url: str, tmp_path: Path, clip: Path, shot: str, error: str = "") -> Dict[str, Any]:
@@ -61,6 +65,7 @@ def upload(url: str, tmp_path: Path, clip: Path, shot: str, error: str = "") -> 
                     timeout=60_000,
                 )
                 found["summary"] = page.locator("#summary").inner_text()
+                found["header"] = page.get_by_text("Model: ").first.inner_text()
                 found["figure"] = page.evaluate(GEOMETRY, "#figure img")
                 found["animations"] = page.evaluate(GEOMETRY, "#animations img")
                 found["sources"] = page.evaluate(
@@ -78,6 +83,7 @@ def test_a_video_upload_shows_the_strip_and_the_animation(
 ) -> None:
     found = upload(video_app, tmp_path, media["clip"], "app_video.png")
     assert found["inputs"] == 1  # the video input alone: no image inputs
+    assert "hf:videomae-tiny" in found["header"] and "/tmp" not in found["header"]
     assert "clip.mp4" in found["summary"] and "p = " in found["summary"]
     assert len(found["figure"]) == 1 and len(found["animations"]) == 1
     for image in found["figure"] + found["animations"]:
