@@ -1,6 +1,6 @@
 """Mllama (Llama 3.2 Vision): answer maps through the cross-attention layers.
 
-Tiny random-init models (two text layers, the second a cross-attention layer; a two-layer
+Tiny random-init models (three text layers, the last two cross-attention layers; a two-layer
 vision encoder with one global layer; 28-pixel tiles of 7-pixel patches, up to 4 tiles)
 and the real ``MllamaProcessor`` / ``MllamaImageProcessor`` with a tiny offline word-level
 tokenizer. The maps are compared with the independent oracle of
@@ -74,8 +74,8 @@ def build(attn: str = "sdpa", seed: int = 0) -> nn.Module:
         vision_output_dim=48, intermediate_layers_indices=[0, 1],
     )  # fmt: skip
     text = tf.MllamaTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, cross_attention_layers=[1], pad_token_id=1,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, cross_attention_layers=[1, 2], pad_token_id=1,
         bos_token_id=2, eos_token_id=4,
     )  # fmt: skip
     config = tf.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
@@ -156,8 +156,9 @@ def teacher_forced(batch: Dict[str, Tensor], answers: Tensor) -> Tuple[Dict[str,
 @pytest.mark.parametrize("route", ["lean", "explicit"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_maps_match_the_oracle(attn: str, route: str) -> None:
-    """Logits equal the model's own; every image's canvas grid (per layer, per token, CLS
-    and padding tiles left out, several images per sample) equals the oracle's."""
+    """Logits equal the model's own; every image's canvas grid and tiles (CLS and padding
+    tiles left out, several images per sample and a padding image: view_maps) and LeGrad's
+    output="grid" through ``route`` equal the oracle's."""
     model = model_for(attn)
     batch, answers, sizes = case()
     full, positions = teacher_forced(batch, answers)
@@ -171,7 +172,6 @@ def test_maps_match_the_oracle(attn: str, route: str) -> None:
     )
     expected = key_maps(model, full, positions, answers)  # (B, T, L, N_v)
     assert expected.shape[-1] == 2 * TILES * (1 + SIDE * SIDE)
-    legrad = LeGrad(explained, route=route)
     samples = explained.views(pixels)
     assert [len(s.sources) for s in samples] == [2, 1]
     got = explained.view_maps(pixels, targets=range(3))
@@ -187,6 +187,22 @@ def test_maps_match_the_oracle(attn: str, route: str) -> None:
             flat = ref.flatten(1)
             assert bool((flat.max(1).values > flat.min(1).values).all()), "constant oracle map"
             torch.testing.assert_close(maps, ref, rtol=1e-4, atol=TOL * float(ref.abs().max()))
+            # per tile: the oracle's own tile t of this image, CLS dropped
+            rows_cols = view.grid[0] // SIDE, view.grid[1] // SIDE
+            tiles = vlm_mllama.tile_maps(maps, *rows_cols)
+            keys = expected[b].sum(1).reshape(3, -1, TILES, 1 + SIDE * SIDE)[:, i, :, 1:]
+            for t in range(rows_cols[0] * rows_cols[1]):
+                own = keys[:, t].reshape(3, SIDE, SIDE)
+                torch.testing.assert_close(
+                    tiles[:, t], own, rtol=1e-4, atol=TOL * float(own.abs().max())
+                )
+    # Per layer: the last cross-attention layer alone, one token.
+    last = explained.view_maps(pixels, targets=[1], layers=[-1])
+    for b in range(len(samples)):
+        for i, maps in enumerate(last[b]):
+            ref = canvas_grid(expected[b][1:2, -1], i, ratio_ids[b][i], model.config)
+            assert_not_vacuous(ref.unsqueeze(0), lead=2)
+            torch.testing.assert_close(maps, ref, rtol=1e-4, atol=TOL * float(ref.abs().max()))
     # LeGrad's own output="grid" on a one-image sample, through the chosen route
     one = inputs([[random_image(*SIZES[0], 5)]], ["a <|image|> what is this ?"])
     full, positions = teacher_forced(one, answers[:1])
@@ -199,7 +215,6 @@ def test_maps_match_the_oracle(attn: str, route: str) -> None:
     assert grid.shape == (1, 3, 2 * SIDE, 2 * SIDE)
     assert_not_vacuous(ref.unsqueeze(0), lead=2)
     torch.testing.assert_close(grid[0], ref, rtol=1e-4, atol=TOL * float(ref.abs().max()))
-    del legrad
 
 
 def test_sdpa_equals_eager_batch_equals_single_and_padding_sides() -> None:

@@ -23,10 +23,10 @@ of the patch there; the CLS tokens and the padding tiles are not listed), and th
 box is the whole canvas in pixels of the original image, ``(r·T·H/h') × (c·T·W/w')``: it
 reaches beyond the image by the padding, which the placement cuts off. So
 ``output="grid"`` is the canvas grid, ``output="map"`` the original image, and the tile
-``k`` map is the canvas grid's block ``(⌊k / c⌋, k mod c)``. The tiles do not overlap and
-there is no global view, so no pixel is covered twice. ``image_sizes`` (each image's
-original ``(H, W)``, which the processor does not return) is required and not passed to
-the model.
+``k`` map is the canvas grid's block ``(⌊k / c⌋, k mod c)`` (:func:`tile_maps`). The
+tiles do not overlap and there is no global view, so no pixel is covered twice.
+``image_sizes`` (each image's original ``(H, W)``, which the processor does not return) is
+required and not passed to the model.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from .vlm_tiles import (
 )
 
 __all__ = [
-    "CLASSES", "ATTENTION", "content_size", "tile_grid", "views", "rules", "token_step",
-    "language_parts",
+    "CLASSES", "ATTENTION", "content_size", "tile_grid", "tile_maps", "views", "rules",
+    "token_step", "language_parts",
 ]  # fmt: skip
 
 #: The classes this module describes.
@@ -85,6 +85,27 @@ def _canvas_keys(image: int, rows: int, cols: int, side: int, tiles: int) -> Ten
     tile = (y // side) * cols + x // side
     patch = (y % side) * side + x % side
     return ((image * tiles + tile) * (1 + side * side) + 1 + patch).flatten()
+
+
+def tile_maps(canvas: Tensor, rows: int, cols: int) -> Tensor:
+    """An image's canvas-grid maps ``(K, r·P, c·P)`` (its view's map,
+    ``AnswerLogits.view_maps``) → the per-tile maps ``(K, r·c, P, P)``, tiles row-major as
+    the processor cuts them.
+
+    Examples::
+
+        >>> (canvas,) = explained.view_maps(inputs.pixel_values)[0]  # one image
+        >>> tiles = tile_maps(canvas, rows, cols)  # (T, rows·cols, P, P)
+    """
+    k, height, width = canvas.shape
+    if height % rows or width % cols:
+        raise ValueError(
+            f"A {height}x{width} canvas grid does not split into {rows}x{cols} tiles: pass the "
+            "image's tile rows and columns (its aspect ratio)."
+        )
+    side_h, side_w = height // rows, width // cols
+    split = canvas.reshape(k, rows, side_h, cols, side_w).permute(0, 1, 3, 2, 4)
+    return split.reshape(k, rows * cols, side_h, side_w)
 
 
 def views(
