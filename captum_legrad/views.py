@@ -171,8 +171,10 @@ class ViewRules:
         main_input: ``model_inputs → name``: the model input the explained tensor (LeGrad's
             first input) is passed as (``"pixel_values"``; Qwen-VL with only a video:
             ``"pixel_values_videos"``).
-        per_token: Per-token model inputs (``(B, S)``, like ``input_ids``) and the value
-            they take over the answer tokens (``{"mm_token_type_ids": 0}``).
+        per_token: Per-token model inputs (``(B, S, ...)``, one row per token like
+            ``input_ids``) and the value they take over the answer tokens
+            (``{"mm_token_type_ids": 0}``); None repeats the prompt's last row over the
+            answer (Mllama's ``cross_attention_mask``, as ``generate`` extends it).
         build: ``input_ids → {name: (B, S)}``: the per-token inputs the processor would
             return, for callers who do not pass them; None when they are required.
         batch_first: Whether dim 0 of the explained tensor is the batch. False for
@@ -187,16 +189,21 @@ class ViewRules:
         consumed: Inputs ``describe`` reads that the model's forward does not take (the
             original ``image_sizes`` of InternVL and Llama 4, whose processors do not
             return them; Gemma 4's ``num_soft_tokens_per_image``): never passed to the model.
+        cross_keys: For cross-attention families (Mllama), whose blocks attend from the text
+            positions to the vision tokens: ``model_inputs → int``, the number of keys of
+            that attention; the views' ``positions`` then index those keys, not the
+            sequence. None: the blocks attend over the sequence.
     """
 
     describe: Callable[[Tensor, Tensor, Mapping[str, Any]], List[SampleViews]]
     main_input: Callable[[Mapping[str, Any]], str]
-    per_token: Mapping[str, int] = field(default_factory=dict)
+    per_token: Mapping[str, Optional[int]] = field(default_factory=dict)
     build: Optional[Callable[[Tensor], Dict[str, Tensor]]] = None
     batch_first: bool = True
     to_input: Optional[Callable[[List[List[Tensor]], str, Mapping[str, Any]], Tensor]] = None
     state: Tuple[str, ...] = ()
     consumed: Tuple[str, ...] = ()
+    cross_keys: Optional[Callable[[Mapping[str, Any]], int]] = None
 
 
 def token_layout(samples: Sequence[SampleViews]) -> PatchLayout:

@@ -116,7 +116,11 @@ class AnswerLogits(nn.Module):
     ``InternVLForConditionalGeneration``, ``Gemma4ForConditionalGeneration`` and
     ``Llama4ForConditionalGeneration`` (tiles, thumbnail or global view; InternVL and
     Llama 4 also take ``image_sizes``, each image's original ``(H, W)``, which their
-    processors do not return), with ``sdpa`` or ``eager`` attention (``docs/models.md``).
+    processors do not return), and ``MllamaForConditionalGeneration`` (Llama 3.2 Vision:
+    the blocks are its cross-attention decoder layers and the keys its vision tokens, each
+    image one view over its tile canvas; it takes ``aspect_ratio_ids``,
+    ``aspect_ratio_mask``, ``cross_attention_mask`` and ``image_sizes``), with ``sdpa`` or
+    ``eager`` attention (``docs/models.md``).
 
     The processor's other outputs are passed by their HF names (``**model_inputs``), for
     the prompt only, as the processor returns them; per-token ones (``mm_token_type_ids``)
@@ -244,10 +248,12 @@ class AnswerLogits(nn.Module):
             )
         for name in rules.per_token:
             value = given.get(name)
-            if value is not None and tuple(torch.as_tensor(value).shape) != tuple(prompt.shape):
+            shape = None if value is None else tuple(torch.as_tensor(value).shape)
+            if shape is not None and shape[:2] != tuple(prompt.shape):
                 raise ValueError(
-                    f"{name} has shape {tuple(torch.as_tensor(value).shape)} but must match "
-                    f"input_ids {tuple(prompt.shape)} (the prompt, as the processor returns it)."
+                    f"{name} has shape {shape} but must match input_ids "
+                    f"{tuple(prompt.shape)} in its first two dimensions (the prompt, as the "
+                    "processor returns it)."
                 )
         return given
 
@@ -373,8 +379,13 @@ class AnswerLogits(nn.Module):
                 if value is None:
                     raise ValueError(f"{self.parts.family} needs {name}: pass the processor's.")
             value = _repeat_rows(torch.as_tensor(value).to(prompt.device), prompt.shape[0], name)
-            value = value.gather(1, order)
-            inputs[name] = torch.cat([value, torch.full_like(answer, fill).to(value.dtype)], 1)
+            index = order.view(*order.shape, *([1] * (value.dim() - 2))).expand_as(value)
+            value = value.gather(1, index)
+            if fill is None:  # the last prompt row, repeated over the answer (generate's way)
+                after = value[:, -1:].expand(-1, answer.shape[1], *value.shape[2:])
+            else:
+                after = torch.full_like(answer, fill).to(value.dtype)
+            inputs[name] = torch.cat([value, after], 1)
         return inputs
 
     def _optional(self, name: str) -> Optional[Tensor]:
@@ -464,6 +475,18 @@ class AnswerLogits(nn.Module):
 
     def _layout(self, inputs: Tuple[Any, ...], n_keys: int) -> PatchLayout:
         plan = self._current()
+        rules = self.parts.views
+        if rules is not None and rules.cross_keys is not None:
+            # Cross-attention blocks: the keys are the vision tokens; views index them.
+            name = rules.main_input(plan.inputs)
+            expected = rules.cross_keys({**plan.inputs, name: inputs[0]})
+            if n_keys != expected:
+                raise CaptureError(
+                    f"The cross-attention has {n_keys} keys but {self.parts.family}'s images "
+                    f"give {expected} vision tokens: pass the processor's inputs unchanged."
+                )
+            assert plan.layout is not None
+            return plan.layout
         if n_keys != plan.input_ids.shape[1]:
             raise CaptureError(
                 f"The language model's attention has {n_keys} keys but the sequence has "

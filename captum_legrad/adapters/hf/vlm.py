@@ -26,10 +26,15 @@ table, :data:`VIEW_FAMILIES`:
 * Mistral 3 (:mod:`.vlm_mistral3`): Pixtral's rows, the 2×2 patch merger;
 * InternVL (:mod:`.vlm_internvl`): dynamic tiles and a thumbnail;
 * Gemma 4 (:mod:`.vlm_gemma4`): one pooled patch grid per image;
-* Llama 4 (:mod:`.vlm_llama4`): tiles of a padded canvas and a global view.
+* Llama 4 (:mod:`.vlm_llama4`): tiles of a padded canvas and a global view;
+* Mllama, Llama 3.2 Vision (:mod:`.vlm_mllama`): tiles of a padded canvas read through
+  **cross-attention**: its blocks are the cross-attention decoder layers (the module's
+  ``ATTENTION`` names their attention, ``cross_attn``) and its views' positions index
+  those layers' vision keys (``ViewRules.cross_keys``), not the sequence.
 
 Each of these modules exposes ``CLASSES``, ``rules(config)`` and ``token_step(config)``
-(and ``language_parts(model)`` where the model has no base model); :func:`describe` takes
+(and ``language_parts(model)`` where the model has no base model or its blocks are a
+subset of the decoder layers); :func:`describe` takes
 one path for all of them. :mod:`.vlm_tiles` holds what the tiled families share (the view
 records, their conversion to :class:`~captum_legrad.views.SampleViews`, the run and
 rectangle helpers). The other tiled or multi-crop models are refused with
@@ -52,6 +57,7 @@ from . import (
     vlm_llama4,
     vlm_llava_next,
     vlm_mistral3,
+    vlm_mllama,
     vlm_qwen,
 )
 
@@ -61,7 +67,9 @@ __all__ = ["VLMParts", "describe", "SUPPORTED", "REFUSED"]
 #: interface: ``CLASSES`` (the class names it describes), ``rules(config)`` (its
 #: :class:`~captum_legrad.views.ViewRules`) and ``token_step(config)`` (the pixels one
 #: token covers per side, ``VLMParts.pixels_per_token``); a module whose model has no base
-#: model (Llama 4) also gives ``language_parts(model)`` → ``(inner, layers, norm, lm_head)``.
+#: model (Llama 4) or whose blocks are not all decoder layers (Mllama) also gives
+#: ``language_parts(model)`` → ``(inner, layers, norm, lm_head)``, and one whose blocks'
+#: attention is not ``self_attn`` names it in ``ATTENTION`` (Mllama: ``"cross_attn"``).
 VIEW_FAMILIES: Tuple[Any, ...] = (
     vlm_qwen,
     vlm_llava_next,
@@ -70,6 +78,7 @@ VIEW_FAMILIES: Tuple[Any, ...] = (
     vlm_internvl,
     vlm_gemma4,
     vlm_llama4,
+    vlm_mllama,
 )
 
 #: Class name -> the module of :data:`VIEW_FAMILIES` that describes it.
@@ -98,7 +107,6 @@ REFUSED = {
         "softmax attention layers: no attention probabilities over the image tokens there)"
     ),
     "Gemma3nForConditionalGeneration": "has an audio-vision encoder without a patch grid",
-    "MllamaForConditionalGeneration": "reads the image through cross-attention, not tokens",
 }
 
 _VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -309,7 +317,8 @@ def _view_family(model: nn.Module, module: Any) -> VLMParts:
         layers, norm = _language_parts(m)
         head = m.lm_head
     step = int(module.token_step(config))
-    attentions = tuple(cast(nn.Module, layer.self_attn) for layer in layers)
+    attention = getattr(module, "ATTENTION", "self_attn")  # Mllama: the cross-attention
+    attentions = tuple(cast(nn.Module, getattr(layer, attention)) for layer in layers)
     softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
 
     def token_grid(height: int, width: int) -> Tuple[int, int]:
