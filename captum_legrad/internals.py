@@ -12,7 +12,8 @@ else under ``_core`` may change without notice.
   protocol, :class:`ProbabilityRecord`, :class:`OutputRecord`, :func:`reduce_lean`,
   :func:`prune_direct`.
 * Routes and capture: :class:`Route`, :func:`get_route`, :func:`record_attention`,
-  :func:`capture_blocks`, :class:`LinearInputGrad`, :func:`linear_input_grad_hooks`.
+  :func:`capture_blocks`, :class:`LinearInputGrad`, :func:`linear_input_grad_hooks`,
+  :class:`ReadRows` (a decoder layer's graph kept at the read rows, :class:`RowsKept`).
 * The computation: :func:`run_forward`, :func:`layer_maps`, :class:`ForwardResult`.
 * Maps: :func:`minmax_normalize`, :func:`upsample`, :func:`finish`.
 * Options: :data:`ROUTES`, :data:`POOLINGS`, :data:`OUTPUTS`, :data:`INTERPOLATE_MODES`.
@@ -46,6 +47,7 @@ from ._core.records import (
 )
 from ._core.resize import InputSize, at_input_size, resample_position_embedding
 from ._core.routes import Route, get_route
+from ._core.saved import ReadRows, RowsKept
 
 __all__ = [
     "AttentionKind",
@@ -64,6 +66,8 @@ __all__ = [
     "record_attention",
     "capture_blocks",
     "Captured",
+    "ReadRows",
+    "RowsKept",
     "LinearInputGrad",
     "linear_input_grad_hooks",
     "run_forward",

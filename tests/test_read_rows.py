@@ -1,5 +1,5 @@
 """The lean route keeps a decoder layer's graph at the rows the readout reads
-(``ViTSpec.read_rows``, ``captum_legrad._core.saved``).
+(``ViTSpec.read_rows``, ``captum_legrad.internals.ReadRows``).
 
 The maps are compared with the same computation keeping whole tensors (the spec with
 ``read_rows=None``), whose exactness against the independent oracle is tested in
@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from captum_legrad._core import saved
-from captum_legrad._core.saved import ReadRows
+from captum_legrad.internals import ReadRows, RowsKept
 
 
 class _Decoder(nn.Module):
@@ -49,15 +48,16 @@ def _run(rows: Tensor, hooked: bool) -> Tuple[Tensor, List[Tuple[int, int]], Lis
     x, o = torch.randn(2, 10, 8), torch.randn(2, 10, 8, requires_grad=True)
     at_rows: List[Tuple[int, int]] = []
     whole: List[Tensor] = []
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     if hooked:
         keep = ReadRows(lambda: rows)
         keep.tokens = (2, 10)
 
         def pack(tensor: Tensor) -> Any:
             out = keep.pack(tensor)
-            if isinstance(out, saved._Rows):
+            if isinstance(out, RowsKept):
                 at_rows.append((out.kept.numel(), tensor.numel()))
-            elif not saved._is_parameter(tensor):
+            elif tensor.untyped_storage().data_ptr() not in weights:
                 whole.append(tensor)
             return out
 
@@ -115,7 +115,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> List[Tuple[int, int]]:
 
     def counting(self: ReadRows, tensor: Tensor) -> Any:
         out = pack(self, tensor)
-        if isinstance(out, saved._Rows):
+        if isinstance(out, RowsKept):
             seen.append((out.kept.numel(), tensor.numel()))
         return out
 

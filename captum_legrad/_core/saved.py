@@ -33,12 +33,13 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReadRows"]
+__all__ = ["ReadRows", "RowsKept"]
 
 
 @dataclass(frozen=True)
-class _Rows:
-    """A saved tensor kept at its read rows: ``kept`` ``(B, R, …)`` of ``shape``."""
+class RowsKept:
+    """A saved tensor as :meth:`ReadRows.pack` keeps it: ``kept`` ``(B, R, …)``, its rows
+    ``(B, R)`` of a tensor of ``shape``."""
 
     kept: Tensor
     rows: Tensor  # (B, R)
@@ -85,12 +86,12 @@ class ReadRows:
             return tensor
         rows = self._index(tensor.device)
         samples = torch.arange(rows.shape[0], device=tensor.device).unsqueeze(1)
-        return _Rows(tensor[samples, rows], rows, tensor.shape)
+        return RowsKept(tensor[samples, rows], rows, tensor.shape)
 
     @staticmethod
     def unpack(packed: Any) -> Tensor:
         """A packed tensor back at its shape: the read rows, ones elsewhere."""
-        if not isinstance(packed, _Rows):
+        if not isinstance(packed, RowsKept):
             return packed
         kept = packed.kept
         full = kept.new_ones(packed.shape)
