@@ -427,10 +427,9 @@ def judge(
     if fault is not None:
         return "error", f"on the image: {fault}"
     views = ", ".join("×".join(map(str, g)) for _, g in grids)
-    return (
-        "works",
-        f"{tokens} token maps on {len(grids)} views ({views}) and the {size[0]}×{size[1]} image",
-    )
+    plural = "s" if len(grids) > 1 else ""
+    where = f"{len(grids)} view{plural} ({views}) and the {size[0]}×{size[1]} image"
+    return "works", f"{tokens} token maps on {where}"
 
 
 def driven(model: Any, processor: Any) -> Tuple[str, str]:
@@ -552,8 +551,9 @@ tensors all zero (projectors, gates, tables), which would make every image token
 the maps vacuous: for **every** class alike, each all-zero floating tensor of the tiny model
 gets N(0, 0.02²) values before the check.
 
-Regenerate (TIME on 2 cores; SmolVLM's processor needs the `num2words` package, without
-it that row is accepted, naming it):
+Regenerate (3 min 22 s, of which the sweep 190 s, on 2 CPU cores shared with other jobs;
+SmolVLM's processor needs the `num2words` package: without it that row is accepted, naming
+it):
 
 ```
 PYTHONPATH=$PWD python benchmarks/coverage_vlm.py --markdown docs/coverage_vlm.md
