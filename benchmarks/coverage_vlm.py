@@ -16,7 +16,17 @@ per answer token and no map is all zero or constant; ``refused`` when ``AnswerLo
 raises ``UnsupportedModelError`` (its message is the detail); ``error`` otherwise (the rule
 of issue #21: no VLM that takes an image may raise anything else, or return a silent
 all-zero map). ``skipped`` rows could not be built at all offline (the reason is given).
-Exactness against an independent oracle is the job of ``tests/test_vlm.py``.
+
+The classes described through views (:func:`view_classes`: the ``CLASSES`` of every module
+of ``VIEW_FAMILIES``) get their inputs from **their real processor**, built offline from
+the tiny configuration by :func:`vlm_processors.offline_processor` before the model (it sets
+the configuration's token ids), and are run on a non-square image (:func:`driven`):
+``works`` only if every view's map has its view's grid and the maps on the image are at the
+original size, none vacuous (:func:`judge`). ``accepted``: ``AnswerLogits`` takes the class
+but its processor cannot be built offline (the reason is given). Qwen-VL keeps its
+hand-laid inputs (its prompt's vision start/end tokens come from a checkpoint's chat
+template). Exactness against an independent oracle is the job of ``tests/test_vlm.py``,
+``tests/test_vlm_tiles.py`` and ``tests/test_vlm_more.py``.
 
 Run alone: ``python benchmarks/coverage_vlm.py`` prints a Markdown table and the counts
 (``--markdown docs/coverage_vlm.md`` writes the page).
@@ -36,6 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
@@ -78,6 +89,8 @@ SMALL: Dict[str, Any] = {
     "out_hidden_size": 64,
     "projection_dim": 64,
     "vision_output_dim": 64,
+    "projector_input_dim": 64,
+    "projector_output_dim": 64,
     "first_k_dense_replace": 0,
 }
 
@@ -173,6 +186,18 @@ def shrink(config: Any) -> Any:
         side = int(vision.image_size) // int(vision.patch_size)
         tokens_side = side // 2 if side % 2 == 0 else side
         config.mm_tokens_per_image = tokens_side * tokens_side
+    # Pixel shuffle (Idefics3, SmolVLM): the vision patch grid must split into
+    # scale_factor × scale_factor groups; the patch size is made so (224 / 32 = 7 → 28).
+    scale = getattr(config, "scale_factor", None)
+    if isinstance(scale, int) and scale > 1 and vision is not None:
+        size, patch = int(vision.image_size), int(vision.patch_size)
+        if (size // patch) % scale:
+            vision.patch_size = size // (-(-(size // patch) // scale) * scale)
+    # Pixel shuffle by a ratio (Llama 4): the projector MLP takes the shuffled patches,
+    # hidden_size / ratio² wide, through the tower's intermediate_size.
+    ratio = getattr(vision, "pixel_shuffle_ratio", None)
+    if isinstance(ratio, float) and 0 < ratio < 1 and vision is not None:
+        vision.intermediate_size = round(vision.hidden_size / ratio**2)
     # Token ids (image placeholders) beyond a shrunk or default vocabulary: grow it.
     ids = [
         v
@@ -197,10 +222,36 @@ def _randomize(model: torch.nn.Module) -> None:
                 tensor.normal_(0.0, 0.02)
 
 
+#: The non-square test image of the processor-driven rows, ``(3, H, W)``.
+IMAGE_SIZE = (200, 300)
+
+
+def view_classes() -> List[str]:
+    """The classes described through views (the ``CLASSES`` of every module of
+    :data:`captum_legrad.adapters.hf.vlm.VIEW_FAMILIES`): their inputs are built by their
+    own processor (:func:`vlm_processors.offline_processor`)."""
+    from captum_legrad.adapters.hf.vlm import VIEW_FAMILIES
+
+    return [name for module in VIEW_FAMILIES for name in module.CLASSES]
+
+
+def test_image() -> torch.Tensor:
+    """The processor-driven rows' image: random, non-square, in [0, 1]."""
+    return torch.rand(3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+
+
+#: Processors built for the tiny configurations (class -> processor, or the reason why
+#: none was built offline).
+PROCESSORS: Dict[str, Any] = {}
+
+
 def build(name: str) -> Tuple[Optional[torch.nn.Module], str]:
     """Model class ``name`` at a tiny configuration, or at its default configuration on the
-    meta device (``(model, how)``); ``(None, reason)`` if neither builds."""
+    meta device (``(model, how)``); ``(None, reason)`` if neither builds. A class described
+    through views gets its processor first (:data:`PROCESSORS`), built offline from the
+    tiny configuration, whose token ids it sets."""
     import transformers
+    from vlm_processors import offline_processor
 
     cls = getattr(transformers, name, None)
     config_cls = _config_class(name)
@@ -216,6 +267,11 @@ def build(name: str) -> Tuple[Optional[torch.nn.Module], str]:
     try:
         tiny = shrink(config_cls())
         tiny._attn_implementation = "sdpa"
+        if name in view_classes() and name not in QWEN:
+            try:
+                PROCESSORS[name] = offline_processor(tiny, test_image())
+            except Exception as error:  # a missing optional dependency, an unknown layout
+                PROCESSORS[name] = f"{type(error).__name__}: {error}"[:200]
         torch.manual_seed(0)
         model = cls(tiny).eval()
         _randomize(model)
@@ -269,7 +325,7 @@ def _qwen_inputs(model: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     config = model.config
     vision = config.vision_config
     merge = int(vision.spatial_merge_size)
-    width = int(getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3))
+    width = int(getattr(vision, "in_channels", None) or getattr(vision, "in_chans", None) or 3)
     width *= int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
     side = 2 * merge
     pixels = torch.randn(side * side, width)
@@ -294,8 +350,8 @@ def check(name: str, model: torch.nn.Module, how: str) -> Tuple[str, str]:
 
     try:
         if name in QWEN and how == "tiny":  # its inputs name the image's grid
-            prompt, answer, _, extra = _qwen_inputs(model)
-            AnswerLogits(model, prompt, answer, **extra)
+            prompt, answer, _, grid = _qwen_inputs(model)
+            AnswerLogits(model, prompt, answer, **grid)
         else:
             AnswerLogits(model, torch.tensor([1]), torch.tensor([2]))
     except UnsupportedModelError as error:
@@ -311,9 +367,12 @@ def check(name: str, model: torch.nn.Module, how: str) -> Tuple[str, str]:
         if name in QWEN:
             prompt, answer, pixels, extra = _qwen_inputs(model)
         elif describe(model).views is not None:
+            processor = PROCESSORS.get(name)
+            if not isinstance(processor, str) and processor is not None:
+                return driven(model, processor)
             return "accepted", (
-                "AnswerLogits accepts it; its inputs (tiles, crops, image_sizes) are built by "
-                "its processor: exact maps tested in tests/test_vlm_tiles.py, test_vlm_more.py"
+                "AnswerLogits accepts it; its processor could not be built offline "
+                f"({processor or 'the auto mappings name none'})"
             )
         else:
             prompt, answer, pixels = _inputs(model)
@@ -324,12 +383,99 @@ def check(name: str, model: torch.nn.Module, how: str) -> Tuple[str, str]:
         return "refused", _reason(error)
     except Exception as error:
         return "error", f"{type(error).__name__}: {error}"[:300]
-    flat = maps.flatten(2)
-    if not bool(torch.isfinite(flat).all()):
-        return "error", "a map is not finite"
-    if bool((flat.amax(-1) == flat.amin(-1)).any()):
-        return "error", "a map is all zero or constant"
+    fault = vacuous(maps[0])
+    if fault is not None:
+        return "error", fault
     return "works", f"{answer.shape[1]} token maps on a {tuple(maps.shape[-2:])} grid"
+
+
+def vacuous(maps: torch.Tensor) -> Optional[str]:
+    """What is wrong with per-token maps ``(K, ...)``: not finite, a token's map all zero or
+    constant; None when every map is finite and varies."""
+    flat = maps.flatten(1).float()
+    if not bool(torch.isfinite(flat).all()):
+        return "a map is not finite"
+    if bool((flat == 0).all(dim=1).any()):
+        return "a map is all zero"
+    if bool((flat.amax(1) == flat.amin(1)).any()):
+        return "a map is constant"
+    return None
+
+
+def judge(
+    grids: Sequence[Tuple[torch.Tensor, Tuple[int, ...]]],
+    maps: torch.Tensor,
+    size: Tuple[int, int],
+    tokens: int,
+) -> Tuple[str, str]:
+    """The verdict of a processor-driven row: ``works`` only if every view's raw map
+    ``(K, *grid)`` has its view's grid, the maps on the image ``(K, H, W)`` are at the
+    original ``size``, there are ``tokens`` maps everywhere and none is vacuous
+    (:func:`vacuous`); else ``error`` naming what is wrong."""
+    if not grids:
+        return "error", "no view of the image"
+    for i, (grid_maps, grid) in enumerate(grids):
+        shape = tuple(grid_maps.shape)
+        if shape != (tokens, *grid):
+            return "error", f"view {i}: maps {shape}, not {(tokens, *grid)}"
+        fault = vacuous(grid_maps)
+        if fault is not None:
+            return "error", f"view {i}: {fault}"
+    if tuple(maps.shape) != (tokens, *size):
+        return "error", f"maps {tuple(maps.shape)} on the image, not {(tokens, *size)}"
+    fault = vacuous(maps)
+    if fault is not None:
+        return "error", f"on the image: {fault}"
+    views = ", ".join("×".join(map(str, g)) for _, g in grids)
+    plural = "s" if len(grids) > 1 else ""
+    where = f"{len(grids)} view{plural} ({views}) and the {size[0]}×{size[1]} image"
+    return "works", f"{tokens} token maps on {where}"
+
+
+def driven(model: Any, processor: Any) -> Tuple[str, str]:
+    """Run a class described through views on its processor's inputs for :func:`test_image`
+    (a 3-token answer): per view, ``AnswerLogits.view_maps``; on the image,
+    ``LeGrad(...).attribute_multi(output="map")`` on the processor's canvas and
+    ``explain_answer``'s maps at the original size; :func:`judge` gives the verdict."""
+    from vlm_processors import image_placeholder
+
+    from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError, explain_answer
+    from captum_legrad.adapters.hf.vlm import describe
+
+    image = test_image()
+    prompt = f"a {image_placeholder(processor)} what is this ?"
+    answer_text = "a b c"
+    try:
+        rules = describe(model).views
+        assert rules is not None
+        dtype = next(model.parameters()).dtype
+        batch: Dict[str, Any] = {
+            k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in processor(images=[image], text=[prompt], return_tensors="pt").items()
+        }
+        ids, mask = batch.pop("input_ids"), batch.pop("attention_mask", None)
+        pixels = batch.pop(rules.main_input(batch))
+        if "image_sizes" in rules.consumed and batch.get("image_sizes") is None:
+            batch["image_sizes"] = torch.tensor([list(IMAGE_SIZE)])  # InternVL, Llama 4
+        answer = processor.tokenizer(answer_text, add_special_tokens=False, return_tensors="pt")
+        answer = answer["input_ids"]
+        tokens = int(answer.shape[1])
+        explained = AnswerLogits(model, ids, answer, mask, **batch)
+        views = explained.views(pixels)[0].views
+        grid_maps = explained.view_maps(pixels, targets=range(tokens))[0]
+        grids = [(m, tuple(v.grid)) for m, v in zip(grid_maps, views)]
+        canvas = LeGrad(explained).attribute_multi(
+            pixels, targets=range(tokens), output="map", normalize=False
+        )[0]
+        fault = vacuous(canvas)
+        if fault is not None:
+            return "error", f"LeGrad's map: {fault}"
+        result = explain_answer(model, processor, image, prompt, answer=answer_text)
+    except UnsupportedModelError as error:
+        return "refused", _reason(error)
+    except Exception as error:
+        return "error", f"{type(error).__name__}: {error}"[:300]
+    return judge(grids, result.maps, IMAGE_SIZE, tokens)
 
 
 def sweep(names: Optional[Sequence[str]] = None) -> List[Row]:
@@ -371,20 +517,43 @@ PAGE_HEAD = """# Coverage: vision-language models (answer maps)
 
 Every image-taking generation class of the installed transformers (the image-text-to-text,
 multimodal-LM and Vision2Seq auto mappings), built at a tiny random-init configuration and
-given to `AnswerLogits` (`docs/method.md`, "Vision-language models"). **works**: a map per
-answer token, none all zero or constant; **accepted**: `AnswerLogits` takes the class
-(tiled, multi-crop and multi-view families whose inputs only their processor lays out:
-`image_sizes`, tiles, crops; their maps are tested end to end with each family's real
-processor in `tests/test_vlm_tiles.py` and `tests/test_vlm_more.py`); **refused**:
-`UnsupportedModelError`, the first clause of its message shown; **error**: anything else
-(none is allowed: issue #21); **skipped**: the class has no vision part (audio, speech,
-proteins). *built*: `tiny` (the configuration shrunk generically: one layer per stack,
-widths 64), `meta` (the tiny configuration did not build; the default configuration on the
-meta device, enough for the refusal) or `stub` (no configuration builds offline: an instance
-of the class whose `__init__` did not run, so only the refusal by class is checked).
-Exactness is tested against an independent oracle in `tests/test_vlm.py`.
+given to `AnswerLogits` (`docs/method.md`, "Vision-language models").
 
-Regenerate (a few minutes on 2 cores):
+* **works**: `AnswerLogits` + `LeGrad` ran and gave a map per answer token (3 tokens), every
+  one finite, not all zero and not constant. One fixed grid per image (LLaVA-1.5,
+  PaliGemma, Gemma 3): on that grid. Qwen-VL: on the image's token grid, from the inputs its
+  processor lays out (flattened patches, `image_grid_thw`, vision start/end tokens),
+  written by hand. **The families described through views** (the `CLASSES` of every module
+  of `VIEW_FAMILIES`: LLaVA-NeXT, LLaVA-OneVision, Idefics3, SmolVLM, Mistral 3, InternVL,
+  Llama 4) are driven through **their real processors**: the processor, image processor
+  and video processor classes the auto mappings name for the model type, built offline
+  from the tiny configuration by one generic builder (`benchmarks/vlm_processors.py`: a
+  word-level tokenizer holding the special tokens the processor writes, the
+  configuration's token ids set to them, the processor's sizes read from the configuration
+  by name, a few checkpoint settings such as InternVL's tiling), on a non-square 200×300
+  image. Such a row works only if every view's raw map (`AnswerLogits.view_maps`) has its
+  view's grid, `LeGrad(...).attribute_multi(output="map")` is not vacuous and
+  `explain_answer`'s maps are at the original 200×300 size, none vacuous; the detail lists
+  the views' grids. Exactness against an independent oracle is tested in
+  `tests/test_vlm.py`, `tests/test_vlm_tiles.py` and `tests/test_vlm_more.py`.
+* **accepted**: `AnswerLogits` takes the class but the sweep cannot run it (its processor
+  cannot be built offline; the reason is shown). None today.
+* **refused**: `UnsupportedModelError`, the first clause of its message shown.
+* **error**: anything else, or a vacuous map (none is allowed: issue #21).
+* **skipped**: the class has no vision part (audio, speech, proteins).
+
+*built*: `tiny` (the configuration shrunk generically: one layer per stack, widths 64, the
+vision patch grid kept divisible by the model's pixel-shuffle factor), `meta` (the tiny
+configuration did not build; the default configuration on the meta device, enough for the
+refusal) or `stub` (no configuration builds offline: an instance of the class whose
+`__init__` did not run, so only the refusal by class is checked). Random init leaves some
+tensors all zero (projectors, gates, tables), which would make every image token alike and
+the maps vacuous: for **every** class alike, each all-zero floating tensor of the tiny model
+gets N(0, 0.02²) values before the check.
+
+Regenerate (3 min 22 s, of which the sweep 190 s, on 2 CPU cores shared with other jobs;
+SmolVLM's processor needs the `num2words` package: without it that row is accepted, naming
+it):
 
 ```
 PYTHONPATH=$PWD python benchmarks/coverage_vlm.py --markdown docs/coverage_vlm.md
