@@ -17,7 +17,6 @@ __all__ = [
     "AskExplanation",
     "compute_ask",
     "save_ask",
-    "answer_scores",
     "ask_photos",
     "ask_video",
     "takes_video",
@@ -197,52 +196,6 @@ class AskExplanation:
         return self.clip is not None
 
 
-def answer_scores(
-    model: Any, processor: Any, media: Any, prompt: str, answer_ids: Any, video: bool = False
-) -> Tuple[List[float], List[float]]:
-    """Each answer token's logit and probability: one teacher-forced forward of the model on
-    the prompt followed by ``answer_ids`` (the processor's inputs for ``media``, the
-    per-token ones extended over the answer as :class:`~captum_legrad.scores.vlm.AnswerLogits`
-    extends them); token ``j`` is read at the position that predicts it.
-
-    Returns:
-        ``(logits, probabilities)``, one float per answer token.
-    """
-    import torch
-
-    from ..adapters.hf.vlm import describe
-    from ..scores.vlm import _placement
-
-    parts = describe(model)
-    given = {"videos": [media]} if video else {"images": [media]}
-    batch = dict(processor(text=[prompt], return_tensors="pt", **given))
-    device, dtype = _placement(model)
-    answer = torch.as_tensor(answer_ids).long().view(1, -1).to(device)
-    prompt_ids = batch.pop("input_ids").to(device)
-    s, t = int(prompt_ids.shape[1]), int(answer.shape[1])
-    fills = dict(parts.views.per_token) if parts.views is not None else {}
-    if parts.answer_type_id is not None:
-        fills["token_type_ids"] = int(parts.answer_type_id)
-    fills["attention_mask"] = 1
-    consumed = parts.views.consumed if parts.views is not None else ()
-    inputs = {}
-    for name, value in batch.items():
-        if name in consumed or value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device)
-            if name in fills and tuple(value.shape) == (1, s):
-                extra = torch.full((1, t), fills[name], dtype=value.dtype, device=device)
-                value = torch.cat([value, extra], dim=1)
-        inputs[name] = value
-    with torch.no_grad():
-        out = model(input_ids=torch.cat([prompt_ids, answer], dim=1), use_cache=False, **inputs)
-    rows = out.logits[0, s - 1 : s + t - 1].float()  # (T, vocabulary)
-    picked = rows.gather(-1, answer[0].unsqueeze(-1).to(rows.device)).squeeze(-1)
-    chance = rows.softmax(dim=-1).gather(-1, answer[0].unsqueeze(-1).to(rows.device))
-    return [float(v) for v in picked.cpu()], [float(v) for v in chance.squeeze(-1).cpu()]
-
-
 def compute_ask(
     model: Any,
     processor: Any,
@@ -279,7 +232,8 @@ def compute_ask(
         num_frames (int, optional): Frames read from a video. Default: None (the video
                     processor's, else :data:`VIDEO_FRAMES`)
         scores (bool, optional): Also compute each token's logit and probability
-                    (:func:`answer_scores`, one more forward). Default: False
+                    (:meth:`~captum_legrad.AnswerLogits.vocabulary_logits`, one more
+                    forward). Default: False
 
     Returns:
         :class:`AskExplanation`.
@@ -332,6 +286,7 @@ def compute_ask(
         answer=answer,
         max_new_tokens=max_new_tokens,
         layers=layers,
+        scores=scores,
     )
     title = f"{question} → {result.text}"
     mean = std = None
@@ -367,10 +322,9 @@ def compute_ask(
     explained = AskExplanation(
         path, question, result, figure, clip, on_original=on_original, mean=mean, std=std
     )
-    if scores:
-        explained.logits, explained.probabilities = answer_scores(
-            model, processor, media, prompt, result.answer_ids, video=video
-        )
+    if result.logits is not None and result.probabilities is not None:
+        explained.logits = [float(v) for v in result.logits]
+        explained.probabilities = [float(v) for v in result.probabilities]
     return explained
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -453,6 +453,11 @@ class AnswerLogits(nn.Module):
             pixel_values, input_ids, answer_ids, attention_mask, token_type_ids, answer_mask
         )
         self._local.plan = plan
+        return self._logits(self._hidden(pixel_values, plan), plan, normed=True)
+
+    def _hidden(self, pixel_values: Tensor, plan: _Plan) -> Tensor:
+        """The language model's last hidden states (final norm applied) of ``plan``'s
+        sequence."""
         rules = self.parts.views
         consumed = () if rules is None else rules.consumed
         kwargs: dict = {"use_cache": False}
@@ -465,8 +470,29 @@ class AnswerLogits(nn.Module):
             out = self.parts.inner(
                 input_ids=plan.input_ids, attention_mask=plan.attention_mask, **kwargs
             )
-        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        return self._logits(hidden, plan, normed=True)
+        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+    def vocabulary_logits(self, pixel_values: Tensor) -> Tensor:
+        """The logits over the whole vocabulary at each answer token's predicting position,
+        ``(B, T, V)`` in float32 (soft-capped as the model caps them), from one forward
+        without a graph: ``vocabulary_logits(x).log_softmax(-1)`` gives each answer token's
+        probability under teacher forcing; ``forward`` is its column of the answer token.
+
+        Args:
+            pixel_values (Tensor): The images (or video), as for ``forward``.
+
+        Returns:
+            Tensor: ``(B, T, V)`` float32.
+        """
+        with torch.no_grad():
+            plan = self._plan(pixel_values, None, None, None, None, None)
+            hidden = self._hidden(pixel_values, plan)
+            index = plan.positions.to(hidden.device)
+            rows = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            logits = self.parts.lm_head(rows).float()
+            if self.parts.softcap is not None:
+                logits = torch.tanh(logits / self.parts.softcap) * self.parts.softcap
+        return logits.to(plan.positions.device)
 
     # ------------------------------------------------------------------ LeGrad
 
@@ -803,6 +829,10 @@ class AnswerExplanation:
             view families the original image as a float tensor in ``[0, 1]``
             (``(F, C, H, W)`` for a video).
         text: The decoded answer.
+        logits: ``(T,)`` each answer token's logit, with ``scores=True`` (else None).
+        probabilities: ``(T,)`` each answer token's probability under teacher forcing
+            (the softmax over the vocabulary at its predicting position), with
+            ``scores=True`` (else None).
     """
 
     tokens: List[str]
@@ -811,6 +841,8 @@ class AnswerExplanation:
     answer_map: Tensor
     pixel_values: Tensor
     text: str
+    logits: Optional[Tensor] = None
+    probabilities: Optional[Tensor] = None
 
 
 def _tokenizer(processor: Any) -> Any:
@@ -842,6 +874,7 @@ def explain_answer(
     max_new_tokens: int = 32,
     layers: Optional[Sequence[int]] = None,
     skip_special_tokens: bool = True,
+    scores: bool = False,
 ) -> AnswerExplanation:
     r"""Answer ``prompt`` about ``image`` (greedily, unless ``answer`` is given) and explain
     every answer token with LeGrad.
@@ -865,6 +898,9 @@ def explain_answer(
         skip_special_tokens (bool, optional): Leave the answer's trailing special tokens
                     (end of sequence, padding) out of the explained answer.
                     Default: True
+        scores (bool, optional): Also give each answer token's logit and probability
+                    (:meth:`AnswerLogits.vocabulary_logits`, one more forward).
+                    Default: False
 
     Returns:
         :class:`AnswerExplanation`: the tokens, their maps, the whole-answer map.
@@ -883,9 +919,10 @@ def explain_answer(
     from ..adapters.hf.vlm import describe
 
     if describe(model).views is not None:
-        return _explain_views(
+        on_views, scored = _explain_views(
             model, processor, image, prompt, answer, max_new_tokens, layers, skip_special_tokens
         )
+        return _with_scores(on_views, scored) if scores else on_views
     batch = processor(images=[image], text=[prompt], return_tensors="pt")
     input_ids: Tensor = batch["input_ids"]
     pixel_values: Tensor = batch["pixel_values"]
@@ -935,7 +972,22 @@ def explain_answer(
     answer_map = minmax_normalize(grids.sum(dim=1, keepdim=True))[0, 0]
     tokens = [tokenizer.decode([i]) for i in answer_ids.tolist()]
     text = tokenizer.decode(answer_ids.tolist())
-    return AnswerExplanation(tokens, answer_ids, maps, answer_map, pixel_values.detach(), text)
+    result = AnswerExplanation(tokens, answer_ids, maps, answer_map, pixel_values.detach(), text)
+    return _with_scores(result, (explained, pixel_values)) if scores else result
+
+
+def _with_scores(
+    result: AnswerExplanation, scored: Tuple[AnswerLogits, Tensor]
+) -> AnswerExplanation:
+    """``result`` with each answer token's logit and probability (one more forward)."""
+    explained, pixels = scored
+    logits = explained.vocabulary_logits(pixels)[0]  # (T, V)
+    answer = result.answer_ids.to(logits.device).long().unsqueeze(-1)
+    return replace(
+        result,
+        logits=logits.gather(-1, answer).squeeze(-1).cpu(),
+        probabilities=logits.softmax(-1).gather(-1, answer).squeeze(-1).cpu(),
+    )
 
 
 def _answer_ids(
@@ -1003,9 +1055,10 @@ def _explain_views(
     max_new_tokens: int,
     layers: Optional[Sequence[int]],
     skip_special_tokens: bool,
-) -> AnswerExplanation:
+) -> Tuple[AnswerExplanation, Tuple[AnswerLogits, Tensor]]:
     """:func:`explain_answer` for families described by views: every processor output by
-    its name, the maps on the original image (or video)."""
+    its name, the maps on the original image (or video); and the scores module with its
+    pixels (for :func:`_with_scores`)."""
     from .._core.maps import minmax_normalize, upsample
 
     tokenizer = _tokenizer(processor)
@@ -1053,4 +1106,5 @@ def _explain_views(
     tokens = [tokenizer.decode([i]) for i in answer_ids.tolist()]
     text = tokenizer.decode(answer_ids.tolist())
     shown = original if video else original.unsqueeze(0)
-    return AnswerExplanation(tokens, answer_ids, maps, answer_map, shown, text)
+    result = AnswerExplanation(tokens, answer_ids, maps, answer_map, shown, text)
+    return result, (explained, pixels)
