@@ -60,9 +60,9 @@ def vlm_model(spec: str) -> bool:
     try:
         import transformers
 
-        from .models import _quiet
+        from .models import quiet_libraries
 
-        with _quiet():
+        with quiet_libraries():
             found = transformers.AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError, ImportError):  # not cached offline, not a model
         return False

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .explain import ExplainError, resolve_target, safe_name
 from .files import OutputFolder, atomic_path, unique_name
 from .media import Audio, Video, read_audio, read_video
-from .models import ModelError, _import, _one_line, _quiet, _unreachable
+from .models import ModelError, hub_unreachable, import_extra, one_line, quiet_libraries
 
 __all__ = [
     "MediaModel",
@@ -223,18 +223,18 @@ def load_media_model(spec: str, kind: str, random_weights: bool = False) -> Medi
         )
     path = Path(name)
     local = path.is_dir()
-    transformers = _import("transformers", "transformers")
+    transformers = import_extra("transformers", "transformers")
     source = str(path) if local else name
     how = "save it with save_pretrained where the hub is reachable and pass hf:FOLDER"
     try:
-        with _quiet():
+        with quiet_libraries():
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as error:
         if local:
             raise ModelError(
-                f"cannot read the model folder {path}: {_one_line(str(error))}"
+                f"cannot read the model folder {path}: {one_line(str(error))}"
             ) from error
-        raise _unreachable(f"hf:{name}", error, how) from error
+        raise hub_unreachable(f"hf:{name}", error, how) from error
     model_type = str(getattr(config, "model_type", ""))
     types = VIDEO_MODEL_TYPES if kind == "video" else AUDIO_MODEL_TYPES
     if model_type not in types:
@@ -250,7 +250,7 @@ def load_media_model(spec: str, kind: str, random_weights: bool = False) -> Medi
         )
     input_name = types[model_type]
     try:
-        with _quiet(), _no_progress_bars(transformers):
+        with quiet_libraries(), _no_progress_bars(transformers):
             if kind == "video":
                 loader = transformers.AutoModelForVideoClassification
                 processor_class = (
@@ -271,15 +271,15 @@ def load_media_model(spec: str, kind: str, random_weights: bool = False) -> Medi
                 part = "image/video processor" if kind == "video" else "feature extractor"
                 raise ModelError(
                     f"hf:{name} has no {part}"
-                    f" ({_one_line(str(error), 120)}); save it with processor.save_pretrained "
+                    f" ({one_line(str(error), 120)}); save it with processor.save_pretrained "
                     "into the model folder"
                 ) from error
     except OSError as error:
         if local:
             raise ModelError(
-                f"cannot read the model folder {path}: {_one_line(str(error))}"
+                f"cannot read the model folder {path}: {one_line(str(error))}"
             ) from error
-        raise _unreachable(f"hf:{name}", error, how) from error
+        raise hub_unreachable(f"hf:{name}", error, how) from error
     labels = getattr(config, "id2label", None) or {}
     multilabel = getattr(config, "problem_type", None) == "multi_label_classification"
     weights = (
@@ -434,7 +434,7 @@ def compute_media(
         x = loaded.prepare(media)
     except (ValueError, TypeError, RuntimeError) as error:
         raise ExplainError(
-            f"the model's processor cannot prepare {path.name}: {_one_line(str(error))}"
+            f"the model's processor cannot prepare {path.name}: {one_line(str(error))}"
         ) from error
     device = device if device is not None else torch.device("cpu")
     model = loaded.model.to(device).eval()

@@ -52,6 +52,10 @@ __all__ = [
     "load_open_clip",
     "load_hf",
     "load_torchvision",
+    "import_extra",
+    "one_line",
+    "quiet_libraries",
+    "hub_unreachable",
 ]
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -163,7 +167,7 @@ class LoadedModel:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
     line = " ".join(_ANSI.sub("", text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
@@ -189,7 +193,7 @@ def load_weights(path: Path) -> Dict[str, Tensor]:
         except Exception as error:  # safetensors raises its own SafetensorError
             raise ModelError(
                 f"cannot read weights {path}: not a valid .safetensors file "
-                f"({_one_line(str(error))})"
+                f"({one_line(str(error))})"
             ) from error
     else:
         try:
@@ -259,10 +263,10 @@ def _load_into(model: nn.Module, path: Optional[Path], name: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelError(f"weights {path} do not fit {name}: {_one_line(str(error))}") from error
+        raise ModelError(f"weights {path} do not fit {name}: {one_line(str(error))}") from error
 
 
-def _import(module: str, extra: str) -> Any:
+def import_extra(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as error:
@@ -363,13 +367,13 @@ def _hub(spec: str, family: str, weights: bool = True) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def _unreachable(spec: str, error: Optional[BaseException], how: str) -> ModelError:
+def hub_unreachable(spec: str, error: Optional[BaseException], how: str) -> ModelError:
     unanswered = _HUB["unanswered"]
     reason = "HF_HUB_OFFLINE is set" if _offline() else "the hub cannot be reached"
     if unanswered:
         reason = f"the hub cannot be reached ({unanswered})"
     elif error is not None and not _offline():
-        reason += f" ({_one_line(str(error), 120)})"
+        reason += f" ({one_line(str(error), 120)})"
     return ModelError(
         f"cannot load the pretrained weights of {spec}: {reason} and they are not cached; {how}"
     )
@@ -382,7 +386,7 @@ _PASS_WEIGHTS = (
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """Silence the libraries' logging and warnings while a model is built.
 
     OpenCLIP, for one, logs "No pretrained weights loaded ... initialized randomly" even when
@@ -487,23 +491,23 @@ def load_timm(
     random_weights: bool = False,
 ) -> LoadedModel:
     """A timm model by name: timm's pretrained weights, a local file or random weights."""
-    timm = _import("timm", "timm")
+    timm = import_extra("timm", "timm")
     kwargs: Dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     pretrained = weights is None and not random_weights
     spec = f"timm:{name}"
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
     try:
-        with _quiet(), _hub(spec, "timm") if pretrained else contextlib.nullcontext():
+        with quiet_libraries(), _hub(spec, "timm") if pretrained else contextlib.nullcontext():
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as error:  # timm: "Unknown model (...)", or a download error
         if "Unknown model" in str(error) or not pretrained:
-            raise ModelError(f"unknown timm model {name!r}: {_one_line(str(error))}") from error
-        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+            raise ModelError(f"unknown timm model {name!r}: {one_line(str(error))}") from error
+        raise hub_unreachable(spec, error, _PASS_WEIGHTS) from error
     except Exception as error:  # hub errors: LocalEntryNotFoundError, URLError, ...
         if not pretrained:
             raise
-        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+        raise hub_unreachable(spec, error, _PASS_WEIGHTS) from error
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     if pretrained and not any(cfg.get(k) for k in ("hf_hub_id", "url", "file", "state_dict")):
         raise ModelError(
@@ -549,7 +553,7 @@ def load_open_clip(
     """An OpenCLIP model ``NAME[/TAG]``: a pretrained tag, a local file or random weights."""
     if num_classes is not None:
         raise ModelError("--num-classes does not apply to open_clip models (prompts are classes)")
-    open_clip = _import("open_clip", "open_clip")
+    open_clip = import_extra("open_clip", "open_clip")
     tag: Optional[str] = None
     if not name.startswith("hf-hub:") and "/" in name:
         name, tag = name.split("/", 1)
@@ -578,12 +582,12 @@ def load_open_clip(
     safe = {"weights_only": True} if "weights_only" in inspect.signature(create).parameters else {}
     online = tag is not None or hub
     try:
-        with _quiet(), _hub(spec, "open_clip") if online else contextlib.nullcontext():
+        with quiet_libraries(), _hub(spec, "open_clip") if online else contextlib.nullcontext():
             model, _, transform = create(name, pretrained=tag, **safe)
     except Exception as error:  # download errors surface as RuntimeError / OSError
         if tag is None and not hub:
-            raise ModelError(f"cannot build open_clip:{name}: {_one_line(str(error))}") from error
-        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+            raise ModelError(f"cannot build open_clip:{name}: {one_line(str(error))}") from error
+        raise hub_unreachable(spec, error, _PASS_WEIGHTS) from error
     _load_into(model, weights, spec)
     model.eval()
     tokenizer: Callable[..., Any] = open_clip.get_tokenizer(name)
@@ -677,7 +681,7 @@ def load_hf(
             f"hf:PATH must be a local model folder (config.json) or a hub id ORG/NAME: "
             f"{name} not found"
         )
-    transformers = _import("transformers", "transformers")
+    transformers = import_extra("transformers", "transformers")
     from ..adapters.hf import image_text_class
 
     how = "save it with save_pretrained where the hub is reachable and pass hf:FOLDER"
@@ -686,7 +690,7 @@ def load_hf(
         contextlib.nullcontext() if local else _hub(f"hf:{name}", "hf", weights=not random_weights)
     )
     try:
-        with _quiet(), scope:
+        with quiet_libraries(), scope:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
             text_model = image_text_class(config) is not None
             loader = (
@@ -707,9 +711,9 @@ def load_hf(
     except OSError as error:
         if local:
             raise ModelError(
-                f"cannot read the model folder {path}: {_one_line(str(error))}"
+                f"cannot read the model folder {path}: {one_line(str(error))}"
             ) from error
-        raise _unreachable(f"hf:{name}", error, how) from error
+        raise hub_unreachable(f"hf:{name}", error, how) from error
     vision = config.vision_config if text_model else config
     image_size = _spatial_size(getattr(vision, "image_size", 224))
     mean = tuple(getattr(processor, "image_mean", None) or _IMAGENET_MEAN)
@@ -728,7 +732,7 @@ def load_hf(
         else (f"folder {path}" if local else "pretrained (Hugging Face hub)")
     )
     if text_model:
-        with _quiet():
+        with quiet_libraries():
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
 
         def with_prompts(prompts: Sequence[str]) -> nn.Module:
@@ -774,7 +778,7 @@ def load_torchvision(
     random_weights: bool = False,
 ) -> LoadedModel:
     """A torchvision ViT by builder name (``vit_b_16``): ``DEFAULT`` weights, a file or random."""
-    torchvision = _import("torchvision", "torchvision")
+    torchvision = import_extra("torchvision", "torchvision")
     from torchvision.models.vision_transformer import VisionTransformer
     from torchvision.transforms._presets import ImageClassification
 
@@ -792,20 +796,21 @@ def load_torchvision(
             raise ModelError(f"unknown torchvision model {name!r}: {error}") from error
         raise ModelError(f"torchvision has no pretrained weights for {name}: pass --weights FILE")
     if pretrained and _offline() and not _torchvision_cached(enum.url):
-        raise _unreachable(spec, None, _PASS_WEIGHTS)
+        raise hub_unreachable(spec, None, _PASS_WEIGHTS)
     try:
-        with _quiet(), _hub(spec, "torchvision") if pretrained else contextlib.nullcontext():
+        hub = _hub(spec, "torchvision") if pretrained else contextlib.nullcontext()
+        with quiet_libraries(), hub:
             model = torchvision.models.get_model(
                 name, weights=enum if pretrained else None, **kwargs
             )
     except ValueError as error:  # "Unknown model name", or num_classes against the weights
         if "Unknown model" in str(error) or "unknown" in str(error).lower():
             raise ModelError(
-                f"unknown torchvision model {name!r}: {_one_line(str(error))}"
+                f"unknown torchvision model {name!r}: {one_line(str(error))}"
             ) from error
-        raise ModelError(f"cannot build {spec}: {_one_line(str(error))}") from error
+        raise ModelError(f"cannot build {spec}: {one_line(str(error))}") from error
     except Exception as error:  # the download: URLError, HTTPError, OSError
-        raise _unreachable(spec, error, _PASS_WEIGHTS) from error
+        raise hub_unreachable(spec, error, _PASS_WEIGHTS) from error
     if not isinstance(model, VisionTransformer):
         raise ModelError(
             f"torchvision:{name} is not a VisionTransformer; LeGrad explains the vit_* models"
