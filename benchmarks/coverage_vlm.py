@@ -165,6 +165,20 @@ def shrink(config: Any) -> Any:
             layers = getattr(part, "num_hidden_layers", None)
             if isinstance(value, list) and isinstance(layers, int):
                 setattr(part, key, value[:layers])
+        # Cross-attention layer indices (Mllama): kept within the layer count, at least one,
+        # or the model would never read the image.
+        cross = getattr(part, "cross_attention_layers", None)
+        layers = getattr(part, "num_hidden_layers", None)
+        if isinstance(cross, list) and isinstance(layers, int):
+            part.cross_attention_layers = [i for i in cross if i < layers] or [layers - 1]
+        # Intermediate vision layers concatenated to the output (Mllama): within the layer
+        # count, and the output width their concatenation gives.
+        picked = getattr(part, "intermediate_layers_indices", None)
+        if isinstance(picked, list) and isinstance(layers, int):
+            part.intermediate_layers_indices = [i for i in picked if i < layers] or [0]
+            if hasattr(part, "vision_output_dim"):
+                count = len(part.intermediate_layers_indices) + 1
+                part.vision_output_dim = int(part.hidden_size) * count
         for key in ("depths",):
             value = getattr(part, key, None)
             if isinstance(value, list):
@@ -215,10 +229,11 @@ def shrink(config: Any) -> Any:
 
 def _randomize(model: torch.nn.Module) -> None:
     """Random values (HF's init scale) for the all-zero tensors HF initialises: projectors,
-    gates, tables; an all-zero projector makes every image token the same."""
+    gates (scalars too: Mllama's tanh(0) gates shut its cross-attention), tables; an all-zero
+    projector makes every image token the same."""
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.any():
+            if tensor.is_floating_point() and tensor.numel() > 0 and not tensor.any():
                 tensor.normal_(0.0, 0.02)
 
 
@@ -525,7 +540,7 @@ given to `AnswerLogits` (`docs/method.md`, "Vision-language models").
   processor lays out (flattened patches, `image_grid_thw`, vision start/end tokens),
   written by hand. **The families described through views** (the `CLASSES` of every module
   of `VIEW_FAMILIES`: LLaVA-NeXT, LLaVA-OneVision, Idefics3, SmolVLM, Mistral 3, InternVL,
-  Llama 4) are driven through **their real processors**: the processor, image processor
+  Llama 4, Mllama) are driven through **their real processors**: the processor, image processor
   and video processor classes the auto mappings name for the model type, built offline
   from the tiny configuration by one generic builder (`benchmarks/vlm_processors.py`: a
   word-level tokenizer holding the special tokens the processor writes, the

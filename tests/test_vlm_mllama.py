@@ -28,7 +28,7 @@ from oracle_vlm_mllama import canvas_grid, fit_to_canvas, key_maps  # noqa: E402
 from test_side_effects import assert_unchanged, snapshot  # noqa: E402
 from test_vlm_tiles import half_image, random_image  # noqa: E402
 
-from captum_legrad import AnswerLogits, LeGrad, explain_answer  # noqa: E402
+from captum_legrad import AnswerLogits, LeGrad, UnsupportedModelError, explain_answer  # noqa: E402
 from captum_legrad.adapters.hf import vlm_mllama  # noqa: E402
 
 pytestmark = requires("transformers", "MllamaForConditionalGeneration", since="transformers 4.45")
@@ -391,3 +391,13 @@ def test_explain_answer_and_the_command_line(
     np.testing.assert_allclose(maps, result.maps.numpy(), atol=1e-5)
     generated = explain_answer(model, proc, image, prompt, max_new_tokens=2)
     assert generated.maps.shape[1:] == (40, 70)
+
+
+def test_a_configuration_without_cross_attention_layers_is_refused() -> None:
+    """cross_attention_layers naming no layer of the model: it never reads the image."""
+    model: Any = build()
+    model.config.text_config.cross_attention_layers = [5, 7]
+    batch, answers, sizes = case()
+    others = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    with pytest.raises(UnsupportedModelError, match=r"reads no image.*\[5, 7\].*3 decoder"):
+        AnswerLogits(model, batch["input_ids"], answers, batch["attention_mask"], **others)

@@ -37,6 +37,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, cast
 import torch
 from torch import Tensor, nn
 
+from ...errors import UnsupportedModelError
 from ...views import SampleViews, ViewRules
 from .vlm_tiles import (
     TileView,
@@ -240,4 +241,11 @@ def language_parts(
     m: Any = cast(Any, model)
     text = m.model.language_model
     cross = [int(i) for i in m.config.get_text_config().cross_attention_layers]
-    return m.model, tuple(text.layers[i] for i in cross), text.norm, m.lm_head
+    present = [i for i in cross if 0 <= i < len(text.layers)]
+    if not present:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} reads no image: none of its "
+            f"text_config.cross_attention_layers {cross} is one of its {len(text.layers)} "
+            "decoder layers, so no layer has image keys; check the configuration"
+        )
+    return m.model, tuple(text.layers[i] for i in present), text.norm, m.lm_head
