@@ -966,6 +966,21 @@ CSS = """
 """
 
 
+def _results(gr: Any, label: str, elem_id: str, columns: int = 3, **extra: Any) -> Any:
+    """A gallery of result images drawn whole (``object_fit="contain"``) at their own
+    aspect ratio, styled as the explorer's results (``legrad-results``)."""
+    return gr.Gallery(
+        label=label,
+        columns=columns,
+        height="auto",
+        object_fit="contain",
+        fit_columns=False,
+        elem_id=elem_id,
+        elem_classes=["legrad-results"],
+        **extra,
+    )
+
+
 def _colour_bar() -> str:
     """The colour bar of every map on the page, as HTML (a CSS gradient of the colour map)."""
     from matplotlib import colormaps
@@ -1033,34 +1048,16 @@ def _build_ask(explorer: AskExplorer) -> Any:
                 message = gr.Markdown(elem_id="message")
                 gr.HTML(_colour_bar())
                 summary = gr.Markdown(elem_id="summary")
-                maps = gr.Gallery(
-                    label="One map per answer token, then the whole answer",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="maps",
-                    elem_classes=["legrad-results"],
-                )
-                strip = gr.Gallery(
-                    label="Frame strip (one row per answer token, then the whole answer)",
+                maps = _results(gr, "One map per answer token, then the whole answer", "maps")
+                strip = _results(
+                    gr,
+                    "Frame strip (one row per answer token, then the whole answer)",
+                    "figure",
                     columns=1,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
                     visible=False,
-                    elem_id="figure",
-                    elem_classes=["legrad-results"],
                 )
-                animations = gr.Gallery(
-                    label="Animated overlay (one per answer token)",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
-                    visible=False,
-                    elem_id="animations",
-                    elem_classes=["legrad-results"],
+                animations = _results(
+                    gr, "Animated overlay (one per answer token)", "animations", visible=False
                 )
                 downloads = gr.File(
                     label="Downloads: maps (.npy) and figure, as explain --ask writes them",
@@ -1141,24 +1138,11 @@ def _build_media(explorer: MediaExplorer) -> Any:
                 message = gr.Markdown(elem_id="message")
                 gr.HTML(_colour_bar())
                 summary = gr.Markdown(elem_id="summary")
-                strip = gr.Gallery(
-                    label="Frame strip" if kind == "video" else "Spectrogram",
-                    columns=1,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="figure",
-                    elem_classes=["legrad-results"],
+                strip = _results(
+                    gr, "Frame strip" if kind == "video" else "Spectrogram", "figure", columns=1
                 )
-                animations = gr.Gallery(
-                    label="Animated overlay (one per target)",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
-                    visible=kind == "video",
-                    elem_id="animations",
-                    elem_classes=["legrad-results"],
+                animations = _results(
+                    gr, "Animated overlay (one per target)", "animations", visible=kind == "video"
                 )
                 downloads = gr.File(
                     label="Downloads: maps (.npy), figure"
@@ -1232,16 +1216,7 @@ def build(
                 files = gr.File(
                     label="Images", file_count="multiple", file_types=["image"], type="filepath"
                 )
-                previews = gr.Gallery(
-                    label="Your images",
-                    columns=3,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="previews",
-                    elem_classes=["legrad-results"],
-                    interactive=False,
-                )
+                previews = _results(gr, "Your images", "previews", interactive=False)
                 if examples:
                     gr.Examples(examples=[[[path]] for path in examples], inputs=[files])
                 what = gr.Textbox(
@@ -1279,26 +1254,11 @@ def build(
                 message = gr.Markdown(elem_id="message")
                 gr.HTML(_colour_bar())
                 with gr.Row():
-                    maps = gr.Gallery(
-                        label="LeGrad",
-                        columns=2,
-                        height="auto",
-                        object_fit="contain",
-                        fit_columns=False,
-                        elem_id="maps",
-                        elem_classes=["legrad-results"],
-                        scale=1,
-                    )
+                    maps = _results(gr, "LeGrad", "maps", columns=2, scale=1)
                     with gr.Column(scale=1, min_width=280):
                         summary = gr.Markdown(elem_id="summary")
-                per_layer = gr.Gallery(
-                    label="Per-layer maps (first image and target)",
-                    columns=4,
-                    height="auto",
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="layers",
-                    elem_classes=["legrad-results"],
+                per_layer = _results(
+                    gr, "Per-layer maps (first image and target)", "layers", columns=4
                 )
                 compared = gr.Gallery(
                     label="Baselines",
