@@ -397,7 +397,7 @@ def test_a_configuration_without_cross_attention_layers_is_refused() -> None:
     """cross_attention_layers naming no layer of the model: it never reads the image."""
     model: Any = build()
     model.config.text_config.cross_attention_layers = [5, 7]
-    batch, answers, sizes = case()
+    batch, answers, _ = case()
     others = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     with pytest.raises(UnsupportedModelError, match=r"reads no image.*\[5, 7\].*3 decoder"):
         AnswerLogits(model, batch["input_ids"], answers, batch["attention_mask"], **others)
