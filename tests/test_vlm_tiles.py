@@ -238,7 +238,7 @@ def inputs(
     return {k: v for k, v in out.items() if isinstance(v, Tensor)}
 
 
-def views_of(name: str, model: nn.Module, batch: Dict[str, Tensor]) -> List[ImageView]:
+def views_of(name: str, model: nn.Module, batch: Dict[str, Tensor]) -> List[List[ImageView]]:
     config: Any = model.config
     ids = batch["input_ids"]
     if name in ("llava_next", "llava_onevision"):
@@ -306,26 +306,30 @@ IMAGE_SIZES = {
 }
 
 
-def check_placement(name: str, model: nn.Module, batch: Dict[str, Tensor]) -> List[ImageView]:
+def check_placement(name: str, model: nn.Module, batch: Dict[str, Tensor]) -> List[List[ImageView]]:
     """The views of ``batch`` put every token where its pixels come from (see the module
-    doc); tokens they leave out come from no pixel. Returns the views."""
+    doc); tokens they leave out come from no pixel. Returns the views, per sample."""
     placeholder = PLACEHOLDER.get(name, "<image>")
-    views = views_of(name, model, batch)
+    per_sample = views_of(name, model, batch)
     ids = batch["input_ids"]
     pixels = batch["pixel_values"]
+    assert len(per_sample) == ids.shape[0]
     for b in range(ids.shape[0]):
         image_positions = set(torch.nonzero(ids[b] == token(placeholder))[:, 0].tolist())
-        used = torch.cat([v.positions for v in views if v.sample == b]).tolist()
+        used = torch.cat([v.positions for v in per_sample[b]]).tolist()
         assert len(used) == len(set(used)), "a token in two views"
         assert set(used) <= image_positions
         left_out = sorted(image_positions - set(used))
         for grad in pixel_sources(model, batch, torch.tensor(left_out, dtype=torch.long), b):
             assert grad.sum() == 0, "a left-out image token (newline) comes from pixels"
-    for view in views:
+    for sample, view in ((b, v) for b, views in enumerate(per_sample) for v in views):
+        # The box in pixels of the original image; the test image's colours are fractions.
+        height, width = view.size
         top, left, bottom, right = view.box
+        top, left, bottom, right = top / height, left / width, bottom / height, right / width
         g_h, g_w = view.grid
         cell = ((bottom - top) / g_h, (right - left) / g_w)
-        grads = pixel_sources(model, batch, view.positions, view.sample)
+        grads = pixel_sources(model, batch, view.positions, sample)
         for k, grad in enumerate(grads):
             r, c = divmod(k, g_w)
             support = grad.sum(dim=-3, keepdim=True) > 0  # over channels
@@ -353,7 +357,7 @@ def check_placement(name: str, model: nn.Module, batch: Dict[str, Tensor]) -> Li
             assert abs(float(x) - expected_x) <= tol * cell[1] + 1e-3, (
                 f"{name} {view.kind} cell {(r, c)}: x {float(x):.3f} vs {expected_x:.3f}"
             )
-    return views
+    return per_sample
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -365,7 +369,7 @@ def test_views_match_the_models_placement(name: str) -> None:
     for height, width in sizes:
         image = coordinate_image(height, width)
         batch = inputs(name, [image], [f"a {placeholder} what is this ?"])
-        views = check_placement(name, model, batch)
+        (views,) = check_placement(name, model, batch)
         layouts.add(tuple((v.kind, v.grid, v.box) for v in views))
     assert len(layouts) == len(sizes), f"the image sizes gave the same layout: {layouts}"
 
@@ -386,10 +390,47 @@ def test_several_images_per_sample(name: str) -> None:
     out = proc(images=nested, text=texts, return_tensors="pt", padding=True)
     batch = {k: v for k, v in out.items() if isinstance(v, Tensor)}
     views = check_placement(name, model, batch)
-    assert sorted({(v.sample, v.image) for v in views}) == [(0, 0), (0, 1), (1, 0)]
+    # The images are numbered over the batch, in the processor's order.
+    assert [sorted({v.image for v in sample}) for sample in views] == [[0, 1], [2]]
     if name == "llava_onevision":
-        assert [v.kind for v in views if v.sample == 0] == ["base", "base"]
-        assert [v.kind for v in views if v.sample == 1] == ["base", "crops"]
+        assert [v.kind for v in views[0]] == ["base", "base"]
+        assert [v.kind for v in views[1]] == ["base", "crops"]
+
+
+def test_as_samples_numbers_sources_and_tiles_per_sample() -> None:
+    """The one conversion, against hand-placed views: each sample's images become its
+    sources in order (their batch-wide index dropped), boxes are rounded to whole pixels
+    (also beyond the image), ``"tile"`` views without a name are numbered per sample, a
+    given name is kept, and a sample without images has no sources."""
+    from captum_legrad.adapters.hf.vlm_tiles import as_samples
+
+    def at(*positions: int) -> Tensor:
+        return torch.tensor(positions)
+
+    views = [
+        [
+            ImageView(0, at(3, 4), (1, 2), (0.0, 0.0, 10.4, 20.6), (10, 20), "tile"),
+            ImageView(0, at(5, 6), (2, 1), (-2.6, 10.5, 11.5, 21.0), (10, 20), "tile"),
+            ImageView(1, at(8), (1, 1), (0.0, 0.0, 5.0, 7.0), (5, 7), "global"),
+            ImageView(1, at(9), (1, 1), (1.0, 2.0, 3.0, 4.0), (5, 7), "tile", "tile 1,2"),
+        ],
+        [],
+        [ImageView(2, at(1, 2, 3, 4), (2, 2), (0.0, 4.0, 8.0, 8.0), (8, 8), "tile")],
+    ]
+    first, empty, last = as_samples(views)
+    assert [s.size for s in first.sources] == [(10, 20), (5, 7)]
+    assert [v.source for v in first.views] == [0, 0, 1, 1]
+    assert [v.name for v in first.views] == ["tile 0", "tile 1", "global", "tile 1,2"]
+    # Python rounds halves to even: 10.5 -> 10, 11.5 -> 12.
+    assert [v.box for v in first.views] == [
+        (0, 0, 10, 21), (-3, 10, 12, 21), (0, 0, 5, 7), (1, 2, 3, 4),
+    ]  # fmt: skip
+    assert [v.positions.tolist() for v in first.views] == [[3, 4], [5, 6], [8], [9]]
+    assert empty.sources == () and empty.views == ()
+    assert [s.size for s in last.sources] == [(8, 8)]
+    assert [(v.source, v.name, v.grid) for v in last.views] == [(0, "tile 0", (2, 2))]
+    with pytest.raises(ValueError, match="g_h·g_w = 4"):
+        ImageView(0, at(1, 2, 3), (2, 2), (0.0, 0.0, 8.0, 8.0), (8, 8), "image")
 
 
 # ---------------------------------------------------------------------------- the oracle
@@ -540,7 +581,7 @@ def test_view_maps_match_the_oracle(name: str, attn: str) -> None:
     got = explained.view_maps(batch["pixel_values"], targets=range(3))
     layouts = set()
     for b, sample in enumerate(samples):
-        own_views = [v for v in mine if v.sample == b]
+        own_views = mine[b]
         assert [tuple(v.positions.tolist()) for v in own_views] == [
             tuple(v.positions.tolist()) for v in sample.views
         ]

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .vlm_tiles import TileView, image_size_of, runs, sample_views
+from .vlm_tiles import ImageView, as_samples, image_size_of, runs
 
 __all__ = ["CLASSES", "token_grids", "views", "rules", "token_step"]
 
@@ -47,7 +47,7 @@ def views(
     pooling: int,
     patch: int,
     image_sizes: Optional[Sequence[Sequence[int]]] = None,
-) -> List[List[TileView]]:
+) -> List[List[ImageView]]:
     """Each sample's views: one per image, its whole soft-token grid.
 
     Args:
@@ -60,10 +60,10 @@ def views(
             resized image's pixels.
     """
     grids = token_grids(image_position_ids, pooling)
-    out: List[List[TileView]] = []
+    out: List[List[ImageView]] = []
     image = 0
     for row in input_ids:
-        sample: List[TileView] = []
+        sample: List[ImageView] = []
         for start, end in runs(row, image_token_id):
             if image >= len(grids):
                 raise ValueError(
@@ -76,13 +76,12 @@ def views(
                     f"to a {grid[0]}x{grid[1]} grid: build the inputs with the model's processor."
                 )
             if image_sizes is None:
-                height = float(grid[0] * pooling * patch)
-                width = float(grid[1] * pooling * patch)
+                size = (grid[0] * pooling * patch, grid[1] * pooling * patch)
             else:
-                h, w = image_size_of(image_sizes, image, "Gemma 4", "")
-                height, width = float(h), float(w)
+                size = image_size_of(image_sizes, image, "Gemma 4", "")
+            box = (0.0, 0.0, float(size[0]), float(size[1]))
             positions = torch.arange(start, end, device=row.device)
-            sample.append(TileView(image, positions, grid, (0.0, 0.0, height, width), "image"))
+            sample.append(ImageView(image, positions, grid, box, size, "image"))
             image += 1
         out.append(sample)
     if image != len(grids):
@@ -123,13 +122,7 @@ def rules(config: Any) -> Any:
         found = views(
             ids.masked_fill(mask == 0, -1).cpu(), image_id, positions, pooling, patch, sizes
         )
-        grids = token_grids(positions, pooling)
-        every = (
-            [(int(h), int(w)) for h, w in sizes]
-            if sizes is not None
-            else [(g[0] * pooling * patch, g[1] * pooling * patch) for g in grids]
-        )
-        return sample_views(found, every)
+        return as_samples(found)
 
     def build(ids: Tensor) -> Dict[str, Tensor]:
         types = (ids == image_id).long()

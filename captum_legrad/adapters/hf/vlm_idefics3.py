@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ...views import SampleViews, ViewRules
-from .vlm_tiles import ImageView, as_samples, padding_out, resample_box
+from .vlm_tiles import ImageView, as_samples, in_pixels, padding_out, resample_box
 from .vlm_tiles import runs as token_runs
 
 __all__ = ["CLASSES", "tile_views", "tile_rules", "rules", "token_step"]
@@ -50,7 +50,7 @@ def tile_views(
     pixel_values: Optional[Tensor] = None,
     pixel_attention_mask: Optional[Tensor] = None,
     family: str = "Idefics3",
-) -> List[ImageView]:
+) -> List[List[ImageView]]:
     """The views of every image of an Idefics3 / SmolVLM batch.
 
     Args:
@@ -64,8 +64,9 @@ def tile_views(
         family: The model's name, for messages.
 
     Returns:
-        One view per tile (``"tile"``, with its rectangle) and one per global image
-        (``"global"``, the whole image); an unsplit image is one ``"global"`` view.
+        Per sample, one view per tile (``"tile"``, named ``"tile i,j"``, with its
+        rectangle) and one per global image (``"global"``, the whole image); an unsplit
+        image is one ``"global"`` view.
     """
     vision = config.vision_config
     side, patch = int(vision.image_size), int(vision.patch_size)
@@ -84,10 +85,13 @@ def tile_views(
                 f"{family}: pixel_values has {real.shape[0]} samples but input_ids {batch}: "
                 "give one row of frames per sample, as the processor returns them."
             )
-    views: List[ImageView] = []
+    views: List[List[ImageView]] = []
+    image = 0
     for b in range(batch):
         row = input_ids[b]
         runs = token_runs(row, image_id)
+        sample: List[ImageView] = []
+        views.append(sample)
         if not runs:
             continue
         for start, end in runs:
@@ -109,7 +113,6 @@ def tile_views(
                     f"{len(frames)} frames in pixel_values: give them as the processor returns "
                     "them."
                 )
-        image = 0
         first = 0
         for k, tag in enumerate(tags):
             if tag != global_tag:
@@ -126,18 +129,19 @@ def tile_views(
                 positions = positions.view(cells, cells)[: grid[0], : grid[1]].reshape(-1)
                 # The kept cells cover grid·cell_px pixels of the valid valid[0]×valid[1].
                 reach = (grid[0] * cell_px / valid[0], grid[1] * cell_px / valid[1])
+                size = (n_rows * side, n_cols * side) if tiles else valid
                 if frame_run == k:
                     box = (0.0, 0.0, reach[0], reach[1])
-                    kind = "global"
+                    kind, name = "global", None
                 else:
                     i, j = divmod(slot, n_cols)
                     box = (
                         i / n_rows, j / n_cols,
                         (i + reach[0]) / n_rows, (j + reach[1]) / n_cols,
                     )  # fmt: skip
-                    kind = f"tile {i},{j}"
-                size = (n_rows * side, n_cols * side) if tiles else valid
-                views.append(ImageView(b, image, positions, grid, box, size, kind))
+                    kind, name = "tile", f"tile {i},{j}"
+                box = in_pixels(box, size)
+                sample.append(ImageView(image, positions, grid, box, size, kind, name))
             image += 1
             first = k + 1
         if first != len(runs):
@@ -178,7 +182,7 @@ def tile_rules(config: Any, family: str) -> ViewRules:
             padding_out(ids, mask), config, inputs.get("pixel_values"),
             inputs.get("pixel_attention_mask"), family,
         )  # fmt: skip
-        return as_samples(views, ids.shape[0])
+        return as_samples(views)
 
     def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
         pixels = inputs[name]  # (B, frames, C, T, T)

@@ -24,11 +24,11 @@ from torch import Tensor
 
 from ...errors import UnsupportedModelError
 from .vlm_tiles import (
-    TileView,
+    ImageView,
+    as_samples,
     check_image_count,
     image_size_of,
     runs,
-    sample_views,
     tile_boxes,
 )
 
@@ -73,7 +73,7 @@ def views(
     grid: Tuple[int, int],
     tile: Tuple[int, int],
     image_sizes: Optional[Sequence[Sequence[int]]] = None,
-) -> List[List[TileView]]:
+) -> List[List[ImageView]]:
     """Each sample's views: the tiles (row-major) and the thumbnail of every image.
 
     Args:
@@ -89,10 +89,10 @@ def views(
         Per sample, the views in sequence order.
     """
     per_tile = grid[0] * grid[1]
-    out: List[List[TileView]] = []
+    out: List[List[ImageView]] = []
     image = 0
     for row in input_ids:
-        sample: List[TileView] = []
+        sample: List[ImageView] = []
         for start, end in runs(row, image_token_id):
             count = end - start
             if count % per_tile:
@@ -102,13 +102,12 @@ def views(
                 )
             n = count // per_tile
             if n == 1:
-                if image_sizes is None:
-                    height, width = float(tile[0]), float(tile[1])
-                else:
-                    h, w = image_size_of(image_sizes, image, "InternVL", "")
-                    height, width = float(h), float(w)
+                size = tile
+                if image_sizes is not None:
+                    size = image_size_of(image_sizes, image, "InternVL", "")
+                box = (0.0, 0.0, float(size[0]), float(size[1]))
                 positions = row.new_tensor(range(start, end))
-                sample.append(TileView(image, positions, grid, (0.0, 0.0, height, width), "image"))
+                sample.append(ImageView(image, positions, grid, box, size, "image"))
                 image += 1
                 continue
             h, w = image_size_of(
@@ -120,7 +119,7 @@ def views(
                 first = start + k * per_tile
                 positions = row.new_tensor(range(first, first + per_tile))
                 kind = "global" if k == n - 1 else "tile"
-                sample.append(TileView(image, positions, grid, box, kind))
+                sample.append(ImageView(image, positions, grid, box, (h, w), kind))
             image += 1
         out.append(sample)
     return out
@@ -158,9 +157,8 @@ def rules(config: Any) -> Any:
     def describe(ids: Tensor, mask: Tensor, inputs: Mapping[str, Any]) -> List[Any]:
         sizes = _sizes(inputs.get("image_sizes"))
         found = views(ids.masked_fill(mask == 0, -1).cpu(), image_id, grid, tile, sizes)
-        count = check_image_count(sizes, found)
-        every = sizes if sizes is not None else [tile] * count
-        return sample_views(found, every)
+        check_image_count(sizes, found)
+        return as_samples(found)
 
     return ViewRules(
         describe=describe,

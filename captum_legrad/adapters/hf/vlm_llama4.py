@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedModelError
-from .vlm_tiles import TileView, check_image_count, image_size_of, runs, sample_views
+from .vlm_tiles import ImageView, as_samples, check_image_count, image_size_of, runs
 
 __all__ = [
     "CLASSES", "Base", "chunked_layers", "tokens_per_tile", "content_size", "views", "rules",
@@ -69,8 +69,9 @@ def _cropped(
     scale: Tuple[float, float],
     row: Tensor,
     image: int,
+    size: Tuple[int, int],
     kind: str,
-) -> Optional[TileView]:
+) -> Optional[ImageView]:
     """One tile's view without the token rows/columns that lie wholly in the padding."""
     cell = (tile / grid[0], tile / grid[1])
     keep_h = min(grid[0], math.ceil((content[0] - origin[0]) / cell[0]))
@@ -84,7 +85,7 @@ def _cropped(
         (origin[0] + keep_h * cell[0]) * scale[0],
         (origin[1] + keep_w * cell[1]) * scale[1],
     )
-    return TileView(image, row.new_tensor(index), (keep_h, keep_w), box, kind)
+    return ImageView(image, row.new_tensor(index), (keep_h, keep_w), box, size, kind)
 
 
 def views(
@@ -96,7 +97,7 @@ def views(
     tile: int,
     image_sizes: Optional[Sequence[Sequence[int]]],
     resize_to_max_canvas: bool = False,
-) -> List[List[TileView]]:
+) -> List[List[ImageView]]:
     """Each sample's views: every image's tiles (row-major, padding dropped) and global view.
 
     Args:
@@ -111,10 +112,10 @@ def views(
         resize_to_max_canvas: The image processor's option of that name.
     """
     per_tile = grid[0] * grid[1]
-    out: List[List[TileView]] = []
+    out: List[List[ImageView]] = []
     image = 0
     for row in input_ids:
-        sample: List[TileView] = []
+        sample: List[ImageView] = []
         starts = (row == boi_token_id).nonzero()[:, 0].tolist()
         ends = (row == eoi_token_id).nonzero()[:, 0].tolist()
         if len(starts) != len(ends):
@@ -152,16 +153,15 @@ def views(
                 r, c = divmod(k, cols)
                 view = _cropped(
                     patches[k][0], grid, (r * tile, c * tile), tile, content, scale, row,
-                    image, "tile" if len(patches) > 1 else "image",
+                    image, (h, w), "tile" if len(patches) > 1 else "image",
                 )  # fmt: skip
                 if view is not None:
                     sample.append(view)
             if len(patches) > 1:
                 a, b = patches[-1]
                 positions = row.new_tensor(range(a, b))
-                sample.append(
-                    TileView(image, positions, grid, (0.0, 0.0, float(h), float(w)), "global")
-                )
+                box = (0.0, 0.0, float(h), float(w))
+                sample.append(ImageView(image, positions, grid, box, (h, w), "global"))
             image += 1
         out.append(sample)
     return out
@@ -250,7 +250,7 @@ def rules(config: Any) -> Any:
         found = views(ids.masked_fill(mask == 0, -1).cpu(), *ids_of, grid, tile, sizes)
         assert sizes is not None  # views() raises without them
         check_image_count(sizes, found)
-        return sample_views(found, [(int(h), int(w)) for h, w in sizes])
+        return as_samples(found)
 
     return ViewRules(
         describe=describe,

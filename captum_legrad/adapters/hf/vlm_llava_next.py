@@ -29,7 +29,7 @@ from .vlm_tiles import (
     ImageView,
     as_samples,
     flat_ints,
-    image_index,
+    in_pixels,
     padding_out,
     resample_box,
     size_rows,
@@ -136,7 +136,7 @@ def anyres_views(
     onevision: bool = False,
     batch_num_images: Optional[Any] = None,
     vision_aspect_ratio: Optional[str] = None,
-) -> List[ImageView]:
+) -> List[List[ImageView]]:
     """The views of every image of a LLaVA-NeXT or LLaVA-OneVision batch.
 
     Args:
@@ -151,7 +151,8 @@ def anyres_views(
         vision_aspect_ratio: OneVision: ``"anyres_max_N"``; None reads the config.
 
     Returns:
-        Two views per cropped image (``"base"``, ``"crops"``), one per uncropped image.
+        Per sample, its views: two per cropped image (``"base"``, ``"crops"``), one per
+        uncropped image.
     """
     vision = config.vision_config
     crop, patch = int(vision.image_size), int(vision.patch_size)
@@ -183,22 +184,20 @@ def anyres_views(
             counts.append(cells * cells + 1)
     family = "LLaVA-OneVision" if onevision else "LLaVA-NeXT"
     images = split_images(input_ids, int(config.image_token_id), counts, family)
-    views: List[ImageView] = []
-    for (sample, positions), index, size, layout in zip(
-        images, image_index(images), sizes, layouts
-    ):
+    views: List[List[ImageView]] = [[] for _ in range(input_ids.shape[0])]
+    for image, ((sample, positions), size, layout) in enumerate(zip(images, sizes, layouts)):
         base = positions[: cells * cells]
-        if layout is None:
-            views.append(
-                ImageView(sample, index, base, (cells, cells), _square_box(size), size, "base")
-            )
-            continue
-        views.append(
-            ImageView(sample, index, base, (cells, cells), (0.0, 0.0, 1.0, 1.0), size, "base")
+        whole = _square_box(size) if layout is None else (0.0, 0.0, 1.0, 1.0)
+        views[sample].append(
+            ImageView(image, base, (cells, cells), in_pixels(whole, size), size, "base")
         )
+        if layout is None:
+            continue
         grid, box = layout
         rest = positions[cells * cells :].view(grid[0], grid[1] + 1)[:, : grid[1]]
-        views.append(ImageView(sample, index, rest.reshape(-1), grid, box, size, "crops"))
+        views[sample].append(
+            ImageView(image, rest.reshape(-1), grid, in_pixels(box, size), size, "crops")
+        )
     return views
 
 
@@ -226,7 +225,7 @@ def anyres_rules(config: Any, onevision: bool = False) -> ViewRules:
             batch_num_images=inputs.get("batch_num_images"),
             vision_aspect_ratio=inputs.get("vision_aspect_ratio"),
         )  # fmt: skip
-        return as_samples(views, ids.shape[0])
+        return as_samples(views)
 
     def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
         pixels = inputs[name]

@@ -16,12 +16,12 @@ from typing import Any, List, Mapping
 from torch import Tensor
 
 from ...views import SampleViews, ViewRules
-from .vlm_tiles import ImageView, as_samples, image_index, padding_out, size_rows, split_images
+from .vlm_tiles import ImageView, as_samples, padding_out, size_rows, split_images
 
 __all__ = ["CLASSES", "pixtral_views", "pixtral_rules", "rules", "token_step"]
 
 
-def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[ImageView]:
+def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[List[ImageView]]:
     """The view of every image of a Mistral 3 batch.
 
     Args:
@@ -32,7 +32,8 @@ def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[Imag
             resize, as it returns them.
 
     Returns:
-        One ``"image"`` view per image, over the whole image.
+        Per sample, one ``"image"`` view per image, over the whole image (its grid's
+        ``step`` pixels per cell).
     """
     step = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
     sizes = [(int(h), int(w)) for h, w in size_rows(image_sizes)]
@@ -40,18 +41,11 @@ def pixtral_views(input_ids: Tensor, config: Any, image_sizes: Any) -> List[Imag
     images = split_images(
         input_ids, int(config.image_token_id), [g_h * g_w for g_h, g_w in grids], "Mistral 3"
     )
-    return [
-        ImageView(
-            sample,
-            index,
-            positions,
-            grid,
-            (0.0, 0.0, grid[0] * step / size[0], grid[1] * step / size[1]),
-            size,
-            "image",
-        )
-        for (sample, positions), index, grid, size in zip(images, image_index(images), grids, sizes)
-    ]
+    views: List[List[ImageView]] = [[] for _ in range(input_ids.shape[0])]
+    for image, ((sample, positions), grid, size) in enumerate(zip(images, grids, sizes)):
+        box = (0.0, 0.0, float(grid[0] * step), float(grid[1] * step))
+        views[sample].append(ImageView(image, positions, grid, box, size, "image"))
+    return views
 
 
 def pixtral_rules(config: Any) -> ViewRules:
@@ -66,7 +60,7 @@ def pixtral_rules(config: Any) -> ViewRules:
                 "processor's resize, which sets its token grid): pass the processor's "
                 "image_sizes to AnswerLogits."
             )
-        return as_samples(pixtral_views(padding_out(ids, mask), config, sizes), ids.shape[0])
+        return as_samples(pixtral_views(padding_out(ids, mask), config, sizes))
 
     def to_input(canvases: List[List[Tensor]], name: str, inputs: Mapping[str, Any]) -> Tensor:
         pixels = inputs[name]  # (n_images, C, H, W), each image in its top-left corner

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from ...errors import UnsupportedModelError
 from ...views import SampleViews, ViewRules
 from .vlm_tiles import (
-    TileView,
+    ImageView,
+    as_samples,
     check_image_count,
     image_size_of,
     resample_box,
-    sample_views,
 )
 
 __all__ = [
@@ -114,7 +114,7 @@ def views(
     aspect_ratio_mask: Optional[Tensor],
     config: Any,
     image_sizes: Optional[Sequence[Sequence[int]]],
-) -> List[List[TileView]]:
+) -> List[List[ImageView]]:
     """Each sample's views: one per image, its canvas grid (CLS and padding tiles left out).
 
     Args:
@@ -135,10 +135,10 @@ def views(
     side = tile_grid(config)
     tiles = int(vision.max_num_tiles)
     supported = [tuple(int(v) for v in ratio) for ratio in vision.supported_aspect_ratios]
-    out: List[List[TileView]] = []
+    out: List[List[ImageView]] = []
     image = 0
     for b, row in enumerate(aspect_ratio_ids.tolist()):
-        sample: List[TileView] = []
+        sample: List[ImageView] = []
         for i, ratio_id in enumerate(row):
             if ratio_id == 0:  # a padding image of a shorter sample
                 continue
@@ -161,7 +161,8 @@ def views(
             fit = content_size(h, w, (rows * tile, cols * tile), tile)
             box = (0.0, 0.0, rows * tile * h / fit[0], cols * tile * w / fit[1])
             keys = _canvas_keys(i, rows, cols, side, tiles)
-            sample.append(TileView(image, keys, (rows * side, cols * side), box, "image"))
+            grid = (rows * side, cols * side)
+            sample.append(ImageView(image, keys, grid, box, (h, w), "image"))
             image += 1
         out.append(sample)
     return out
@@ -191,7 +192,7 @@ def rules(config: Any) -> ViewRules:
         found = views(ratio, ratio_mask, config, sizes)
         assert sizes is not None  # views() raises without them
         check_image_count(sizes, found)
-        return sample_views(found, [(int(h), int(w)) for h, w in sizes])
+        return as_samples(found)
 
     def cross_keys(inputs: Mapping[str, Any]) -> int:
         pixels = inputs["pixel_values"]  # (B, images, tiles, C, T, T)

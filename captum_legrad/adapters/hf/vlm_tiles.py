@@ -3,25 +3,22 @@
 A tiled or multi-crop VLM turns one image into several *views* (a downscaled base or
 global view, crops or tiles of a larger copy, or the whole image); each view's tokens form a
 grid over a rectangle of the original image. This module is the one place the view families
-(:data:`captum_legrad.adapters.hf.vlm.VIEW_FAMILIES`) share: a view record, the conversion
-of views to :class:`~captum_legrad.views.SampleViews` (:func:`as_samples`,
-:func:`sample_views`, both through one placement rule: boxes rounded to pixels of the
-original image, every image a :class:`~captum_legrad.views.Source` of its size), and the
-helpers over ``input_ids`` and rectangles (:func:`runs`, :func:`split_images`,
-:func:`image_index`, :func:`image_size_of`, :func:`tile_boxes`, :func:`check_image_count`,
-:func:`padding_out`, :func:`resample_box`).
+(:data:`captum_legrad.adapters.hf.vlm.VIEW_FAMILIES`) share: the view record
+(:class:`ImageView`), its one conversion to :class:`~captum_legrad.views.SampleViews`
+(:func:`as_samples`: boxes rounded to pixels of the original image, every image a
+:class:`~captum_legrad.views.Source` of its size), and the helpers over ``input_ids`` and
+rectangles (:func:`runs`, :func:`split_images`, :func:`image_size_of`, :func:`tile_boxes`,
+:func:`in_pixels`, :func:`check_image_count`, :func:`padding_out`, :func:`resample_box`).
 
-Two records describe a view, one per way the families' rules find them:
-
-* :class:`ImageView` (LLaVA-NeXT / OneVision, Idefics3 / SmolVLM, Mistral 3: the families
-  whose rules walk the processor's images in order over the whole batch): the sample and
-  the image's index within it, the sequence positions of its tokens (row-major over its
-  grid; separator and newline tokens left out), and the rectangle of the original image it
-  covers as fractions of the image's height and width (a view of a padded copy may reach
-  beyond ``[0, 1]``: its cells over the padding lie outside the image);
-* :class:`TileView` (InternVL, Gemma 4, Llama 4: rules that walk each sample's runs of image
-  tokens): the image's index over the batch and the rectangle in pixels of the original
-  image, grouped per sample by the caller.
+Every family's rule returns, per sample, its views in sequence order (a list of
+:class:`ImageView` per row of ``input_ids``): the image's index among all images of the
+batch, the sequence positions of the view's tokens (row-major over its grid; separator
+and newline tokens left out), the rectangle of the original image it covers **in pixels**
+of that image (a view of a padded copy may reach beyond the image: its cells over the
+padding lie outside it) and the image's size. Pixels, because the size is needed either
+way (it is the image's canvas) and most rules find their rectangles in pixels; the rules
+whose geometry is a fraction of the image (LLaVA-NeXT's crops, Idefics3's tiles) convert
+with :func:`in_pixels`.
 
 The per-family rules build the views from ``input_ids``, the model's config and the
 processor's outputs, following the placement of the model's own ``get_image_features`` and
@@ -32,7 +29,7 @@ placeholder scatter: the image tokens of the whole batch, in row-major order ove
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -40,9 +37,8 @@ from torch import Tensor
 from ...views import SampleViews, Source, View
 
 __all__ = [
-    "ImageView", "TileView", "split_images", "image_index", "size_rows", "flat_ints",
-    "as_samples", "sample_views", "padding_out", "resample_box", "runs", "image_size_of",
-    "tile_boxes", "check_image_count",
+    "ImageView", "split_images", "size_rows", "flat_ints", "as_samples", "in_pixels",
+    "padding_out", "resample_box", "runs", "image_size_of", "tile_boxes", "check_image_count",
 ]  # fmt: skip
 
 
@@ -51,27 +47,31 @@ class ImageView:
     """One view of one image: its tokens' positions, grid, and the rectangle it covers.
 
     Attributes:
-        sample: The sample (row of ``input_ids``) the view's tokens are in.
-        image: The image's index within its sample (0 for the first image).
+        image: The image's index among all images of the batch, in the processor's order
+            (row-major over samples, then in order within a sample).
         positions: ``(g_h·g_w,)`` sequence positions of the view's tokens, row-major over
-            ``grid``.
+            ``grid`` (Mllama: positions of the cross-attention keys).
         grid: ``(g_h, g_w)``, the view's token grid.
         box: ``(top, left, bottom, right)``: the rectangle of the original image the grid
-            covers, as fractions of the image's height and width.
+            covers, in its pixels (floats); cells split it evenly. It may reach beyond the
+            image where the model's canvas was padded (the cells over the padding lie
+            outside the image and are cut off when the views are placed).
         size: ``(H, W)``: the original image's size in pixels (the processor's
             ``image_sizes`` where it gives them, else the size the model's processor
-            resized the whole image to).
-        kind: What the view is: ``"base"``, ``"crops"``, ``"tile"``, ``"global"`` or
-            ``"image"``.
+            resized the whole image to); every view of an image gives the same size.
+        kind: What the view is: ``"base"``, ``"crops"``, ``"tile"``, ``"global"`` (a
+            downscaled whole image beside tiles) or ``"image"`` (the image's only view).
+        name: The view's name in messages and figures; None: its ``kind``, ``"tile"`` views
+            numbered in their sample's order (``"tile 0"``, ``"tile 1"``, ...).
     """
 
-    sample: int
     image: int
     positions: Tensor
     grid: Tuple[int, int]
     box: Tuple[float, float, float, float]
     size: Tuple[int, int]
     kind: str
+    name: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.positions.dim() != 1 or self.positions.numel() != self.grid[0] * self.grid[1]:
@@ -79,6 +79,47 @@ class ImageView:
                 f"ImageView.positions must hold g_h·g_w = {self.grid[0] * self.grid[1]} "
                 f"positions, got shape {tuple(self.positions.shape)}."
             )
+
+
+def as_samples(per_sample: Sequence[Sequence[ImageView]]) -> List[SampleViews]:
+    """The views as :class:`~captum_legrad.views.SampleViews`, one per sample: each image of
+    the sample a :class:`~captum_legrad.views.Source` of its size (in order), each view's
+    box rounded to whole pixels (a view of a padded copy may reach beyond the image: its
+    cells over the padding lie outside the canvas and are cut off when the views are
+    placed).
+
+    Args:
+        per_sample: Per row of ``input_ids``, its views in sequence order.
+
+    Returns:
+        One :class:`~captum_legrad.views.SampleViews` per sample.
+    """
+    out = []
+    for views in per_sample:
+        sizes: dict = {}
+        for view in views:
+            sizes.setdefault(view.image, tuple(view.size))
+        local = {image: k for k, image in enumerate(sorted(sizes))}
+        made, tiles = [], 0
+        for view in views:
+            name = view.name
+            if name is None and view.kind == "tile":
+                name, tiles = f"tile {tiles}", tiles + 1
+            top, left, bottom, right = (round(v) for v in view.box)
+            box = (top, left, bottom, right)
+            source = local[view.image]
+            made.append(View(view.positions.cpu(), view.grid, source, box, None, name or view.kind))
+        sources = tuple(Source("image", sizes[image]) for image in sorted(sizes))
+        out.append(SampleViews(sources, tuple(made)))
+    return out
+
+
+def in_pixels(box: Sequence[float], size: Tuple[int, int]) -> Tuple[float, float, float, float]:
+    """A rectangle ``(top, left, bottom, right)`` given as fractions of an image's height and
+    width, in pixels of the ``(H, W)`` image."""
+    height, width = size
+    top, left, bottom, right = box
+    return (top * height, left * width, bottom * height, right * width)
 
 
 def split_images(
@@ -125,16 +166,6 @@ def split_images(
     return out
 
 
-def image_index(images: Sequence[Tuple[int, Tensor]]) -> List[int]:
-    """Each image's index within its sample, for :func:`split_images`' result."""
-    seen: dict = {}
-    index = []
-    for sample, _ in images:
-        index.append(seen.get(sample, 0))
-        seen[sample] = index[-1] + 1
-    return index
-
-
 def size_rows(value: Any) -> List[Sequence[Any]]:
     """``(n, 2)`` sizes (tensor or nested lists) as rows."""
     if isinstance(value, Tensor):
@@ -149,95 +180,6 @@ def flat_ints(value: Any) -> List[Any]:
     out: List[Any] = []
     for v in value:
         out.extend(flat_ints(v) if isinstance(v, (list, tuple)) else [v])
-    return out
-
-
-def _placed(
-    sizes: Sequence[Tuple[int, ...]],
-    views: Sequence[Tuple[Tensor, Tuple[int, int], int, Sequence[float], str]],
-) -> SampleViews:
-    """One sample's :class:`~captum_legrad.views.SampleViews`: image ``i`` a source of size
-    ``sizes[i]``; each view ``(positions, grid, image, box, name)`` with its ``box`` in
-    pixels of its image (floats), rounded to whole pixels."""
-    sources = tuple(Source("image", tuple(size)) for size in sizes)
-    made = []
-    for positions, grid, image, box, name in views:
-        top, left, bottom, right = (round(v) for v in box)
-        made.append(View(positions, grid, image, (top, left, bottom, right), None, name))
-    return SampleViews(sources, tuple(made))
-
-
-def as_samples(views: Sequence[ImageView], batch: int) -> List[SampleViews]:
-    """The views as :class:`~captum_legrad.views.SampleViews`, one per sample: each image a
-    :class:`~captum_legrad.views.Source` of its size, each view's rectangle in its pixels
-    (a view of a padded copy may reach beyond the image: its cells over the padding lie
-    outside the canvas and are cut off when the views are placed)."""
-    out = []
-    for b in range(batch):
-        mine = [v for v in views if v.sample == b]
-        sizes: dict = {}
-        for v in mine:
-            sizes.setdefault(v.image, v.size)
-        placed = []
-        for v in mine:
-            height, width = v.size
-            top, left, bottom, right = v.box
-            box = (top * height, left * width, bottom * height, right * width)
-            placed.append((v.positions, v.grid, v.image, box, v.kind))
-        out.append(_placed([sizes[i] for i in range(len(sizes))], placed))
-    return out
-
-
-class TileView(NamedTuple):
-    """One view of one image, found in a sample's runs of image tokens.
-
-    Attributes:
-        image: The image's index among all images of the batch, in the processor's order
-            (row-major over samples, then in order within a sample).
-        positions: ``(g_h·g_w,)`` sequence positions of the view's tokens, row-major on
-            ``grid``.
-        grid: ``(g_h, g_w)`` the view's token grid.
-        box: ``(top, left, bottom, right)`` the rectangle of the original image (pixels,
-            floats) the grid covers; cells split it evenly. It may reach past the image by
-            less than one cell where the model's canvas was padded (the cell is partly
-            padding).
-        kind: ``"tile"``, ``"global"`` (a downscaled whole image beside tiles) or
-            ``"image"`` (the image's only view).
-    """
-
-    image: int
-    positions: Tensor
-    grid: Tuple[int, int]
-    box: Tuple[float, float, float, float]
-    kind: str
-
-
-def _names(views: Sequence[TileView]) -> List[str]:
-    """The views' names: ``"tile k"`` in order, ``"global"``, ``"image"``."""
-    out, k = [], 0
-    for view in views:
-        if view.kind == "tile":
-            out.append(f"tile {k}")
-            k += 1
-        else:
-            out.append(view.kind)
-    return out
-
-
-def sample_views(
-    per_sample: Sequence[Sequence[TileView]], sizes: Sequence[Tuple[int, int]]
-) -> List[SampleViews]:
-    """:class:`TileView` lists → :class:`~captum_legrad.views.SampleViews`, one per sample:
-    every image a source of its original size ``sizes[image]``, boxes rounded to pixels."""
-    out = []
-    for views in per_sample:
-        images = sorted({view.image for view in views})
-        local = {image: k for k, image in enumerate(images)}
-        placed = [
-            (view.positions.cpu(), view.grid, local[view.image], view.box, name)
-            for view, name in zip(views, _names(views))
-        ]
-        out.append(_placed([tuple(sizes[image]) for image in images], placed))
     return out
 
 
@@ -272,7 +214,7 @@ def image_size_of(
     return int(size[0]), int(size[1])
 
 
-def check_image_count(sizes: Optional[Sequence[Any]], found: Sequence[Sequence[TileView]]) -> int:
+def check_image_count(sizes: Optional[Sequence[Any]], found: Sequence[Sequence[ImageView]]) -> int:
     """The number of images in ``found``; raises when ``image_sizes`` (``sizes``, None: not
     given) does not give one row per image."""
     count = sum(len({v.image for v in sample}) for sample in found)
