@@ -89,3 +89,14 @@ def images() -> Callable[..., torch.Tensor]:
         return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+def restore_sigint() -> None:
+    """``preexec_fn`` of a child that must see Ctrl-C: SIGINT back to its default action.
+
+    A shell starts background jobs with SIGINT ignored, children inherit that, and Python
+    then installs no KeyboardInterrupt handler: without this, a test run from a background
+    job (``bash .ci/run &``) would see the child ignore the signal it sends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

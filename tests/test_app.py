@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
-from conftest import assert_not_vacuous
+from conftest import assert_not_vacuous, restore_sigint
 from PIL import Image
 
 from captum_legrad import LeGrad
@@ -374,6 +374,7 @@ def test_ctrl_c_ends_the_explorer_with_130_in_one_line_and_no_leftovers(tmp_path
         stderr=subprocess.PIPE,
         text=True,
         env=_server_env(tmp_path),
+        preexec_fn=restore_sigint,
     )
     try:
         assert proc.stdout is not None

@@ -20,6 +20,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import restore_sigint
 from PIL import Image
 from test_cli import ROOT, no_network, project_by_hand, run, save_png  # noqa: F401
 
@@ -87,7 +88,9 @@ def test_sigint_in_a_real_process(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-c", SIGINT_SCRIPT, "explain", str(tmp_path / "photos")]
     argv += ["--model", "default", "--target", "circle", "--quiet", "--out", str(out)]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=120, preexec_fn=restore_sigint
+    )
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines() == ["interrupted: 1 of 3 images written"]
     assert sorted(p.name for p in out.iterdir()) == ["s0.png", "s0_circle.npy"]
