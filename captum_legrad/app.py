@@ -45,6 +45,7 @@ from typing import (
     Callable,
     ContextManager,
     Dict,
+    Iterator,
     List,
     Optional,
     Sequence,
@@ -966,6 +967,17 @@ CSS = """
 """
 
 
+@contextlib.contextmanager
+def _page(gr: Any, description: str, purpose: str) -> Iterator[Any]:
+    """The explorer's page: its title, the model's description and what LeGrad shows on
+    it (``purpose``); the page's own parts are built inside the ``with`` block."""
+    with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
+        gr.Markdown(
+            "## LeGrad explorer\n" + (description + "\n\n" if description else "") + purpose
+        )
+        yield page
+
+
 def _results(gr: Any, label: str, elem_id: str, columns: int = 3, **extra: Any) -> Any:
     """A gallery of result images drawn whole (``object_fit="contain"``) at their own
     aspect ratio, styled as the explorer's results (``legrad-results``)."""
@@ -1014,13 +1026,12 @@ def _build_ask(explorer: AskExplorer) -> Any:
     gr = _gradio()
     video = explorer.takes_video
     what = "an image or a video" if video else "an image"
-    with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
-        gr.Markdown(
-            "## LeGrad explorer\n"
-            + (explorer.description + "\n\n" if explorer.description else "")
-            + "LeGrad (arXiv 2404.03214): which image regions each word of a "
-            "vision-language model's answer came from."
-        )
+    with _page(
+        gr,
+        explorer.description,
+        "LeGrad (arXiv 2404.03214): which image regions each word of a "
+        "vision-language model's answer came from.",
+    ) as page:
         with gr.Row():
             with gr.Column(scale=1):
                 media = gr.File(
@@ -1110,13 +1121,12 @@ def _build_media(explorer: MediaExplorer) -> Any:
     kind = explorer.kind
     extensions = list(VIDEO_EXTENSIONS if kind == "video" else AUDIO_EXTENSIONS)
     shown = "frames" if kind == "video" else "spectrogram"
-    with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
-        gr.Markdown(
-            "## LeGrad explorer\n"
-            + (explorer.description + "\n\n" if explorer.description else "")
-            + f"LeGrad (arXiv 2404.03214): which parts of the {shown} the model's attention "
-            "used for a class."
-        )
+    with _page(
+        gr,
+        explorer.description,
+        f"LeGrad (arXiv 2404.03214): which parts of the {shown} the model's attention "
+        "used for a class.",
+    ) as page:
         with gr.Row():
             with gr.Column(scale=1):
                 media = gr.File(
@@ -1204,13 +1214,12 @@ def build(
         return _build_ask(explorer)
     gr = _gradio()
     image_text = explorer.image_text
-    with gr.Blocks(title="LeGrad explorer", analytics_enabled=False) as page:
-        gr.Markdown(
-            "## LeGrad explorer\n"
-            + (explorer.description + "\n\n" if explorer.description else "")
-            + "LeGrad (arXiv 2404.03214): which image regions each layer's attention used for "
-            "a class, a prompt or the similarity to a reference image."
-        )
+    with _page(
+        gr,
+        explorer.description,
+        "LeGrad (arXiv 2404.03214): which image regions each layer's attention used for "
+        "a class, a prompt or the similarity to a reference image.",
+    ) as page:
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(
