@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -159,19 +160,12 @@ GEOMETRY = """(selector) => [...document.querySelectorAll(selector)].map(img => 
 })"""
 
 
-def explore(
-    url: str,
-    tmp_path: Path,
-    uploads: Sequence[Path],
-    what: str,
-    shot: str,
-    reference: Optional[Path] = None,
-    error: str = "",
-) -> Dict[str, Any]:
-    """Upload, type, press Explain; returns the summary and the geometry of the results
-    (or, with ``error``, waits for that message). Fails on any request off the server."""
+@contextmanager
+def local_page() -> Iterator[Any]:
+    """A page of Debian's Chromium (headless, 1400 × 1000) whose requests off the local
+    server are aborted; the block fails after the browser closes if the page asked the
+    internet for anything."""
     outside: List[str] = []
-    found: Dict[str, Any] = {}
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
@@ -188,37 +182,53 @@ def explore(
                     route.abort()
 
             page.route("**/*", local_only)
-            page.goto(url)
-            page.locator("#explain").wait_for(timeout=60_000)
-            page.locator("input[type=file]").first.set_input_files([str(p) for p in uploads])
-            previews = page.locator("#previews img")
-            previews.nth(len(uploads) - 1).wait_for(timeout=60_000)
-            if reference is not None:
-                page.locator("#reference input[type=file]").set_input_files(str(reference))
-                page.get_by_text(reference.name).first.wait_for(timeout=60_000)
-            if what:
-                page.locator("#what textarea, #what input").first.fill(what)
-            page.locator("#explain").click()
-            if error:
-                page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
-                page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
-                return found
-            page.locator("#maps img").first.wait_for(timeout=120_000)
-            page.locator("#layers img").first.wait_for(timeout=120_000)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.legrad-results img')]"
-                ".every(img => img.complete && img.naturalWidth > 0)",
-                timeout=60_000,
-            )
-            found["summary"] = page.locator("#summary").inner_text()
-            found["previews"] = page.evaluate(GEOMETRY, "#previews img")
-            found["maps"] = page.evaluate(GEOMETRY, "#maps img")
-            found["layers"] = page.evaluate(GEOMETRY, "#layers img")
-            found["colour bar"] = page.locator("#colourbar").inner_text()
-            page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
+            yield page
         finally:
             browser.close()
     assert outside == [], f"the page asked the internet for {outside[:5]}"
+
+
+def explore(
+    url: str,
+    tmp_path: Path,
+    uploads: Sequence[Path],
+    what: str,
+    shot: str,
+    reference: Optional[Path] = None,
+    error: str = "",
+) -> Dict[str, Any]:
+    """Upload, type, press Explain; returns the summary and the geometry of the results
+    (or, with ``error``, waits for that message). Fails on any request off the server."""
+    found: Dict[str, Any] = {}
+    with local_page() as page:
+        page.goto(url)
+        page.locator("#explain").wait_for(timeout=60_000)
+        page.locator("input[type=file]").first.set_input_files([str(p) for p in uploads])
+        previews = page.locator("#previews img")
+        previews.nth(len(uploads) - 1).wait_for(timeout=60_000)
+        if reference is not None:
+            page.locator("#reference input[type=file]").set_input_files(str(reference))
+            page.get_by_text(reference.name).first.wait_for(timeout=60_000)
+        if what:
+            page.locator("#what textarea, #what input").first.fill(what)
+        page.locator("#explain").click()
+        if error:
+            page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
+            page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
+            return found
+        page.locator("#maps img").first.wait_for(timeout=120_000)
+        page.locator("#layers img").first.wait_for(timeout=120_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.legrad-results img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)",
+            timeout=60_000,
+        )
+        found["summary"] = page.locator("#summary").inner_text()
+        found["previews"] = page.evaluate(GEOMETRY, "#previews img")
+        found["maps"] = page.evaluate(GEOMETRY, "#maps img")
+        found["layers"] = page.evaluate(GEOMETRY, "#layers img")
+        found["colour bar"] = page.locator("#colourbar").inner_text()
+        page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
     return found
 
 

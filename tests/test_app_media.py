@@ -16,6 +16,8 @@ av = pytest.importorskip("av")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gradio")
 
+from test_media import write_clip, write_wav  # noqa: E402  (the same clip and tone)
+
 from captum_legrad import LeGrad  # noqa: E402
 from captum_legrad.app import ExplorerError, MediaExplorer, build  # noqa: E402
 from captum_legrad.eval.explain_media import load_media_model, media_model_kind  # noqa: E402
@@ -23,35 +25,6 @@ from captum_legrad.eval.media import read_audio, read_video  # noqa: E402
 
 VIDEO_CLASSES = {0: "run", 1: "jump", 2: "sit"}
 AUDIO_CLASSES = {0: "speech", 1: "music", 2: "dog"}
-
-
-def write_clip(path: Path, frames: int = 8, size: int = 32, fps: int = 8) -> Path:
-    """A short MPEG-4 clip: a bright bar moving left to right."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        for i in range(frames):
-            array = np.full((size, size, 3), 40, dtype=np.uint8)
-            array[:, 4 * i : 4 * i + 4] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def write_wav(path: Path, rate: int = 22050, seconds: float = 1.0, hz: float = 440.0) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
-        t = np.arange(int(rate * seconds)) / rate
-        samples = (0.5 * np.sin(2 * np.pi * hz * t) * 32767).astype(np.int16)[None]
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def randomise_zeros(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,10 +4,10 @@ serving a tiny Hugging Face VideoMAE folder and sees the frame strip and the ani
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator
 
 import pytest
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, GEOMETRY, LOGS, artifact, serve
+from test_app_browser import GEOMETRY, LOGS, artifact, local_page, serve
 
 pytest.importorskip("av")
 pytest.importorskip("gradio")
@@ -31,50 +31,32 @@ def video_app(folders: Dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 
 def upload(url: str, tmp_path: Path, clip: Path, shot: str, error: str = "") -> Dict[str, Any]:
-    outside: List[str] = []
     found: Dict[str, Any] = {}
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-
-            def local_only(route: Any) -> None:
-                if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", local_only)
-            page.goto(url)
-            page.locator("#explain").wait_for(timeout=60_000)
-            found["inputs"] = page.locator("input[type=file]").count()
-            page.locator("#media input[type=file]").set_input_files(str(clip))
-            page.get_by_text(clip.name).first.wait_for(timeout=60_000)
-            page.locator("#explain").click()
-            if error:
-                page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
-            else:
-                page.locator("#figure img").first.wait_for(timeout=120_000)
-                page.locator("#animations img").first.wait_for(timeout=120_000)
-                page.wait_for_function(
-                    "() => [...document.querySelectorAll('.legrad-results img')]"
-                    ".every(img => img.complete && img.naturalWidth > 0)",
-                    timeout=60_000,
-                )
-                found["summary"] = page.locator("#summary").inner_text()
-                found["header"] = page.get_by_text("Model: ").first.inner_text()
-                found["figure"] = page.evaluate(GEOMETRY, "#figure img")
-                found["animations"] = page.evaluate(GEOMETRY, "#animations img")
-                found["sources"] = page.evaluate(
-                    "() => [...document.querySelectorAll('#animations img')].map(i => i.src)"
-                )
-            page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
-        finally:
-            browser.close()
-    assert outside == [], f"the page asked the internet for {outside[:5]}"
+    with local_page() as page:
+        page.goto(url)
+        page.locator("#explain").wait_for(timeout=60_000)
+        found["inputs"] = page.locator("input[type=file]").count()
+        page.locator("#media input[type=file]").set_input_files(str(clip))
+        page.get_by_text(clip.name).first.wait_for(timeout=60_000)
+        page.locator("#explain").click()
+        if error:
+            page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
+        else:
+            page.locator("#figure img").first.wait_for(timeout=120_000)
+            page.locator("#animations img").first.wait_for(timeout=120_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.legrad-results img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)",
+                timeout=60_000,
+            )
+            found["summary"] = page.locator("#summary").inner_text()
+            found["header"] = page.get_by_text("Model: ").first.inner_text()
+            found["figure"] = page.evaluate(GEOMETRY, "#figure img")
+            found["animations"] = page.evaluate(GEOMETRY, "#animations img")
+            found["sources"] = page.evaluate(
+                "() => [...document.querySelectorAll('#animations img')].map(i => i.src)"
+            )
+        page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
     return found
 
 

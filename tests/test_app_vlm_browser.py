@@ -5,10 +5,10 @@ the explorer about a photo and about a video, and sees the token table and the o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator
 
 import pytest
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, GEOMETRY, LOGS, artifact, photo, serve
+from test_app_browser import GEOMETRY, LOGS, artifact, local_page, photo, serve
 
 pytest.importorskip("av")
 pytest.importorskip("gradio")
@@ -45,57 +45,37 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
 def ask(
     url: str, tmp_path: Path, file: Path, question: str, shot: str, error: str = ""
 ) -> Dict[str, Any]:
-    outside: List[str] = []
     found: Dict[str, Any] = {}
     video = file.suffix == ".mp4"
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-
-            def local_only(route: Any) -> None:
-                if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", local_only)
-            page.goto(url)
-            page.locator("#explain").wait_for(timeout=60_000)
-            found["inputs"] = page.locator("input[type=file]").count()
-            found["header"] = page.get_by_text("Model: ").first.inner_text()
-            page.locator("#media input[type=file]").set_input_files(str(file))
-            page.get_by_text(file.name).first.wait_for(timeout=60_000)
-            page.locator("#question textarea").fill(question)
-            longest = page.locator("#longest input[type=number]")
-            longest.fill("4")  # a short answer: every overlay on the first screen
-            longest.press("Enter")
-            page.locator("#explain").click()
-            if error:
-                page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
-            else:
-                results = "#animations img" if video else "#maps img"
-                page.locator(results).first.wait_for(timeout=120_000)
-                page.wait_for_function(
-                    "() => [...document.querySelectorAll('.legrad-results img')]"
-                    ".every(img => img.complete && img.naturalWidth > 0)",
-                    timeout=60_000,
-                )
-                found["summary"] = page.locator("#summary").inner_text()
-                found["rows"] = page.locator("#summary tbody tr").count()
-                found["maps"] = page.evaluate(GEOMETRY, "#maps img")
-                found["figure"] = page.evaluate(GEOMETRY, "#figure img")
-                found["animations"] = page.evaluate(GEOMETRY, "#animations img")
-                found["tokens"] = page.locator(
-                    "#summary tbody tr td:nth-child(2)"
-                ).all_inner_texts()
-            page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
-        finally:
-            browser.close()
-    assert outside == [], f"the page asked the internet for {outside[:5]}"
+    with local_page() as page:
+        page.goto(url)
+        page.locator("#explain").wait_for(timeout=60_000)
+        found["inputs"] = page.locator("input[type=file]").count()
+        found["header"] = page.get_by_text("Model: ").first.inner_text()
+        page.locator("#media input[type=file]").set_input_files(str(file))
+        page.get_by_text(file.name).first.wait_for(timeout=60_000)
+        page.locator("#question textarea").fill(question)
+        longest = page.locator("#longest input[type=number]")
+        longest.fill("4")  # a short answer: every overlay on the first screen
+        longest.press("Enter")
+        page.locator("#explain").click()
+        if error:
+            page.locator("#message").get_by_text(error).wait_for(timeout=120_000)
+        else:
+            results = "#animations img" if video else "#maps img"
+            page.locator(results).first.wait_for(timeout=120_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.legrad-results img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)",
+                timeout=60_000,
+            )
+            found["summary"] = page.locator("#summary").inner_text()
+            found["rows"] = page.locator("#summary tbody tr").count()
+            found["maps"] = page.evaluate(GEOMETRY, "#maps img")
+            found["figure"] = page.evaluate(GEOMETRY, "#figure img")
+            found["animations"] = page.evaluate(GEOMETRY, "#animations img")
+            found["tokens"] = page.locator("#summary tbody tr td:nth-child(2)").all_inner_texts()
+        page.screenshot(path=str(artifact(shot, tmp_path)), full_page=True)
     return found
 
 
