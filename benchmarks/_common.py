@@ -7,19 +7,38 @@ reference venv (``scripts/reference_env.sh``) can import it as well.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Prefix of the one line a subprocess prints with its JSON result.
 RESULT_PREFIX = "RESULT "
+
+
+def call_subprocess(cmd: Sequence[str], timeout: float) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Run ``cmd`` offline; its :data:`RESULT_PREFIX` line as a dict (or None) and a short
+    error text (a timeout, or the exit code and the last line it printed)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :]), ""
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return None, f"exit {proc.returncode}: {tail[0][:200]}"
 
 
 def explainable(model: Any, x: Any, spec: Any = None) -> Any:

@@ -35,7 +35,6 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # the benchmarks folder is not a package
     RESULT_PREFIX,
+    call_subprocess,
     current_rss_mib,
     ensure_repo_on_path,
     flop_counts,
@@ -301,22 +301,6 @@ def run_clip_timing(args: argparse.Namespace) -> None:
             "python": sys.executable,
         }
     )
-
-
-def call_subprocess(cmd: Sequence[str], timeout: float) -> Tuple[Optional[Dict[str, Any]], str]:
-    """Run ``cmd``; its RESULT line as a dict (or None) and a short error text."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    try:
-        proc = subprocess.run(
-            list(cmd), capture_output=True, text=True, timeout=timeout, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s"
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :]), ""
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return None, f"exit {proc.returncode}: {tail[0][:200]}"
 
 
 def common_flags(args: argparse.Namespace) -> List[str]:

@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # the benchmarks folder is not a package
     RESULT_PREFIX,
+    call_subprocess,
     current_rss_mib,
     ensure_repo_on_path,
     flop_counts,
@@ -123,21 +122,6 @@ def run_worker(args: argparse.Namespace) -> None:
             "seconds": elapsed,
         }
     )
-
-
-def call_subprocess(cmd: Sequence[str], timeout: float) -> Tuple[Optional[Dict[str, Any]], str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    try:
-        proc = subprocess.run(
-            list(cmd), capture_output=True, text=True, timeout=timeout, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s"
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :]), ""
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return None, f"exit {proc.returncode}: {tail[0][:200]}"
 
 
 def log(message: str) -> None:

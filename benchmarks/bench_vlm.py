@@ -54,7 +54,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # the benchmarks folder is not a package
     RESULT_PREFIX,
+    call_subprocess,
     current_rss_mib,
     ensure_repo_on_path,
     load_average,
@@ -324,18 +324,8 @@ def call_worker(args: argparse.Namespace, method: str, tokens: int) -> Dict[str,
         "--time-max",
         str(args.time_max),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.worker_timeout, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.worker_timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return dict(json.loads(line[len(RESULT_PREFIX) :]))
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    result, error = call_subprocess(cmd, timeout=args.worker_timeout)
+    return dict(result) if result is not None else {"error": error}
 
 
 def memory_main(args: argparse.Namespace) -> None:
