@@ -919,10 +919,10 @@ def explain_answer(
     from ..adapters.hf.vlm import describe
 
     if describe(model).views is not None:
-        on_views, scored = _explain_views(
+        on_views, (explained_views, pixels) = _explain_views(
             model, processor, image, prompt, answer, max_new_tokens, layers, skip_special_tokens
         )
-        return _with_scores(on_views, scored) if scores else on_views
+        return _with_scores(on_views, explained_views, pixels) if scores else on_views
     batch = processor(images=[image], text=[prompt], return_tensors="pt")
     input_ids: Tensor = batch["input_ids"]
     pixel_values: Tensor = batch["pixel_values"]
@@ -973,14 +973,13 @@ def explain_answer(
     tokens = [tokenizer.decode([i]) for i in answer_ids.tolist()]
     text = tokenizer.decode(answer_ids.tolist())
     result = AnswerExplanation(tokens, answer_ids, maps, answer_map, pixel_values.detach(), text)
-    return _with_scores(result, (explained, pixel_values)) if scores else result
+    return _with_scores(result, explained, pixel_values) if scores else result
 
 
 def _with_scores(
-    result: AnswerExplanation, scored: Tuple[AnswerLogits, Tensor]
+    result: AnswerExplanation, explained: AnswerLogits, pixels: Tensor
 ) -> AnswerExplanation:
     """``result`` with each answer token's logit and probability (one more forward)."""
-    explained, pixels = scored
     logits = explained.vocabulary_logits(pixels)[0]  # (T, V)
     answer = result.answer_ids.to(logits.device).long().unsqueeze(-1)
     return replace(
